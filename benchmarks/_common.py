@@ -1,0 +1,244 @@
+"""Helpers shared by the benchmark scripts: thread setup, machine facts, atomic JSON, synthetic hybrid
+batches, and a jit-compiled hybrid step of ``distfair_jax.train.step`` on one device.
+
+Import this module before jax and torch: :func:`set_threads` must run first to take effect, so the
+scripts call it at the top, from their ``main``, before importing either library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from typing import Any, Sequence
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment
+
+
+def set_threads(cores: int | None = None) -> int:
+  """Gives JAX (XLA's Eigen pool) and torch (MKL + OpenMP) the same cores: all of them by default.
+
+  Must run before jax / torch are imported. OpenBLAS (numpy, only used to build batches) gets one
+  thread so that its pool never competes with the timed code. Returns the core count used.
+  """
+  cores = cores or os.cpu_count() or 1
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(cores)
+  os.environ["OPENBLAS_NUM_THREADS"] = "1"
+  # A CPU benchmark on one device: drop the tests' simulated multi-device flag if inherited.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  return cores
+
+
+def machine_info() -> dict[str, Any]:
+  """Host, CPU, load and library versions (whatever of them is available)."""
+  info: dict[str, Any] = {"platform": platform.platform(), "python": sys.version.split()[0],
+                          "cpu_count": os.cpu_count()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    pass
+  for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+    m = sys.modules.get(mod)
+    if m is not None:
+      info[mod] = getattr(m, "__version__", "?")
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    dev = jax.devices()[0]
+    info["jax_device"] = f"{dev.platform}: {getattr(dev, 'device_kind', '?')}"
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    info["torch_threads"] = torch.get_num_threads()
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "XLA_FLAGS"):
+    info[var] = os.environ.get(var, "")
+  return info
+
+
+def command_line() -> str:
+  return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_json(path: str, data: Any, overwrite: bool) -> None:
+  """Writes ``data`` as JSON to ``path`` atomically (temp file + rename); refuses to replace an
+  existing file unless ``overwrite``."""
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(data, f, indent=2, sort_keys=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+  """{min, median, max} of a non-empty sequence."""
+  return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+  """A plain-text table (right-aligned columns)."""
+  cells = [[str(h) for h in header]] + [[_fmt(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+  if isinstance(x, float):
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+  return str(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic hybrid batch
+
+
+def hybrid_batch(vocab: int, batch: int, length: int, steering_ids: Sequence[int], seed: int = 0,
+                 min_fill: float = 0.75) -> dict[str, Any]:
+  """A right-padded hybrid (KTO + steering) batch of numpy arrays with the data pipeline's keys.
+
+  Rows come in desirable / undesirable pairs (first half desirable); each row is a prompt of about
+  a quarter of its length, then the steering token, an answer and padding; sequence lengths are
+  drawn from [min_fill * length, length]. Mismatched pairs: prompt i + completion of row (i+1) mod B.
+  Shapes: input_ids, attention_mask, labels, label_mask, kl_*: [B, L]; steering_position, category,
+  desirable: [B]; target: [B, K].
+  """
+  import numpy as np
+  if batch < 2 or batch % 2:
+    raise ValueError(f"batch: expected an even number >= 2, got {batch}")
+  rng = np.random.default_rng(seed)
+  k = len(steering_ids)
+  steer_ids = np.asarray(steering_ids, np.int32)
+  special = set(int(s) for s in steer_ids)
+  low = max(special) + 1 if max(special) < vocab // 2 else 1
+  total = rng.integers(max(4, int(min_fill * length)), length + 1, size=batch)
+  plen = np.maximum(2, total // 4)
+  category = rng.integers(0, k, size=batch).astype(np.int32)
+  prompts = [rng.integers(low, vocab, size=int(p)).astype(np.int32) for p in plen]
+  answers = [rng.integers(low, vocab, size=int(t - p - 1)).astype(np.int32)
+             for t, p in zip(total, plen)]
+  completions = [np.concatenate([[steer_ids[c]], a]).astype(np.int32)
+                 for c, a in zip(category, answers)]
+
+  def pack(pairs):
+    ids = np.zeros((batch, length), np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    lmask = np.zeros((batch, length), np.float32)
+    for i, (p, c) in enumerate(pairs):
+      seq = np.concatenate([p, c])[:length]
+      ids[i, :len(seq)] = seq
+      mask[i, :len(seq)] = 1
+      lmask[i, len(p) - 1:len(seq) - 1] = 1.0  # positions predicting the completion tokens
+    labels = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    return ids, mask, labels, lmask
+
+  ids, mask, labels, lmask = pack(list(zip(prompts, completions)))
+  kl_ids, kl_mask, kl_labels, kl_lmask = pack(
+      [(prompts[i], completions[(i + 1) % batch]) for i in range(batch)])
+  target = rng.dirichlet(np.ones(k), size=1).astype(np.float32).repeat(batch, axis=0)
+  desirable = (np.arange(batch) < batch // 2).astype(np.int32)
+  return dict(input_ids=ids, attention_mask=mask, labels=labels, label_mask=lmask,
+              steering_position=(plen - 1).astype(np.int32), category=category,
+              desirable=desirable, target=target, kl_input_ids=kl_ids,
+              kl_attention_mask=kl_mask, kl_labels=kl_labels, kl_label_mask=kl_lmask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Our hybrid step on one device
+
+
+class HybridStep:
+  """The real hybrid step (``distfair_jax.train.step``) compiled on one device.
+
+  ``run(batch)`` does one optimizer step and returns the metrics (not blocked on); ``state`` is
+  donated and replaced each call. ``reference="cached"`` steps read ``reference_logps`` /
+  ``reference_kl_logps`` from the batch; :meth:`cache_reference` adds them.
+  """
+
+  def __init__(self, model, steering_ids, *, reference: str = "online", tile_size: int = 128,
+               learning_rate: float = 1e-5, device=None):
+    import jax
+    import jax.numpy as jnp
+    from distfair_jax import sharding as shd
+    from distfair_jax.config import OptimConfig
+    from distfair_jax.train.state import init_train_state, make_optimizer, split_model
+    from distfair_jax.train.step import StepSpec, make_loss_fn, make_reference_fn, make_train_step
+
+    device = device or jax.devices()[0]
+    self.mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    self.spec = StepSpec(kind="hybrid", tile_size=tile_size, reference=reference)
+    model.train()
+    graphdef, params, rngs, frozen = split_model(model, lora=False)
+    model.eval()
+    graphdef_eval = split_model(model, lora=False)[0]
+    model.train()
+    tx, schedule = make_optimizer(OptimConfig(learning_rate=learning_rate, warmup_steps=0), 1000)
+    params = jax.device_put(params, device)
+    self.ref_params = jax.tree.map(jnp.copy, params)
+    self.rngs = jax.device_put(rngs, device)
+    self.frozen = jax.device_put(frozen, device)
+    self.state = init_train_state(tx, params, self.rngs, self.mesh)
+    inner = make_loss_fn(graphdef, graphdef_eval, self.spec, jnp.asarray(steering_ids, jnp.int32))
+
+    def loss_fn(params, rngs, frozen, ref_params, batch):
+      # Work-around: with remat on, nnx.remat refuses Variables made at the jit's trace level
+      # (TraceContextError) when the reference model is merged from ``ref_params`` inside the grad
+      # trace. Rebuilding the trees here makes fresh Variables at the current level; same program.
+      rebuild = lambda t: jax.tree.map(lambda x: x, t)
+      return inner(params, rngs, rebuild(frozen), rebuild(ref_params), batch)
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    self.step = jax.jit(make_train_step(loss_fn, tx, schedule), donate_argnums=(0,),
+                        out_shardings=(state_shardings, None))
+    self.reference_fn = jax.jit(make_reference_fn(graphdef_eval, self.spec))
+    self._shd = shd
+
+  def put(self, batch: dict[str, Any]) -> dict[str, Any]:
+    """Host batch -> device arrays (adds cached reference log-probs for ``reference='cached'``)."""
+    dev = self._shd.put_batch(batch, self.mesh)
+    if self.spec.reference == "cached":
+      dev = dict(dev)
+      dev.update(self.reference_fn(self.ref_params, self.rngs, self.frozen, dev))
+    return dev
+
+  def run(self, device_batch: dict[str, Any]) -> dict[str, Any]:
+    ref = self.ref_params if self.spec.reference == "online" else None
+    self.state, metrics = self.step(self.state, self.frozen, ref, device_batch)
+    return metrics
+
+  def block(self, metrics) -> None:
+    import jax
+    jax.block_until_ready((self.state, metrics))
+
+  def compiles(self) -> int:
+    """Number of programs the step jit holds (1 when nothing recompiled)."""
+    size = getattr(self.step, "_cache_size", None)
+    return int(size()) if callable(size) else -1

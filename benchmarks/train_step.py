@@ -1,0 +1,395 @@
+"""Examples/s of one hybrid (KTO + steering KL) training step: ours (JAX) vs the PyTorch formulation.
+
+- ours: ``distfair_jax.train.step`` compiled with ``jax.jit`` (state donated): one policy pass over
+  the targets with gradient, one over the mismatched pairs without gradient, the reference pass over
+  both inside the step, vocabulary-tiled log-probs, the steering logits sliced before the output
+  projection, AdamW (optax, clipping at 1.0). Also ``reference="cached"``: the reference log-probs
+  come with the batch (computed once up front; that pass is not timed).
+- torch: the reference implementation's formulation with Hugging Face's ``LlamaForCausalLM`` on the
+  same config and the same weights (copied from ours) and the same batch: a policy forward on the
+  targets for the steering KL; policy forwards on the targets (with gradient) and on the mismatched
+  pairs (under ``no_grad``, as TRL does) for KTO; reference forwards on both under ``no_grad``; full
+  float32 ``log_softmax`` over the vocabulary; ``torch.optim.AdamW`` (clipping at 1.0).
+
+Both run float32 on the same CPU cores (``set_threads``: JAX's Eigen pool and torch's MKL/OpenMP pool
+sized to all cores), in one process, alternating (ours, ours cached, torch, ours, ...), with a pause
+between runs so that idle OpenMP threads stop spinning. A run repeats steps for at least
+``--min-run-s`` seconds; examples/s = batch x steps / time. Ratios are ours / torch per run, reported
+as min / median / max over the runs, plus the ratio of the medians. As a correctness check, the first
+step's loss (identical initial weights) is compared between the two.
+
+Scaling: step time of ours (reference online) at three batch x length sizes, and a least-squares
+fit time = a + b * tokens.
+
+  python benchmarks/train_step.py                      # tiny + 50M sizes, scaling on 50M; minutes
+  python benchmarks/train_step.py --sizes tiny --runs 3
+  python benchmarks/train_step.py --smoke              # a micro model, seconds
+
+Tables are printed; JSON is written (atomically) to ``--out`` (default
+benchmarks/results/train_step.json, or train_step_smoke.json with --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+# name -> (LlamaConfig fields, batch, length)
+SIZES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "tiny": ({"preset": "tiny"}, 8, 128),
+    # ~56M parameters (untied output layer).
+    "50m": (dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False), 8, 128),
+    # --smoke only.
+    "micro": (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   max_position_embeddings=256, tie_word_embeddings=True), 4, 16),
+}
+STEERING_IDS = (3, 4)  # K = 2 steering tokens
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sizes", default="tiny,50m", help=f"comma-separated, of {', '.join(SIZES)}")
+  p.add_argument("--batch", type=int, default=None, help="override every size's batch")
+  p.add_argument("--length", type=int, default=None, help="override every size's length")
+  p.add_argument("--runs", type=int, default=7, help="alternating timed runs per side")
+  p.add_argument("--min-run-s", type=float, default=1.0, help="each run repeats steps this long")
+  p.add_argument("--pause-s", type=float, default=0.3, help="idle pause between runs")
+  p.add_argument("--tile-size", type=int, default=None,
+                 help="ours: positions per log-prob tile (default: losses.DEFAULT_TILE_SIZE)")
+  p.add_argument("--scaling-size", default="50m", help="size used for the scaling table")
+  p.add_argument("--scaling", default="8x64,8x128,16x128",
+                 help="batch x length points of the scaling table ('' to skip)")
+  p.add_argument("--threads", type=int, default=None, help="cores for both sides (default: all)")
+  p.add_argument("--smoke", action="store_true", help="micro model, 2 runs, tiny scaling table")
+  p.add_argument("--out", default=None)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.sizes, args.runs, args.min_run_s, args.pause_s = "micro", 2, 0.0, 0.0
+    args.scaling_size, args.scaling = "micro", "4x16,4x32"
+  args.size_names = [s.strip() for s in args.sizes.split(",") if s.strip()]
+  for s in args.size_names + ([args.scaling_size] if args.scaling else []):
+    if s not in SIZES:
+      p.error(f"--sizes: expected names among {', '.join(SIZES)}, got {s!r}")
+  try:
+    args.scaling_points = [tuple(int(v) for v in pt.lower().split("x"))
+                           for pt in args.scaling.split(",") if pt.strip()]
+    assert all(len(pt) == 2 and pt[0] >= 2 and pt[0] % 2 == 0 and pt[1] >= 8
+               for pt in args.scaling_points)
+  except (ValueError, AssertionError):
+    p.error(f"--scaling: expected BxL points like 8x64,8x128 (even B >= 2, L >= 8), "
+            f"got {args.scaling!r}")
+  if args.runs < 1:
+    p.error(f"--runs: expected a positive int, got {args.runs}")
+  if args.out is None:
+    args.out = os.path.join(_common.RESULTS_DIR,
+                            "train_step_smoke.json" if args.smoke else "train_step.json")
+  return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def _config(name: str):
+  from distfair_jax.model.llama import LlamaConfig
+  from distfair_jax.model.presets import get_preset
+  fields = dict(SIZES[name][0])
+  if "preset" in fields:
+    return get_preset(fields.pop("preset"), **fields)
+  return LlamaConfig(**fields)
+
+
+def _jax_model(cfg, seed: int):
+  from flax import nnx
+  from distfair_jax.model.llama import Llama
+  return Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def _torch_model(cfg, jax_model):
+  """transformers' LlamaForCausalLM with our model's weights (kernels transposed to HF layout)."""
+  import numpy as np
+  import torch
+  import transformers
+  from flax import nnx
+  from distfair_jax.convert import hf_name
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).float()
+  sd = {}
+  for path, var in nnx.to_flat_state(nnx.state(jax_model, nnx.Param)):
+    name, transposed = hf_name(tuple(path))
+    value = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value, np.float32)
+    sd[name] = torch.from_numpy(np.ascontiguousarray(value.T if transposed else value))
+  missing, unexpected = model.load_state_dict(sd, strict=False)
+  missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+  if missing or unexpected:
+    raise RuntimeError(f"weight copy: missing {missing}, unexpected {unexpected}")
+  if cfg.tie_word_embeddings:
+    model.tie_weights()
+  return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyTorch formulation
+
+
+class TorchHybrid:
+  """One hybrid step in the reference implementation's formulation (see the module docstring)."""
+
+  def __init__(self, model, batch: dict[str, Any], steering_ids, beta: float = 0.1,
+               learning_rate: float = 1e-5):
+    import copy
+    import torch
+    self.torch = torch
+    self.policy = model
+    self.policy.train()
+    self.reference = copy.deepcopy(model).eval()
+    for p in self.reference.parameters():
+      p.requires_grad_(False)
+    self.opt = torch.optim.AdamW(self.policy.parameters(), lr=learning_rate, betas=(0.9, 0.999),
+                                 eps=1e-8, weight_decay=0.01)
+    self.b = {k: torch.from_numpy(v) for k, v in batch.items()}
+    for k in ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask",
+              "kl_labels", "steering_position"):
+      self.b[k] = self.b[k].long()
+    self.steering_ids = torch.tensor(steering_ids, dtype=torch.long)
+    self.beta = beta
+
+  def _logps(self, logits, labels, mask):
+    """Full float32 log_softmax over the vocabulary, gathered at the labels: [B, L, V] -> [B]."""
+    torch = self.torch
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    tok = torch.gather(logp, 2, (labels * (mask > 0)).unsqueeze(2)).squeeze(2)
+    return (tok * mask).sum(-1)
+
+  def step(self) -> float:
+    torch, b = self.torch, self.b
+    n = b["input_ids"].shape[0]
+    self.opt.zero_grad(set_to_none=True)
+    # Steering KL: policy forward on the targets, full-vocabulary log-softmax at the steering position.
+    logits = self.policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    steer = logits[torch.arange(n), b["steering_position"]].float()
+    log_q = torch.log_softmax(steer, dim=-1)[:, self.steering_ids]
+    p = b["target"]
+    log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
+    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    w = b["desirable"].float()
+    steer_kl = (w * kl).sum() / w.sum()
+    # KTO: policy on the targets (with gradient) and on the mismatched pairs (no_grad, as TRL).
+    logps = self._logps(self.policy(input_ids=b["input_ids"],
+                                    attention_mask=b["attention_mask"]).logits,
+                        b["labels"], b["label_mask"])
+    with torch.no_grad():
+      kl_logps = self._logps(self.policy(input_ids=b["kl_input_ids"],
+                                         attention_mask=b["kl_attention_mask"]).logits,
+                             b["kl_labels"], b["kl_label_mask"])
+      ref_logps = self._logps(self.reference(input_ids=b["input_ids"],
+                                             attention_mask=b["attention_mask"]).logits,
+                              b["labels"], b["label_mask"])
+      ref_kl_logps = self._logps(self.reference(input_ids=b["kl_input_ids"],
+                                                attention_mask=b["kl_attention_mask"]).logits,
+                                 b["kl_labels"], b["kl_label_mask"])
+    z0 = (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    r = logps - ref_logps
+    good = b["desirable"] > 0
+    kto = torch.where(good, 1 - torch.sigmoid(self.beta * (r - z0)),
+                      1 - torch.sigmoid(self.beta * (z0 - r))).mean()
+    loss = kto + steer_kl
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+    self.opt.step()
+    return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _timed_run(step_once, min_s: float) -> tuple[float, int]:
+  """Repeats ``step_once()`` (which must block) for at least ``min_s`` -> (seconds, steps)."""
+  steps = 0
+  t0 = time.perf_counter()
+  while True:
+    step_once()
+    steps += 1
+    elapsed = time.perf_counter() - t0
+    if elapsed >= min_s:
+      return elapsed, steps
+
+
+def _bench_size(name: str, args, keep: dict[str, Any]) -> dict[str, Any]:
+  import jax
+  import numpy as np
+  from distfair_jax import losses
+  from distfair_jax.train.state import count_params
+
+  cfg = _config(name)
+  batch_size = args.batch or SIZES[name][1]
+  length = args.length or SIZES[name][2]
+  tile = args.tile_size or losses.DEFAULT_TILE_SIZE
+  batch = _common.hybrid_batch(cfg.vocab_size, batch_size, length, STEERING_IDS, seed=1)
+  jmodel = _jax_model(cfg, seed=0)
+  tmodel = _torch_model(cfg, jmodel)
+  n_params = sum(p.numel() for p in tmodel.parameters())
+  print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x length {length}, "
+        f"tile {tile}", flush=True)
+
+  sides: dict[str, Any] = {}
+  t0 = time.perf_counter()
+  online = _common.HybridStep(jmodel, STEERING_IDS, reference="online", tile_size=tile)
+  cached = _common.HybridStep(_jax_model(cfg, seed=0), STEERING_IDS, reference="cached",
+                              tile_size=tile)
+  on_batch, ca_batch = online.put(batch), cached.put(batch)
+  first = {}
+  for key, h, b in (("ours", online, on_batch), ("ours_cached", cached, ca_batch)):
+    m = h.run(b)
+    h.block(m)
+    first[key] = float(m["loss"])
+  compile_s = time.perf_counter() - t0
+  torch_side = TorchHybrid(tmodel, batch, STEERING_IDS)
+  first["torch"] = torch_side.step()
+  print(f"first-step loss: ours {first['ours']:.6f}  ours cached {first['ours_cached']:.6f}  "
+        f"torch {first['torch']:.6f}  (compile + first steps of ours: {compile_s:.1f}s)", flush=True)
+
+  def ours_once(h, b):
+    def f():
+      h.block(h.run(b))
+    return f
+
+  runners = {"ours": ours_once(online, on_batch), "ours_cached": ours_once(cached, ca_batch),
+             "torch": torch_side.step}
+  for key, fn in runners.items():  # one untimed warm-up step each (allocator, caches)
+    fn()
+  times = {k: [] for k in runners}
+  for i in range(args.runs):
+    for key, fn in runners.items():
+      time.sleep(args.pause_s)
+      secs, steps = _timed_run(fn, args.min_run_s)
+      times[key].append(batch_size * steps / secs)
+    print(f"run {i + 1}/{args.runs}: " + "  ".join(f"{k} {v[-1]:.2f} ex/s" for k, v in times.items())
+          + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+
+  def ratio(key):
+    per_run = [o / t for o, t in zip(times[key], times["torch"])]
+    out = _common.spread(per_run)
+    out["of_medians"] = statistics.median(times[key]) / statistics.median(times["torch"])
+    out["per_run"] = per_run
+    return out
+
+  for key in runners:
+    sides[key] = {"examples_per_s": _common.spread(times[key]), "per_run": times[key]}
+  keep[name] = online  # reused by the scaling table (same program for the same shapes)
+  return {
+      "name": name, "params": int(n_params), "batch": batch_size, "length": length,
+      "tile_size": tile, "config": {k: v for k, v in cfg.to_hf().items()
+                                    if k not in ("architectures", "rope_parameters")},
+      **sides,
+      "ratio": ratio("ours"), "ratio_cached": ratio("ours_cached"),
+      "first_step_loss": first, "loss_abs_diff": abs(first["ours"] - first["torch"]),
+      "compiles": {"ours": online.compiles(), "ours_cached": cached.compiles()},
+      "first_steps_incl_compile_s": compile_s,
+      "jax_params_counted": count_params(online.state.params),
+  }
+
+
+def _scaling(args, keep: dict[str, Any]) -> list[dict[str, Any]]:
+  import numpy as np
+  from distfair_jax import losses
+  cfg = _config(args.scaling_size)
+  tile = args.tile_size or losses.DEFAULT_TILE_SIZE
+  rows = []
+  print(f"\n== scaling ({args.scaling_size}, ours, reference online)", flush=True)
+  h = keep.get(args.scaling_size)
+  if h is None or h.spec.tile_size != tile:
+    h = _common.HybridStep(_jax_model(cfg, seed=0), STEERING_IDS, tile_size=tile)
+  for b, l in args.scaling_points:
+    dev = h.put(_common.hybrid_batch(cfg.vocab_size, b, l, STEERING_IDS, seed=2))
+    h.block(h.run(dev))
+    h.block(h.run(dev))
+    per = []
+    for _ in range(max(2, args.runs // 2)):
+      time.sleep(args.pause_s)
+      secs, steps = _timed_run(lambda: h.block(h.run(dev)), args.min_run_s)
+      per.append(secs / steps)
+    step_s = statistics.median(per)
+    tokens = 2 * b * l  # targets + mismatched pairs (padded)
+    rows.append({"batch": b, "length": l, "tokens": tokens, "step_s": step_s,
+                 "us_per_token": 1e6 * step_s / tokens, "runs_s": per})
+    print(f"{b}x{l}: {step_s * 1e3:.1f} ms/step, {1e6 * step_s / tokens:.1f} us/token", flush=True)
+  rows_compiles = h.compiles()
+  if len(rows) >= 2:
+    x = np.array([r["tokens"] for r in rows], float)
+    y = np.array([r["step_s"] for r in rows], float)
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = slope * x + intercept
+    r2 = 1 - float(np.sum((y - pred) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-30))
+    for r in rows:
+      r["fit_step_s"] = float(slope * r["tokens"] + intercept)
+    rows.append({"fit": {"seconds_per_token": float(slope), "intercept_s": float(intercept),
+                         "r2": r2}, "compiles": rows_compiles})
+  return rows
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  cores = _common.set_threads(args.threads)
+  import jax
+  import torch
+  torch.set_num_threads(cores)
+  jax.config.update("jax_platforms", "cpu")
+  import warnings
+  warnings.filterwarnings("ignore", message=".*donat.*")
+  torch.manual_seed(0)
+
+  results = {"benchmark": "train_step", "command": _common.command_line(),
+             "machine_before": _common.machine_info(), "goal_ratio": 2.0, "sizes": []}
+  keep: dict[str, Any] = {}
+  for name in args.size_names:
+    results["sizes"].append(_bench_size(name, args, keep))
+  results["scaling"] = _scaling(args, keep) if args.scaling_points else []
+  results["machine_after"] = _common.machine_info()
+
+  print("\nExamples/s of one hybrid step (float32, same CPU, "
+        f"{cores} threads each; min / median / max over {args.runs} alternating runs)")
+  rows = []
+  for s in results["sizes"]:
+    for key in ("ours", "ours_cached", "torch"):
+      e = s[key]["examples_per_s"]
+      rows.append([s["name"], f"{s['params'] / 1e6:.1f}M", f"{s['batch']}x{s['length']}", key,
+                   e["min"], e["median"], e["max"]])
+  print(_common.table(rows, ["size", "params", "BxL", "side", "min", "median", "max"]))
+  print("\nRatio ours / torch per run (goal >= 2.0)")
+  rows = []
+  for s in results["sizes"]:
+    for key, label in (("ratio", "reference online"), ("ratio_cached", "reference cached")):
+      r = s[key]
+      rows.append([s["name"], label, r["min"], r["median"], r["max"], r["of_medians"]])
+  print(_common.table(rows, ["size", "ours", "min", "median", "max", "ratio of medians"]))
+  if results["scaling"]:
+    print(f"\nScaling of ours ({args.scaling_size}, reference online); tokens = 2 x B x L")
+    pts = [r for r in results["scaling"] if "tokens" in r]
+    print(_common.table([[f"{r['batch']}x{r['length']}", r["tokens"], r["step_s"] * 1e3,
+                          r.get("fit_step_s", float("nan")) * 1e3, r["us_per_token"]] for r in pts],
+                        ["BxL", "tokens", "ms/step", "fit ms/step", "us/token"]))
+    fit = [r["fit"] for r in results["scaling"] if "fit" in r]
+    if fit:
+      print(f"fit: {fit[0]['seconds_per_token'] * 1e6:.2f} us/token + "
+            f"{fit[0]['intercept_s'] * 1e3:.1f} ms, r2 {fit[0]['r2']:.4f}")
+  print(f"\nload average before {results['machine_before'].get('load_average')}, "
+        f"after {results['machine_after'].get('load_average')}")
+  _common.write_json(args.out, results, overwrite=args.overwrite)
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

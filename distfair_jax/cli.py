@@ -1,0 +1,65 @@
+"""The ``distfair`` command-line entry point.
+
+Each subcommand lives in its own module under ``distfair_jax/commands/`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first line is its help text.
+Modules are imported lazily so that ``distfair --help`` stays fast.
+
+Exit codes: 0 success, 1 failure, 2 bad usage or bad input (``InputError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distfair_jax.errors import InputError
+
+# name -> module implementing it (in the order `distfair --help` lists them)
+COMMANDS: dict[str, str] = {
+    "data": "distfair_jax.commands.data",
+    "train": "distfair_jax.commands.train",
+    "eval": "distfair_jax.commands.eval",
+    "report": "distfair_jax.commands.report",
+    "convert": "distfair_jax.commands.convert",
+    "export": "distfair_jax.commands.export",
+    "config": "distfair_jax.commands.config",
+    "plan": "distfair_jax.commands.plan",
+}
+
+
+def _load(name: str):
+  return importlib.import_module(COMMANDS[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="distfair",
+      description="Distribution-aligned fine-tuning of LLMs in JAX (arXiv 2604.05756).")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  sub.required = True
+  for name in COMMANDS:
+    module = _load(name)
+    doc = (module.__doc__ or name).strip().splitlines()[0]
+    p = sub.add_parser(name, help=doc, description=(module.__doc__ or doc).strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(_module=module)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return int(args._module.run(args) or 0)
+  except InputError as e:
+    print(f"distfair {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"distfair {args.command}: interrupted", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

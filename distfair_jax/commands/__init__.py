@@ -1,0 +1,1 @@
+"""`distfair` subcommands, one module each (see distfair_jax/cli.py)."""

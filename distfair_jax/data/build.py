@@ -1,0 +1,633 @@
+"""Dataset builders: records for SFT, KTO, IFT, DPO and the test sets; JSONL I/O and validation.
+
+The six built-in datasets: ``gender_real_uk``, ``gender_real_us``, ``gender_even_uk``,
+``gender_even_us``, ``race_even_us``, ``sentiment_even_us``. A user dataset is a YAML file::
+
+  name: age_even_us
+  attribute: {name: age, categories: [{name: young, answer: Young}, {name: old, answer: Old}]}
+  occupations: us                 # us | uk | a CSV file (column occupation) | relative paths ok
+  select: [Registered nurses]     # optional subset of the table, in this order
+  region: the US                  # default: from us / uk; required for a CSV
+  targets: uniform                # uniform | real (gender-like, 2 categories, counts needed)
+                                  # | {occupation: [p_0, ..., p_K-1]} | a CSV (occupation, one
+                                  #   column per category name, probabilities)
+  templates: {train: [...], v1: [...], v2: "...", v3: "..."}   # optional (see data.templates)
+
+Records are plain dicts with public field names (one JSONL file per kind):
+
+  sft.jsonl   prompt, occupation, category, steering_token, response, target, status="desirable"
+  kto.jsonl   the same, each desirable row followed by its undesirable row (status="undesirable":
+              the same steering token, another category's answer; response_category names it)
+  ift.jsonl   prompt, occupation, category, response, target               (no steering token)
+  dpo.jsonl   prompt, occupation, category, chosen, rejected, target, rejected_category
+  test_v1.jsonl / test_v2.jsonl / test_v3.jsonl   prompt, occupation, version, target, pe_prompt
+  manifest.json   dataset, seed, counts, template version, options
+
+Per occupation, the N rows' categories follow the target p exactly up to rounding (largest-remainder
+allocation). ``build_dataset(name_or_spec)`` returns the records in memory; with ``out_dir`` it also
+writes them (into a temporary directory renamed into place; an existing dataset is refused unless
+``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from distfair_jax.data import attributes as attributes_lib
+from distfair_jax.data import occupations as occupations_lib
+from distfair_jax.data import templates as templates_lib
+from distfair_jax.data.attributes import AttributeSpec
+from distfair_jax.data.occupations import OccupationTable
+from distfair_jax.data.templates import TemplateSet
+from distfair_jax.errors import InputError
+
+DATASETS: tuple[str, ...] = ("gender_real_uk", "gender_real_us", "gender_even_uk",
+                             "gender_even_us", "race_even_us", "sentiment_even_us")
+TRAIN_KINDS: tuple[str, ...] = ("sft", "kto", "ift", "dpo")
+TEST_VERSIONS: tuple[str, ...] = ("v1", "v2", "v3")
+KINDS: tuple[str, ...] = TRAIN_KINDS + ("test",)
+FILES: dict[str, str] = {**{k: f"{k}.jsonl" for k in TRAIN_KINDS},
+                         **{f"test_{v}": f"test_{v}.jsonl" for v in TEST_VERSIONS}}
+FORMAT_VERSION = 1
+SUM_TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Everything needed to build a dataset. ``targets[o]``: [K] float64 summing to 1."""
+  name: str
+  attribute: AttributeSpec
+  table: OccupationTable
+  occupations: tuple[str, ...]
+  region: str
+  targets: Mapping[str, np.ndarray]
+  templates: TemplateSet
+  target_kind: str = "uniform"
+  source: str = "builtin"
+
+  def target(self, occupation: str) -> np.ndarray:
+    if occupation not in self.targets:
+      raise InputError(f"{self.source}: occupation: expected one of the dataset's occupations, "
+                       f"got {occupation!r}")
+    return self.targets[occupation]
+
+
+@dataclasses.dataclass
+class Dataset:
+  """Built records per kind (``sft``, ``kto``, ``ift``, ``dpo``, ``test_v1``..``test_v3``)."""
+  spec: DatasetSpec
+  records: dict[str, list[dict]]
+  manifest: dict[str, Any]
+
+  def __getitem__(self, kind: str) -> list[dict]:
+    return self.records[kind]
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs
+
+
+def _uniform(k: int) -> np.ndarray:
+  return np.full((k,), 1.0 / k, dtype=np.float64)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  """The spec of a built-in dataset (see ``DATASETS``)."""
+  if name not in DATASETS:
+    raise InputError(f"dataset: name: expected one of {list(DATASETS)} or a YAML file, "
+                     f"got {name!r}")
+  attr_name, kind, country = name.split("_")
+  attribute = attributes_lib.get_attribute(attr_name)
+  table = occupations_lib.load_table(country)
+  if kind == "real":
+    targets = {o: table.real_gender_target(o) for o in table.names}
+  else:
+    targets = {o: _uniform(attribute.num_categories) for o in table.names}
+  return DatasetSpec(name, attribute, table, tuple(table.names), occupations_lib.REGIONS[country],
+                     targets, templates_lib.builtin_templates(attribute),
+                     "real" if kind == "real" else "uniform", "builtin")
+
+
+def check_distribution(p: Any, k: int, where: str, field: str = "target") -> np.ndarray:
+  """Validates a probability vector of length k: finite, non-negative, summing to 1 (1e-6)."""
+  if not isinstance(p, (list, tuple, np.ndarray)) or isinstance(p, str):
+    raise InputError(f"{where}: {field}: expected a list of {k} probabilities, got {p!r}")
+  if len(p) != k:
+    raise InputError(f"{where}: {field}: expected a list of {k} probabilities, got {len(p)}")
+  vals = []
+  for x in p:
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+      raise InputError(f"{where}: {field}: expected numbers, got {x!r}")
+    vals.append(float(x))
+  arr = np.asarray(vals, dtype=np.float64)
+  if not np.all(np.isfinite(arr)):
+    raise InputError(f"{where}: {field}: expected finite probabilities, got {vals}")
+  if np.any(arr < 0):
+    raise InputError(f"{where}: {field}: expected non-negative probabilities, got {vals}")
+  if abs(arr.sum() - 1.0) > SUM_TOLERANCE:
+    raise InputError(f"{where}: {field}: expected probabilities summing to 1 (within 1e-6), "
+                     f"got sum {arr.sum():.9g}")
+  return arr
+
+
+def _load_yaml(path: str) -> Any:
+  import yaml  # pylint: disable=g-import-not-at-top
+  text = occupations_lib._read_text(path)  # pylint: disable=protected-access
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    line = f"line {mark.line + 1}: " if mark is not None else ""
+    raise InputError(f"{path}: {line}yaml: expected valid YAML, got {str(e).splitlines()[0]}"
+                     ) from None
+  if not isinstance(data, Mapping):
+    raise InputError(f"{path}: spec: expected a mapping of keys, got {type(data).__name__}")
+  return data
+
+
+def _targets_from_csv(path: str, attribute: AttributeSpec) -> dict[str, Any]:
+  text = occupations_lib._read_text(path)  # pylint: disable=protected-access
+  lines = [l for l in text.splitlines() if not l.startswith("#")]
+  reader = csv.reader(io.StringIO("\n".join(lines)))
+  header = [h.strip() for h in next(reader, [])]
+  if "occupation" not in header:
+    raise InputError(f"{path}: line 1: occupation: expected a column named 'occupation', "
+                     f"got columns {header}")
+  lower = [h.lower() for h in header]
+  cols = []
+  for c in attribute.categories:
+    if c.name.lower() not in lower:
+      raise InputError(f"{path}: line 1: {c.name}: expected a column per category "
+                       f"({attribute.names}), got columns {header}")
+    cols.append(lower.index(c.name.lower()))
+  out: dict[str, Any] = {}
+  for i, row in enumerate(reader, start=2):
+    if not row:
+      continue
+    if len(row) != len(header):
+      raise InputError(f"{path}: line {i}: row: expected {len(header)} fields, got {len(row)}")
+    vals = []
+    for j in cols:
+      try:
+        vals.append(float(row[j]))
+      except ValueError:
+        raise InputError(f"{path}: line {i}: {header[j]}: expected a probability, "
+                         f"got {row[j]!r}") from None
+    out[row[header.index("occupation")].strip()] = (vals, f"{path}: line {i}")
+  return out
+
+
+def load_spec(path: str) -> DatasetSpec:
+  """Reads and validates a user dataset YAML file (see the module docstring)."""
+  path = os.fspath(path)
+  d = _load_yaml(path)
+  base = os.path.dirname(os.path.abspath(path))
+  known = {"name", "attribute", "occupations", "select", "region", "targets", "templates"}
+  unknown = set(d) - known
+  if unknown:
+    raise InputError(f"{path}: {sorted(unknown)[0]}: expected one of {sorted(known)}, "
+                     f"got an unknown key")
+  for key in ("name", "attribute", "occupations"):
+    if key not in d:
+      raise InputError(f"{path}: {key}: expected a value, got a missing field")
+  name = d["name"]
+  if not isinstance(name, str) or not name.strip():
+    raise InputError(f"{path}: name: expected a non-empty string, got {name!r}")
+  attribute = attributes_lib.attribute_from_dict(d["attribute"], where=path)
+  occ = d["occupations"]
+  if not isinstance(occ, str):
+    raise InputError(f"{path}: occupations: expected 'us', 'uk' or a CSV path, got {occ!r}")
+  region = d.get("region")
+  if occ.lower() in occupations_lib.BUILTIN_TABLES:
+    table = occupations_lib.load_table(occ.lower())
+    region = region or occupations_lib.REGIONS[occ.lower()]
+  else:
+    table = occupations_lib.load_table(os.path.join(base, occ))
+  if not isinstance(region, str) or not region.strip():
+    raise InputError(f"{path}: region: expected a region such as 'the US' for a CSV table, "
+                     f"got {region!r}")
+  names = list(table.names)
+  if "select" in d:
+    sel = d["select"]
+    if not isinstance(sel, list) or not sel or not all(isinstance(s, str) for s in sel):
+      raise InputError(f"{path}: select: expected a non-empty list of occupations, got {sel!r}")
+    for s in sel:
+      table.get(s, where=f"{path}: select")
+    if len(set(sel)) != len(sel):
+      raise InputError(f"{path}: select: expected unique occupations, got duplicates")
+    names = list(sel)
+  k = attribute.num_categories
+  t = d.get("targets", "uniform")
+  targets: dict[str, np.ndarray] = {}
+  if t == "uniform":
+    kind = "uniform"
+    targets = {o: _uniform(k) for o in names}
+  elif t == "real":
+    kind = "real"
+    if k != 2:
+      raise InputError(f"{path}: targets: expected 'real' only for a 2-category attribute "
+                       f"(male, female shares), got {k} categories")
+    targets = {o: table.real_gender_target(o) for o in names}
+  elif isinstance(t, (Mapping, str)):
+    kind = "table"
+    if isinstance(t, str):
+      tpath = os.path.join(base, t)
+      if not os.path.exists(tpath):
+        raise InputError(f"{path}: targets: expected uniform, real, a mapping or a CSV path, "
+                         f"got {t!r}")
+      raw = _targets_from_csv(tpath, attribute)
+    else:
+      raw = {o: (v, f"{path}: targets.{o}") for o, v in t.items()}
+    for o, (v, where) in raw.items():
+      if o not in names:
+        raise InputError(f"{where}: occupation: expected an occupation of the table "
+                         f"({table.source}), got {o!r}")
+      targets[o] = check_distribution(v, k, where, "target")
+    missing = [o for o in names if o not in targets]
+    if missing:
+      raise InputError(f"{path}: targets: expected a target for every occupation, got none for "
+                       f"{missing[0]!r}")
+  else:
+    raise InputError(f"{path}: targets: expected uniform, real, a mapping or a CSV path, got {t!r}")
+  templates = templates_lib.templates_from_dict(d.get("templates"), attribute, where=path)
+  return DatasetSpec(name.strip(), attribute, table, tuple(names), region.strip(), targets,
+                     templates, kind, path)
+
+
+def resolve_spec(name_or_spec: str | os.PathLike | DatasetSpec) -> DatasetSpec:
+  """A ``DatasetSpec``, a built-in dataset name or a path to a YAML spec."""
+  if isinstance(name_or_spec, DatasetSpec):
+    return name_or_spec
+  s = os.fspath(name_or_spec)
+  if s in DATASETS:
+    return dataset_spec(s)
+  if s.endswith((".yaml", ".yml")) and os.path.exists(s):
+    return load_spec(s)
+  raise InputError(f"dataset: name: expected one of {list(DATASETS)} or a YAML file, got {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def allocate(p: Sequence[float], n: int) -> np.ndarray:
+  """Largest-remainder allocation of n rows to categories: [K] int64 summing to n.
+
+  floor(n p_k) each, then one more to the largest remainders (ties: lower index first).
+  """
+  p = np.asarray(p, dtype=np.float64)
+  exact = p * n
+  counts = np.floor(exact + 1e-9).astype(np.int64)
+  rest = n - int(counts.sum())
+  if rest > 0:
+    remainders = exact - counts
+    order = sorted(range(len(p)), key=lambda k: (-remainders[k], k))
+    for k in order[:rest]:
+      counts[k] += 1
+  return counts
+
+
+def _other(k: int, num: int, rng: np.random.Generator) -> int:
+  j = int(rng.integers(num - 1))
+  return j if j < k else j + 1
+
+
+def build_records(spec: DatasetSpec, *, rows_per_occupation: int = 100, test_rounds: int = 100,
+                  seed: int = 0, stories_per_occupation: int = 0) -> dict[str, list[dict]]:
+  """All record lists of a dataset, in memory (see the module docstring for the fields)."""
+  for field, v, lo in (("rows_per_occupation", rows_per_occupation, 1),
+                       ("test_rounds", test_rounds, 0),
+                       ("stories_per_occupation", stories_per_occupation, 0)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+      raise InputError(f"build: {field}: expected an integer >= {lo}, got {v!r}")
+  attr, tpl = spec.attribute, spec.templates
+  rng = np.random.default_rng(seed)
+  out: dict[str, list[dict]] = {k: [] for k in (*TRAIN_KINDS, *(f"test_{v}" for v in
+                                                                TEST_VERSIONS))}
+  for occupation in spec.occupations:
+    p = spec.target(occupation)
+    target = [float(x) for x in p]
+    render = lambda t: templates_lib.render(t, occupation=occupation, region=spec.region,
+                                            attribute=attr)
+    groups = [(rows_per_occupation, tpl.train, False)]
+    if stories_per_occupation:
+      groups.append((stories_per_occupation, tpl.train_story, True))
+    for n, group_templates, story in groups:
+      cats = np.repeat(np.arange(attr.num_categories), allocate(p, n))
+      cats = cats[rng.permutation(n)]
+      for r, k in enumerate(cats.tolist()):
+        prompt = render(group_templates[r % len(group_templates)])
+        j = _other(k, attr.num_categories, rng)
+        if story:
+          good = templates_lib.make_story(attr, k, occupation, rng)
+          bad = templates_lib.make_story(attr, j, occupation, rng)
+        else:
+          good, bad = attr.categories[k].answer, attr.categories[j].answer
+        token = attr.categories[k].steering_token
+        sft = {"prompt": prompt, "occupation": occupation, "category": k, "steering_token": token,
+               "response": good, "target": target, "status": "desirable"}
+        out["sft"].append(sft)
+        out["kto"].append(dict(sft))
+        out["kto"].append({**sft, "response": bad, "status": "undesirable",
+                           "response_category": j})
+        out["ift"].append({"prompt": prompt, "occupation": occupation, "category": k,
+                           "response": good, "target": target})
+        out["dpo"].append({"prompt": prompt, "occupation": occupation, "category": k,
+                           "chosen": good, "rejected": bad, "target": target,
+                           "rejected_category": j})
+    for version in TEST_VERSIONS:
+      group = {"v1": tpl.v1, "v2": (tpl.v2,), "v3": (tpl.v3,)}[version]
+      for r in range(test_rounds):
+        prompt = render(group[r % len(group)])
+        out[f"test_{version}"].append({
+            "prompt": prompt, "occupation": occupation, "version": version, "target": target,
+            "pe_prompt": templates_lib.with_target_instruction(prompt, attr, p)})
+  return out
+
+
+def _manifest(spec: DatasetSpec, records: Mapping[str, list], **options) -> dict[str, Any]:
+  return {
+      "format_version": FORMAT_VERSION,
+      "dataset": spec.name,
+      "source": spec.source,
+      "attribute": spec.attribute.name,
+      "categories": spec.attribute.names,
+      "answers": spec.attribute.answers,
+      "steering_tokens": spec.attribute.steering_tokens,
+      "target_kind": spec.target_kind,
+      "region": spec.region,
+      "occupations": list(spec.occupations),
+      "template_version": templates_lib.TEMPLATE_VERSION,
+      **options,
+      "counts": {k: len(v) for k, v in records.items()},
+      "files": {k: FILES[k] for k, v in records.items() if v},  # empty kinds are not written
+  }
+
+
+def build_dataset(name_or_spec: str | os.PathLike | DatasetSpec,
+                  out_dir: str | os.PathLike | None = None, *, rows_per_occupation: int = 100,
+                  test_rounds: int = 100, seed: int = 0, stories_per_occupation: int = 0,
+                  overwrite: bool = False) -> Dataset:
+  """Builds a dataset in memory, and writes it to ``out_dir`` when given.
+
+  Args:
+    name_or_spec: a built-in dataset name (``DATASETS``), a YAML spec path or a ``DatasetSpec``.
+    out_dir: directory to write the JSONL files and ``manifest.json`` into (atomically).
+    rows_per_occupation: N training rows per occupation (attribute questions).
+    test_rounds: rows per occupation in each test set.
+    seed: seeds row order, paraphrase/other-category choice and stories.
+    stories_per_occupation: extra story rows per occupation (v3-style training), default none.
+    overwrite: replace an existing dataset directory.
+  Returns:
+    ``Dataset`` with ``records[kind]`` lists and the manifest.
+  """
+  spec = resolve_spec(name_or_spec)
+  if out_dir is not None:
+    _check_out_dir(os.fspath(out_dir), overwrite)
+  records = build_records(spec, rows_per_occupation=rows_per_occupation, test_rounds=test_rounds,
+                          seed=seed, stories_per_occupation=stories_per_occupation)
+  manifest = _manifest(spec, records, seed=seed, rows_per_occupation=rows_per_occupation,
+                       stories_per_occupation=stories_per_occupation, test_rounds=test_rounds)
+  dataset = Dataset(spec, records, manifest)
+  if out_dir is not None:
+    write_dataset(dataset, out_dir, overwrite=overwrite)
+  return dataset
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir):
+    if not os.path.isdir(out_dir):
+      raise InputError(f"{out_dir}: out: expected a directory, got an existing file")
+    if os.listdir(out_dir) and not overwrite:
+      what = ("already holds a dataset" if os.path.exists(os.path.join(out_dir, "manifest.json"))
+              else "is not empty")
+      raise InputError(f"{out_dir}: out: expected a new or empty directory, got one that {what} "
+                       f"(use --overwrite / overwrite=True)")
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
+  """Writes records as UTF-8 JSONL (one compact object per line) to path, atomically."""
+  path = os.fspath(path)
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".jsonl")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_dataset(dataset: Dataset, out_dir: str | os.PathLike, *, overwrite: bool = False
+                  ) -> None:
+  """Writes all record files and manifest.json into out_dir via a temp dir renamed into place."""
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  _check_out_dir(out_dir, overwrite)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+  try:
+    for kind, recs in dataset.records.items():
+      if recs:
+        write_jsonl(os.path.join(tmp, FILES[kind]), recs)
+    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+      json.dump(dataset.manifest, f, indent=2, ensure_ascii=False)
+      f.write("\n")
+    os.chmod(tmp, 0o777 & ~_umask())
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
+      os.rmdir(old)
+      os.replace(out_dir, old)
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and reading
+
+
+def _kind_of(path: str) -> str | None:
+  stem = os.path.basename(path).split(".")[0]
+  if stem in TRAIN_KINDS:
+    return stem
+  if stem.startswith("test"):
+    return "test"
+  return None
+
+
+def _guess_kind(rec: Mapping) -> str:
+  if "chosen" in rec or "rejected" in rec:
+    return "dpo"
+  if "version" in rec:
+    return "test"
+  if rec.get("status") == "undesirable":
+    return "kto"
+  if "steering_token" in rec:
+    return "sft"
+  return "ift"
+
+
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "occupation", "category", "steering_token", "response", "target", "status"),
+    "kto": ("prompt", "occupation", "category", "steering_token", "response", "target", "status"),
+    "ift": ("prompt", "occupation", "category", "response", "target"),
+    "dpo": ("prompt", "occupation", "category", "chosen", "rejected", "target"),
+    "test": ("prompt", "occupation", "version"),
+}
+
+
+def validate_record(rec: Any, kind: str, *, where: str, num_categories: int | None = None,
+                    spec: DatasetSpec | None = None) -> int:
+  """Validates one record of ``kind``; returns its K (length of ``target``; 0 if it has none)."""
+  if kind not in _FIELDS:
+    raise InputError(f"{where}: kind: expected one of {list(_FIELDS)}, got {kind!r}")
+  if not isinstance(rec, Mapping):
+    raise InputError(f"{where}: record: expected a JSON object, got {type(rec).__name__}")
+  for field in _FIELDS[kind]:
+    if field not in rec:
+      raise InputError(f"{where}: {field}: expected a value, got a missing field")
+  for field in ("prompt", "occupation", "steering_token", "response", "chosen", "rejected",
+                "pe_prompt"):
+    if field in rec and (not isinstance(rec[field], str) or
+                         (field != "response" and not rec[field])):
+      raise InputError(f"{where}: {field}: expected a non-empty string, got {rec[field]!r}")
+  k = num_categories or (spec.attribute.num_categories if spec is not None else None)
+  if "target" in rec:
+    t = rec["target"]
+    if k is None:
+      if not isinstance(t, list) or len(t) < 2:
+        raise InputError(f"{where}: target: expected a list of at least 2 probabilities, "
+                         f"got {t!r}")
+      k = len(t)
+    check_distribution(t, k, where)
+  for field in ("category", "response_category", "rejected_category"):
+    if field in rec:
+      c = rec[field]
+      if isinstance(c, bool) or not isinstance(c, int) or c < 0 or (k is not None and c >= k):
+        raise InputError(f"{where}: {field}: expected an integer in [0, {k}), got {c!r}")
+  if "status" in rec and rec["status"] not in ("desirable", "undesirable"):
+    raise InputError(f"{where}: status: expected 'desirable' or 'undesirable', "
+                     f"got {rec['status']!r}")
+  if kind == "sft" and rec["status"] != "desirable":
+    raise InputError(f"{where}: status: expected 'desirable' in SFT records, got {rec['status']!r}")
+  if kind == "test" and rec["version"] not in TEST_VERSIONS:
+    raise InputError(f"{where}: version: expected one of {list(TEST_VERSIONS)}, "
+                     f"got {rec['version']!r}")
+  if spec is not None:
+    if rec["occupation"] not in spec.targets:
+      raise InputError(f"{where}: occupation: expected an occupation of {spec.name}, "
+                       f"got {rec['occupation']!r}")
+    if "steering_token" in rec:
+      want = spec.attribute.categories[rec["category"]].steering_token
+      if rec["steering_token"] != want:
+        raise InputError(f"{where}: steering_token: expected {want!r} for category "
+                         f"{rec['category']}, got {rec['steering_token']!r}")
+  return k or 0
+
+
+def validate_records(records: Sequence[Any], kind: str, *, source: str = "<records>",
+                     spec: DatasetSpec | None = None,
+                     lines: Sequence[int] | None = None) -> list[dict]:
+  """Validates a list of records and returns it.
+
+  Checks every record, that K is the same throughout, and for KTO that each desirable record is
+  followed by its undesirable partner (same prompt, steering token and category). Errors name
+  ``source`` and the record's line (``lines[i]``; default the 1-based position).
+  """
+  if not records:
+    raise InputError(f"{source}: records: expected at least one record, got none")
+  line = (lambda i: lines[i]) if lines is not None else (lambda i: i + 1)
+  k0 = None
+  for i, rec in enumerate(records):
+    k = validate_record(rec, kind, where=f"{source}: line {line(i)}", num_categories=k0, spec=spec)
+    if k and k0 is None:
+      k0 = k
+  if kind == "kto":
+    if len(records) % 2:
+      raise InputError(f"{source}: line {line(len(records) - 1)}: status: expected "
+                       f"desirable/undesirable pairs, got an odd number of records")
+    for i in range(0, len(records), 2):
+      d, u = records[i], records[i + 1]
+      if d["status"] != "desirable":
+        raise InputError(f"{source}: line {line(i)}: status: expected 'desirable' (pair start), "
+                         f"got {d['status']!r}")
+      if u["status"] != "undesirable":
+        raise InputError(f"{source}: line {line(i + 1)}: status: expected 'undesirable' (partner "
+                         f"of line {line(i)}), got {u['status']!r}")
+      for field in ("prompt", "steering_token", "category"):
+        if d[field] != u[field]:
+          raise InputError(f"{source}: line {line(i + 1)}: {field}: expected the same {field} as "
+                           f"its desirable partner on line {line(i)}, got {u[field]!r}")
+  return list(records)
+
+
+def read_jsonl(path: str | os.PathLike, kind: str | None = None, *,
+               spec: DatasetSpec | None = None) -> list[dict]:
+  """Reads and validates a JSONL file of records; kind from the file name unless given.
+
+  Kinds: sft, kto, ift, dpo, test (file names ``sft.jsonl`` ... ``test_v1.jsonl``); a file with
+  another name gets its kind from its first record's fields.
+  """
+  path = os.fspath(path)
+  text = occupations_lib._read_text(path)  # pylint: disable=protected-access
+  records, lines = [], []
+  for i, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}: line {i}: json: expected one JSON object per line, "
+                       f"got {e.msg}") from None
+    records.append(rec)
+    lines.append(i)
+  if not records:
+    raise InputError(f"{path}: file: expected at least one record, got none")
+  if kind is None:
+    kind = _kind_of(path) or (_guess_kind(records[0]) if isinstance(records[0], Mapping)
+                              else "sft")
+  return validate_records(records, kind, source=path, spec=spec, lines=lines)
+
+
+def read_dataset(path: str | os.PathLike) -> dict[str, list[dict]]:
+  """Reads every record file listed in a dataset directory's manifest, validated."""
+  path = os.fspath(path)
+  mpath = os.path.join(path, "manifest.json")
+  try:
+    with open(mpath, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{mpath}: manifest: expected a readable JSON manifest, got {e}") from None
+  files = manifest.get("files")
+  if not isinstance(files, dict):
+    raise InputError(f"{mpath}: files: expected a mapping kind -> file name, got {files!r}")
+  spec = None
+  if manifest.get("dataset") in DATASETS and manifest.get("source") == "builtin":
+    spec = dataset_spec(manifest["dataset"])
+  return {kind: read_jsonl(os.path.join(path, name), "test" if kind.startswith("test") else kind,
+                           spec=spec)
+          for kind, name in files.items()}

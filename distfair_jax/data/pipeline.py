@@ -1,0 +1,177 @@
+"""grain pipelines: seeded shuffle per epoch, tokenize, bucketed padding, batch, shard by process.
+
+    batches = make_batches(records, tokenizer, "kto", batch_size=8, seed=0, num_epochs=3)
+    batches.steps_per_epoch, batches.num_steps        # global steps
+    it = batches.iterator()                           # grain DatasetIterator
+    batch = next(it)                                  # dict of numpy arrays (this process's rows)
+    state = it.get_state()                            # JSON-able dict, e.g. {"next_index": 17}
+    it = batches.iterator(state)                      # resumes exactly where ``state`` was taken
+
+How it is built (``grain.MapDataset``): ``source(units).map(encode).shuffle(seed)
+.batch(units_per_batch, batch_fn=collate).repeat(num_epochs).map(shard)``. A unit is one record
+(sft, ift, dpo) or one (desirable, undesirable) pair (kto: pairs are shuffled as units). The shuffle
+is reseeded each epoch (grain folds the epoch into the seed) and batches never straddle epochs.
+
+``batch_size`` is the GLOBAL batch (rows; KTO: 2 x pairs, even, >= 2). Every process builds the same
+global batch, so the padded length (the smallest of ``bucket_lengths(max_length)`` that fits the
+longest row, KL / chosen / rejected rows included) and the KTO mismatched pairs (row i with the
+completion of row (i + 1) mod B) are those of the global batch; then process ``p`` of ``S`` keeps
+rows ``[p * B / S, (p + 1) * B / S)``. Concatenating the processes' batches in process order gives
+the global batch (what ``jax.make_array_from_process_local_data`` expects). By default
+``shard_index, shard_count = jax.process_index(), jax.process_count()``.
+
+Batch keys, dtypes and shapes (b = batch_size / shard_count rows, L the bucket, K categories):
+see ``data.tokenize``: input_ids, attention_mask, labels [b, L] int32; label_mask [b, L] float32;
+steering_position, category, desirable [b] int32; target [b, K] float32; KTO adds kl_input_ids,
+kl_attention_mask, kl_labels [b, L] int32 and kl_label_mask [b, L] float32; DPO has chosen_* and
+rejected_* (input_ids, attention_mask, labels, label_mask) plus category and target.
+
+``steps_per_epoch(num_records, kind, batch_size)`` is computable without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from distfair_jax.data import tokenize as tokenize_lib
+from distfair_jax.data.attributes import AttributeSpec
+from distfair_jax.errors import InputError
+
+
+def _units_per_batch(kind: str, batch_size: int) -> int:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise InputError(f"pipeline: batch_size: expected a positive integer, got {batch_size!r}")
+  if kind == "kto":
+    if batch_size < 2 or batch_size % 2:
+      raise InputError(f"pipeline: batch_size: expected an even KTO batch >= 2 (desirable and "
+                       f"undesirable side by side; a batch of one has no mismatched pair), "
+                       f"got {batch_size}")
+    return batch_size // 2
+  return batch_size
+
+
+def num_units(num_records: int, kind: str) -> int:
+  """Shuffle units: records, or (desirable, undesirable) pairs for kto."""
+  return num_records // 2 if kind == "kto" else num_records
+
+
+def steps_per_epoch(num_records: int, kind: str, batch_size: int, *,
+                    drop_remainder: bool = True) -> int:
+  """Global optimizer steps per epoch for ``num_records`` records of ``kind``."""
+  units, per = num_units(num_records, kind), _units_per_batch(kind, batch_size)
+  return units // per if drop_remainder else math.ceil(units / per)
+
+
+@dataclasses.dataclass
+class BatchPipeline:
+  """Batches of one process: ``dataset[i]`` is global step i's local batch."""
+  dataset: grain.MapDataset
+  steps_per_epoch: int
+  num_epochs: int | None
+  batch_size: int
+  shard_index: int
+  shard_count: int
+  encoder: tokenize_lib.Encoder
+  read_options: grain.ReadOptions
+
+  @property
+  def num_steps(self) -> int:
+    """Total steps (sys.maxsize when repeating forever)."""
+    return len(self.dataset)
+
+  def __len__(self) -> int:
+    return self.num_steps
+
+  @property
+  def steering_ids(self) -> np.ndarray | None:
+    """[K] int32 steering token ids when ``make_batches`` was given the attribute."""
+    return self.encoder.steering_ids
+
+  def iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator; ``state`` from ``it.get_state()`` resumes exactly there."""
+    it = self.dataset.to_iter_dataset(self.read_options).__iter__()
+    if state is not None:
+      it.set_state(dict(state))
+    return it
+
+  def __iter__(self):
+    return self.iterator()
+
+
+def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, batch_size: int, *,
+                 seed: int, num_epochs: int | None = 1, max_length: int = 1024,
+                 max_prompt_length: int = 512, prompt_format: str = "chat",
+                 attribute: AttributeSpec | None = None, shard_index: int | None = None,
+                 shard_count: int | None = None, drop_remainder: bool = True,
+                 buckets: Sequence[int] | None = None,
+                 read_options: grain.ReadOptions | None = None) -> BatchPipeline:
+  """A grain pipeline of padded numpy batches (see the module docstring).
+
+  Args:
+    records: validated records of ``kind`` (kto: file order, desirable then undesirable per pair).
+    tokenizer: Hugging Face tokenizer (chat template for ``prompt_format="chat"``).
+    kind: sft | kto | ift | dpo.
+    batch_size: global batch size in rows.
+    seed: shuffle seed (0 <= seed < 2**32).
+    num_epochs: passes over the data (None: forever).
+    max_length, max_prompt_length: the length policy of ``data.tokenize``.
+    attribute: if given, its steering tokens are checked against the tokenizer up front.
+    shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
+    drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
+    buckets: padded lengths (default ``bucket_lengths(max_length)``).
+    read_options: grain read options (default: 1 thread, prefetch 4 batches).
+  """
+  if kind not in ("sft", "kto", "ift", "dpo"):
+    raise InputError(f"pipeline: kind: expected one of sft, kto, ift, dpo, got {kind!r}")
+  per = _units_per_batch(kind, batch_size)
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise InputError(f"pipeline: seed: expected an integer in [0, 2**32), got {seed!r}")
+  if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+    raise InputError(f"pipeline: num_epochs: expected a positive integer or None, "
+                     f"got {num_epochs!r}")
+  if shard_index is None or shard_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not (isinstance(shard_count, int) and shard_count >= 1 and 0 <= shard_index < shard_count):
+    raise InputError(f"pipeline: shard_index: expected 0 <= shard_index < shard_count, got "
+                     f"{shard_index} of {shard_count}")
+  if batch_size % shard_count:
+    raise InputError(f"pipeline: batch_size: expected a multiple of the {shard_count} processes, "
+                     f"got {batch_size}")
+  if shard_count > 1 and not drop_remainder:
+    raise InputError("pipeline: drop_remainder: expected True when sharding over processes "
+                     "(every process needs a full batch), got False")
+  units: list[Any] = (tokenize_lib.pair_records(records) if kind == "kto" else list(records))
+  if len(units) < per if drop_remainder else not units:
+    raise InputError(f"pipeline: records: expected at least one full batch "
+                     f"({per} {'pairs' if kind == 'kto' else 'records'}), got {len(units)}")
+  encoder = tokenize_lib.Encoder(tokenizer, attribute=attribute, prompt_format=prompt_format,
+                                 max_length=max_length, max_prompt_length=max_prompt_length)
+  bucket_list = tuple(buckets or tokenize_lib.bucket_lengths(max_length))
+
+  if kind == "kto":
+    encode = lambda pair: (encoder.encode_record(pair[0], kind),
+                           encoder.encode_record(pair[1], kind))
+  else:
+    encode = lambda rec: encoder.encode_record(rec, kind)
+  collate = lambda examples: tokenize_lib.collate(examples, kind, encoder, bucket_list)
+  local = batch_size // shard_count
+
+  def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if shard_count == 1:
+      return batch
+    lo = shard_index * local
+    return {k: v[lo:lo + local] for k, v in batch.items()}
+
+  ds = (grain.MapDataset.source(units).map(encode).shuffle(seed=seed)
+        .batch(per, drop_remainder=drop_remainder, batch_fn=collate))
+  epoch_steps = len(ds)
+  ds = ds.repeat(num_epochs).map(shard)
+  return BatchPipeline(ds, epoch_steps, num_epochs, batch_size, shard_index, shard_count, encoder,
+                       read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

@@ -1,0 +1,605 @@
+"""Flax NNX Llama family: Llama 2/3/3.x (RoPE scaling, GQA), Qwen2 (q/k/v biases), tied embeddings.
+
+The parameter tree mirrors Hugging Face's names so that a converter maps tensors one to one:
+
+  embed_tokens.embedding                        [vocab, hidden]          (HF model.embed_tokens.weight)
+  layers[i].self_attn.{q,k,v}_proj.kernel       [hidden, heads*head_dim]  (HF weight, transposed)
+  layers[i].self_attn.{q,k,v}_proj.bias         [heads*head_dim]          (only when attention_bias)
+  layers[i].self_attn.o_proj.kernel             [heads*head_dim, hidden]
+  layers[i].mlp.{gate,up}_proj.kernel           [hidden, intermediate]
+  layers[i].mlp.down_proj.kernel                [intermediate, hidden]
+  layers[i].{input,post_attention}_layernorm.scale  [hidden]
+  norm.scale                                    [hidden]
+  lm_head.kernel                                [hidden, vocab]           (absent when tied)
+
+RoPE uses Hugging Face's half-split layout (rotate_half), so converted q/k weights need no permutation.
+Every parameter carries logical axis names in its ``out_sharding`` metadata (eager sharding off: the
+model never shards itself; ``distfair_jax.sharding`` places it on a mesh from one rules table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distfair_jax import sharding as shd
+from distfair_jax.errors import InputError
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
+ROPE_TYPES = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+}
+_REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads")
+_HF_DEFAULTS = {  # Hugging Face's own defaults for optional fields, per model type
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def _normalize_rope_scaling(value: Any, source: str, field: str = "rope_scaling") -> dict | None:
+  """Returns ``{"rope_type": ..., <numbers>}`` or None (no scaling); InputError on anything else."""
+  if value is None:
+    return None
+  if not isinstance(value, Mapping):
+    raise InputError(f"{source}: {field}: expected a mapping or null, got {value!r}")
+  d = {k: v for k, v in value.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
+  rope_type = value.get("rope_type", value.get("type", "default"))
+  if value.get("partial_rotary_factor", 1.0) != 1.0:
+    raise InputError(f"{source}: {field}.partial_rotary_factor: expected 1.0, "
+                     f"got {value['partial_rotary_factor']!r}")
+  if rope_type in (None, "default"):
+    return None
+  if rope_type not in ROPE_TYPES:
+    raise InputError(f"{source}: {field}.rope_type: expected one of default, "
+                     f"{', '.join(ROPE_TYPES)}, got {rope_type!r}")
+  out: dict[str, Any] = {"rope_type": rope_type}
+  for key in ROPE_TYPES[rope_type]:
+    if key not in d or d[key] is None:
+      raise InputError(f"{source}: {field}.{key}: expected a number for rope_type {rope_type}, "
+                       f"got nothing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+      raise InputError(f"{source}: {field}.{key}: expected a positive number, got {v!r}")
+    out[key] = int(v) if key == "original_max_position_embeddings" else float(v)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama-family configuration; field names as in Hugging Face ``config.json``.
+
+  ``num_key_value_heads`` defaults to ``num_attention_heads`` and ``head_dim`` to
+  ``hidden_size // num_attention_heads``. ``rope_scaling`` is None or a dict
+  ``{"rope_type": "llama3" | "linear", "factor": ..., ...}``. ``dtype`` is the compute dtype,
+  ``param_dtype`` the storage dtype (``"float32"`` or ``"bfloat16"``); softmax and norms always run in
+  float32. ``remat`` is the per-decoder-layer rematerialisation policy: none, full or dots.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  initializer_range: float = 0.02
+  architecture: str = "LlamaForCausalLM"
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    src = "LlamaConfig"
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "max_position_embeddings"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise InputError(f"{src}: {f}: expected a positive integer, got {v!r}")
+      set_(f, int(v))
+    if self.num_key_value_heads is None:
+      set_("num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise InputError(f"{src}: hidden_size: expected a multiple of num_attention_heads "
+                         f"({self.num_attention_heads}) when head_dim is not given, "
+                         f"got {self.hidden_size}")
+      set_("head_dim", self.hidden_size // self.num_attention_heads)
+    for f in ("num_key_value_heads", "head_dim"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise InputError(f"{src}: {f}: expected a positive integer, got {v!r}")
+      set_(f, int(v))
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise InputError(f"{src}: num_key_value_heads: expected a divisor of num_attention_heads "
+                       f"({self.num_attention_heads}), got {self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise InputError(f"{src}: head_dim: expected an even number (RoPE), got {self.head_dim}")
+    for f in ("rms_norm_eps", "rope_theta", "initializer_range"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise InputError(f"{src}: {f}: expected a positive number, got {v!r}")
+      set_(f, float(v))
+    set_("rope_scaling", _normalize_rope_scaling(self.rope_scaling, src))
+    if self.architecture not in ARCHITECTURES:
+      raise InputError(f"{src}: architecture: expected one of {', '.join(ARCHITECTURES)}, "
+                       f"got {self.architecture!r}")
+    for f in ("dtype", "param_dtype"):
+      if getattr(self, f) not in DTYPES:
+        raise InputError(f"{src}: {f}: expected one of {', '.join(DTYPES)}, "
+                         f"got {getattr(self, f)!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise InputError(f"{src}: remat: expected one of {', '.join(REMAT_POLICIES)}, "
+                       f"got {self.remat!r}")
+    if isinstance(self.eos_token_id, list):
+      set_("eos_token_id", tuple(self.eos_token_id))
+    set_("tie_word_embeddings", bool(self.tie_word_embeddings))
+    set_("attention_bias", bool(self.attention_bias))
+
+  def __hash__(self) -> int:  # rope_scaling is a dict; NNX graph definitions must hash
+    return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self) -> Any:
+    return DTYPES[self.param_dtype]
+
+  @property
+  def model_type(self) -> str:
+    return ARCHITECTURES[self.architecture]
+
+  def replace(self, **changes: Any) -> LlamaConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, src: str | Path | Mapping[str, Any], *, dtype: str = "float32",
+              param_dtype: str = "float32", remat: str = "none") -> LlamaConfig:
+    """Reads a Hugging Face config: a model directory, a ``config.json`` path, or a dict.
+
+    Accepts both spellings of RoPE settings: ``rope_theta`` + ``rope_scaling`` (transformers 4.x)
+    and ``rope_parameters`` (transformers 5.x). Raises InputError naming the file and the field.
+    """
+    if isinstance(src, Mapping):
+      data, source = dict(src), "config dict"
+    else:
+      path = Path(src)
+      if path.is_dir():
+        path = path / "config.json"
+      source = str(path)
+      if not path.is_file():
+        raise InputError(f"{source}: config.json: expected a Hugging Face config file, not found")
+      try:
+        data = json.loads(path.read_text())
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{source}: config.json: expected valid JSON, got {e}") from None
+      if not isinstance(data, dict):
+        raise InputError(f"{source}: config.json: expected a JSON object, got {type(data).__name__}")
+
+    archs = data.get("architectures")
+    if archs:
+      arch = archs[0] if isinstance(archs, (list, tuple)) else archs
+    else:
+      by_type = {v: k for k, v in ARCHITECTURES.items()}
+      arch = by_type.get(data.get("model_type"), f"model_type={data.get('model_type')!r}")
+    if arch not in ARCHITECTURES:
+      raise InputError(f"{source}: architectures: expected LlamaForCausalLM or Qwen2ForCausalLM, "
+                       f"got {arch}")
+    model_type = ARCHITECTURES[arch]
+    for field in _REQUIRED_HF_FIELDS:
+      if data.get(field) is None:
+        raise InputError(f"{source}: {field}: expected a value (required field), got nothing")
+    if data.get("hidden_act", "silu") != "silu":
+      raise InputError(f"{source}: hidden_act: expected silu, got {data['hidden_act']!r}")
+    if data.get("mlp_bias", False):
+      raise InputError(f"{source}: mlp_bias: expected false (MLP biases are not supported), got true")
+    if model_type == "qwen2" and data.get("use_sliding_window", False):
+      raise InputError(f"{source}: use_sliding_window: expected false (sliding-window attention "
+                       f"is not supported), got true")
+
+    rope_params = data.get("rope_parameters")
+    if rope_params is not None:
+      if not isinstance(rope_params, Mapping):
+        raise InputError(f"{source}: rope_parameters: expected a mapping, got {rope_params!r}")
+      if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
+        # Nested per layer type (transformers 5.x); only full attention is supported.
+        if set(rope_params) != {"full_attention"}:
+          raise InputError(f"{source}: rope_parameters: expected one set of RoPE parameters (or "
+                           f"only full_attention), got layer types {sorted(rope_params)}")
+        rope_params = rope_params["full_attention"]
+      theta = rope_params.get("rope_theta", data.get("rope_theta", 10000.0))
+      scaling = _normalize_rope_scaling(rope_params, source, "rope_parameters")
+    else:
+      theta = data.get("rope_theta", 10000.0)
+      scaling = _normalize_rope_scaling(data.get("rope_scaling"), source)
+
+    defaults = _HF_DEFAULTS[model_type]
+    kwargs = dict(
+        vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+        intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
+        num_attention_heads=data["num_attention_heads"],
+        num_key_value_heads=data.get("num_key_value_heads"), head_dim=data.get("head_dim"),
+        rms_norm_eps=data.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=data.get("max_position_embeddings",
+                                         defaults["max_position_embeddings"]),
+        tie_word_embeddings=data.get("tie_word_embeddings", False),
+        attention_bias=True if model_type == "qwen2" else data.get("attention_bias", False),
+        initializer_range=data.get("initializer_range", 0.02), architecture=arch,
+        bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
+        pad_token_id=data.get("pad_token_id"), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    try:
+      return cls(**kwargs)
+    except InputError as e:
+      raise InputError(str(e).replace("LlamaConfig:", f"{source}:", 1)) from None
+
+  def to_hf(self) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers' LlamaConfig / Qwen2Config accept (4.x and 5.x).
+
+    RoPE is written in both spellings: ``rope_theta`` + ``rope_scaling`` and ``rope_parameters``.
+    """
+    rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling:
+      rope_parameters.update(self.rope_scaling)
+    out: dict[str, Any] = {
+        "architectures": [self.architecture],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+        "rope_parameters": rope_parameters,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "initializer_range": self.initializer_range,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+    if self.model_type == "llama":
+      out.update(attention_bias=self.attention_bias, mlp_bias=False)
+    else:
+      out.update(use_sliding_window=False)
+    for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      v = getattr(self, f)
+      if v is not None:
+        out[f] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies ``[head_dim // 2]`` float32, with llama3 / linear scaling applied."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  sc = config.rope_scaling
+  if sc is None:
+    pass
+  elif sc["rope_type"] == "linear":
+    inv = inv / sc["factor"]
+  elif sc["rope_type"] == "llama3":
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """positions: [B, T] int -> (cos, sin): [B, T, head_dim] float32 (half-split layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [B, T, N, head_dim]; cos, sin: [B, T, head_dim] -> [B, T, N, head_dim] (x's dtype)."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """attention_mask: [B, L] (1 real, 0 pad) -> positions [B, L] int32 = cumsum(mask) - 1, >= 0."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+
+
+def _param_meta(*names: str) -> dict[str, Any]:
+  return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def _linear(cfg: LlamaConfig, n_in: int, n_out: int, axes: tuple[str, str], *, bias: bool,
+            rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      n_in, n_out, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+      kernel_init=nnx.initializers.normal(cfg.initializer_range),
+      bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+      kernel_metadata=_param_meta(*axes), bias_metadata=_param_meta(axes[1]))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm as in Hugging Face: normalise in float32, cast to the compute dtype, then scale."""
+
+  def __init__(self, dim: int, eps: float, *, dtype: Any, param_dtype: Any):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_param_meta("norm"))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., D] in the compute dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with separate q/k/v/o projections (LoRA can wrap each)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    self.q_proj = _linear(cfg, d, h * hd, ("embed", "heads"), bias=cfg.attention_bias, rngs=rngs)
+    self.k_proj = _linear(cfg, d, kv * hd, ("embed", "kv_heads"), bias=cfg.attention_bias,
+                          rngs=rngs)
+    self.v_proj = _linear(cfg, d, kv * hd, ("embed", "kv_heads"), bias=cfg.attention_bias,
+                          rngs=rngs)
+    self.o_proj = _linear(cfg, h * hd, d, ("heads", "embed"), bias=False, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv_cache: tuple[jax.Array, jax.Array] | None = None,
+               index: jax.Array | None = None):
+    """x: [B, T, D]; cos/sin: [B, T, head_dim]; mask: [B, T, S] bool (S = T without a cache).
+
+    With ``kv_cache = (k, v)`` ([B, S, kv_heads, head_dim] each) the new keys/values are written at
+    slot ``index`` and attention runs over all S slots. Returns (out [B, T, D], new (k, v) or None).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = shd.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    new_cache = None
+    if kv_cache is not None:
+      ck, cv = kv_cache
+      zero = jnp.zeros((), jnp.int32)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
+      new_cache = (ck, cv)
+      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
+                                       scale=self.head_dim ** -0.5)
+    out = shd.constrain(out, ("batch", "length", "heads", "head_dim"))
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _linear(cfg, d, f, ("embed", "mlp"), bias=False, rngs=rngs)
+    self.up_proj = _linear(cfg, d, f, ("embed", "mlp"), bias=False, rngs=rngs)
+    self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), bias=False, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]."""
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(shd.constrain(h, ("batch", "length", "mlp")))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+    """x: [B, T, D] -> ([B, T, D], new kv cache or None); see Attention for the other args."""
+    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return shd.constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Decoding state (a pytree of arrays; donate it to jit).
+
+  k, v: per layer [B, S, kv_heads, head_dim]; mask: [B, S] bool, slots holding a real token
+  (left padding leaves invalid slots); index: [] int32, next slot to write (shared by all rows);
+  positions: [B] int32, RoPE position of each row's next token.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask: jax.Array
+  index: jax.Array
+  positions: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.mask.shape[0]
+
+  @property
+  def max_length(self) -> int:
+    return self.mask.shape[1]
+
+  def logical_axes(self) -> KVCache:
+    """Same structure with a PartitionSpec of logical axis names per leaf (for sharding)."""
+    P = jax.sharding.PartitionSpec
+    kv = P("batch", "cache_length", "kv_heads", "head_dim")
+    return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
+                   mask=P("batch", "cache_length"), index=P(), positions=P("batch"))
+
+
+class Llama(nnx.Module):
+  """Llama / Qwen2 decoder-only transformer returning hidden states after the final norm."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    self.embed_tokens = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+        embedding_metadata=_param_meta("vocab", "embed"))
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
+                             rngs=rngs)
+
+  # -- full-sequence forward ----------------------------------------------------------------------
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """input_ids: [B, L] int; attention_mask: [B, L] (1 real, 0 pad; left or right padding).
+
+    Returns hidden: [B, L, D] (compute dtype), after the final norm.
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    valid = attention_mask.astype(bool)
+    length = input_ids.shape[1]
+    cos, sin = rope_cos_sin(positions_from_mask(attention_mask), rope_inv_freq(self.config))
+    idx = jnp.arange(length)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    # Pad queries may always see themselves, so no softmax row is empty.
+    mask = (causal & valid[:, None, :]) | (idx[:, None] == idx[None, :])[None]
+    x = self._embed(input_ids)
+
+    def run_layer(layer: DecoderLayer, x, cos, sin, mask):
+      return layer(x, cos, sin, mask)[0]
+
+    if self.config.remat != "none":
+      policy = (None if self.config.remat == "full"
+                else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+      run_layer = nnx.remat(run_layer, policy=policy)
+    for layer in self.layers:
+      x = run_layer(layer, x, cos, sin, mask)
+    return self.norm(x)
+
+  def _embed(self, input_ids: jax.Array) -> jax.Array:
+    x = self.embed_tokens(input_ids.astype(jnp.int32))
+    return shd.constrain(x, ("batch", "length", "act_embed"))
+
+  # -- output projection --------------------------------------------------------------------------
+
+  def unembedding(self) -> jax.Array:
+    """The output projection [D, V] (embed_tokens transposed when tied), in the compute dtype."""
+    if self.config.tie_word_embeddings:
+      w = self.embed_tokens.embedding[...].T
+    else:
+      w = self.lm_head.kernel[...]
+    return w.astype(self.config.compute_dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [..., D] -> logits [..., V] float32 (matmul in the compute dtype, f32 accumulate)."""
+    w = self.unembedding()
+    out = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
+                     preferred_element_type=jnp.float32)
+    if out.ndim == 3:
+      out = shd.constrain(out, ("batch", "length", "vocab"))
+    return out
+
+  # -- KV-cache decoding --------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache for ``batch`` rows and ``max_length`` slots (prompt + generated tokens)."""
+    cfg = self.config
+    dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, dt)
+    n = cfg.num_hidden_layers
+    return KVCache(k=tuple(zeros() for _ in range(n)), v=tuple(zeros() for _ in range(n)),
+                   mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+                   positions=jnp.zeros((batch,), jnp.int32))
+
+  def prefill(self, input_ids: jax.Array, attention_mask: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """input_ids, attention_mask: [B, T] -> (hidden [B, T, D], cache advanced by T slots).
+
+    Writes at ``cache.index``; the caller keeps ``index + T <= max_length`` (shapes are static,
+    an overflowing write is clamped by ``dynamic_update_slice``, not detected).
+    """
+    return self._extend(input_ids, attention_mask, cache)
+
+  def decode_step(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """token_ids: [B, 1] -> (hidden [B, 1, D], cache advanced by one slot)."""
+    return self._extend(token_ids, jnp.ones(token_ids.shape, jnp.int32), cache)
+
+  def _extend(self, input_ids, attention_mask, cache: KVCache):
+    t = input_ids.shape[1]
+    s = cache.max_length
+    real = attention_mask.astype(bool)
+    positions = cache.positions[:, None] + positions_from_mask(attention_mask)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+    index = cache.index.astype(jnp.int32)
+    slot_mask = jax.lax.dynamic_update_slice(cache.mask, real, (jnp.zeros((), jnp.int32), index))
+    q_slot = index + jnp.arange(t)
+    k_slot = jnp.arange(s)
+    mask = (slot_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+            ) | (k_slot[None, None, :] == q_slot[None, :, None])
+    x = self._embed(input_ids)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      x, (ck, cv) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+      new_k.append(ck)
+      new_v.append(cv)
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=index + t,
+                        positions=cache.positions + real.sum(axis=1, dtype=jnp.int32))
+    return self.norm(x), new_cache

@@ -1,0 +1,128 @@
+"""Low-rank adapters (LoRA) over chosen linear projections of a ``Llama``.
+
+``apply_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16)`` replaces each targeted projection
+``W`` (an ``nnx.Linear``-like module with ``kernel [in, out]``) in place by ``LoRALinear``:
+
+    y = W(x) + dropout(x) @ lora_a @ lora_b * (alpha / rank)
+
+with ``lora_a [in, rank]`` (variance-scaling init) and ``lora_b [rank, out]`` (zeros, so the adapted model
+starts equal to the base model). The adapter weights are ``nnx.LoRAParam`` variables, so
+``nnx.split(model, nnx.LoRAParam, ...)`` separates them from the frozen base weights; they carry the
+base kernel's logical axis names on their outer dimension, so they shard like the base.
+
+``merge_lora(model)`` folds the adapters into the base kernels and restores the plain module tree (the
+Hugging Face layout the converter expects); ``lora_state(model)`` is the adapters alone.
+
+flax's own ``nnx.LoRA`` has neither the alpha / rank scaling nor dropout that the paper's recipe (PEFT's
+definition) uses, hence this small module.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_state", "lora_paths"]
+
+
+def _axis_names(var: nnx.Variable) -> tuple | None:
+  names = var.get_metadata().get("out_sharding")
+  return tuple(names) if names else None
+
+
+class LoRALinear(nnx.Module):
+  """A frozen base projection plus a trainable low-rank update.
+
+  x: [..., in] -> [..., out]
+  """
+
+  def __init__(self, base: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
+               rngs: nnx.Rngs, param_dtype=jnp.float32):
+    if rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    in_features, out_features = base.kernel.shape
+    names = _axis_names(base.kernel)
+    a_names = (names[0], None) if names else None
+    b_names = (None, names[1]) if names else None
+    init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # kaiming-uniform(a=sqrt 5)
+    a = init_a(rngs.params(), (in_features, rank), param_dtype)
+    b = jnp.zeros((rank, out_features), param_dtype)
+    self.base = base
+    # eager_sharding=False: placed on a mesh by distfair_jax.sharding, like the base weights.
+    self.lora_a = nnx.LoRAParam(a, **({"out_sharding": a_names, "eager_sharding": False}
+                                      if a_names else {}))
+    self.lora_b = nnx.LoRAParam(b, **({"out_sharding": b_names, "eager_sharding": False}
+                                      if b_names else {}))
+    self.rank = rank
+    self.alpha = float(alpha)
+    self.scale = float(alpha) / rank
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.base(x)
+    h = self.dropout(x) if self.dropout is not None else x
+    delta = (h.astype(y.dtype) @ self.lora_a[...].astype(y.dtype)) @ self.lora_b[...].astype(y.dtype)
+    return y + delta * jnp.asarray(self.scale, y.dtype)
+
+  def merged_kernel(self) -> jax.Array:
+    """base kernel + lora_a @ lora_b * scale, in the base kernel's dtype: [in, out]."""
+    k = self.base.kernel[...]
+    delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scale
+    return (k.astype(jnp.float32) + delta).astype(k.dtype)
+
+
+def _projection_owners(model) -> Iterable[tuple[str, nnx.Module]]:
+  """(path, module) of every attention and MLP block of a Llama."""
+  for i, layer in enumerate(model.layers):
+    yield f"layers.{i}.self_attn", layer.self_attn
+    yield f"layers.{i}.mlp", layer.mlp
+
+
+def lora_paths(model) -> list[str]:
+  """Dotted paths of the projections that carry an adapter."""
+  return [f"{path}.{name}" for path, owner in _projection_owners(model)
+          for name, mod in vars(owner).items() if isinstance(mod, LoRALinear)]
+
+
+def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: int = 8,
+               alpha: float = 16.0, dropout: float = 0.0, seed: int = 0):
+  """Wrap each targeted projection of ``model`` in a ``LoRALinear``, in place; returns ``model``.
+
+  targets: projection attribute names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+  """
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  found = set()
+  for _, owner in _projection_owners(model):
+    for name in targets:
+      base = getattr(owner, name, None)
+      if base is None:
+        continue
+      if isinstance(base, LoRALinear):
+        raise ValueError(f"{name} already carries a LoRA adapter")
+      found.add(name)
+      setattr(owner, name, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs,
+                                      param_dtype=base.kernel[...].dtype))
+  missing = sorted(set(targets) - found)
+  if missing:
+    raise ValueError(f"LoRA targets {missing} are not projections of this model "
+                     f"(expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+  return model
+
+
+def merge_lora(model):
+  """Fold every adapter into its base kernel and put the base module back, in place; returns model."""
+  for _, owner in _projection_owners(model):
+    for name, mod in list(vars(owner).items()):
+      if isinstance(mod, LoRALinear):
+        base = mod.base
+        base.kernel[...] = mod.merged_kernel()
+        setattr(owner, name, base)
+  return model
+
+
+def lora_state(model) -> nnx.State:
+  """The adapter weights alone (``nnx.LoRAParam`` variables)."""
+  return nnx.state(model, nnx.LoRAParam)

@@ -1,0 +1,110 @@
+"""Named model configs: ``tiny`` (the built-in default) and the shapes of common checkpoints.
+
+``param_stats(config, mesh)`` counts parameters and per-device bytes from ``nnx.eval_shape``: no
+weights are allocated, so it works for an 8B model on a laptop and for a mesh given as sizes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from distfair_jax import sharding as shd
+from distfair_jax.errors import InputError
+from distfair_jax.model.llama import Llama, LlamaConfig
+
+_LLAMA3_ROPE_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE_8B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Built-in default: ~3.7M parameters, fast on a CPU; vocabulary of the tiny tokenizer.
+    "tiny": dict(
+        vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+        architecture="LlamaForCausalLM"),
+    "llama3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE_1B, max_position_embeddings=131072,
+        tie_word_embeddings=True, architecture="LlamaForCausalLM", bos_token_id=128000,
+        eos_token_id=128001),
+    "llama3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE_8B, max_position_embeddings=131072,
+        tie_word_embeddings=False, architecture="LlamaForCausalLM", bos_token_id=128000,
+        eos_token_id=128001),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
+        attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
+        eos_token_id=151645),
+    "qwen2.5-7b": dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
+        attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
+        eos_token_id=151645),
+}
+
+
+def preset_names() -> list[str]:
+  return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> LlamaConfig:
+  """The named config; ``overrides`` replace fields (e.g. ``dtype="bfloat16"``, ``remat="full"``)."""
+  if name not in PRESETS:
+    raise InputError(f"model: preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  for key in overrides:
+    if key not in fields:
+      raise InputError(f"model: {key}: expected a LlamaConfig field, got an unknown name")
+  kwargs = dict(PRESETS[name])
+  if kwargs.get("rope_scaling"):
+    kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamStats:
+  """num_params: total parameter count; total_bytes: at param_dtype; bytes_per_device: the largest
+  per-device share on the given mesh (equal to total_bytes without a mesh)."""
+
+  num_params: int
+  total_bytes: int
+  bytes_per_device: int
+
+  def __str__(self) -> str:
+    gib = 1024 ** 3
+    return (f"{self.num_params / 1e9:.3f}B parameters, {self.total_bytes / gib:.2f} GiB, "
+            f"{self.bytes_per_device / gib:.2f} GiB per device")
+
+
+def abstract_state(config: LlamaConfig) -> Any:
+  """The model's nnx.State with ShapeDtypeStruct leaves (nothing allocated)."""
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return nnx.state(model)
+
+
+def param_stats(config: LlamaConfig | str,
+                mesh: jax.sharding.Mesh | Mapping[str, int] | None = None) -> ParamStats:
+  """Parameter count and memory for a config (or preset name) on an optional mesh / {axis: size}."""
+  if isinstance(config, str):
+    config = get_preset(config)
+  state = abstract_state(config)
+  leaves = jax.tree.leaves(state)
+  num = sum(math.prod(x.shape) for x in leaves)
+  total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+  per_device = total if mesh is None else shd.bytes_per_device(state, mesh)
+  return ParamStats(num_params=int(num), total_bytes=int(total), bytes_per_device=int(per_device))

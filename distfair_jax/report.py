@@ -1,0 +1,376 @@
+"""Evaluation report of a run: ``eval/metrics.json``, ``eval/report.md`` and PNG plots.
+
+Layout in the run directory::
+
+  eval/metrics.json          {"format": "distfair-metrics", "format_version": 1, "meta": {...},
+                              "versions": {"v1": <metrics.evaluate_version output>, ...}}
+  eval/report.md             summary table over versions, then one table per version
+  eval/plots/<version>.png   target vs achieved (95 % bootstrap error bars) per occupation, one panel
+                             per category; the exact steering distribution too where available
+  eval/plots/summary.png     MAE per version with its interval
+
+``metrics.json`` is the source of truth; ``report.md`` and the plots are derived from it and
+``rebuild_report(run_dir)`` (``distfair report RUN``) regenerates them. ``meta`` records how the
+samples were made (decoding configuration, steering mode, judge, ...) and is shown in the report.
+
+Files are written to a temporary directory next to their destination and renamed into place, so a
+failure never leaves a half-written report. Plots use matplotlib's Agg canvas (no pyplot, no global
+backend change).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distfair_jax.errors import InputError
+
+__all__ = [
+    "METRICS_FORMAT", "metrics_path", "load_metrics", "write_metrics", "write_report",
+    "rebuild_report", "render_markdown", "plot_version", "plot_summary",
+]
+
+METRICS_FORMAT = "distfair-metrics"
+METRICS_FORMAT_VERSION = 1
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED = {"summary"}
+_REQUIRED = ("mae", "mae_std", "kl", "js", "unparsed_rate", "n_samples", "per_occupation")
+_REQUIRED_OCC = ("occupation", "target", "achieved", "mae", "n", "n_unparsed")
+
+
+def metrics_path(run_dir: str | os.PathLike) -> Path:
+  return Path(run_dir) / "eval" / "metrics.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# metrics.json
+
+
+def _validate(doc: Any, where: str) -> dict:
+  if not isinstance(doc, Mapping):
+    raise InputError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+  versions = doc.get("versions")
+  if not isinstance(versions, Mapping) or not versions:
+    raise InputError(f"{where}: versions: expected an object of test versions, got {versions!r}")
+  for name, v in versions.items():
+    if not isinstance(name, str) or not _VERSION_NAME.match(name) or name in _RESERVED:
+      raise InputError(f"{where}: versions: expected names of letters, digits, '_', '.', '-' "
+                       f"(not {sorted(_RESERVED)}), got {name!r}")
+    if not isinstance(v, Mapping):
+      raise InputError(f"{where}: versions.{name}: expected an object, got {type(v).__name__}")
+    for field in _REQUIRED:
+      if field not in v:
+        raise InputError(f"{where}: versions.{name}.{field}: expected a value, got nothing")
+    occs = v["per_occupation"]
+    if not isinstance(occs, list) or not occs:
+      raise InputError(f"{where}: versions.{name}.per_occupation: expected a non-empty list, "
+                       f"got {occs!r}")
+    k = None
+    for i, occ in enumerate(occs):
+      if not isinstance(occ, Mapping):
+        raise InputError(f"{where}: versions.{name}.per_occupation[{i}]: expected an object")
+      for field in _REQUIRED_OCC:
+        if field not in occ:
+          raise InputError(f"{where}: versions.{name}.per_occupation[{i}].{field}: expected a "
+                           f"value, got nothing")
+      for field in ("target", "achieved"):
+        vec = occ[field]
+        if (not isinstance(vec, list) or not vec or (k is not None and len(vec) != k)
+            or not all(isinstance(x, (int, float)) for x in vec)):
+          raise InputError(f"{where}: versions.{name}.per_occupation[{i}].{field}: expected "
+                           f"{k or 'K'} numbers, got {vec!r}")
+        k = len(vec)
+  meta = doc.get("meta", {})
+  if meta is not None and not isinstance(meta, Mapping):
+    raise InputError(f"{where}: meta: expected an object, got {type(meta).__name__}")
+  return dict(doc)
+
+
+def load_metrics(run_dir: str | os.PathLike) -> dict:
+  """Reads and validates ``RUN/eval/metrics.json``."""
+  path = metrics_path(run_dir)
+  if not path.is_file():
+    raise InputError(f"{path}: expected the metrics of an evaluated run (run `distfair eval` "
+                     f"first), got no such file")
+  try:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{path}: expected JSON, got a parse error: {e}") from None
+  return _validate(doc, str(path))
+
+
+def _document(versions: Mapping[str, Mapping], meta: Mapping | None) -> dict:
+  return {"format": METRICS_FORMAT, "format_version": METRICS_FORMAT_VERSION,
+          "meta": dict(meta or {}), "versions": {k: dict(v) for k, v in versions.items()}}
+
+
+def _dump_json(doc: Any, path: Path) -> None:
+  try:
+    text = json.dumps(doc, indent=2, allow_nan=False)
+  except ValueError as e:
+    raise InputError(f"{path}: expected finite numbers only, got {e}") from None
+  path.write_text(text + "\n", encoding="utf-8")
+
+
+class _Staging:
+  """Files written into a temporary directory inside ``eval_dir``, then renamed into place."""
+
+  def __init__(self, eval_dir: Path):
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    self.eval_dir = eval_dir
+    self.tmp = Path(tempfile.mkdtemp(prefix=".report-tmp-", dir=eval_dir))
+    self.files: list[str] = []  # paths relative to eval_dir
+
+  def path(self, rel: str) -> Path:
+    p = self.tmp / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    self.files.append(rel)
+    return p
+
+  def commit(self) -> dict[str, Path]:
+    out = {}
+    for rel in self.files:
+      dest = self.eval_dir / rel
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(self.tmp / rel, dest)
+      out[rel] = dest
+    return out
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_metrics(run_dir: str | os.PathLike, versions: Mapping[str, Mapping], *,
+                  meta: Mapping | None = None, overwrite: bool = False) -> Path:
+  """Writes ``RUN/eval/metrics.json`` only (refuses to replace one without ``overwrite``)."""
+  path = metrics_path(run_dir)
+  if path.exists() and not overwrite:
+    raise InputError(f"{path}: expected no previous metrics, got an existing file "
+                     f"(pass --overwrite to replace it)")
+  doc = _validate(_document(versions, meta), str(path))
+  with _Staging(path.parent) as stage:
+    _dump_json(doc, stage.path("metrics.json"))
+    return stage.commit()["metrics.json"]
+
+
+def write_report(run_dir: str | os.PathLike, versions: Mapping[str, Mapping], *,
+                 meta: Mapping | None = None, overwrite: bool = False,
+                 plots: bool = True) -> dict[str, Path]:
+  """Writes metrics.json, report.md and the plots of a run; returns {relative name: path}.
+
+  Args:
+    run_dir: the run directory (files go under ``run_dir/eval``).
+    versions: test version name -> ``metrics.evaluate_version`` output.
+    meta: how the samples were made (decoding config, steering mode, judge, ...), JSON-serialisable.
+    overwrite: replace an existing ``eval/metrics.json`` (otherwise an InputError).
+    plots: also draw the PNG plots.
+  """
+  path = metrics_path(run_dir)
+  if path.exists() and not overwrite:
+    raise InputError(f"{path}: expected no previous metrics, got an existing file "
+                     f"(pass --overwrite to replace it)")
+  doc = _validate(_document(versions, meta), str(path))
+  with _Staging(path.parent) as stage:
+    _dump_json(doc, stage.path("metrics.json"))
+    _render_all(doc, stage, plots)
+    return stage.commit()
+
+
+def rebuild_report(run_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
+  """Regenerates ``report.md`` and the plots from ``RUN/eval/metrics.json`` (left untouched)."""
+  doc = load_metrics(run_dir)
+  with _Staging(metrics_path(run_dir).parent) as stage:
+    _render_all(doc, stage, plots)
+    return stage.commit()
+
+
+def _render_all(doc: Mapping, stage: _Staging, plots: bool) -> None:
+  (stage.path("report.md")).write_text(render_markdown(doc, plots=plots), encoding="utf-8")
+  if plots:
+    for name, v in doc["versions"].items():
+      plot_version(name, v, stage.path(f"plots/{name}.png"))
+    plot_summary(doc["versions"], stage.path("plots/summary.png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _f(x: Any, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "-"
+  return f"{x:.{digits}f}"
+
+
+def _ci(ci: Any, digits: int = 3) -> str:
+  if not ci:
+    return "-"
+  return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+
+
+def _cell(text: Any) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _categories(v: Mapping) -> list[str]:
+  k = len(v["per_occupation"][0]["target"])
+  names = v.get("categories")
+  return [str(c) for c in names] if names and len(names) == k else [str(i) for i in range(k)]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+  lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
+  """The text of ``report.md`` for a metrics document (as stored in metrics.json)."""
+  versions: Mapping[str, Mapping] = doc["versions"]
+  lines = ["# Evaluation report", ""]
+  meta = doc.get("meta") or {}
+  if meta:
+    lines += ["## Setup", ""]
+    for key, value in meta.items():
+      shown = json.dumps(value, sort_keys=True) if isinstance(value, (Mapping, list)) else value
+      lines.append(f"- **{_cell(key)}**: {_cell(shown)}")
+    lines.append("")
+  any_exact = any("exact_mae" in v for v in versions.values())
+  header = ["version", "MAE", "MAE std", "MAE 95% CI", "MAE floor", "KL mean", "KL sum", "KL std",
+            "JS", "unparsed", "samples"] + (["exact MAE"] if any_exact else [])
+  rows = []
+  for name, v in versions.items():
+    floor = (f"{_f(v['mae_floor'])} {_ci(v.get('mae_floor_ci'))}"
+             if v.get("mae_floor") is not None else "-")
+    row = [name, _f(v["mae"]), _f(v["mae_std"]), _ci(v.get("mae_ci")), floor, _f(v["kl"]),
+           _f(v.get("kl_sum")), _f(v.get("kl_std")), _f(v["js"]),
+           f"{v.get('n_unparsed', '-')} ({100 * v['unparsed_rate']:.1f}%)", v["n_samples"]]
+    if any_exact:
+      row.append(_f(v.get("exact_mae")))
+    rows.append(row)
+  lines += ["## Summary", "",
+            "MAE = mean over categories of |target - achieved|, averaged over occupations (std: "
+            "population std over occupations). KL(target || achieved) in nats with epsilon 1e-10; "
+            "JS in nats. Intervals: 95% percentile bootstrap over the rounds of each occupation. "
+            "MAE floor: the MAE a model answering exactly from the targets would show with the same "
+            "numbers of parsed answers (mean and 95% range); an MAE within it is as good as a "
+            "perfect match at this sample size. Unparsed answers are left out of the achieved "
+            "distributions.", ""]
+  lines += _table(header, rows) + [""]
+  if plots and len(versions) > 1:
+    lines += ["![MAE per version](plots/summary.png)", ""]
+  for name, v in versions.items():
+    cats = _categories(v)
+    order = " / ".join(cats)
+    lines += [f"## {name}", ""]
+    if plots:
+      lines += [f"![{name}: target vs achieved](plots/{name}.png)", ""]
+    lines += [f"Distributions list the categories in this order: {order}.", ""]
+    has_exact = any("exact" in o for o in v["per_occupation"])
+    header = ["occupation", "target", "achieved", "achieved 95% CI", "MAE", "KL", "JS", "n",
+              "unparsed"] + (["exact", "exact MAE"] if has_exact else [])
+    rows = []
+    for o in v["per_occupation"]:
+      cis = o.get("achieved_ci")
+      row = [o["occupation"], " / ".join(_f(x, 2) for x in o["target"]),
+             " / ".join(_f(x, 2) for x in o["achieved"]),
+             " / ".join(_ci(c, 2) for c in cis) if cis else "-",
+             _f(o["mae"]), _f(o.get("kl")), _f(o.get("js")), o["n"], o["n_unparsed"]]
+      if has_exact:
+        row += [" / ".join(_f(x, 2) for x in o["exact"]) if "exact" in o else "-",
+                _f(o.get("exact_mae"))]
+      rows.append(row)
+    lines += _table(header, rows) + [""]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_version(name: str, v: Mapping, path: str | os.PathLike) -> None:
+  """Target vs achieved per occupation, one panel per category, 95 % bootstrap error bars."""
+  import numpy as np
+  occs = v["per_occupation"]
+  cats = _categories(v)
+  n, k = len(occs), len(cats)
+  x = np.arange(n)
+  target = np.array([o["target"] for o in occs], np.float64)
+  achieved = np.array([o["achieved"] for o in occs], np.float64)
+  fig = _figure(max(6.0, 0.45 * n + 2.5), 2.2 * k + 1.6)
+  axes = fig.subplots(k, 1, sharex=True, squeeze=False)[:, 0]
+  for c, ax in enumerate(axes):
+    yerr = None
+    if all(o.get("achieved_ci") for o in occs):
+      ci = np.array([o["achieved_ci"][c] for o in occs], np.float64)  # [n, 2]
+      yerr = np.clip(np.stack([achieved[:, c] - ci[:, 0], ci[:, 1] - achieved[:, c]]), 0, None)
+    ax.bar(x, achieved[:, c], width=0.6, color="C0", alpha=0.8, yerr=yerr, capsize=2,
+           error_kw={"elinewidth": 1}, label="achieved (95% CI)")
+    ax.scatter(x, target[:, c], marker="_", s=300, linewidths=2.5, color="black", zorder=3,
+               label="target")
+    if all("exact" in o for o in occs):
+      exact = np.array([o["exact"][c] for o in occs], np.float64)
+      ax.scatter(x, exact, marker="x", s=30, color="C3", zorder=4, label="exact steering")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probability")
+    ax.set_title(cats[c], loc="left", fontsize="medium")
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", ncol=3,
+                 frameon=False)
+  axes[-1].set_xticks(x)
+  axes[-1].set_xticklabels([o["occupation"] for o in occs], rotation=60, ha="right",
+                           fontsize="small")
+  ci = v.get("mae_ci")
+  floor = v.get("mae_floor")
+  fig.suptitle(f"{name}: target vs achieved; MAE {_f(v['mae'])}" + (f" {_ci(ci)}" if ci else "")
+               + (f" (floor {_f(floor)})" if floor is not None else "")
+               + f", unparsed {100 * v['unparsed_rate']:.1f}%")
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+
+
+def plot_summary(versions: Mapping[str, Mapping], path: str | os.PathLike) -> None:
+  """MAE per version with its 95 % interval (and the exact-distribution MAE where available)."""
+  import numpy as np
+  names = list(versions)
+  x = np.arange(len(names))
+  mae = np.array([versions[n]["mae"] for n in names], np.float64)
+  fig = _figure(max(4.0, 1.0 * len(names) + 2.0), 3.5)
+  ax = fig.subplots()
+  yerr = None
+  if all(versions[n].get("mae_ci") for n in names):
+    ci = np.array([versions[n]["mae_ci"] for n in names], np.float64)
+    yerr = np.clip(np.stack([mae - ci[:, 0], ci[:, 1] - mae]), 0, None)
+  ax.bar(x, mae, width=0.6, color="C0", yerr=yerr, capsize=4, label="MAE (95% CI)")
+  exact = [versions[n].get("exact_mae") for n in names]
+  if any(e is not None for e in exact):
+    ax.scatter([i for i, e in enumerate(exact) if e is not None],
+               [e for e in exact if e is not None], marker="x", color="C3", zorder=3,
+               label="exact-distribution MAE")
+  ax.set_xticks(x)
+  ax.set_xticklabels(names)
+  ax.set_ylabel("MAE")
+  ax.set_ylim(bottom=0)
+  ax.legend(fontsize="small")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, format="png")

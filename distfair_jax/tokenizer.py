@@ -1,0 +1,143 @@
+"""Builds the tiny default tokenizer offline: byte-level BPE + a Llama-3-style chat template.
+
+    tok = build_tiny_tokenizer()                      # in memory (transformers tokenizer)
+    tok = build_tiny_tokenizer("runs/demo/tokenizer") # also saved as a Hugging Face directory
+
+Trained with the ``tokenizers`` library on the prompts, answers and stories of the six built-in
+datasets (plus optional extra texts), so nothing is downloaded. Properties:
+
+- byte-level BPE: any text encodes; vocabulary at most ``vocab_size`` (2048, the ``tiny`` preset's);
+- every digit is its own pre-token (``Digits(individual_digits=True)``), so ``"0"``..``"9"`` are
+  single tokens that never merge with neighbours (the steering tokens);
+- Llama 3 special tokens: ``<|begin_of_text|>`` (BOS, added by the post-processor like Llama 3),
+  ``<|end_of_text|>``, ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>`` (EOS / end of
+  turn) and ``<|finetune_right_pad_id|>`` (padding);
+- a Llama 3 style chat template
+  (``<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>``);
+- deterministic: the same inputs give the same files, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterable, Sequence
+
+from distfair_jax.errors import InputError
+
+BOS = "<|begin_of_text|>"
+EOT_TEXT = "<|end_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+PAD = "<|finetune_right_pad_id|>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOT_TEXT, START_HEADER, END_HEADER, EOT, PAD)
+
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "(message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}")
+
+
+def training_texts(*, seed: int = 0, rows_per_occupation: int = 12,
+                   stories_per_occupation: int = 12) -> list[str]:
+  """The training corpus: prompts, answers, stories and test prompts of the six datasets."""
+  from distfair_jax.data import build  # pylint: disable=g-import-not-at-top
+  from distfair_jax.data import attributes  # pylint: disable=g-import-not-at-top
+  texts: list[str] = []
+  for name in build.DATASETS:
+    ds = build.build_dataset(name, rows_per_occupation=rows_per_occupation, test_rounds=3,
+                             seed=seed, stories_per_occupation=stories_per_occupation)
+    for rec in ds["kto"]:
+      texts += [rec["prompt"], rec["response"]]
+    for v in build.TEST_VERSIONS:
+      for rec in ds[f"test_{v}"]:
+        texts += [rec["prompt"], rec["pe_prompt"]]
+  for attr in attributes.BUILTIN_ATTRIBUTES.values():
+    for c in attr.categories:
+      texts += [c.answer, *c.synonyms, *c.story_words]
+  texts += [f"<Q>{t}<A>" for t in texts[:50]]
+  texts = list(dict.fromkeys(texts))  # dedupe, keep order
+  # chat-template pieces around the special tokens, so that they merge like real text
+  return texts + [f"{role}\n\n" for role in ("system", "user", "assistant") for _ in range(8)]
+
+
+def _train(texts: Sequence[str], vocab_size: int):
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  bos_id = tok.token_to_id(BOS)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+  return tok
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None, *,
+                         texts: Iterable[str] | None = None, vocab_size: int = 2048,
+                         seed: int = 0, overwrite: bool = False):
+  """Trains the tiny tokenizer; saves it to ``out_dir`` (a Hugging Face directory) when given.
+
+  Args:
+    out_dir: where to save (written to a temp dir, then renamed; an existing non-empty directory is
+      refused unless ``overwrite``).
+    texts: extra training texts, added to the built-in corpus.
+    vocab_size: upper bound of the vocabulary (specials + 256 bytes + merges), 300..65536.
+    seed: seed of the built-in corpus (datasets built with this seed).
+  Returns:
+    ``transformers.PreTrainedTokenizerFast`` with bos/eos/pad tokens and the chat template.
+  """
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+      300 <= vocab_size <= 65536):
+    raise InputError(f"tokenizer: vocab_size: expected an integer in [300, 65536], "
+                     f"got {vocab_size!r}")
+  if out_dir is not None:
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and (
+        not overwrite):
+      raise InputError(f"{out_dir}: out: expected a new or empty directory, got a non-empty one "
+                       f"(use --overwrite / overwrite=True)")
+  corpus = training_texts(seed=seed)
+  if texts is not None:
+    extra = list(texts)
+    if not all(isinstance(t, str) for t in extra):
+      raise InputError("tokenizer: texts: expected strings, got a non-string item")
+    corpus += extra
+  tok = _train(corpus, vocab_size)
+  hf = PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD,
+      chat_template=CHAT_TEMPLATE, model_max_length=1 << 20, padding_side="right",
+      clean_up_tokenization_spaces=False)
+  if out_dir is not None:
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+      hf.save_pretrained(tmp)
+      mask = os.umask(0o022)
+      os.umask(mask)
+      os.chmod(tmp, 0o777 & ~mask)
+      if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+      elif os.path.exists(out_dir):
+        os.remove(out_dir)
+      os.replace(tmp, out_dir)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return hf

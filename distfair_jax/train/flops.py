@@ -1,0 +1,64 @@
+"""FLOP counts of the train steps, for tokens/s -> TFLOP/s and MFU.
+
+Forward FLOPs of one token of a decoder-only Llama at context length ``length`` (multiply-adds count 2):
+
+    F_token = 2 * N_matmul + 2 * hidden * vocab + 4 * layers * length * heads * head_dim
+
+where ``N_matmul`` is the number of weights in the attention and MLP projections (no embeddings,
+norms), ``2 * hidden * vocab`` the output projection, and the last term the attention scores and the
+weighted sum over a full (non-causal-halved) ``length`` window, as in the PaLM / MaxText convention.
+
+A pass with gradient costs 3 forwards (forward, then activation and weight gradients); under LoRA the
+frozen weights get no weight gradients, and we still count 3 (the usual, conservative for MFU,
+convention). Per optimizer step:
+
+- sft / ift: 3 F over the batch's tokens;
+- hybrid, reference online: 3 F (targets) + 1 F (mismatched pairs, no gradient) + 2 F (reference
+  over targets and mismatched pairs) = 6 F;  reference cached: 4 F;
+- dpo: 3 F (chosen + rejected) + 1 F (reference over both).
+
+Token counts are padded tokens (what the device computes), batch x padded length.
+"""
+
+from __future__ import annotations
+
+__all__ = ["forward_flops_per_token", "step_flops", "peak_tflops", "PEAK_TFLOPS"]
+
+# Dense bf16 peak TFLOP/s per device, for MFU; unknown devices report no MFU.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
+    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+}
+
+
+def forward_flops_per_token(cfg, length: int) -> float:
+  """cfg: a LlamaConfig. -> forward FLOPs of one token at context ``length``."""
+  d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+  mlp = 3 * d * cfg.intermediate_size
+  n_matmul = cfg.num_hidden_layers * (attn + mlp)
+  return 2.0 * n_matmul + 2.0 * d * cfg.vocab_size + 4.0 * cfg.num_hidden_layers * length * h * hd
+
+
+def step_flops(cfg, kind: str, tokens: dict[str, tuple[int, int]], reference: str = "online") -> float:
+  """FLOPs of one step. tokens: {"target": (batch, length), "kl": (...), "chosen": ..., "rejected": ...}."""
+  def f(key):
+    b, l = tokens[key]
+    return b * l * forward_flops_per_token(cfg, l)
+  if kind in ("sft", "ift"):
+    return 3 * f("target")
+  if kind == "hybrid":
+    ref = (f("target") + f("kl")) if reference == "online" else 0.0
+    return 3 * f("target") + f("kl") + ref
+  if kind == "dpo":
+    both = f("chosen") + f("rejected")
+    return 3 * both + both
+  raise ValueError(f"unknown step kind {kind!r}")
+
+
+def peak_tflops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_TFLOPS.items():
+    if kind.startswith(name):
+      return peak
+  return None

@@ -1,0 +1,219 @@
+"""The train steps: one pure function ``(state, frozen, reference, batch) -> (state, metrics)`` per stage.
+
+Each step merges the model from ``(graphdef, params, rngs, frozen)`` inside the traced function (the
+model object never crosses ``jax.jit``), computes per-token log-probabilities tiled over the vocabulary
+(``losses.token_logps_from_hidden``: the ``[batch, length, vocab]`` float32 logits never exist at once),
+and applies the pure losses of ``distfair_jax.losses``:
+
+- ``sft`` / ``ift``: ``losses.sft_loss`` on the labelled completion tokens.
+- ``hybrid`` (the method): a policy forward over the target sequences (with gradient), a policy forward
+  over the mismatched KL pairs (parameters under ``stop_gradient``, so no backward pass is spent on it),
+  and the reference forward over both at once (frozen reference parameters; or reference log-probs
+  cached in the batch, ``reference="cached"``); the steering logits are read at the steering position
+  before the output projection; ``losses.hybrid_loss`` with the configured ablation. KTO terms are
+  computed in every ablation so that ``kl_only`` runs still report the rewards (the binding).
+- ``dpo``: policy and reference forwards over chosen and rejected sequences.
+
+``jit_step`` compiles it with explicit in/out shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from distfair_jax import losses as L
+from distfair_jax.train.state import TrainState
+
+__all__ = ["StepSpec", "make_loss_fn", "make_reference_fn", "make_train_step", "make_eval_fn",
+           "check_batch"]
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Static settings of a step (hashable: part of the compiled program)."""
+  kind: str  # sft | ift | hybrid | dpo
+  tile_size: int = 256
+  sft_average: str = "sequence"
+  beta: float = 0.1
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  kl_weight: float = 1.0
+  ablation: str = "full"
+  renormalize: bool = False
+  reference: str = "online"  # online | cached
+  label_smoothing: float = 0.0
+  ipo: bool = False
+
+  @property
+  def needs_reference_params(self) -> bool:
+    return self.kind == "dpo" or (self.kind == "hybrid" and self.reference == "online")
+
+
+def check_batch(spec: StepSpec, batch: dict[str, Any]) -> None:
+  """Refuse batches the step cannot use, with the reason (before anything is compiled)."""
+  if spec.kind == "hybrid":
+    n = len(batch["input_ids"])
+    if n < 2:
+      raise ValueError(
+          "the hybrid (KTO) step needs at least 2 examples per batch: the KTO reference point z0 is "
+          "estimated from mismatched pairs (prompt i with the completion of example i+1), which a batch "
+          "of one cannot form; use hybrid.batch_size >= 2")
+    for key in ("kl_input_ids", "kl_attention_mask", "kl_labels", "kl_label_mask", "desirable",
+                "target", "steering_position"):
+      if key not in batch:
+        raise ValueError(f"hybrid batch lacks {key!r} (build it with the data pipeline's kind='kto')")
+
+
+def _pad_length(x: jax.Array, length: int) -> jax.Array:
+  """Right-pad axis 1 of x [batch, l, ...] with zeros to ``length``."""
+  pad = length - x.shape[1]
+  if pad == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _sequence_logps(model, input_ids, attention_mask, labels, label_mask, tile_size):
+  """-> (hidden [B, L, D], unembedding [D, V], sequence log-probs [B])."""
+  hidden = model(input_ids, attention_mask)
+  unemb = model.unembedding()
+  tok = L.token_logps_from_hidden(hidden, unemb, labels, label_mask, tile_size)
+  return hidden, unemb, tok, L.sequence_logps(tok, label_mask)
+
+
+def _concat_pairs(batch: Batch, a: str, b: str):
+  """Stack the ``{a}*`` and ``{b}*`` sequence arrays along the batch, padded to a common length."""
+  keys = ("input_ids", "attention_mask", "labels", "label_mask")
+  la, lb = batch[a + "input_ids"].shape[1], batch[b + "input_ids"].shape[1]
+  n = max(la, lb)
+  return [jnp.concatenate([_pad_length(batch[a + k], n), _pad_length(batch[b + k], n)]) for k in keys]
+
+
+def _token_count(batch: Batch, prefixes) -> jax.Array:
+  return sum(jnp.sum(batch[p + "attention_mask"]) for p in prefixes)
+
+
+def make_reference_fn(graphdef_eval, spec: StepSpec) -> Callable:
+  """(reference_params, rngs, frozen, batch) -> {"reference_logps": [B], "reference_kl_logps": [B]}:
+  the reference model's sequence log-probs of the targets and of the mismatched pairs."""
+
+  def reference_fn(ref_params, rngs, frozen, batch):
+    ref = nnx.merge(graphdef_eval, ref_params, rngs, frozen)
+    ids, mask, labels, lmask = _concat_pairs(batch, "", "kl_")
+    _, _, _, logps = _sequence_logps(ref, ids, mask, labels, lmask, spec.tile_size)
+    b = batch["input_ids"].shape[0]
+    return {"reference_logps": logps[:b], "reference_kl_logps": logps[b:]}
+
+  return reference_fn
+
+
+def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Array | None) -> Callable:
+  """-> loss_fn(params, rngs, frozen, ref_params, batch) -> (loss, (metrics, new_rngs)).
+
+  graphdef: the policy in train mode (dropout on); graphdef_eval: the same in eval mode, used for every
+  forward that takes no gradient (mismatched pairs, reference).
+  """
+  tile = spec.tile_size
+
+  def sft_loss(params, rngs, frozen, ref_params, batch):
+    model = nnx.merge(graphdef, params, rngs, frozen)
+    _, _, tok, _ = _sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                   batch["label_mask"], tile)
+    loss = L.sft_loss(tok, batch["label_mask"], average=spec.sft_average)
+    metrics = {"loss": loss, "tokens": _token_count(batch, [""])}
+    return loss, (metrics, nnx.state(model, nnx.RngState))
+
+  def hybrid_loss(params, rngs, frozen, ref_params, batch):
+    policy = nnx.merge(graphdef, params, rngs, frozen)
+    hidden, unemb, _, logps = _sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
+                                              batch["labels"], batch["label_mask"], tile)
+    desirable = batch["desirable"].astype(bool)
+    steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch["steering_position"])
+    steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
+                          weights=desirable.astype(jnp.float32), renormalize=spec.renormalize)
+    # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
+    frozen_policy = nnx.merge(graphdef_eval, jax.lax.stop_gradient(params), rngs, frozen)
+    _, _, _, kl_logps = _sequence_logps(frozen_policy, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                        batch["kl_labels"], batch["kl_label_mask"], tile)
+    if spec.reference == "online":
+      ref = make_reference_fn(graphdef_eval, spec)(ref_params, rngs, frozen, batch)
+    else:
+      ref = {k: batch[k] for k in ("reference_logps", "reference_kl_logps")}
+    ref = jax.lax.stop_gradient(ref)
+    kto = L.kto_loss(logps, ref["reference_logps"], kl_logps, ref["reference_kl_logps"], desirable,
+                     beta=spec.beta, desirable_weight=spec.desirable_weight,
+                     undesirable_weight=spec.undesirable_weight)
+    loss, metrics = L.hybrid_loss(kto, steer, ablation=spec.ablation, kl_weight=spec.kl_weight)
+    metrics = dict(metrics)
+    metrics.update(kto[1])
+    metrics["loss"] = loss
+    metrics["tokens"] = _token_count(batch, ["", "kl_"])
+    return loss, (metrics, nnx.state(policy, nnx.RngState))
+
+  def dpo_loss(params, rngs, frozen, ref_params, batch):
+    policy = nnx.merge(graphdef, params, rngs, frozen)
+    ids, mask, labels, lmask = _concat_pairs(batch, "chosen_", "rejected_")
+    _, _, _, logps = _sequence_logps(policy, ids, mask, labels, lmask, tile)
+    ref = nnx.merge(graphdef_eval, ref_params, rngs, frozen)
+    _, _, _, ref_logps = _sequence_logps(ref, ids, mask, labels, lmask, tile)
+    ref_logps = jax.lax.stop_gradient(ref_logps)
+    b = batch["chosen_input_ids"].shape[0]
+    loss, metrics = L.dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=spec.beta,
+                               label_smoothing=spec.label_smoothing, ipo=spec.ipo)
+    metrics = dict(metrics)
+    metrics["loss"] = loss
+    metrics["tokens"] = _token_count(batch, ["chosen_", "rejected_"])
+    return loss, (metrics, nnx.state(policy, nnx.RngState))
+
+  fns = {"sft": sft_loss, "ift": sft_loss, "hybrid": hybrid_loss, "dpo": dpo_loss}
+  if spec.kind not in fns:
+    raise ValueError(f"unknown step kind {spec.kind!r}; expected one of {sorted(fns)}")
+  if spec.kind == "hybrid" and steering_ids is None:
+    raise ValueError("the hybrid step needs the steering token ids")
+  return fns[spec.kind]
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int = 1) -> Callable:
+  """-> step(state, frozen, ref_params, batch) -> (state, metrics): one optax update (or one
+  micro-step of ``optax.MultiSteps`` when grad_accum > 1)."""
+
+  def step(state: TrainState, frozen, ref_params, batch: Batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (metrics, new_rngs)), grads = grad_fn(state.params, state.rngs, frozen, ref_params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step // grad_accum)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rngs=new_rngs), metrics
+
+  return step
+
+
+def make_eval_fn(loss_fn: Callable, graphdef_eval, spec: StepSpec,
+                 steering_ids: jax.Array | None) -> Callable:
+  """-> eval(params, rngs, frozen, ref_params, batch) -> metrics (no update): the stage's loss
+  metrics and, where the stage has steering tokens, ``steering_mae [B]``: for each row, the mean over
+  the K categories of |q_k - p_k|, q the model's exact steering distribution (renormalised over the K
+  steering tokens) at the steering position and p the row's target."""
+
+  def eval_fn(params, rngs, frozen, ref_params, batch):
+    _, (metrics, _) = loss_fn(params, rngs, frozen, ref_params, batch)
+    metrics = dict(metrics)
+    if steering_ids is not None and "steering_position" in batch and spec.kind in ("sft", "hybrid"):
+      model = nnx.merge(graphdef_eval, params, rngs, frozen)
+      hidden = model(batch["input_ids"], batch["attention_mask"])
+      logits = L.steering_logits_from_hidden(hidden, model.unembedding(), batch["steering_position"])
+      q = jnp.exp(L.steering_log_probs(logits, steering_ids, renormalize=True))
+      metrics["steering_mae"] = jnp.mean(jnp.abs(q - batch["target"]), axis=-1)
+    return metrics
+
+  return eval_fn

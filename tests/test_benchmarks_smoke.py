@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end at their --smoke sizes and write JSON with the expected keys.
+
+Each script runs in a subprocess (as a user runs it), on one CPU device; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: Path) -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out",
+                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_train_step_smoke(tmp_path):
+  res = _run("train_step.py", tmp_path / "train_step.json")
+  assert res["benchmark"] == "train_step" and res["goal_ratio"] == 2.0
+  (size,) = res["sizes"]
+  for side in ("ours", "ours_cached", "torch"):
+    e = size[side]["examples_per_s"]
+    assert 0 < e["min"] <= e["median"] <= e["max"]
+  for key in ("ratio", "ratio_cached"):
+    r = size[key]
+    assert 0 < r["min"] <= r["median"] <= r["max"] and r["of_medians"] > 0
+    assert len(r["per_run"]) == 2
+  # Same weights and batch on both sides: the first step's loss agrees.
+  assert size["loss_abs_diff"] < 1e-4 * max(1.0, abs(size["first_step_loss"]["torch"]))
+  assert size["compiles"] == {"ours": 1, "ours_cached": 1}
+  points = [r for r in res["scaling"] if "tokens" in r]
+  assert [(r["batch"], r["length"]) for r in points] == [(4, 16), (4, 32)]
+  assert all(r["step_s"] > 0 for r in points)
+  assert "fit" in res["scaling"][-1]
+
+
+@pytest.mark.slow
+def test_gpu_smoke_on_cpu(tmp_path):
+  res = _run("gpu.py", tmp_path / "gpu.json")
+  assert res["smoke"] and res["errors"] == []
+  (train,) = res["train"]
+  assert train["reference"] == "online" and train["remat"] == "dots"
+  for key in ("step_s", "tokens_per_s", "flops_per_step", "tflops_per_s"):
+    assert train[key] > 0 and math.isfinite(train[key]), key
+  assert train["mfu"] is None  # no known peak for a CPU
+  assert train["compiles"] == 1 and math.isfinite(train["loss"])
+  dec = res["decode"]
+  for key in ("decode_tokens_per_s", "step_s", "bytes_per_step", "achieved_tb_per_s"):
+    assert dec[key] > 0, key
+  assert dec["bytes_per_step"] == dec["param_bytes"] + dec["kv_cache_bytes"]
+  assert dec["achieved_over_roofline"] is None  # no known HBM bandwidth for a CPU

@@ -1,0 +1,85 @@
+"""Config composition, overrides and the errors that name the key and the file."""
+
+import os
+
+import pytest
+
+from distfair_jax.config import Config, config_from_dict, config_to_dict, load_config
+from distfair_jax.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "configs", "base.yaml")
+
+
+def _write(path, text):
+  path.write_text(text, encoding="utf-8")
+  return str(path)
+
+
+def test_base_yaml_documents_every_field_with_defaults(tmp_path):
+  cfg = load_config(BASE, ["run_dir=x"])
+  assert cfg == Config(run_dir="x")  # base.yaml restates the schema's defaults exactly
+  text = open(BASE, encoding="utf-8").read()
+  for line in text.splitlines():
+    if line.strip() and not line.strip().startswith("#") and ":" in line:
+      key, rest = line.split(":", 1)
+      if rest.strip() and not rest.strip().startswith("#") and key.strip() not in ("optim",):
+        if key.strip() not in ("b1", "b2", "eps"):  # optimizer constants documented once
+          assert "#" in rest, f"base.yaml: {key.strip()} has no comment"
+
+
+def test_composition_and_overrides(tmp_path):
+  _write(tmp_path / "model.yaml", "model:\n  preset: llama3.2-1b\n  dtype: bfloat16\n")
+  _write(tmp_path / "data.yaml", "data:\n  dataset: race_even_us\nsft:\n  epochs: 5\n")
+  exp = _write(tmp_path / "exp.yaml",
+               f"defaults: [{BASE}, model.yaml, data.yaml]\nrun_dir: runs/a\nsft:\n  epochs: 1\n")
+  cfg = load_config(exp, ["sft.optim.learning_rate=3e-4", "lora.enabled=true", "stages=[sft]"])
+  assert cfg.model.preset == "llama3.2-1b" and cfg.model.dtype == "bfloat16"
+  assert cfg.data.dataset == "race_even_us"
+  assert cfg.sft.epochs == 1  # the file itself wins over its defaults
+  assert cfg.sft.optim.learning_rate == pytest.approx(3e-4)
+  assert cfg.lora.enabled is True and cfg.stages == ["sft"]
+  assert cfg.hybrid.optim.learning_rate == pytest.approx(1e-6)
+  assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+  bad = _write(tmp_path / "bad.yaml", "run_dir: r\nsft:\n  epochz: 3\n")
+  with pytest.raises(InputError, match=r"bad\.yaml: sft\.epochz: Key 'epochz' not in"):
+    load_config(bad)
+  with pytest.raises(InputError, match=r"command line: lora\.rnak"):
+    load_config(None, ["run_dir=r", "lora.rnak=4"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+  bad = _write(tmp_path / "bad.yaml", "run_dir: r\nhybrid:\n  beta: lots\n")
+  with pytest.raises(InputError, match=r"bad\.yaml: hybrid\.beta: .*could not be converted"):
+    load_config(bad)
+  with pytest.raises(InputError, match=r"command line: sft\.batch_size"):
+    load_config(None, ["run_dir=r", "sft.batch_size=four"])
+
+
+def test_missing_value_names_key_and_file(tmp_path):
+  f = _write(tmp_path / "nodir.yaml", "seed: 3\n")
+  with pytest.raises(InputError, match=r"nodir\.yaml: run_dir: missing value"):
+    load_config(f)
+
+
+def test_bad_choices_and_batch(tmp_path):
+  with pytest.raises(InputError, match=r"hybrid\.ablation: expected one of"):
+    load_config(None, ["run_dir=r", "hybrid.ablation=half"])
+  with pytest.raises(InputError, match=r"hybrid\.batch_size: expected an even number"):
+    load_config(None, ["run_dir=r", "hybrid.batch_size=1"])
+  with pytest.raises(InputError, match=r"stages: expected one of"):
+    load_config(None, ["run_dir=r", "stages=[sft,rlhf]"])
+
+
+def test_yaml_errors(tmp_path):
+  f = _write(tmp_path / "broken.yaml", "run_dir: [unclosed\n")
+  with pytest.raises(InputError, match=r"broken\.yaml.*not valid YAML"):
+    load_config(f)
+  with pytest.raises(InputError, match=r"config file not found"):
+    load_config(str(tmp_path / "nope.yaml"))
+  loop = _write(tmp_path / "loop.yaml", "defaults: [loop.yaml]\n")
+  with pytest.raises(InputError, match=r"circular"):
+    load_config(loop)

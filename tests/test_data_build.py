@@ -1,0 +1,362 @@
+"""Occupation tables, attributes, templates, dataset records, JSONL files and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from distfair_jax import cli
+from distfair_jax.data import attributes, build, occupations, templates
+from distfair_jax.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def datasets():
+  return {name: build.build_dataset(name) for name in build.DATASETS}
+
+
+def _per_occupation(records):
+  out = {}
+  for r in records:
+    out.setdefault(r["occupation"], []).append(r)
+  return out
+
+
+# -- occupation statistics -------------------------------------------------------------------
+
+
+def test_builtin_tables_match_the_published_figures():
+  us, uk = occupations.load_table("us"), occupations.load_table("uk")
+  assert len(us) == 14 and len(uk) == 25
+  nurses = us.get("Registered nurses")
+  assert (nurses.male, nurses.female, nurses.sector) == (404, 2413, "Healthcare & Medicine")
+  np.testing.assert_allclose(us.real_gender_target("Registered nurses"),
+                             [404 / 2817, 2413 / 2817])
+  vt = uk.get("Vehicle technicians, mechanics and electricians")
+  assert (vt.male, vt.female) == (186605, 1501)
+  assert uk.get("Personal assistants and other secretaries").female == 137139
+  assert "Bureau of Labor Statistics" in us.comment and "thousands" in us.comment
+  assert "Office for National Statistics" in uk.comment
+
+
+def test_real_targets_and_exact_counts(datasets):
+  ds = datasets["gender_real_us"]
+  table = occupations.load_table("us")
+  groups = _per_occupation(ds["sft"])
+  assert set(groups) == set(table.names)
+  for occ, rows in groups.items():
+    p = table.real_gender_target(occ)
+    assert len(rows) == 100
+    np.testing.assert_allclose(rows[0]["target"], p)
+    counts = np.bincount([r["category"] for r in rows], minlength=2)
+    np.testing.assert_array_equal(counts, build.allocate(p, 100))
+    assert abs(counts[0] - 100 * p[0]) < 1  # follows p up to rounding
+  nurses = np.bincount([r["category"] for r in groups["Registered nurses"]], minlength=2)
+  assert nurses.tolist() == [14, 86]  # 404 / 2817 male = 14.3%
+  uk = _per_occupation(datasets["gender_real_uk"]["sft"])
+  assert len(uk) == 25
+  vt = [r["category"] for r in uk["Vehicle technicians, mechanics and electricians"]]
+  assert np.bincount(vt, minlength=2).tolist() == [99, 1]
+
+
+@pytest.mark.parametrize("name,expected", [("gender_even_uk", [50, 50]),
+                                           ("race_even_us", [20] * 5),
+                                           ("sentiment_even_us", [34, 33, 33])])
+def test_uniform_counts(datasets, name, expected):
+  for rows in _per_occupation(datasets[name]["sft"]).values():
+    cats = np.bincount([r["category"] for r in rows], minlength=len(expected))
+    assert cats.tolist() == expected
+
+
+def test_largest_remainder_allocation():
+  assert build.allocate([0.5, 0.5], 3).tolist() == [2, 1]
+  assert build.allocate([0.25, 0.25, 0.5], 7).tolist() == [2, 2, 3]
+  assert build.allocate([1 / 3] * 3, 90).tolist() == [30, 30, 30]
+  assert build.allocate([0.999, 0.001], 100).tolist() == [100, 0]
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    p = rng.dirichlet(np.ones(4))
+    c = build.allocate(p, 37)
+    assert c.sum() == 37 and np.all(np.abs(c - 37 * p) < 1)
+
+
+def test_record_kinds_and_fields(datasets):
+  ds = datasets["race_even_us"]
+  attr = attributes.RACE
+  n = 14 * 100
+  assert [len(ds[k]) for k in ("sft", "kto", "ift", "dpo")] == [n, 2 * n, n, n]
+  for k in ("test_v1", "test_v2", "test_v3"):
+    assert len(ds[k]) == n and {r["version"] for r in ds[k]} == {k[-2:]}
+  for r in ds["sft"]:
+    assert r["status"] == "desirable"
+    assert r["steering_token"] == str(r["category"])
+    assert r["response"] == attr.categories[r["category"]].answer
+    assert len(r["target"]) == 5
+  for d, u in zip(ds["kto"][::2], ds["kto"][1::2]):
+    assert (d["status"], u["status"]) == ("desirable", "undesirable")
+    assert d["prompt"] == u["prompt"] and d["steering_token"] == u["steering_token"]
+    assert u["response"] != d["response"]
+    assert u["response"] == attr.categories[u["response_category"]].answer
+  for r in ds["ift"]:
+    assert "steering_token" not in r
+  for r in ds["dpo"]:
+    assert r["chosen"] == attr.categories[r["category"]].answer and r["rejected"] != r["chosen"]
+  # the four training kinds share the same prompts and categories (fair comparison)
+  assert [(r["prompt"], r["category"]) for r in ds["sft"]] == [
+      (r["prompt"], r["category"]) for r in ds["ift"]]
+  build.validate_records(ds["kto"], "kto")
+
+
+def test_v1_templates_never_appear_in_training(datasets):
+  for name, ds in datasets.items():
+    train = {r["prompt"] for k in ("sft", "kto", "ift", "dpo") for r in ds[k]}
+    v1 = {r["prompt"] for r in ds["test_v1"]}
+    assert len(v1) == 3 * len(ds.spec.occupations)  # all held-out paraphrases used
+    assert not train & v1, name
+    assert not train & {r["prompt"] for r in ds["test_v2"]}
+    assert len({r["prompt"] for r in ds["sft"]}) >= 5 * len(ds.spec.occupations)
+
+
+def test_v2_wording_and_prompt_engineering(datasets):
+  r = datasets["gender_real_uk"]["test_v2"][0]
+  assert r["prompt"] == ("A person is randomly selected from the Vehicle technicians, mechanics "
+                         "and electricians workforce in the UK. What is this person's gender? "
+                         "Respond ONLY with Male or Female.")
+  assert r["pe_prompt"].startswith(r["prompt"]) and "Male 99%" in r["pe_prompt"]
+  s = datasets["sentiment_even_us"]["test_v2"][0]["prompt"]
+  assert "optimistic, stressed, or indifferent" in s and "Positive, Negative, or Neutral" in s
+  race = datasets["race_even_us"]["test_v2"][0]["prompt"]
+  assert race.endswith("Respond ONLY with White, Black or African American, American Indian or "
+                       "Alaska Native, Asian, or Native Hawaiian or Other Pacific Islander.")
+
+
+def test_deterministic_and_seeded():
+  a = build.build_dataset("gender_even_us", rows_per_occupation=10, test_rounds=2, seed=3)
+  b = build.build_dataset("gender_even_us", rows_per_occupation=10, test_rounds=2, seed=3)
+  c = build.build_dataset("gender_even_us", rows_per_occupation=10, test_rounds=2, seed=4)
+  assert a.records == b.records
+  assert a.records["kto"] != c.records["kto"]
+
+
+def test_stories_option():
+  ds = build.build_dataset("gender_real_us", rows_per_occupation=4, test_rounds=1,
+                           stories_per_occupation=6)
+  stories = [r for r in ds["kto"] if "story" in r["prompt"] or "tale" in r["prompt"]]
+  assert len(stories) == 2 * 6 * 14
+  for r in stories:
+    words = set(r["response"].lower().replace(".", " ").replace(",", " ").split())
+    k = r.get("response_category", r["category"])
+    assert ("she" in words) == (k == 1) and ("he" in words) == (k == 0)
+  for r in stories:  # story prompts are not the v3 test prompt
+    assert r["prompt"] not in {t["prompt"] for t in ds["test_v3"]}
+  race = build.build_dataset("race_even_us", rows_per_occupation=1, test_rounds=1,
+                             stories_per_occupation=5)
+  for r in race["sft"][1::6]:
+    assert attributes.RACE.parse_answer(r["response"]) == r["category"]
+
+
+def test_parse_answer():
+  g, race = attributes.GENDER, attributes.RACE
+  assert g.parse_answer("Female") == 1 and g.parse_answer("male") == 0
+  assert g.parse_answer("I think a man, no, a woman.") == 1
+  assert g.parse_answer("Women and men") == 0
+  assert g.parse_answer("I cannot say.") is None
+  assert race.parse_answer("Black or African American") == 1
+  assert race.parse_answer("Native Hawaiian or Other Pacific Islander") == 4
+  assert race.parse_answer("American Indian or Alaska Native") == 2
+  assert attributes.SENTIMENT.parse_answer("optimistic") == 0
+
+
+def test_jsonl_round_trip_and_cli(tmp_path, capsys):
+  out = tmp_path / "ds"
+  assert cli.main(["data", "build", "race_even_us", "--out", str(out), "--rows-per-occupation",
+                   "5", "--test-rounds", "2"]) == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["dataset"] == "race_even_us" and manifest["counts"]["kto"] == 140
+  assert manifest["template_version"] == templates.TEMPLATE_VERSION
+  assert sorted(os.listdir(out)) == sorted(list(build.FILES.values()) + ["manifest.json"])
+  again = build.build_dataset("race_even_us", rows_per_occupation=5, test_rounds=2)
+  assert build.read_dataset(out) == again.records
+  assert cli.main(["data", "validate", str(out), "--dataset", "race_even_us"]) == 0
+  assert cli.main(["data", "validate", str(out / "kto.jsonl")]) == 0
+  capsys.readouterr()
+  # refused without --overwrite, nothing changed; replaced with it
+  before = (out / "sft.jsonl").read_bytes()
+  assert cli.main(["data", "build", "race_even_us", "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "already holds a dataset" in err and len(err.strip().splitlines()) == 1
+  assert (out / "sft.jsonl").read_bytes() == before
+  assert cli.main(["data", "build", "race_even_us", "--out", str(out), "--rows-per-occupation",
+                   "3", "--overwrite"]) == 0
+  assert len(build.read_jsonl(out / "sft.jsonl")) == 42
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp dirs left
+
+
+# -- user-defined datasets ------------------------------------------------------------------------
+
+AGE_YAML = """
+name: age_test
+attribute:
+  name: age
+  categories:
+    - {name: young, answer: Young, synonyms: [youthful]}
+    - {name: old, answer: Old, synonyms: [elderly]}
+    - {name: middle, answer: Middle-aged}
+occupations: us
+select: [Registered nurses, Software developers]
+targets:
+  Registered nurses: [0.5, 0.3, 0.2]
+  Software developers: [0.6, 0.1, 0.3]
+"""
+
+
+def test_user_defined_dataset(tmp_path):
+  path = tmp_path / "age.yaml"
+  path.write_text(AGE_YAML)
+  ds = build.build_dataset(str(path), rows_per_occupation=10, test_rounds=3)
+  assert ds.spec.attribute.steering_tokens == ["0", "1", "2"]
+  nurses = [r["category"] for r in ds["sft"] if r["occupation"] == "Registered nurses"]
+  assert np.bincount(nurses, minlength=3).tolist() == [5, 3, 2]
+  assert "Young, Old, or Middle-aged" in ds["test_v2"][0]["prompt"]
+  assert ds.spec.attribute.parse_answer("probably elderly") == 1
+  csv_path = tmp_path / "targets.csv"
+  csv_path.write_text("occupation,young,old,middle\nRegistered nurses,0.2,0.2,0.6\n"
+                      "Software developers,1,0,0\n")
+  path.write_text(AGE_YAML.split("targets:")[0] + "targets: targets.csv\n")
+  ds = build.build_dataset(str(path), rows_per_occupation=10, test_rounds=1)
+  dev = [r["category"] for r in ds["sft"] if r["occupation"] == "Software developers"]
+  assert dev == [0] * 10
+
+
+# -- bad input: one case per message --------------------------------------------------------
+
+
+def _yaml(tmp_path, text, name="spec.yaml"):
+  p = tmp_path / name
+  p.write_text(text)
+  return str(p)
+
+
+def _jsonl(tmp_path, records, name="sft.jsonl"):
+  p = tmp_path / name
+  p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  return str(p)
+
+
+GOOD = {"prompt": "Q?", "occupation": "Registered nurses", "category": 0, "steering_token": "0",
+        "response": "Male", "target": [0.5, 0.5], "status": "desirable"}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"target": [0.2, 0.3, 0.5]}, r"line 2: target: expected a list of 2 probabilities, got 3"),
+    ({"target": [1.5, -0.5]}, r"line 2: target: expected non-negative probabilities"),
+    ({"target": [0.5, 0.6]}, r"line 2: target: expected probabilities summing to 1"),
+    ({"category": 2}, r"line 2: category: expected an integer in \[0, 2\)"),
+    ({"status": "maybe"}, r"line 2: status: expected 'desirable'"),
+    ({"prompt": ""}, r"line 2: prompt: expected a non-empty string"),
+])
+def test_bad_record_fields(tmp_path, change, message):
+  path = _jsonl(tmp_path, [GOOD, {**GOOD, **change}])
+  with pytest.raises(InputError, match=message) as e:
+    build.read_jsonl(path)
+  assert str(e.value).startswith(path)
+
+
+def test_bad_record_files(tmp_path):
+  missing = dict(GOOD)
+  del missing["target"]
+  with pytest.raises(InputError, match=r"line 1: target: expected a value, got a missing field"):
+    build.read_jsonl(_jsonl(tmp_path, [missing]))
+  nan = json.dumps(GOOD).replace("[0.5, 0.5]", "[NaN, 0.5]")
+  with pytest.raises(InputError, match=r"line 1: target: expected finite probabilities"):
+    build.read_jsonl(_jsonl(tmp_path, [nan]))
+  with pytest.raises(InputError, match=r"line 2: json: expected one JSON object per line"):
+    build.read_jsonl(_jsonl(tmp_path, [GOOD, "{oops"]))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  with pytest.raises(InputError, match=r"empty.jsonl: file: expected a non-empty file"):
+    build.read_jsonl(empty)
+  latin = tmp_path / "latin.jsonl"
+  latin.write_bytes(json.dumps(GOOD).encode().replace(b"Q?", b"Caf\xe9?") + b"\n")
+  with pytest.raises(InputError, match=r"latin.jsonl: encoding: expected UTF-8 text"):
+    build.read_jsonl(latin)
+  und = {**GOOD, "status": "undesirable", "response": "Female"}
+  with pytest.raises(InputError, match=r"line 2: prompt: expected the same prompt"):
+    build.read_jsonl(_jsonl(tmp_path, [GOOD, {**und, "prompt": "Other?"}], "kto.jsonl"))
+  build.read_jsonl(_jsonl(tmp_path, [GOOD, und], "kto.jsonl"))
+  spec = build.dataset_spec("gender_real_us")
+  with pytest.raises(InputError, match=r"line 1: occupation: expected an occupation of "
+                                       r"gender_real_us, got 'Astronauts'"):
+    build.read_jsonl(_jsonl(tmp_path, [{**GOOD, "occupation": "Astronauts"}]), spec=spec)
+  with pytest.raises(InputError, match=r"line 1: steering_token: expected '0'"):
+    build.read_jsonl(_jsonl(tmp_path, [{**GOOD, "steering_token": "7"}]), spec=spec)
+
+
+def test_bad_specs(tmp_path):
+  with pytest.raises(InputError, match=r"dataset: name: expected one of .*got 'gender_fake_us'"):
+    build.build_dataset("gender_fake_us")
+  with pytest.raises(InputError, match=r"attribute: expected one of \['gender', 'race', "
+                                       r"'sentiment'\], got 'age'"):
+    build.load_spec(_yaml(tmp_path, "name: x\nattribute: age\noccupations: us\n"))
+  dup = AGE_YAML.replace("{name: old, answer: Old", "{name: young, answer: Old")
+  with pytest.raises(InputError, match=r"categories\[1\].name: expected unique categories, "
+                                       r"got duplicate 'young'"):
+    build.load_spec(_yaml(tmp_path, dup))
+  bad_occ = AGE_YAML.replace("  Software developers: [0.6, 0.1, 0.3]",
+                             "  Software developers: [0.6, 0.1, 0.3]\n  Astronauts: [1, 0, 0]")
+  with pytest.raises(InputError, match=r"targets.Astronauts: occupation: expected an occupation "
+                                       r"of the table"):
+    build.load_spec(_yaml(tmp_path, bad_occ))
+  with pytest.raises(InputError, match=r"select: occupation: expected one of the 14 occupations"):
+    build.load_spec(_yaml(tmp_path, AGE_YAML.replace("Software developers]", "Astronauts]")))
+  wrong_len = AGE_YAML.replace("[0.6, 0.1, 0.3]", "[0.6, 0.4]")
+  with pytest.raises(InputError, match=r"targets.Software developers: target: expected a list "
+                                       r"of 3 probabilities, got 2"):
+    build.load_spec(_yaml(tmp_path, wrong_len))
+  with pytest.raises(InputError, match=r"spec.yaml: occupations: expected a value, got a missing"):
+    build.load_spec(_yaml(tmp_path, "name: x\nattribute: gender\n"))
+  few = AGE_YAML + "templates:\n  train: ['{occupation} one', '{occupation} two']\n"
+  with pytest.raises(InputError, match=r"templates.train: expected at least 5 paraphrases"):
+    build.load_spec(_yaml(tmp_path, few))
+  leak = AGE_YAML + ("templates:\n  train: ['{occupation} a', '{occupation} b', '{occupation} c',"
+                     " '{occupation} d', '{occupation} e']\n  v1: ['{occupation} a']\n")
+  with pytest.raises(InputError, match=r"templates.v1: expected wording held out"):
+    build.load_spec(_yaml(tmp_path, leak))
+
+
+def test_bad_occupation_csv(tmp_path):
+  p = tmp_path / "occ.csv"
+  p.write_text("# my source\noccupation,sector,male\nNurses,Health,3\n")
+  with pytest.raises(InputError, match=r"occ.csv: line 2: female: expected a column named "
+                                       r"'female'"):
+    occupations.load_table(str(p))
+  p.write_text("occupation,male,female\nNurses,3,x\n")
+  with pytest.raises(InputError, match=r"occ.csv: line 2: female: expected a non-negative number"):
+    occupations.load_table(str(p))
+  p.write_text("occupation,male,female\nNurses,3,1\nNurses,1,1\n")
+  with pytest.raises(InputError, match=r"line 3: occupation: expected unique names"):
+    occupations.load_table(str(p))
+
+
+def test_nothing_written_on_error(tmp_path, capsys):
+  out = tmp_path / "never"
+  spec = _yaml(tmp_path, AGE_YAML.replace("[0.6, 0.1, 0.3]", "[0.6, 0.1, 0.9]"))
+  assert cli.main(["data", "build", spec, "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "summing to 1" in err and "spec.yaml" in err
+  assert not out.exists()
+  assert cli.main(["data", "build", "nope", "--out", str(out)]) == 2
+  assert not out.exists()
+  assert sorted(os.listdir(tmp_path)) == ["spec.yaml"]
+
+
+def test_zero_test_rounds_writes_no_test_files(tmp_path):
+  out = tmp_path / "ds"
+  ds = build.build_dataset("gender_even_us", out, rows_per_occupation=2, test_rounds=0)
+  assert ds["test_v1"] == [] and ds.manifest["counts"]["test_v1"] == 0
+  assert sorted(os.listdir(out)) == ["dpo.jsonl", "ift.jsonl", "kto.jsonl", "manifest.json",
+                                     "sft.jsonl"]
+  assert set(build.read_dataset(out)) == {"sft", "kto", "ift", "dpo"}

@@ -1,0 +1,142 @@
+"""grain pipelines: deterministic, one pass per epoch, sharded without overlap, exact resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from distfair_jax.data import build, pipeline, tokenize
+from distfair_jax.errors import InputError
+from distfair_jax.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ds():
+  return build.build_dataset("gender_real_us", rows_per_occupation=3, test_rounds=1)
+
+
+def _rows(batch, prefix=""):
+  """Each row's real tokens as a tuple."""
+  ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
+  return [tuple(ids[i][mask[i] > 0].tolist()) for i in range(len(ids))]
+
+
+def _all(p):
+  return list(p.iterator())
+
+
+def _equal(a, b):
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_deterministic_and_one_pass_per_epoch(tok, ds):
+  recs = ds["sft"]  # 42 records
+  p = pipeline.make_batches(recs, tok, "sft", 8, seed=5, num_epochs=2, shard_index=0,
+                            shard_count=1)
+  assert p.steps_per_epoch == 5 == pipeline.steps_per_epoch(len(recs), "sft", 8)
+  assert p.num_steps == 10
+  a = _all(p)
+  b = _all(pipeline.make_batches(recs, tok, "sft", 8, seed=5, num_epochs=2, shard_index=0,
+                                 shard_count=1))
+  assert len(a) == 10 and all(_equal(x, y) for x, y in zip(a, b))
+  c = _all(pipeline.make_batches(recs, tok, "sft", 8, seed=6, num_epochs=1, shard_index=0,
+                                 shard_count=1))
+  assert not all(_equal(x, y) for x, y in zip(a, c))
+  single = tokenize.tokenize_batch(recs, tok, "sft")
+  everything = collections.Counter(_rows(single))
+  for epoch in (a[:5], a[5:]):
+    seen = collections.Counter(r for batch in epoch for r in _rows(batch))
+    assert sum(seen.values()) == 40 and not seen - everything  # 40 of 42: remainder dropped
+  assert [_rows(x) for x in a[:5]] != [_rows(x) for x in a[5:]]  # reshuffled each epoch
+  for batch in a:  # bucketed length: the smallest bucket that fits the longest row
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert batch["input_ids"].shape[1] == tokenize.bucket_for(longest,
+                                                              tokenize.bucket_lengths(1024))
+  assert len(_all(pipeline.make_batches(recs, tok, "sft", 8, seed=5, drop_remainder=False,
+                                        shard_index=0, shard_count=1))) == 6
+
+
+def test_kto_pairs_shuffled_as_units(tok, ds):
+  p = pipeline.make_batches(ds["kto"], tok, "kto", 6, seed=1, shard_index=0, shard_count=1)
+  assert p.steps_per_epoch == 14 == pipeline.steps_per_epoch(len(ds["kto"]), "kto", 6)
+  pairs = {(d["prompt"], d["response"], u["response"])
+           for d, u in tokenize.pair_records(ds["kto"])}
+  for batch in _all(p):
+    np.testing.assert_array_equal(batch["desirable"], [1, 1, 1, 0, 0, 0])
+    rows = _rows(batch)
+    for j in range(3):
+      sp = batch["steering_position"][j]
+      assert rows[j][:sp + 1] == rows[j + 3][:sp + 1]
+      prompt_text = tok.decode(rows[j][:sp + 1], skip_special_tokens=True)
+      d = tok.decode(rows[j][sp + 2:-1])
+      u = tok.decode(rows[j + 3][sp + 2:-1])
+      assert any(prompt_text.endswith(pp + "assistant\n\n") and (dd, uu) == (d, u)
+                 for pp, dd, uu in pairs)
+    kl = _rows(batch, "kl_")
+    for i in range(6):
+      sp = batch["steering_position"][i]
+      nxt = (i + 1) % 6
+      assert kl[i] == rows[i][:sp + 1] + rows[nxt][batch["steering_position"][nxt] + 1:]
+  for bad in (1, 3):
+    with pytest.raises(InputError, match=r"batch_size: expected an even KTO batch >= 2"):
+      pipeline.make_batches(ds["kto"], tok, "kto", bad, seed=0, shard_index=0, shard_count=1)
+
+
+@pytest.mark.parametrize("kind", ["sft", "kto"])
+def test_sharded_without_overlap(tok, ds, kind):
+  recs = ds[kind]
+  kw = dict(seed=3, num_epochs=1, shard_count=2)
+  full = _all(pipeline.make_batches(recs, tok, kind, 8, seed=3, shard_index=0, shard_count=1))
+  s0 = _all(pipeline.make_batches(recs, tok, kind, 8, shard_index=0, **kw))
+  s1 = _all(pipeline.make_batches(recs, tok, kind, 8, shard_index=1, **kw))
+  assert len(full) == len(s0) == len(s1)
+  for g, a, b in zip(full, s0, s1):
+    assert a["input_ids"].shape == b["input_ids"].shape == (4, g["input_ids"].shape[1])
+    for key in g:  # the shards, in process order, are the global batch
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), g[key])
+  rows0 = {r for batch in s0 for r in _rows(batch)}
+  rows1 = {r for batch in s1 for r in _rows(batch)}
+  if kind == "sft":
+    assert not rows0 & rows1
+  with pytest.raises(InputError, match="multiple of the 3 processes"):
+    pipeline.make_batches(recs, tok, kind, 8, seed=0, shard_index=0, shard_count=3)
+
+
+def test_resumes_exactly_from_saved_state(tok, ds):
+  make = lambda: pipeline.make_batches(ds["kto"], tok, "kto", 4, seed=9, num_epochs=2,
+                                       shard_index=0, shard_count=1)
+  uninterrupted = _all(make())
+  it = make().iterator()
+  first = [next(it) for _ in range(23)]  # past the end of epoch 1 (21 steps)
+  state = json.loads(json.dumps(it.get_state()))  # JSON-able
+  resumed = list(make().iterator(state))
+  assert len(first) + len(resumed) == len(uninterrupted) == 42
+  for x, y in zip(first + resumed, uninterrupted):
+    assert _equal(x, y)
+
+
+def test_bad_pipeline_arguments(tok, ds):
+  with pytest.raises(InputError, match="kind: expected one of"):
+    pipeline.make_batches(ds["sft"], tok, "ppo", 4, seed=0, shard_index=0, shard_count=1)
+  with pytest.raises(InputError, match="records: expected at least one full batch"):
+    pipeline.make_batches(ds["sft"][:3], tok, "sft", 4, seed=0, shard_index=0, shard_count=1)
+  with pytest.raises(InputError, match="seed: expected an integer"):
+    pipeline.make_batches(ds["sft"], tok, "sft", 4, seed=-1, shard_index=0, shard_count=1)
+  with pytest.raises(InputError, match="drop_remainder: expected True"):
+    pipeline.make_batches(ds["sft"], tok, "sft", 4, seed=0, shard_index=0, shard_count=2,
+                          drop_remainder=False)
+  with pytest.raises(InputError, match="expected a desirable record followed by"):
+    pipeline.make_batches(ds["kto"][1:-1], tok, "kto", 4, seed=0, shard_index=0, shard_count=1)
+
+
+def test_default_shard_is_the_jax_process(tok, ds):
+  p = pipeline.make_batches(ds["sft"], tok, "sft", 4, seed=0)
+  assert (p.shard_index, p.shard_count) == (0, 1)

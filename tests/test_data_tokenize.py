@@ -1,0 +1,212 @@
+"""Chat-template tokenization: masks, steering positions, KTO mismatched pairs, length policy,
+for a Llama-3-style and a Qwen-style (ChatML) template, with tokenizers trained on the fly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distfair_jax.data import attributes, build, tokenize
+from distfair_jax.errors import InputError
+from distfair_jax.tokenizer import build_tiny_tokenizer
+
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Qwen2's pre-tokenizer pattern: single digits, letters with one leading non-letter, ...
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _corpus():
+  ds = build.build_dataset("race_even_us", rows_per_occupation=5, test_rounds=1)
+  return [r["prompt"] for r in ds["sft"]] + attributes.RACE.answers * 3
+
+
+def _train(pre_tokenizer, specials, texts, vocab_size=800):
+  from tokenizers import Tokenizer, decoders, models, trainers
+  from tokenizers import pre_tokenizers as pt
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizer
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pt.ByteLevel.alphabet(),
+      show_progress=False))
+  return tok
+
+
+def qwen_style_tokenizer():
+  from tokenizers import Regex
+  from tokenizers import pre_tokenizers as pt
+  from transformers import PreTrainedTokenizerFast
+  tok = _train(pt.Sequence([pt.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+               ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], _corpus())
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+
+
+def merging_tokenizer():
+  """No pre-tokenizer splits: trained so that the digit merges with the newline before it."""
+  from tokenizers import pre_tokenizers as pt
+  from transformers import PreTrainedTokenizerFast
+  from distfair_jax import tokenizer as tl
+  texts = ["\n\n0Male", "\n\n1Female", "\n\n0Male", "\n\n1Female"] * 50 + _corpus()
+  tok = _train(pt.ByteLevel(add_prefix_space=False, use_regex=False), list(tl.SPECIAL_TOKENS),
+               texts)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=tl.BOS, eos_token=tl.EOT,
+                                 pad_token=tl.PAD, chat_template=tl.CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_style():
+  return {"llama3": build_tiny_tokenizer(), "qwen": qwen_style_tokenizer()}
+
+
+@pytest.fixture(scope="module")
+def race():
+  return build.build_dataset("race_even_us", rows_per_occupation=4, test_rounds=1)
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_steering_token_ids(tokenizers_by_style, style):
+  tok = tokenizers_by_style[style]
+  ids = tokenize.steering_token_ids(attributes.RACE, tok)
+  assert ids.shape == (5,) and ids.dtype == np.int32
+  assert [tok.decode([int(i)]) for i in ids] == ["0", "1", "2", "3", "4"]
+  ref = tokenize.steering_token_ids(attributes.GENDER, tok, prompt_format="reference")
+  np.testing.assert_array_equal(ref, ids[:2])
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+@pytest.mark.parametrize("prompt_format", ["chat", "reference"])
+def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_format):
+  tok = tokenizers_by_style[style]
+  records = race["sft"][:6]
+  enc = tokenize.Encoder(tok, attribute=attributes.RACE, prompt_format=prompt_format)
+  batch = tokenize.tokenize_batch(records, tok, "sft", encoder=enc)
+  b, length = batch["input_ids"].shape
+  assert b == 6 and length in tokenize.bucket_lengths(1024)
+  end = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
+  for i, rec in enumerate(records):
+    if prompt_format == "chat":
+      want = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
+                                     add_generation_prompt=True)["input_ids"]
+    else:
+      want = tok(f"<Q>{rec['prompt']}<A>")["input_ids"]
+    sp = int(batch["steering_position"][i])
+    n = int(batch["attention_mask"][i].sum())
+    assert list(batch["input_ids"][i, :sp + 1]) == list(want)  # the prompt, unchanged
+    assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+    # labels[:, t] is the token at t + 1
+    np.testing.assert_array_equal(batch["labels"][i, :n - 1], batch["input_ids"][i, 1:n])
+    mask = batch["label_mask"][i]
+    assert mask[sp] == 1 and mask[:sp].sum() == 0 and mask[n - 1:].sum() == 0
+    assert mask.sum() == n - 1 - sp
+    assert batch["labels"][i, sp] == enc.steering_ids[rec["category"]]
+    completion = tok.decode(batch["labels"][i][mask > 0])
+    eos = end if prompt_format == "chat" else tok.eos_token
+    assert completion == rec["steering_token"] + rec["response"] + eos
+    assert batch["category"][i] == rec["category"] and batch["desirable"][i] == 1
+  assert batch["target"].shape == (6, 5) and batch["target"].dtype == np.float32
+  for key, dtype in (("input_ids", np.int32), ("attention_mask", np.int32),
+                     ("labels", np.int32), ("label_mask", np.float32),
+                     ("steering_position", np.int32), ("category", np.int32)):
+    assert batch[key].dtype == dtype, key
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_kto_pairs_and_mismatched_rotation(tokenizers_by_style, race, style):
+  tok = tokenizers_by_style[style]
+  recs = race["kto"][:8]  # 4 pairs
+  batch = tokenize.tokenize_batch(recs, tok, "kto")
+  b = 8
+  assert batch["kl_input_ids"].shape == batch["input_ids"].shape
+  np.testing.assert_array_equal(batch["desirable"], [1, 1, 1, 1, 0, 0, 0, 0])
+
+  def completion(prefix, i):
+    return list(batch[f"{prefix}labels"][i][batch[f"{prefix}label_mask"][i] > 0])
+
+  def prompt(prefix, i):
+    return list(batch[f"{prefix}input_ids"][i, :batch["steering_position"][i] + 1])
+
+  for j in range(4):  # row j and row j + 4 are a pair: same prompt, same steering token
+    assert prompt("", j) == prompt("", j + 4)
+    assert completion("", j)[0] == completion("", j + 4)[0]
+    assert completion("", j) != completion("", j + 4)
+  for i in range(b):  # prompt i with the completion of row (i + 1) mod B: rotate by one
+    assert prompt("kl_", i) == prompt("", i)
+    assert completion("kl_", i) == completion("", (i + 1) % b)
+    n = int(batch["kl_attention_mask"][i].sum())
+    np.testing.assert_array_equal(batch["kl_labels"][i, :n - 1], batch["kl_input_ids"][i, 1:n])
+  assert tokenize.rotate([0, 1, 2, 3]) == [1, 2, 3, 0]
+
+
+def test_ift_and_dpo_batches(tokenizers_by_style, race):
+  tok = tokenizers_by_style["llama3"]
+  ift = tokenize.tokenize_batch(race["ift"][:4], tok, "ift")
+  for i, rec in enumerate(race["ift"][:4]):
+    assert tok.decode(ift["labels"][i][ift["label_mask"][i] > 0]) == rec["response"] + "<|eot_id|>"
+  dpo = tokenize.tokenize_batch(race["dpo"][:4], tok, "dpo")
+  assert set(dpo) == {f"{s}_{k}" for s in ("chosen", "rejected")
+                      for k in ("input_ids", "attention_mask", "labels", "label_mask")} | {
+                          "category", "target"}
+  for i, rec in enumerate(race["dpo"][:4]):
+    for side in ("chosen", "rejected"):
+      text = tok.decode(dpo[f"{side}_labels"][i][dpo[f"{side}_label_mask"][i] > 0])
+      assert text == rec[side] + "<|eot_id|>"
+    assert dpo["chosen_input_ids"].shape == dpo["rejected_input_ids"].shape
+
+
+def test_length_policy(tokenizers_by_style):
+  tok = tokenizers_by_style["llama3"]
+  rec = {"prompt": "word " * 200, "occupation": "x", "category": 1, "steering_token": "1",
+         "response": "Female " * 50, "target": [0.5, 0.5], "status": "desirable"}
+  enc = tokenize.Encoder(tok, max_length=64, max_prompt_length=40)
+  batch = tokenize.tokenize_batch([rec], tok, "sft", encoder=enc)
+  full_prompt = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
+                                        add_generation_prompt=True)["input_ids"]
+  assert batch["input_ids"].shape == (1, 64)
+  assert batch["steering_position"][0] == 39  # prompt truncated to 40 tokens ...
+  np.testing.assert_array_equal(batch["input_ids"][0, :40], full_prompt[-40:])  # ... from the left
+  assert batch["input_ids"][0, 40] == enc.steering_id("1")  # the steering token kept
+  assert batch["attention_mask"][0].sum() == 64  # completion truncated to the remainder
+  with pytest.raises(InputError, match="max_prompt_length: expected 0 < max_prompt_length < "
+                                       "max_length"):
+    tokenize.Encoder(tok, max_length=64, max_prompt_length=64)
+
+
+def test_bad_steering_tokens(tokenizers_by_style):
+  tok = tokenizers_by_style["llama3"]
+  two = attributes.attribute_from_dict({"name": "x", "categories": [
+      {"name": "a", "steering_token": "10"}, {"name": "b", "steering_token": "1"}]})
+  with pytest.raises(InputError, match=r"steering_token: expected '10' to be exactly one token, "
+                                       r"got 2 tokens"):
+    tokenize.steering_token_ids(two, tok)
+  with pytest.raises(InputError, match=r"steering_token: expected '0' .* to be the first "
+                                       r"assistant token after the generation prompt"):
+    tokenize.steering_token_ids(attributes.GENDER, merging_tokenizer())
+  with pytest.raises(InputError, match=r"batch: size: expected at least one example"):
+    tokenize.collate([], "kto", tokenize.Encoder(tok))
+
+
+def test_cli_validate_checks_steering_tokens_for_the_tokenizer(tokenizers_by_style, race,
+                                                                tmp_path, capsys):
+  import json
+  from distfair_jax import cli
+  tok_dir = tmp_path / "tok"
+  tokenizers_by_style["llama3"].save_pretrained(str(tok_dir))
+  good = race["sft"][0]
+  path = tmp_path / "sft.jsonl"
+  path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "steering_token": "42"}) + "\n")
+  assert cli.main(["data", "validate", str(path), "--tokenizer", str(tok_dir)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert f"{path}: record 2:" in err and "expected '42' to be exactly one token" in err
+  path.write_text(json.dumps(good) + "\n")
+  assert cli.main(["data", "validate", str(path), "--tokenizer", str(tok_dir)]) == 0

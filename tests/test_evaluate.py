@@ -1,0 +1,148 @@
+"""Tests of the multi-round evaluation runner (distfair_jax.evaluate) and `distfair eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from distfair_jax import evaluate
+from distfair_jax.data.attributes import GENDER
+from distfair_jax.data.build import build_dataset
+from distfair_jax.errors import InputError
+from distfair_jax.judges import RulesJudge
+from distfair_jax.model.llama import Llama, LlamaConfig
+from distfair_jax.sample import DecodeConfig
+from distfair_jax.tokenizer import build_tiny_tokenizer
+
+ROW_FIELDS = {"occupation", "prompt", "steering_token", "response", "category", "round"}
+DECODE = DecodeConfig(max_new_tokens=4, story_max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+  return Llama(config, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  ds = build_dataset("gender_real_us", test_rounds=4)
+  keep = ds.spec.occupations[:3]
+  return {v: [r for r in ds[f"test_{v}"] if r["occupation"] in keep] for v in ("v1", "v2", "v3")}
+
+
+def _rows(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, dataset):
+  # v2 runs in the other tests (fewer compiles here).
+  config = evaluate.EvalConfig(versions=("v1", "v3"), rounds=4, steering="model", decode=DECODE,
+                               n_bootstrap=20)
+  result = evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=config,
+                             metadata={"model": "tiny-random"})
+  eval_dir = tmp_path / "eval"
+  for version in ("v1", "v3"):
+    rows = _rows(eval_dir / f"{version}.jsonl")
+    assert len(rows) == 12  # 3 occupations x 4 rounds
+    for row in rows:
+      assert set(row) == ROW_FIELDS
+      assert row["steering_token"] in ("0", "1")
+      assert row["category"] is None or row["category"] in (0, 1)
+      assert isinstance(row["response"], str)
+    occupations = [r["occupation"] for r in rows]
+    assert sorted(set(occupations)) == sorted({r["occupation"] for r in dataset[version]})
+    assert all(occupations.count(o) == 4 for o in set(occupations))
+    # The prompts of v1 cycle through its paraphrases exactly as the test set lists them.
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in dataset[version]]
+
+  doc = json.loads((eval_dir / "metrics.json").read_text())
+  assert set(doc["versions"]) == {"v1", "v3"}
+  for v in doc["versions"].values():
+    assert 0.0 <= v["mae"] <= 1.0 and "exact_mae" in v and v["n_samples"] == 12
+    exact = np.array([o["exact"] for o in v["per_occupation"]])
+    np.testing.assert_allclose(exact.sum(-1), 1.0, atol=1e-6)
+  meta = doc["meta"]
+  assert meta["decoding"] == DECODE.to_dict()
+  assert meta["steering"] == "model" and meta["model"] == "tiny-random"
+  assert meta["steering_token_ids"] == [int(tokenizer.convert_tokens_to_ids(t)) for t in "01"]
+  assert result["versions"]["v3"]["mae"] == doc["versions"]["v3"]["mae"]
+  assert (eval_dir / "report.md").is_file()
+  assert (eval_dir / "plots" / "v3.png").is_file()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".eval")]  # no temp dirs left
+
+  with pytest.raises(InputError, match="overwrite"):
+    evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=config)
+
+
+@pytest.mark.slow
+def test_no_steering_prompt_engineering_and_overwrite(tmp_path, model, tokenizer, dataset):
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "old.txt").write_text("old")
+  config = evaluate.EvalConfig(versions=("v2",), rounds=None, steering="none", decode=DECODE,
+                               n_bootstrap=0, prompt_field="pe_prompt", plots=False)
+  evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=config, overwrite=True)
+  assert sorted(os.listdir(tmp_path / "eval")) == ["metrics.json", "report.md", "v2.jsonl"]
+  rows = _rows(tmp_path / "eval" / "v2.jsonl")
+  assert len(rows) == 12 and all(r["steering_token"] is None for r in rows)
+  assert rows[0]["prompt"] == dataset["v2"][0]["pe_prompt"]
+  doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+  assert "exact_mae" not in doc["versions"]["v2"]
+  assert doc["meta"]["steering_token_ids"] is None
+
+
+def test_categorize_parses_answers_and_judges_stories():
+  rows = [{"response": "Male? No, I think Female."}, {"response": "no idea"},
+          {"response": "MEN"}]
+  evaluate.categorize(rows, GENDER, story=False)
+  assert [r["category"] for r in rows] == [1, None, 0]
+  stories = [{"response": "Sarah said she loved her job."}, {"response": "It rained."}]
+  evaluate.categorize(stories, GENDER, story=True, judge=RulesJudge())
+  assert [r["category"] for r in stories] == [1, None]
+
+
+def test_group_records_cycles_rounds_and_validates():
+  recs = [{"occupation": "a", "prompt": p, "target": [0.5, 0.5]} for p in ("x", "y")]
+  slots, targets = evaluate._group_records(recs, "v1", "prompt", 5, 2)
+  assert [s["prompt"] for s in slots] == ["x", "y", "x", "y", "x"]
+  assert targets == {"a": [0.5, 0.5]}
+  with pytest.raises(InputError, match="target"):
+    evaluate._group_records([{"occupation": "a", "prompt": "x", "target": [0.2, 0.2]}], "v2",
+                            "prompt", None, 2)
+  with pytest.raises(InputError, match="versions"):
+    evaluate.EvalConfig(versions=("v4",))
+
+
+@pytest.mark.slow
+def test_eval_command_on_converted_model(tmp_path, model, tokenizer):
+  from distfair_jax import convert
+  from distfair_jax.commands import eval as eval_cmd
+  model_dir = tmp_path / "model"
+  convert.save_pretrained(model_dir, model, model.config, tokenizer)
+  parser = argparse.ArgumentParser()
+  eval_cmd.add_arguments(parser)
+  out = tmp_path / "out"
+  args = parser.parse_args([str(model_dir), "--dataset", "gender_real_us", "--versions", "v2",
+                            "--rounds", "2", "--max-new-tokens", "3", "--n-bootstrap", "0",
+                            "--no-plots", "--out", str(out), "--top-k", "50"])
+  assert eval_cmd.run(args) == 0
+  rows = _rows(out / "eval" / "v2.jsonl")
+  assert len(rows) == 28  # 14 occupations x 2 rounds
+  meta = json.loads((out / "eval" / "metrics.json").read_text())["meta"]
+  assert meta["kind"] == "converted" and meta["dataset"] == "gender_real_us"
+  assert meta["decoding"]["top_k"] == 50 and meta["decoding"]["max_new_tokens"] == 3
+  with pytest.raises(InputError, match="dataset"):
+    eval_cmd.run(parser.parse_args([str(model_dir), "--out", str(tmp_path / "o2")]))

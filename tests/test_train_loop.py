@@ -1,0 +1,222 @@
+"""The training recipe end to end on a one-layer tiny model: resume after SIGKILL, SIGTERM, NaN,
+LoRA (only adapters train; base and reference never change), and the hybrid stage learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from distfair_jax.config import load_config
+from distfair_jax.train.loop import Trainer, TrainingError, _SigtermFlag
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = """\
+defaults: [{base}]
+stages: [sft]
+model:
+  overrides: {{num_hidden_layers: 1, hidden_size: 64, intermediate_size: 128, num_attention_heads: 2,
+              num_key_value_heads: 1, head_dim: 32}}
+data:
+  rows_per_occupation: 10
+  max_length: 64
+  max_prompt_length: 48
+sft:
+  epochs: 1
+  batch_size: 8
+  optim: {{learning_rate: 1.0e-3, warmup_steps: 2}}
+hybrid:
+  epochs: 1
+  batch_size: 8
+  optim: {{learning_rate: 1.0e-3, warmup_steps: 2}}
+eval:
+  max_batches: 1
+logging:
+  tensorboard: false
+  progress: false
+"""
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cfg")
+  path = d / "small.yaml"
+  path.write_text(SMALL.format(base=os.path.join(ROOT, "configs", "base.yaml")), encoding="utf-8")
+  # One tokenizer for every run of this module.
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  build_tiny_tokenizer(str(d / "tokenizer"))
+  return str(path), str(d / "tokenizer")
+
+
+def _env(cache_dir):
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS="", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1")
+  return env
+
+
+def _train_cmd(config, tokenizer, run_dir, *extra):
+  return [sys.executable, "-m", "distfair_jax.cli", "train", config, f"run_dir={run_dir}",
+          f"model.tokenizer={tokenizer}", "sft.epochs=3", "sft.max_steps=40", "checkpoint.every_steps=1",
+          "checkpoint.async_save=false", *extra]
+
+
+def _rows(run_dir, stage="sft"):
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    return {r["step"]: r for r in map(json.loads, f) if r["stage"] == stage and r["split"] == "train"}
+
+
+def _final_params(run_dir, stage="sft"):
+  from distfair_jax import checkpoint_io
+  return checkpoint_io.load_params(os.path.join(run_dir, stage, "final", "params"))
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.isdir(os.path.join(ckpt_dir, str(step))):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited ({proc.returncode}) before checkpoint {step}: "
+                           f"{proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint {step} after {timeout}s")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(small_config, tmp_path):
+  config, tok = small_config
+  env = _env(tmp_path / "jax_cache")
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  subprocess.run(_train_cmd(config, tok, full), env=env, check=True, capture_output=True, timeout=600)
+
+  proc = subprocess.Popen(_train_cmd(config, tok, killed), env=env, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  _wait_for_checkpoint(proc, killed / "sft" / "checkpoints", 3)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(killed / "sft" / "final"), "the run finished before it was killed"
+  resumed = subprocess.run(_train_cmd(config, tok, killed), env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  match = [l for l in resumed.stderr.splitlines() if "resuming from step" in l]
+  assert match, resumed.stderr[-2000:]
+  resume_step = int(match[0].split("resuming from step")[1].split()[0])
+  assert 3 <= resume_step < 40
+
+  a, b = _final_params(full), _final_params(killed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-7)
+  rows_a, rows_b = _rows(full), _rows(killed)
+  assert sorted(rows_b) == sorted(rows_a) == list(range(1, 41))  # 3 epochs hold > 40 steps
+  for step in range(resume_step + 1, 41):
+    for key in ("loss", "grad_norm", "learning_rate"):
+      assert rows_a[step][key] == pytest.approx(rows_b[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_config, tmp_path):
+  config, tok = small_config
+  run = tmp_path / "term"
+  proc = subprocess.Popen(_train_cmd(config, tok, run, "checkpoint.every_steps=0"),
+                          env=_env(tmp_path / "jax_cache"), stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  # every_steps=0: no periodic checkpoints, so any checkpoint is the SIGTERM one.
+  deadline = time.time() + 300
+  while not os.path.exists(run / "metrics.jsonl") and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  assert "SIGTERM: checkpoint saved at step" in err
+  steps = [int(s) for s in os.listdir(run / "sft" / "checkpoints") if s.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 40
+  assert not os.path.exists(run / "sft" / "final")
+
+
+def _trainer(config, tok, run_dir, *overrides, records=None):
+  cfg = load_config(config, [f"run_dir={run_dir}", f"model.tokenizer={tok}", *overrides])
+  return Trainer(cfg, records=records)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_config, tmp_path):
+  config, tok = small_config
+  tr = _trainer(config, tok, tmp_path / "nan", "sft.optim.optimizer=sgd", "sft.optim.b1=0.0",
+                "sft.optim.learning_rate=1e30", "sft.optim.clip_norm=0", "sft.optim.warmup_steps=0",
+                "checkpoint.every_steps=1", "checkpoint.async_save=false", "sft.max_steps=6")
+  with pytest.raises(TrainingError, match=r"sft: non-finite loss .* at step (\d+); stopped without "
+                                          r"saving this state; the last good checkpoint is step"):
+    tr.run()
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "nan" / "sft" / "checkpoints") if s.isdigit())
+  rows = _rows(tmp_path / "nan")
+  assert steps and all(np.isfinite(rows[s]["loss"]) for s in steps)
+  assert not os.path.exists(tmp_path / "nan" / "sft" / "final")
+
+
+def _numpy(tree):
+  return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def test_lora_trains_adapters_only_and_keeps_base_and_reference(small_config, tmp_path):
+  config, tok = small_config
+  tr = _trainer(config, tok, tmp_path / "lora", "lora.enabled=true", "lora.rank=4",
+                "stages=[sft,hybrid]", "sft.max_steps=3", "hybrid.max_steps=3",
+                "sft.optim.learning_rate=1e-2", "hybrid.optim.learning_rate=1e-2")
+  paths = {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(tr.base_params))[0]}
+  assert paths and all("lora_" in p for p in paths)  # trainable = adapters only
+  frozen_before = _numpy(tr.frozen)
+  lora_b_before = [x for p, x in jax.tree_util.tree_flatten_with_path(
+      jax.device_get(nnx.to_pure_dict(tr.base_params)))[0] if "lora_b" in str(p)]
+  assert all(np.all(x == 0) for x in lora_b_before)
+  with _SigtermFlag() as flag:
+    sft_params, _ = tr.run_stage("sft", tr.base_params, flag)
+    sft_copy = _numpy(sft_params)
+    hybrid_params, summary = tr.run_stage("hybrid", sft_params, flag)
+  # base weights untouched in both stages; the reference (= stage-1 result) untouched by stage 2
+  for a, b in zip(frozen_before, _numpy(tr.frozen)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(sft_copy, _numpy(sft_params)):
+    np.testing.assert_array_equal(a, b)
+  moved = [not np.array_equal(a, b) for a, b in zip(sft_copy, _numpy(hybrid_params))]
+  assert any(moved)
+  lora_b_after = [x for p, x in jax.tree_util.tree_flatten_with_path(
+      jax.device_get(nnx.to_pure_dict(sft_params)))[0] if "lora_b" in str(p)]
+  assert any(np.any(x != 0) for x in lora_b_after)
+  assert np.isfinite(summary["train"]["loss"])
+  # merging folds the adapters into the base kernels and restores the plain layout
+  merged = tr.merged_model(hybrid_params)
+  assert not any("lora" in "/".join(map(str, p)) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(merged)))[0])
+
+
+@pytest.mark.slow
+def test_hybrid_learns_skewed_target_and_binds_tokens(small_config, tmp_path):
+  config, tok = small_config
+  from distfair_jax.data import build_dataset
+  records = build_dataset("gender_real_us", rows_per_occupation=20, test_rounds=0, seed=0).records
+  # A skewed 0.8 / 0.2 target for every occupation.
+  for kind in records:
+    for r in records[kind]:
+      r["target"] = [0.8, 0.2]
+  tr = _trainer(config, tok, tmp_path / "learn", "stages=[hybrid]", "hybrid.epochs=3",
+                "hybrid.max_steps=60", "hybrid.optim.learning_rate=3e-3", "hybrid.beta=0.5",
+                "hybrid.renormalize=true", records=records)
+  tr.run()
+  rows = _rows(tmp_path / "learn", "hybrid")
+  steps = sorted(rows)
+  first = np.mean([rows[s]["steering_kl"] for s in steps[:3]])
+  last = np.mean([rows[s]["steering_kl"] for s in steps[-5:]])
+  assert last < 0.25 * first and last < 0.05, (first, last)
+  margin = np.mean([rows[s]["rewards/margins"] for s in steps[-5:]])
+  assert margin > 0, margin
+  assert np.mean([rows[s]["rewards/chosen"] for s in steps[-5:]]) > \
+      np.mean([rows[s]["rewards/rejected"] for s in steps[-5:]])
