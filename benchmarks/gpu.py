@@ -280,6 +280,7 @@ def main(argv=None) -> int:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _common.fast_compile_flags()
   if not args.overwrite and os.path.exists(args.out):
     print(f"gpu.py: --out: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
     return 2

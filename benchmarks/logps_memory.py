@@ -6,12 +6,12 @@ version that materialises the ``[batch, length, vocab]`` float32 logits
 the hidden states and the unembedding (``--grads hidden`` for a frozen output layer, as with LoRA).
 
 Memory: XLA's compiled temporary buffer size, ``jax.jit(f).lower(...).compile().memory_analysis()``.
-Time: median wall time (and process CPU time) of ``--runs`` calls after one warm-up call; the calls of the
-variants alternate, so a change in the machine's load affects them alike.
+Time: median wall time (and process CPU time) of ``--runs`` calls after one warm-up call; the
+calls of the variants alternate, so a change in the machine's load affects them alike.
 
-  python benchmarks/logps_memory.py                          # vocab 128256, hidden 2048, length 512, batch 2
-  python benchmarks/logps_memory.py --tile-size 32,64,128    # sweep tile sizes
-  python benchmarks/logps_memory.py --smoke                  # small sizes, seconds
+  python benchmarks/logps_memory.py              # vocab 128256, hidden 2048, length 512, batch 2
+  python benchmarks/logps_memory.py --tile-size 32,64,128   # sweep tile sizes
+  python benchmarks/logps_memory.py --smoke     # small sizes, seconds
 
 Results: printed as a table and written (atomically) as JSON to ``--out``
 (default benchmarks/results/logps_memory.json, or logps_memory_smoke.json with --smoke).
@@ -134,6 +134,7 @@ def _write_json(path: str, payload: dict[str, Any], overwrite: bool) -> None:
   fd, tmp = tempfile.mkstemp(prefix=".logps_memory.", suffix=".tmp",
                              dir=os.path.dirname(os.path.abspath(path)))
   try:
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump(payload, f, indent=2)
       f.write("\n")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
       line += (f" {row['median_s']:>9.3f} | {row.get('time_ratio', 1.0):>12.3f} |"
                f" {row['median_cpu_s']:>12.3f} | {row.get('cpu_time_ratio', 1.0):>11.3f} |")
     print(line)
-  print(f"goal: temp / naive <= 0.25" + (" and time / naive <= 1.3" if timed else ""))
+  print("goal: temp / naive <= 0.25" + (" and time / naive <= 1.3" if timed else ""))
   if timed:
     print(f"(CPU s = process CPU time, less sensitive than wall time to other load on the "
           f"machine; load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")

@@ -342,6 +342,8 @@ def _scaling(args, keep: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv=None) -> int:
   args = _parse(argv)
   cores = _common.set_threads(args.threads)
+  if args.smoke:
+    _common.fast_compile_flags()
   import jax
   import torch
   torch.set_num_threads(cores)

@@ -17,6 +17,7 @@ from distfair_jax.errors import InputError
 
 # name -> module implementing it (in the order `distfair --help` lists them)
 COMMANDS: dict[str, str] = {
+    "demo": "distfair_jax.commands.demo",
     "data": "distfair_jax.commands.data",
     "train": "distfair_jax.commands.train",
     "eval": "distfair_jax.commands.eval",

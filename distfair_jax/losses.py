@@ -8,8 +8,8 @@ steering tokens / categories).
 Conventions:
 - Labels are aligned with the positions that predict them: ``logits[:, t]`` scores ``labels[:, t]``
   (the data pipeline already shifts, so callers need not).
-- Masks: non-zero = the position counts. Masked positions give a log-prob of exactly 0 and receive no
-  gradient; their labels may hold anything (padding ids, -100, ...).
+- Masks: non-zero = the position counts. Masked positions give a log-prob of exactly 0 and receive
+  no gradient; their labels may hold anything (padding ids, -100, ...).
 - KTO and DPO metrics use the names users of TRL know (``rewards/chosen``, ``logps/rejected``, ...);
   for KTO "chosen" means desirable and "rejected" undesirable.
 
@@ -164,7 +164,10 @@ def _tile_forward(h: Array, w: Array, y: Array) -> tuple[Array, Array, Array]:
 
 def _tiled_logps_impl(hidden: Array, w: Array, labels: Array, tile_size: int,
                       want_jac: bool) -> tuple[Array, Array, Array | None]:
-  """Scan over token tiles; returns (logps [B, L], lse [B, L], d logp / d hidden [B, L, D] or None)."""
+  """Scan over token tiles.
+
+  Returns (logps [B, L], lse [B, L], d logp / d hidden [B, L, D] float32 or None).
+  """
   length = hidden.shape[1]
   tile, n_tiles = _tile_geometry(length, tile_size)
   vocab = w.shape[1]
@@ -174,7 +177,7 @@ def _tiled_logps_impl(hidden: Array, w: Array, labels: Array, tile_size: int,
     logits, lse, logp = _tile_forward(h, w, y)
     if not want_jac:
       return None, (logp, lse)
-    # d logp_t / d h_t = w[:, y_t] - w @ softmax_t  (one more matmul per tile, no residual of size V)
+    # d logp_t / d h_t = w[:, y_t] - w @ softmax_t (one more matmul per tile, no residual of size V)
     probs = jnp.exp(logits - lse[..., None])
     onehot_minus_p = (jnp.arange(vocab) == y[..., None]).astype(_F32) - probs
     jac = _matmul_f32(onehot_minus_p, w, "btv,dv->btd")
@@ -257,7 +260,7 @@ _tiled_logps.defvjp(_tiled_logps_fwd, _tiled_logps_bwd, symbolic_zeros=True)
 
 def token_logps_from_hidden(hidden: Array, unembedding: Array, labels: Array, mask: Array | None,
                             tile_size: int = DEFAULT_TILE_SIZE) -> Array:
-  """Per-token log-probs from hidden states, in token tiles (never all ``[B, L, V]`` logits at once).
+  """Per-token log-probs from hidden states in token tiles (never all ``[B, L, V]`` logits at once).
 
   Equal, in value and in gradients with respect to ``hidden`` and ``unembedding``, to
   ``token_logps(hidden @ unembedding, labels, mask)`` with the matmul accumulated in float32.
@@ -363,7 +366,8 @@ def steering_log_probs(steer_logits: Array, steering_ids: Array,
   """
   logits = _f32(steer_logits)
   ids = jnp.asarray(steering_ids).astype(jnp.int32)
-  if logits.ndim != 2 or ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[0] != logits.shape[0]):
+  if (logits.ndim != 2 or ids.ndim not in (1, 2)
+      or (ids.ndim == 2 and ids.shape[0] != logits.shape[0])):
     raise InputError(f"losses.py: steering_ids: expected [K] or [batch, K] ids for steer_logits "
                      f"[batch, vocab], got {ids.shape} for {logits.shape}")
   ids = jnp.broadcast_to(ids, logits.shape[:1] + ids.shape[-1:])
@@ -502,7 +506,8 @@ def dpo_loss(policy_chosen: Array, policy_rejected: Array, reference_chosen: Arr
   (``sequence_logps(..., average=True)``). ``label_smoothing`` applies to the sigmoid loss only.
 
   Args:
-    policy_chosen, policy_rejected, reference_chosen, reference_rejected: ``[B]`` sequence log-probs.
+    policy_chosen, policy_rejected, reference_chosen, reference_rejected: ``[B]`` sequence
+      log-probs.
     beta, label_smoothing: scalars; ipo: use the IPO loss.
 
   Returns:

@@ -1,5 +1,8 @@
-"""Tests for distfair_jax.losses: each function against an independent NumPy transcription of its
-formula, gradients, tiled vs untiled log-probs, jit / vmap, and a batch sharded over 8 CPU devices."""
+"""Tests for distfair_jax.losses.
+
+Each function against an independent NumPy transcription of its formula, gradients, tiled vs
+untiled log-probs, jit / vmap, and a batch sharded over 8 simulated CPU devices.
+"""
 
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def test_sharded_kv_cache_prefill(mesh, single_device_logits):
   model = nnx.merge(graphdef, sharded)
   cache = model.init_cache(IDS.shape[0], IDS.shape[1] + 2)
   cache_sh = shd.logical_shardings(cache.logical_axes(), mesh, cache)
-  assert cache_sh.k[0].spec == P(("data", "fsdp"), None, "tensor")
+  assert cache_sh.k[0].spec == P(("data", "fsdp"), "tensor")  # [B, kv_heads, S, head_dim]
   cache = jax.device_put(cache, cache_sh)
 
   @jax.jit

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise
       except Exception as e:  # XLA / lowering failures: report, exit 1
         print(f"distfair plan: {stage}: compiling the step failed: {type(e).__name__}: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", file=sys.stderr)
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} (`distfair train` compiles the "
+              f"same step)", file=sys.stderr)
         return 1
   if args.json:
     out = {"model": state.model, "model_source": state.model_source, "devices": args.devices,

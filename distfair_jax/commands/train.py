@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from distfair_jax.config import load_config
   cfg = load_config(args.config, args.overrides)
+  from distfair_jax.distributed import maybe_initialize
+  maybe_initialize()  # multi-host (TPU pod slice, GPU cluster): before any device is touched
   from distfair_jax.train.loop import Preempted, TrainingError, train
   import sys
   try:

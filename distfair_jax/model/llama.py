@@ -398,7 +398,7 @@ class Attention(nnx.Module):
                index: jax.Array | None = None):
     """x: [B, T, D]; cos/sin: [B, T, head_dim]; mask: [B, T, S] bool (S = T without a cache).
 
-    With ``kv_cache = (k, v)`` ([B, S, kv_heads, head_dim] each) the new keys/values are written at
+    With ``kv_cache = (k, v)`` ([B, kv_heads, S, head_dim] each) the new keys/values are written at
     slot ``index`` and attention runs over all S slots. Returns (out [B, T, D], new (k, v) or None).
     """
     b, t, _ = x.shape
@@ -409,17 +409,48 @@ class Attention(nnx.Module):
     k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     new_cache = None
-    if kv_cache is not None:
-      ck, cv = kv_cache
-      zero = jnp.zeros((), jnp.int32)
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
-      new_cache = (ck, cv)
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
-                                       scale=self.head_dim ** -0.5)
+    if kv_cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
+                                         scale=self.head_dim ** -0.5)
+    else:
+      out, new_cache = self._cached_attention(q, k, v, mask, kv_cache, index)
     out = shd.constrain(out, ("batch", "length", "heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+  def _cached_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                        kv_cache: tuple[jax.Array, jax.Array], index: jax.Array):
+    """Writes k/v into the cache at slot ``index``, then attends over all its S slots.
+
+    q: [B, T, heads, head_dim]; k, v: [B, T, kv_heads, head_dim]; mask: [B, T, S] bool;
+    kv_cache: ([B, kv_heads, S, head_dim], same). Returns (out [B, T, heads, head_dim], new cache).
+
+    The cache keeps kv_heads before S so that both attention contractions read it in place (batch
+    dims b, kv_heads lead); only the T new rows and the queries are transposed. Query heads are
+    grouped per kv head ([B, kv_heads, group * T, head_dim]), so repeated keys/values are never
+    materialised. Same arithmetic as ``jax.nn.dot_product_attention``: f32 logits and softmax,
+    probabilities cast to the value dtype.
+    """
+    b, t, h, hd = q.shape
+    kvh = self.num_kv_heads
+    ck, cv = kv_cache
+    s = ck.shape[2]
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, index, zero)
+    ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
+    cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
+    keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
+    g = h // kvh
+    # [B, T, heads, hd] -> [B, kv_heads, group * T, hd] (a free reshape when T == 1).
+    qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, keys,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    logits = (logits * jnp.asarray(hd ** -0.5, logits.dtype)).astype(jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits.reshape(b, kvh, g, t, s),
+                       jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kvh, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)  # [B, kv_heads, group * T, hd]
+    out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, h, hd), (ck, cv)
 
 
 class MLP(nnx.Module):
@@ -460,8 +491,9 @@ class DecoderLayer(nnx.Module):
 class KVCache:
   """Decoding state (a pytree of arrays; donate it to jit).
 
-  k, v: per layer [B, S, kv_heads, head_dim]; mask: [B, S] bool, slots holding a real token
-  (left padding leaves invalid slots); index: [] int32, next slot to write (shared by all rows);
+  k, v: per layer [B, kv_heads, S, head_dim] (slots contiguous per kv head: a decode step reads them
+  without transposing); mask: [B, S] bool, slots holding a real token (left padding leaves invalid
+  slots); index: [] int32, next slot to write (shared by all rows);
   positions: [B] int32, RoPE position of each row's next token.
   """
 
@@ -482,7 +514,7 @@ class KVCache:
   def logical_axes(self) -> KVCache:
     """Same structure with a PartitionSpec of logical axis names per leaf (for sharding)."""
     P = jax.sharding.PartitionSpec
-    kv = P("batch", "cache_length", "kv_heads", "head_dim")
+    kv = P("batch", "kv_heads", "cache_length", "head_dim")
     return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
                    mask=P("batch", "cache_length"), index=P(), positions=P("batch"))
 
@@ -562,7 +594,7 @@ class Llama(nnx.Module):
     """An empty cache for ``batch`` rows and ``max_length`` slots (prompt + generated tokens)."""
     cfg = self.config
     dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
-    shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
     zeros = lambda: jnp.zeros(shape, dt)
     n = cfg.num_hidden_layers
     return KVCache(k=tuple(zeros() for _ in range(n)), v=tuple(zeros() for _ in range(n)),

@@ -17,6 +17,7 @@ disk. Paths may be local or ``gs://`` buckets (orbax resolves them through etils
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -36,6 +37,8 @@ class StageCheckpointer:
         create=True,
     )
     self.every_steps = every_steps
+    if "://" not in directory:
+      directory = os.path.abspath(directory)  # orbax refuses relative paths
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_names=("state", "data", "config"))
 

@@ -80,7 +80,7 @@ def _log(msg: str) -> None:
 def _comparable(cfg_dict: dict) -> dict:
   """The parts of a config that change a run's results (not logging or checkpoint cadence)."""
   d = json.loads(json.dumps(cfg_dict))
-  for key in ("logging", "checkpoint"):
+  for key in ("logging", "checkpoint", "run_dir"):  # a run directory may be moved
     d.pop(key, None)
   d.get("eval", {}).pop("every_steps", None)
   return d
@@ -119,7 +119,8 @@ class Trainer:
   def __init__(self, cfg: Config, *, records: dict[str, list[dict]] | None = None,
                base_params: str | None = None):
     self.cfg = cfg
-    self.run_dir = cfg.run_dir
+    # orbax needs absolute paths (bucket URLs pass through)
+    self.run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
     os.makedirs(self.run_dir, exist_ok=True)
     self._check_config()
     self.mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))

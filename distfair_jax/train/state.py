@@ -23,7 +23,7 @@ from flax import nnx
 from distfair_jax.config import OptimConfig
 
 __all__ = ["TrainState", "trainable_filter", "split_model", "make_schedule", "make_optimizer",
-           "count_params", "init_train_state"]
+           "current_learning_rate", "count_params", "init_train_state"]
 
 
 @flax.struct.dataclass
@@ -46,36 +46,54 @@ def split_model(model, lora: bool):
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 over ``warmup_steps`` optimizer steps, then constant or cosine to 0."""
+  """The schedule's shape, peak 1: linear warmup from 0 over ``warmup_steps`` optimizer steps, then
+  constant, or cosine to 0 at ``total_steps``. The learning rate is ``learning_rate * shape(step)``."""
   warmup = max(0, min(cfg.warmup_steps, max(total_steps - 1, 0)))
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup,
                                               decay_steps=max(total_steps, warmup + 1), end_value=0.0)
   if warmup == 0:
-    return optax.constant_schedule(cfg.learning_rate)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
-      [warmup])
+    return optax.constant_schedule(1.0)
+  return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)],
+                              [warmup])
+
+
+def _scaled(direction: optax.GradientTransformation, shape: optax.Schedule, weight_decay: float):
+  """(decoupled weight decay, schedule shape, -learning_rate) after an update direction; the
+  learning rate is a hyper-parameter in the optimizer state (``optax.inject_hyperparams``), not a
+  constant of the compiled step, so runs that differ only in learning rate share one compiled step."""
+  def factory(learning_rate):
+    return optax.chain(direction,
+                       optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+                       optax.scale_by_schedule(shape), optax.scale(-1.0 * learning_rate))
+  return optax.inject_hyperparams(factory)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int):
-  """-> (optax transformation, schedule). Global-norm clipping, then AdamW / RMSprop / SGD;
-  ``grad_accum > 1`` wraps it in ``optax.MultiSteps`` (one update per ``grad_accum`` calls)."""
-  schedule = make_schedule(cfg, total_steps)
+  """-> (optax transformation, schedule shape). Global-norm clipping, then AdamW (decoupled weight
+  decay, as ``optax.adamw``), RMSprop or SGD with momentum; ``grad_accum > 1`` wraps it in
+  ``optax.MultiSteps`` (one update per ``grad_accum`` calls). ``current_learning_rate(opt_state,
+  shape, step)`` reads the rate back for logging."""
+  shape = make_schedule(cfg, total_steps)
   if cfg.optimizer == "adamw":
-    opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   elif cfg.optimizer == "rmsprop":
-    opt = optax.chain(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps),
-                      optax.add_decayed_weights(cfg.weight_decay),
-                      optax.scale_by_learning_rate(schedule))
+    direction = optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps)
   elif cfg.optimizer == "sgd":
-    opt = optax.sgd(schedule, momentum=cfg.b1 or None)
+    direction = optax.trace(decay=cfg.b1) if cfg.b1 else optax.identity()
   else:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw, rmsprop, sgd)")
+  opt = _scaled(direction, shape, cfg.weight_decay)(learning_rate=cfg.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-  return tx, schedule
+  return tx, shape
+
+
+def current_learning_rate(opt_state, shape: optax.Schedule, step) -> jax.Array:
+  """learning_rate (from the optimizer state) * shape(optimizer step)."""
+  lr = optax.tree_utils.tree_get(opt_state, "learning_rate")
+  return lr * shape(step)
 
 
 def count_params(tree) -> int:

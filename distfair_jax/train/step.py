@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from distfair_jax import losses as L
-from distfair_jax.train.state import TrainState
+from distfair_jax.train.state import TrainState, current_learning_rate
 
 __all__ = ["StepSpec", "make_loss_fn", "make_reference_fn", "make_train_step", "make_eval_fn",
            "check_batch"]
@@ -40,7 +40,7 @@ Batch = dict[str, jax.Array]
 class StepSpec:
   """Static settings of a step (hashable: part of the compiled program)."""
   kind: str  # sft | ift | hybrid | dpo
-  tile_size: int = 256
+  tile_size: int = L.DEFAULT_TILE_SIZE
   sft_average: str = "sequence"
   beta: float = 0.1
   desirable_weight: float = 1.0
@@ -105,7 +105,7 @@ def make_reference_fn(graphdef_eval, spec: StepSpec) -> Callable:
   the reference model's sequence log-probs of the targets and of the mismatched pairs."""
 
   def reference_fn(ref_params, rngs, frozen, batch):
-    ref = nnx.merge(graphdef_eval, ref_params, rngs, frozen)
+    ref = nnx.merge(graphdef_eval, *jax.tree.map(lambda x: x, (ref_params, rngs, frozen)))
     ids, mask, labels, lmask = _concat_pairs(batch, "", "kl_")
     _, _, _, logps = _sequence_logps(ref, ids, mask, labels, lmask, spec.tile_size)
     b = batch["input_ids"].shape[0]
@@ -122,7 +122,13 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
   """
   tile = spec.tile_size
 
+  def fresh(*trees):
+    # Fresh Variable objects at this trace level: dropout advances its RNG counter and nnx.remat writes
+    # layer state back, which nnx refuses on Variables created outside the traced function.
+    return jax.tree.map(lambda x: x, trees)
+
   def sft_loss(params, rngs, frozen, ref_params, batch):
+    rngs, frozen = fresh(rngs, frozen)
     model = nnx.merge(graphdef, params, rngs, frozen)
     _, _, tok, _ = _sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                    batch["label_mask"], tile)
@@ -131,6 +137,7 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
     return loss, (metrics, nnx.state(model, nnx.RngState))
 
   def hybrid_loss(params, rngs, frozen, ref_params, batch):
+    rngs, frozen, ref_params = fresh(rngs, frozen, ref_params)
     policy = nnx.merge(graphdef, params, rngs, frozen)
     hidden, unemb, _, logps = _sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
                                               batch["labels"], batch["label_mask"], tile)
@@ -139,7 +146,7 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
     steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
                           weights=desirable.astype(jnp.float32), renormalize=spec.renormalize)
     # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
-    frozen_policy = nnx.merge(graphdef_eval, jax.lax.stop_gradient(params), rngs, frozen)
+    frozen_policy = nnx.merge(graphdef_eval, *fresh(jax.lax.stop_gradient(params), rngs, frozen))
     _, _, _, kl_logps = _sequence_logps(frozen_policy, batch["kl_input_ids"], batch["kl_attention_mask"],
                                         batch["kl_labels"], batch["kl_label_mask"], tile)
     if spec.reference == "online":
@@ -158,10 +165,11 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
     return loss, (metrics, nnx.state(policy, nnx.RngState))
 
   def dpo_loss(params, rngs, frozen, ref_params, batch):
+    rngs, frozen, ref_params = fresh(rngs, frozen, ref_params)
     policy = nnx.merge(graphdef, params, rngs, frozen)
     ids, mask, labels, lmask = _concat_pairs(batch, "chosen_", "rejected_")
     _, _, _, logps = _sequence_logps(policy, ids, mask, labels, lmask, tile)
-    ref = nnx.merge(graphdef_eval, ref_params, rngs, frozen)
+    ref = nnx.merge(graphdef_eval, *fresh(ref_params, rngs, frozen))
     _, _, _, ref_logps = _sequence_logps(ref, ids, mask, labels, lmask, tile)
     ref_logps = jax.lax.stop_gradient(ref_logps)
     b = batch["chosen_input_ids"].shape[0]
@@ -192,7 +200,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["learning_rate"] = schedule(state.step // grad_accum)
+    metrics["learning_rate"] = current_learning_rate(state.opt_state, schedule, state.step // grad_accum)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rngs=new_rngs), metrics
 
   return step
@@ -209,7 +217,7 @@ def make_eval_fn(loss_fn: Callable, graphdef_eval, spec: StepSpec,
     _, (metrics, _) = loss_fn(params, rngs, frozen, ref_params, batch)
     metrics = dict(metrics)
     if steering_ids is not None and "steering_position" in batch and spec.kind in ("sft", "hybrid"):
-      model = nnx.merge(graphdef_eval, params, rngs, frozen)
+      model = nnx.merge(graphdef_eval, *jax.tree.map(lambda x: x, (params, rngs, frozen)))
       hidden = model(batch["input_ids"], batch["attention_mask"])
       logits = L.steering_logits_from_hidden(hidden, model.unembedding(), batch["steering_position"])
       q = jnp.exp(L.steering_log_probs(logits, steering_ids, renormalize=True))

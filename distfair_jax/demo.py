@@ -1,0 +1,451 @@
+"""The miniature benchmark behind ``distfair demo``: the whole method, its baselines and ablations, on
+the built-in tiny model, offline, on a CPU.
+
+For each dataset:
+
+1. **A biased base model** stands in for an off-the-shelf LLM: the tiny Llama (random init) is trained
+   on *stereotyped* data (``stereotyped_records``): every occupation's answers skewed to one category
+   (gender: the occupation's majority sex; race and sentiment: a fixed stereotype per sector), well
+   beyond the real statistics, over every question wording (training, v1 and v2) plus short templated
+   stories that follow the same stereotype. Like the LLMs in the paper, it then answers fluently, with
+   the wrong distribution. (It has seen the test wordings, as a real LLM has seen language like them;
+   the fine-tuning methods below have not.)
+2. **Methods**, all from that base model and all evaluated with one decoding configuration:
+   ``zero_shot`` (the base model), ``prompt_engineering`` (the target stated in the prompt), ``ift``
+   (SFT on answers allocated per target), ``dpo`` (from IFT), ``ours`` (SFT with steering tokens, then
+   KTO + steering KL), and the ablations ``kl_only`` and ``kto_only`` (same SFT, stage 2 with one term).
+3. **Fair comparison**: IFT and our SFT run the same number of optimizer steps on the same rows, DPO and
+   every stage-2 variant the same number of steps on the same pairs; each trained stage takes its
+   learning rate from the same small grid, picked on the held-out split of the *training* prompts by
+   the exact distribution MAE read from the logits (the steering token's distribution for steered
+   models, the first answer token's for IFT / DPO), never on test prompts.
+4. **Evaluation** on v1 (held-out wording), v2 (the attribute question) and v3 (stories, rules judge):
+   MAE with its bootstrap confidence interval, the unparsed rate, and the exact steering MAE.
+
+Everything goes under one run directory; a rerun reuses finished stages, selections and evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from distfair_jax.errors import InputError
+
+METHODS = ("zero_shot", "prompt_engineering", "ift", "dpo", "ours", "kl_only", "kto_only")
+STEERED = ("ours", "kl_only", "kto_only")
+ABLATION = {"ours": "full", "kl_only": "kl_only", "kto_only": "kto_only"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+  """Sizes of the miniature benchmark (``DEFAULT`` and ``QUICK`` below)."""
+  rows_per_occupation: int = 60        # fine-tuning rows per occupation (SFT / IFT / KTO / DPO)
+  base_rows_per_occupation: int = 80   # stereotyped attribute answers per occupation
+  base_stories_per_occupation: int = 24
+  stereotype_share: float = 0.95       # the base model's majority share
+  base_epochs: int = 4
+  base_lr: float = 3e-3
+  sft_epochs: int = 2
+  stage2_epochs: int = 2
+  batch_size: int = 16                 # SFT / IFT rows; stage 2: 16 rows = 8 (desirable, undesirable) pairs; DPO 8 pairs
+  sft_lrs: tuple[float, ...] = (1e-3, 3e-3)
+  stage2_lrs: tuple[float, ...] = (3e-4, 1e-3)
+  beta: float = 0.1
+  rounds: int = 100
+  versions: tuple[str, ...] = ("v1", "v2", "v3")
+  max_length: int = 160
+  n_bootstrap: int = 1000
+  story_max_new_tokens: int = 80
+  heldout_fraction: float = 0.15
+
+
+DEFAULT = DemoSettings()
+QUICK = DemoSettings(rows_per_occupation=24, base_rows_per_occupation=32, base_stories_per_occupation=0,
+                     base_epochs=3, sft_epochs=3, stage2_epochs=1, batch_size=16, sft_lrs=(3e-3,),
+                     stage2_lrs=(1e-3,), rounds=20, versions=("v2",), n_bootstrap=200, max_length=96)
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The biased base model's data
+
+
+_SECTOR_STEREOTYPE = {  # race / sentiment category index per sector (synthetic stereotypes)
+    "race": {"Technology & Engineering": 3, "Healthcare & Medicine": 1},
+    "sentiment": {"Healthcare & Medicine": 1, "Technology & Engineering": 0,
+                  "Education & Research": 0, "Finance & Business": 2,
+                  "Manufacturing & Construction": 1},
+}
+
+
+def stereotype(spec, occupation: str, share: float) -> np.ndarray:
+  """The base model's skewed answer distribution [K] for ``occupation``: ``share`` on the stereotyped
+  category (gender: the occupation's majority sex by the real figures; race / sentiment: a fixed
+  category per sector), the rest spread evenly."""
+  attr = spec.attribute
+  k = attr.num_categories
+  if attr.name == "gender" and spec.table is not None and occupation in spec.table.names:
+    major = int(np.argmax(spec.table.real_gender_target(occupation)))
+  else:
+    sector = spec.table.get(occupation).sector if spec.table is not None else ""
+    major = _SECTOR_STEREOTYPE.get(attr.name, {}).get(sector, 0)
+  p = np.full((k,), (1.0 - share) / max(k - 1, 1))
+  p[major] = share if k > 1 else 1.0
+  return p / p.sum()
+
+
+def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupation: int, share: float,
+                        seed: int) -> list[dict]:
+  """IFT-style records (prompt, occupation, category, response, target) of the stereotyped base data."""
+  from distfair_jax.data import build as build_lib
+  from distfair_jax.data import templates as templates_lib
+  attr, tpl = spec.attribute, spec.templates
+  rng = np.random.default_rng(seed)
+  wordings = list(tpl.train) + list(tpl.v1) + [tpl.v2]
+  story_wordings = list(tpl.train_story) + [tpl.v3]
+  out = []
+  for occupation in spec.occupations:
+    s = stereotype(spec, occupation, share)
+    render = lambda t: templates_lib.render(t, occupation=occupation, region=spec.region, attribute=attr)
+    for n, group, story in ((rows_per_occupation, wordings, False),
+                            (stories_per_occupation, story_wordings, True)):
+      cats = np.repeat(np.arange(attr.num_categories), build_lib.allocate(s, n))[rng.permutation(n)]
+      for r, k in enumerate(cats.tolist()):
+        response = (templates_lib.make_story(attr, k, occupation, rng) if story
+                    else attr.categories[k].answer)
+        out.append({"prompt": render(group[r % len(group)]), "occupation": occupation, "category": k,
+                    "response": response, "target": [float(x) for x in s]})
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+
+
+class Demo:
+  """One dataset's miniature benchmark under ``run_dir/<dataset>``."""
+
+  def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
+               tokenizer_dir: str, progress: bool = True):
+    from distfair_jax.data import build as build_lib
+    self.dataset, self.s, self.seed, self.progress = dataset, settings, seed, progress
+    self.dir = os.path.join(run_dir, dataset)
+    os.makedirs(self.dir, exist_ok=True)
+    self.tokenizer_dir = tokenizer_dir
+    self.data = build_lib.build_dataset(dataset, rows_per_occupation=settings.rows_per_occupation,
+                                        test_rounds=settings.rounds, seed=seed)
+    self.spec = self.data.spec
+    self.attribute = self.spec.attribute
+    self.timings: dict[str, float] = {}
+    self._load_json("timings.json", self.timings)
+    from transformers import AutoTokenizer
+    self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+  # -- bookkeeping --------------------------------------------------------------------------------
+
+  def _load_json(self, name: str, into: dict) -> None:
+    path = os.path.join(self.dir, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        into.update(json.load(f))
+
+  def _save_json(self, name: str, data: Any) -> None:
+    path = os.path.join(self.dir, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+  def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    if key not in self.timings:
+      self.timings[key] = round(time.perf_counter() - start, 1)
+      self._save_json("timings.json", self.timings)
+    return out
+
+  # -- training -----------------------------------------------------------------------------------
+
+  def config(self, run_dir: str, stages: list[str], *, lr: float = 1e-3, ablation: str = "full",
+             sft_epochs: int | None = None):
+    from distfair_jax import config as C
+    s = self.s
+    optim = lambda lr_, warm: C.OptimConfig(learning_rate=lr_, warmup_steps=warm, weight_decay=0.0)
+    return C.Config(
+        run_dir=run_dir, seed=self.seed, stages=stages,
+        model=C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir),
+        data=C.DataConfig(dataset=self.dataset, rows_per_occupation=s.rows_per_occupation,
+                          heldout_fraction=s.heldout_fraction, max_length=s.max_length,
+                          max_prompt_length=s.max_length - 16, seed=self.seed),
+        sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
+                        batch_size=s.batch_size, optim=optim(lr, 10)),
+        hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
+                              ablation=ablation, optim=optim(lr, 5)),
+        dpo=C.DPOConfig(epochs=s.stage2_epochs, batch_size=s.batch_size // 2, beta=s.beta,
+                        optim=optim(lr, 5)),
+        checkpoint=C.CheckpointConfig(every_steps=0, keep=1, async_save=False),
+        eval=C.EvalConfig(every_steps=0, max_batches=0),
+        logging=C.LoggingConfig(every_steps=10, tensorboard=False, progress=self.progress))
+
+  def train_base(self):
+    """The biased base model (stage ``ift`` on stereotyped records, from random weights)."""
+    from distfair_jax.train.loop import Trainer
+    s = self.s
+    records = stereotyped_records(self.spec, rows_per_occupation=s.base_rows_per_occupation,
+                                  stories_per_occupation=s.base_stories_per_occupation,
+                                  share=s.stereotype_share, seed=self.seed)
+    cfg = self.config(os.path.join(self.dir, "base"), ["ift"], lr=s.base_lr, sft_epochs=s.base_epochs)
+    cfg.data.heldout_fraction = 0.0
+    trainer = Trainer(cfg, records={"ift": records})
+    self._timed("base", trainer.run)
+    return trainer
+
+  def _base_params(self) -> str:
+    return os.path.join(self.dir, "base", "ift", "final", "params")
+
+  def train_candidates(self, name: str, stages: list[str], lrs: Sequence[float], *,
+                       ablation: str = "full", init_from: str | None = None, steered: bool):
+    """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
+    copied from ``init_from``); returns (best lr, its trainer, {lr: held-out exact MAE})."""
+    from distfair_jax.train.loop import Trainer
+    scores, trainers = {}, {}
+    for lr in lrs:
+      run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
+      if init_from is not None:
+        for prev in stages[:-1]:
+          if not os.path.exists(os.path.join(run, prev)):
+            shutil.copytree(os.path.join(init_from, prev), os.path.join(run, prev))
+      cfg = self.config(run, stages, lr=lr, ablation=ablation)
+      if init_from is not None:  # earlier stages were trained at the selected rate
+        with open(os.path.join(init_from, "config.yaml"), encoding="utf-8") as f:
+          import yaml
+          prev_cfg = yaml.safe_load(f)
+        cfg.sft.optim.learning_rate = prev_cfg["sft"]["optim"]["learning_rate"]
+      trainer = Trainer(cfg, records=self.data.records, base_params=self._base_params())
+      self._timed(f"{name}@{lr:g}", trainer.run)
+      scores[lr] = self.heldout_mae(trainer, steered=steered)
+      trainers[lr] = trainer
+      _log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact MAE {scores[lr]:.4f}")
+    best = min(lrs, key=lambda lr: (scores[lr], lr))
+    return best, trainers[best], scores
+
+  def heldout_mae(self, trainer, *, steered: bool) -> float:
+    """Mean over held-out training prompts of mean_k |q_k - p_k|: q the model's exact distribution of
+    the steering token (steered) or of the first answer token (not steered)."""
+    from distfair_jax import sample as sample_lib
+    from distfair_jax.data.tokenize import Encoder
+    held = trainer.heldout_records.get("sft") or []
+    prompts = {}
+    for r in held:
+      prompts.setdefault(r["prompt"], np.asarray(r["target"], np.float64))
+    if not prompts:
+      raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
+    enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
+                  max_length=self.s.max_length, max_prompt_length=self.s.max_length - 16)
+    if steered:
+      ids = [int(i) for i in enc.steering_ids]
+    else:
+      ids = [int(enc.completion_ids(c.answer)[0]) for c in self.attribute.categories]
+      if len(set(ids)) != len(ids):
+        raise InputError(f"{self.dataset}: answers: expected distinct first tokens for the answers "
+                         f"{self.attribute.answers}, got {ids}")
+    model = trainer.merged_model()
+    model.eval()
+    seqs = [enc.prompt_ids(p) for p in prompts]
+    ids_arr, mask = sample_lib.left_pad(seqs, enc.pad_id)
+    q = sample_lib.steering_distribution(model, ids_arr, mask, ids)
+    p = np.stack(list(prompts.values()))
+    return float(np.mean(np.abs(q - p)))
+
+  # -- evaluation ---------------------------------------------------------------------------------
+
+  def evaluate_method(self, method: str, model) -> dict:
+    from distfair_jax import evaluate as eval_lib
+    from distfair_jax.sample import DecodeConfig
+    out_dir = os.path.join(self.dir, method)
+    path = os.path.join(out_dir, "eval", "metrics.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    s = self.s
+    cfg = eval_lib.EvalConfig(
+        versions=s.versions, rounds=s.rounds, steering="model" if method in STEERED else "none",
+        decode=DecodeConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8,
+                            story_max_new_tokens=s.story_max_new_tokens),
+        seed=self.seed, n_bootstrap=s.n_bootstrap,
+        prompt_field="pe_prompt" if method == "prompt_engineering" else "prompt")
+    tests = {v: self.data.records[f"test_{v}"] for v in s.versions}
+    model.eval()
+    doc = self._timed(f"eval:{method}", lambda: eval_lib.evaluate(
+        model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
+        metadata={"dataset": self.dataset, "method": method}))
+    return doc
+
+  def run(self) -> dict[str, dict]:
+    """Trains and evaluates every method; returns ``{method: {version: summary}}``."""
+    s = self.s
+    _log(f"[{self.dataset}] biased base model")
+    base = self.train_base()
+    selection: dict[str, Any] = {}
+    self._load_json("selection.json", selection)
+
+    _log(f"[{self.dataset}] ours: stage 1 (SFT with steering tokens), lr grid {list(s.sft_lrs)}")
+    sft_lr, sft_tr, sft_scores = self.train_candidates("sft", ["sft"], s.sft_lrs, steered=True)
+    selection["sft"] = {"lr": sft_lr, "heldout_mae": sft_scores}
+    _log(f"[{self.dataset}] ift: lr grid {list(s.sft_lrs)}")
+    ift_lr, ift_tr, ift_scores = self.train_candidates("ift", ["ift"], s.sft_lrs, steered=False)
+    selection["ift"] = {"lr": ift_lr, "heldout_mae": ift_scores}
+    trained = {"ift": ift_tr}
+    sft_dir = os.path.join(self.dir, "runs", f"sft_lr{sft_lr:g}")
+    ift_dir = os.path.join(self.dir, "runs", f"ift_lr{ift_lr:g}")
+    for method in STEERED:
+      _log(f"[{self.dataset}] {method}: stage 2 ({ABLATION[method]}), lr grid {list(s.stage2_lrs)}")
+      lr, tr, scores = self.train_candidates(method, ["sft", "hybrid"], s.stage2_lrs,
+                                             ablation=ABLATION[method], init_from=sft_dir, steered=True)
+      selection[method] = {"lr": lr, "heldout_mae": scores, "sft_lr": sft_lr}
+      trained[method] = tr
+    _log(f"[{self.dataset}] dpo: from IFT, lr grid {list(s.stage2_lrs)}")
+    lr, tr, scores = self.train_candidates("dpo", ["ift", "dpo"], s.stage2_lrs, init_from=ift_dir,
+                                           steered=False)
+    selection["dpo"] = {"lr": lr, "heldout_mae": scores, "ift_lr": ift_lr}
+    trained["dpo"] = tr
+    self._save_json("selection.json", {k: {kk: ({str(a): b for a, b in vv.items()}
+                                                if isinstance(vv, dict) else vv)
+                                            for kk, vv in v.items()} for k, v in selection.items()})
+
+    results = {}
+    for method in METHODS:
+      model = (base.merged_model() if method in ("zero_shot", "prompt_engineering")
+               else trained[method].merged_model())
+      _log(f"[{self.dataset}] evaluating {method}")
+      doc = self.evaluate_method(method, model)
+      results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
+    return results
+
+
+def _summary(m: dict) -> dict:
+  out = {"mae": m["mae"], "mae_ci": m.get("mae_ci"), "unparsed_rate": m.get("unparsed_rate"),
+         "exact_mae": m.get("exact_mae")}
+  if "mae_floor" in m:
+    out["mae_floor"] = m["mae_floor"]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables and plots
+
+
+def results_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown: one row per (dataset, method), MAE [95% CI] per version, exact MAE, unparsed rate."""
+  head = ["dataset", "method"] + [f"{v} MAE [95% CI]" for v in versions] + ["v2 exact MAE",
+                                                                            "v2 unparsed"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method not in methods:
+        continue
+      cells = [ds, method]
+      for v in versions:
+        m = methods[method].get(v)
+        if m is None:
+          cells.append("")
+          continue
+        ci = m.get("mae_ci") or [float("nan")] * 2
+        cells.append(f"{m['mae']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+      v2 = methods[method].get("v2") or {}
+      cells.append("" if v2.get("exact_mae") is None else f"{v2['exact_mae']:.3f}")
+      cells.append("" if v2.get("unparsed_rate") is None else f"{v2['unparsed_rate']:.1%}")
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
+  """Bar chart of MAE per method and version (with CIs), one panel per dataset."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  datasets = list(results)
+  fig = Figure(figsize=(max(7.0, 1.2 * len(METHODS) * len(versions) / 2), 3.2 * len(datasets)))
+  FigureCanvasAgg(fig)
+  for i, ds in enumerate(datasets):
+    ax = fig.add_subplot(len(datasets), 1, i + 1)
+    width = 0.8 / len(versions)
+    for j, v in enumerate(versions):
+      xs, ys, lo, hi = [], [], [], []
+      for m_i, method in enumerate(METHODS):
+        m = results[ds].get(method, {}).get(v)
+        if m is None:
+          continue
+        xs.append(m_i + (j - (len(versions) - 1) / 2) * width)
+        ys.append(m["mae"])
+        ci = m.get("mae_ci") or [m["mae"], m["mae"]]
+        lo.append(max(0.0, m["mae"] - ci[0]))
+        hi.append(max(0.0, ci[1] - m["mae"]))
+      ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=v)
+    ax.set_xticks(range(len(METHODS)), METHODS, rotation=20, fontsize=8)
+    ax.set_ylabel("MAE")
+    ax.set_title(f"{ds}: mean absolute error to the target distribution (lower is better)", fontsize=9)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
+             fresh: bool = False, progress: bool = True) -> dict:
+  """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results."""
+  import jax
+  from distfair_jax.data.build import DATASETS
+  for ds in datasets:
+    if ds not in DATASETS:
+      raise InputError(f"demo: dataset: expected one of {', '.join(DATASETS)}, got {ds!r}")
+  settings = QUICK if quick else DEFAULT
+  run_dir = os.path.abspath(run_dir)
+  if fresh and os.path.exists(run_dir):
+    shutil.rmtree(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  marker = os.path.join(run_dir, "demo.json")
+  info = {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)}
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      previous = json.load(f)
+    if previous != json.loads(json.dumps(info)):
+      raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / seed); "
+                       f"use another --run-dir or --fresh")
+  with open(marker, "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=1)
+  # Identical programs (learning-rate grid points, datasets of one attribute) compile once.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(run_dir, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+  tokenizer_dir = os.path.join(run_dir, "tokenizer")
+  if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+    from distfair_jax.tokenizer import build_tiny_tokenizer
+    build_tiny_tokenizer(tokenizer_dir)
+  results, timings = {}, {}
+  start = time.perf_counter()
+  for ds in datasets:
+    demo = Demo(ds, run_dir, settings=settings, seed=seed, tokenizer_dir=tokenizer_dir,
+                progress=progress)
+    results[ds] = demo.run()
+    timings[ds] = demo.timings
+  total = time.perf_counter() - start
+  doc = dict(results)
+  with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(doc, f, indent=1)
+  with open(os.path.join(run_dir, "timings.json"), "w", encoding="utf-8") as f:
+    json.dump({"datasets": timings, "total_s": round(total, 1)}, f, indent=1)
+  table = results_table(results, settings.versions)
+  with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}")
+  comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
+  return results

@@ -1,0 +1,68 @@
+"""`distfair demo --quick`: the miniature benchmark end to end (CI's smoke run of the embedded default)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from distfair_jax import demo
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
+  run_dir = tmp_path / "demo"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  # A relative --run-dir, as in the README (orbax itself needs absolute paths).
+  proc = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--run-dir",
+                         "demo", "--no-progress"], env=env, capture_output=True, text=True,
+                        timeout=900, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(run_dir / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  table = results["gender_real_us"]
+  assert set(table) == set(demo.METHODS)
+  for method, versions in table.items():
+    for version in demo.QUICK.versions:
+      m = versions[version]
+      assert math.isfinite(m["mae"]) and 0 <= m["mae"] <= 1, (method, m)
+      lo, hi = m["mae_ci"]
+      assert lo <= hi
+      assert 0 <= m["unparsed_rate"] <= 1
+    if method in demo.STEERED:
+      assert math.isfinite(versions["v2"]["exact_mae"])
+  # The stand-in for an off-the-shelf LLM is biased: far from the target, and far behind ours.
+  assert table["zero_shot"]["v2"]["mae"] > 0.15
+  assert table["zero_shot"]["v2"]["mae"] > table["ours"]["v2"]["mae"] + 0.05
+  # Every method's table row and the comparison plot are there, and the stdout table too.
+  assert (run_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  text = (run_dir / "results.md").read_text(encoding="utf-8")
+  for method in demo.METHODS:
+    assert f"| {method} |" in text and f"| {method} |" in proc.stdout
+  # A rerun reuses every finished stage and evaluation.
+  again = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--run-dir",
+                          str(run_dir), "--no-progress"], env=env, capture_output=True, text=True,
+                         timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "done already" in again.stderr
+  with open(run_dir / "results.json", encoding="utf-8") as f:
+    assert json.load(f) == results
+
+
+def test_stereotype_is_skewed_beyond_the_real_figures():
+  from distfair_jax.data.build import dataset_spec
+  spec = dataset_spec("gender_real_us")
+  nurses = demo.stereotype(spec, "Registered nurses", 0.95)
+  np.testing.assert_allclose(nurses, [0.05, 0.95])
+  assert spec.target("Registered nurses")[1] < 0.95  # real: 2413 / 2817 female
+  race = demo.stereotype(dataset_spec("race_even_us"), "Software developers", 0.9)
+  assert race.argmax() == 3 and math.isclose(race.sum(), 1.0)
+  recs = demo.stereotyped_records(spec, rows_per_occupation=20, stories_per_occupation=2, share=0.95,
+                                  seed=0)
+  nurse_answers = [r["category"] for r in recs if r["occupation"] == "Registered nurses"
+                   and r["response"] in ("Male", "Female")]
+  assert nurse_answers.count(1) == 19 and nurse_answers.count(0) == 1
+  assert any(len(r["response"].split()) > 10 for r in recs)  # stories too
