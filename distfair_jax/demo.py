@@ -18,7 +18,7 @@ For each dataset:
    every stage-2 variant the same number of steps on the same pairs; each trained stage takes its
    learning rate from the same small grid, picked on the held-out split of the *training* prompts by
    the exact distribution MAE read from the logits (the steering token's distribution for steered
-   models, the first answer token's for IFT / DPO), never on test prompts.
+   models, the K whole answers' for IFT / DPO), never on test prompts.
 4. **Evaluation** on v1 (held-out wording), v2 (the attribute question) and v3 (stories, rules judge):
    MAE with its bootstrap confidence interval, the unparsed rate, and the exact steering MAE.
 
@@ -240,8 +240,9 @@ class Demo:
     return best, trainers[best], scores
 
   def heldout_mae(self, trainer, *, steered: bool) -> float:
-    """Mean over held-out training prompts of mean_k |q_k - p_k|: q the model's exact distribution of
-    the steering token (steered) or of the first answer token (not steered)."""
+    """Mean over held-out training prompts of mean_k |q_k - p_k|, p the prompt's target and q the
+    model's exact distribution over the K categories: of the steering token (steered), or of the K
+    whole answers (answer tokens + end of turn, renormalised over the K) otherwise."""
     from distfair_jax import sample as sample_lib
     from distfair_jax.data.tokenize import Encoder
     held = trainer.heldout_records.get("sft") or []
@@ -252,20 +253,43 @@ class Demo:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
                   max_length=self.s.max_length, max_prompt_length=self.s.max_length - 16)
-    if steered:
-      ids = [int(i) for i in enc.steering_ids]
-    else:
-      ids = [int(enc.completion_ids(c.answer)[0]) for c in self.attribute.categories]
-      if len(set(ids)) != len(ids):
-        raise InputError(f"{self.dataset}: answers: expected distinct first tokens for the answers "
-                         f"{self.attribute.answers}, got {ids}")
     model = trainer.merged_model()
     model.eval()
     seqs = [enc.prompt_ids(p) for p in prompts]
-    ids_arr, mask = sample_lib.left_pad(seqs, enc.pad_id)
-    q = sample_lib.steering_distribution(model, ids_arr, mask, ids)
     p = np.stack(list(prompts.values()))
+    if steered:
+      ids_arr, mask = sample_lib.left_pad(seqs, enc.pad_id)
+      q = sample_lib.steering_distribution(model, ids_arr, mask, [int(i) for i in enc.steering_ids])
+    else:
+      q = self._answer_distribution(model, enc, seqs)
     return float(np.mean(np.abs(q - p)))
+
+  def _answer_distribution(self, model, enc, prompts: list[list[int]]) -> np.ndarray:
+    """[P, K]: softmax over k of log p(answer_k + end of turn | prompt), from one batched forward."""
+    import jax
+    import jax.numpy as jnp
+    from distfair_jax import losses
+    answers = [enc.completion_ids(c.answer) for c in self.attribute.categories]
+    rows = [(pi, ki) for pi in range(len(prompts)) for ki in range(len(answers))]
+    length = max(len(prompts[pi]) + len(answers[ki]) for pi, ki in rows)
+    ids = np.full((len(rows), length), enc.pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    lmask = np.zeros(ids.shape, np.float32)
+    for r, (pi, ki) in enumerate(rows):
+      seq = prompts[pi] + answers[ki]
+      ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+      lmask[r, len(prompts[pi]) - 1:len(seq) - 1] = 1.0  # positions predicting the answer tokens
+    labels = np.concatenate([ids[:, 1:], np.full((len(rows), 1), enc.pad_id, np.int32)], axis=1)
+
+    @jax.jit
+    def score(ids, mask, labels, lmask):
+      logits = model.logits(model(ids, mask))
+      return losses.sequence_logps(losses.token_logps(logits, labels, lmask), lmask)
+
+    logp = np.asarray(score(ids, mask, labels, lmask)).reshape(len(prompts), len(answers))
+    logp = logp - logp.max(axis=1, keepdims=True)
+    q = np.exp(logp)
+    return q / q.sum(axis=1, keepdims=True)
 
   # -- evaluation ---------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Demo: the miniature benchmark on the built-in tiny model (biased base, baselines, ours, ablations).
 
-  distfair demo                               # gender_real_us, under runs/demo, about 10 minutes on 2 CPU cores
-  distfair demo --quick                       # a small version for smoke tests (about 2 minutes)
+  distfair demo                               # gender_real_us, under runs/demo, about 6 minutes on 2 CPU cores
+  distfair demo --quick                       # a small version for smoke tests (2-3 minutes)
   distfair demo --dataset race_even_us
   distfair demo --all                         # the six datasets
 
