@@ -267,7 +267,7 @@ class Demo:
   def _answer_distribution(self, model, enc, prompts: list[list[int]]) -> np.ndarray:
     """[P, K]: softmax over k of log p(answer_k + end of turn | prompt), from one batched forward."""
     import jax
-    import jax.numpy as jnp
+    from flax import nnx
     from distfair_jax import losses
     answers = [enc.completion_ids(c.answer) for c in self.attribute.categories]
     rows = [(pi, ki) for pi in range(len(prompts)) for ki in range(len(answers))]
@@ -281,12 +281,15 @@ class Demo:
       lmask[r, len(prompts[pi]) - 1:len(seq) - 1] = 1.0  # positions predicting the answer tokens
     labels = np.concatenate([ids[:, 1:], np.full((len(rows), 1), enc.pad_id, np.int32)], axis=1)
 
+    graphdef, state = nnx.split(model)
+
     @jax.jit
-    def score(ids, mask, labels, lmask):
-      logits = model.logits(model(ids, mask))
+    def score(state, ids, mask, labels, lmask):  # weights as an argument, not baked-in constants
+      m = nnx.merge(graphdef, state)
+      logits = m.logits(m(ids, mask))
       return losses.sequence_logps(losses.token_logps(logits, labels, lmask), lmask)
 
-    logp = np.asarray(score(ids, mask, labels, lmask)).reshape(len(prompts), len(answers))
+    logp = np.asarray(score(state, ids, mask, labels, lmask)).reshape(len(prompts), len(answers))
     logp = logp - logp.max(axis=1, keepdims=True)
     q = np.exp(logp)
     return q / q.sum(axis=1, keepdims=True)

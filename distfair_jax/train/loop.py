@@ -30,7 +30,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,6 @@ class Trainer:
     self.mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
     self.writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
                                 enabled=jax.process_index() == 0)
-    from distfair_jax.data import attributes as attributes_lib  # noqa: F401  (import cost)
     self._setup_data(records)
     self._setup_model(base_params)
 
@@ -490,11 +489,12 @@ class Trainer:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     ref = ref_params if spec.needs_reference_params else None
+    cached = spec.kind == "hybrid" and spec.reference == "cached"
+    ref_fn = jax.jit(make_reference_fn(self.graphdef_eval, spec)) if cached else None  # compiled once
     for _ in range(min(pipe.num_steps, self.cfg.eval.max_batches)):
       host = next(batches)
-      if spec.kind == "hybrid" and spec.reference == "cached":
-        out = jax.jit(make_reference_fn(self.graphdef_eval, spec))(
-            ref_params, self.rngs, self.frozen, shd.put_batch(host, self.mesh))
+      if cached:
+        out = ref_fn(ref_params, self.rngs, self.frozen, shd.put_batch(host, self.mesh))
         host = dict(host, **{k: np.asarray(v) for k, v in jax.device_get(out).items()})
       metrics = jax.device_get(jit_eval(state.params, state.rngs, self.frozen, ref,
                                         shd.put_batch(host, self.mesh)))
