@@ -6,20 +6,25 @@ position, written as the first assistant token, then ``--max-new-tokens`` tokens
 temperature 1 (stop at end of turn), decoded to text.
 
 - ours: ``distfair_jax.sample.generate`` (each distinct prompt prefilled once, its rounds decoded
-  together in one jit-compiled ``while_loop`` over the KV cache). Timed after one warm-up call (the
-  compile time is reported separately).
+  together: one jit-compiled program per chunk of prompts, a ``while_loop`` over the KV cache).
+  Timed after one warm-up call (the compile time is reported separately).
 - reference: the original implementation's formulation in PyTorch / Hugging Face: one sample at a
   time, a forward pass for the digit distribution, then ``model.generate(do_sample=True)`` on the
-  prompt + digit. Slow, so it runs ``--torch-rounds`` rounds per occupation and its per-sample rate
-  is extrapolated to the full workload (said so in the output). It runs once per thread count in
-  ``--torch-threads`` and the fastest counts (on a busy machine one thread beats oversubscribed
-  ones by several times for this tiny model).
+  prompt + digit, decoded to text. Slow, so it runs ``--torch-rounds`` rounds per occupation and its
+  per-sample rate is extrapolated to the full workload (said so in the output). It is timed (after one
+  untimed warm-up sample) at each thread count in ``--torch-threads``, and the fastest counts (on a
+  busy machine one thread beats oversubscribed ones by several times for this tiny model).
+
+Timings on a shared machine are noisy, so ``--runs`` rounds of measurements ALTERNATE the two sides
+(ours, then the reference at each thread count, then ours again, ...): a burst of load from elsewhere
+hits both. Each side reports min / median / max samples/s; the speed-up is the ratio of medians
+(ours over the fastest reference setting), with the range of the per-run ratios.
 
 The same tiny model (the ``tiny`` preset, random weights, the built-in tiny tokenizer) is used on
 both sides: built in JAX, written with ``distfair_jax.convert`` and loaded by transformers.
 
-  python benchmarks/sampling.py                        # 14 x 100 ours, 14 x 3 torch
-  python benchmarks/sampling.py --rounds 20 --torch-rounds 1 --out /tmp/s.json   # quick
+  python benchmarks/sampling.py                        # 14 x 100 ours, 14 x 3 torch, 3 runs
+  python benchmarks/sampling.py --rounds 20 --torch-rounds 1 --runs 1 --out /tmp/s.json   # quick
 
 Results are printed as a table and written (atomically) as JSON to ``--out``
 (default benchmarks/results/sampling.json).
@@ -31,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +57,8 @@ def _parse(argv):
   p.add_argument("--torch-threads", default="1,0",
                  help="reference: comma-separated torch thread counts to try (0: torch's default); "
                  "the fastest is the reference figure (default: %(default)s)")
+  p.add_argument("--runs", type=int, default=3,
+                 help="alternating measurement rounds of both sides (default: %(default)s)")
   p.add_argument("--preset", default="tiny")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(_RESULTS_DIR, "sampling.json"))
@@ -74,60 +82,87 @@ def _build(preset: str, seed: int, workdir: str):
   return model, tokenizer, hf_dir
 
 
-def _ours(model, tokenizer, prompts, steering_ids, stop_ids, args):
-  from distfair_jax import sample
-  from distfair_jax.data.tokenize import Encoder
-  encoder = Encoder(tokenizer)
-  ids = [encoder.prompt_ids(p) for p in prompts]
-  kw = dict(rounds=args.rounds, config=sample.DecodeConfig(max_new_tokens=args.max_new_tokens),
-            steering="model", steering_ids=steering_ids, stop_ids=stop_ids,
-            pad_id=encoder.pad_id, batch_size=args.batch_size, tokenizer=tokenizer)
-  t0 = time.perf_counter()
-  sample.generate(model, ids, seed=args.seed + 1, **kw)  # warm-up: compiles
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out = sample.generate(model, ids, seed=args.seed, **kw)
-  wall = time.perf_counter() - t0
-  n = len(out.text)
-  return {"samples": n, "wall_s": wall, "samples_per_s": n / wall,
-          "first_call_s_incl_compile": first,
-          "mean_new_tokens": float(out.num_tokens.mean()) - 1.0,  # steering token not counted
-          "steering_share_1": float((out.steering_index == 1).mean())}
+class _Ours:
+  """Our sampler on the workload; ``run(seed)`` times one full pass."""
+
+  def __init__(self, model, tokenizer, prompts, steering_ids, stop_ids, args):
+    from distfair_jax import sample
+    from distfair_jax.data.tokenize import Encoder
+    self.sample, self.model, self.args = sample, model, args
+    encoder = Encoder(tokenizer)
+    self.ids = [encoder.prompt_ids(p) for p in prompts]
+    self.kw = dict(rounds=args.rounds,
+                   config=sample.DecodeConfig(max_new_tokens=args.max_new_tokens),
+                   steering="model", steering_ids=steering_ids, stop_ids=stop_ids,
+                   pad_id=encoder.pad_id, batch_size=args.batch_size, tokenizer=tokenizer)
+    t0 = time.perf_counter()
+    sample.generate(model, self.ids, seed=args.seed + 1000, **self.kw)  # warm-up: compiles
+    self.first_call_s = time.perf_counter() - t0
+
+  def run(self, seed: int) -> dict:
+    t0 = time.perf_counter()
+    out = self.sample.generate(self.model, self.ids, seed=seed, **self.kw)
+    wall = time.perf_counter() - t0
+    n = len(out.text)
+    return {"samples": n, "wall_s": wall, "samples_per_s": n / wall,
+            "mean_new_tokens": float(out.num_tokens.mean()) - 1.0,  # steering token not counted
+            "steering_share_1": float((out.steering_index == 1).mean())}
 
 
-def _reference(hf_dir, tokenizer, prompts, steering_ids, stop_ids, args, threads: int):
-  import torch
-  from transformers import AutoModelForCausalLM
-  from distfair_jax.data.tokenize import Encoder
-  torch.set_num_threads(threads if threads > 0 else _TORCH_DEFAULT_THREADS)
-  torch.manual_seed(args.seed)
-  model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  model.eval()
-  encoder = Encoder(tokenizer)
-  steer = torch.tensor(steering_ids)
-  n, new_tokens = 0, 0
-  t0 = time.perf_counter()
-  with torch.inference_mode():
-    for prompt in prompts:
-      ids = torch.tensor([encoder.prompt_ids(prompt)])
-      for _ in range(args.torch_rounds):
-        logits = model(input_ids=ids).logits[0, -1, steer]
-        k = int(torch.multinomial(torch.softmax(logits, -1), 1))
-        inp = torch.cat([ids, steer[k].view(1, 1)], dim=1)
-        gen = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True,
-                             temperature=1.0, top_p=1.0, top_k=0,
-                             max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
-                             pad_token_id=encoder.pad_id)
-        cont = gen[0, inp.shape[1]:]
-        tokenizer.decode(cont, skip_special_tokens=True)
-        n += 1
-        new_tokens += int(cont.shape[0])
-  wall = time.perf_counter() - t0
-  total = len(prompts) * args.rounds
-  rate = n / wall
-  return {"samples": n, "wall_s": wall, "samples_per_s": rate,
-          "extrapolated_wall_s_for_workload": total / rate, "mean_new_tokens": new_tokens / n,
-          "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+class _Reference:
+  """The reference formulation (HF PyTorch ``generate``, one sample at a time)."""
+
+  def __init__(self, hf_dir, tokenizer, prompts, steering_ids, stop_ids, args):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from distfair_jax.data.tokenize import Encoder
+    self.torch, self.tokenizer, self.args, self.stop_ids = torch, tokenizer, args, stop_ids
+    self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    self.model.eval()
+    self.encoder = Encoder(tokenizer)
+    self.prompt_ids = [self.encoder.prompt_ids(p) for p in prompts]
+    self.steer = torch.tensor(steering_ids)
+
+  def _one(self, ids):
+    torch = self.torch
+    logits = self.model(input_ids=ids).logits[0, -1, self.steer]
+    k = int(torch.multinomial(torch.softmax(logits, -1), 1))
+    inp = torch.cat([ids, self.steer[k].view(1, 1)], dim=1)
+    gen = self.model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=True,
+                              temperature=1.0, top_p=1.0, top_k=0,
+                              max_new_tokens=self.args.max_new_tokens, eos_token_id=self.stop_ids,
+                              pad_token_id=self.encoder.pad_id)
+    cont = gen[0, inp.shape[1]:]
+    self.tokenizer.decode(cont, skip_special_tokens=True)
+    return int(cont.shape[0])
+
+  def run(self, threads: int, seed: int) -> dict:
+    torch, args = self.torch, self.args
+    torch.set_num_threads(threads if threads > 0 else _TORCH_DEFAULT_THREADS)
+    torch.manual_seed(seed)
+    n, new_tokens = 0, 0
+    with torch.inference_mode():
+      self._one(torch.tensor([self.prompt_ids[0]]))  # warm-up at this thread count, untimed
+      t0 = time.perf_counter()
+      for prompt_ids in self.prompt_ids:
+        ids = torch.tensor([prompt_ids])
+        for _ in range(args.torch_rounds):
+          new_tokens += self._one(ids)
+          n += 1
+      wall = time.perf_counter() - t0
+    total = len(self.prompt_ids) * args.rounds
+    rate = n / wall
+    return {"samples": n, "wall_s": wall, "samples_per_s": rate,
+            "extrapolated_wall_s_for_workload": total / rate, "mean_new_tokens": new_tokens / n,
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+
+
+def _summary(runs: list[dict]) -> dict:
+  rates = [r["samples_per_s"] for r in runs]
+  return {"samples_per_s_min": min(rates), "samples_per_s_median": statistics.median(rates),
+          "samples_per_s_max": max(rates), "samples": runs[0]["samples"],
+          "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+          "mean_new_tokens": statistics.mean(r["mean_new_tokens"] for r in runs)}
 
 
 def main(argv=None) -> int:
@@ -135,40 +170,61 @@ def main(argv=None) -> int:
   import torch
   _TORCH_DEFAULT_THREADS = torch.get_num_threads()
   args = _parse(argv)
+  if args.runs < 1:
+    print("--runs: expected an integer >= 1", file=sys.stderr)
+    return 2
   from distfair_jax import sample
   from distfair_jax.data.build import build_dataset
   from distfair_jax.data.tokenize import Encoder
   dataset = build_dataset("gender_real_us", test_rounds=1)
   prompts = [r["prompt"] for r in dataset["test_v2"]]
+  threads = [int(t) for t in args.torch_threads.split(",")]
   with tempfile.TemporaryDirectory(prefix="distfair-bench-") as tmp:
     model, tokenizer, hf_dir = _build(args.preset, args.seed, tmp)
     encoder = Encoder(tokenizer, attribute=dataset.spec.attribute)
     steering_ids = [int(i) for i in encoder.steering_ids]
     stop_ids = sorted(set(sample.stop_token_ids(tokenizer)) | {int(encoder.end_ids[0])})
-    ours = _ours(model, tokenizer, prompts, steering_ids, stop_ids, args)
-    refs = [_reference(hf_dir, tokenizer, prompts, steering_ids, stop_ids, args, int(t))
-            for t in args.torch_threads.split(",")]
-  ref = max(refs, key=lambda r: r["samples_per_s"])
-  ratio = ours["samples_per_s"] / ref["samples_per_s"]
+    ours = _Ours(model, tokenizer, prompts, steering_ids, stop_ids, args)
+    reference = _Reference(hf_dir, tokenizer, prompts, steering_ids, stop_ids, args)
+    ours_runs, ref_runs = [], {t: [] for t in threads}
+    for i in range(args.runs):  # alternate the two sides
+      ours_runs.append(ours.run(args.seed + i))
+      for t in threads:
+        ref_runs[t].append(reference.run(t, args.seed + i))
+  ours_sum = _summary(ours_runs)
+  ref_sums = {t: _summary(r) | {"torch_threads": r[0]["torch_threads"]} for t, r in ref_runs.items()}
+  best = max(ref_sums, key=lambda t: ref_sums[t]["samples_per_s_median"])
+  ref = ref_sums[best]
+  ratio = ours_sum["samples_per_s_median"] / ref["samples_per_s_median"]
+  per_run = [o["samples_per_s"] / max(ref_runs[t][i]["samples_per_s"] for t in threads)
+             for i, o in enumerate(ours_runs)]
+  extrapolated = len(prompts) * args.rounds / ref["samples_per_s_median"]
+
   workload = f"gender_real_us v2: {len(prompts)} occupations x {args.rounds} rounds"
   print(f"\nworkload: {workload}, model steering, max_new_tokens {args.max_new_tokens}, "
         f"preset {args.preset} (random weights), backend {jax.default_backend()}, "
-        f"{os.cpu_count()} CPUs")
-  print(f"{'':34s} {'samples':>8s} {'wall s':>9s} {'samples/s':>10s} {'answer tok/sample':>18s}")
-  print(f"{'ours (batched, KV cache, jit)':34s} {ours['samples']:8d} {ours['wall_s']:9.2f} "
-        f"{ours['samples_per_s']:10.1f} {ours['mean_new_tokens']:18.1f}")
-  for r in refs:
-    name = f"reference, torch {r['torch_threads']} thread(s)"
-    print(f"{name:34s} {r['samples']:8d} {r['wall_s']:9.2f} {r['samples_per_s']:10.1f} "
-          f"{r['mean_new_tokens']:18.1f}")
-  print(f"speed-up vs the fastest reference: {ratio:.1f}x (goal >= 20x). Reference measured on {ref['samples']} samples "
-        f"({args.torch_rounds} per occupation) and extrapolated: "
-        f"{ref['extrapolated_wall_s_for_workload']:.1f} s for the workload. Ours: first call "
-        f"incl. compile {ours['first_call_s_incl_compile']:.1f} s.")
+        f"{os.cpu_count()} CPUs; {args.runs} alternating run(s)")
+  print(f"{'samples/s':>44s}")
+  print(f"{'':34s} {'samples':>8s} {'min':>8s} {'median':>8s} {'max':>8s} {'answer tok/sample':>18s}")
+  rows = [("ours (batched, KV cache, jit)", ours_sum)]
+  rows += [(f"reference, torch {s['torch_threads']} thread(s)", s) for s in ref_sums.values()]
+  for name, s in rows:
+    print(f"{name:34s} {s['samples']:8d} {s['samples_per_s_min']:8.1f} "
+          f"{s['samples_per_s_median']:8.1f} {s['samples_per_s_max']:8.1f} "
+          f"{s['mean_new_tokens']:18.1f}")
+  print(f"speed-up vs the fastest reference (ratio of medians): {ratio:.1f}x (goal >= 20x); per-run "
+        f"ratios {min(per_run):.1f}x .. {max(per_run):.1f}x. Reference measured on {ref['samples']} "
+        f"samples per run ({args.torch_rounds} per occupation) and extrapolated: "
+        f"{extrapolated:.1f} s for the workload. Ours: first call incl. compile "
+        f"{ours.first_call_s:.1f} s.")
   result = {"benchmark": "sampling", "workload": workload, "max_new_tokens": args.max_new_tokens,
             "preset": args.preset, "backend": jax.default_backend(), "cpus": os.cpu_count(),
             "platform": platform.platform(), "jax_version": jax.__version__,
-            "batch_size": args.batch_size, "ours": ours, "reference": ref, "reference_runs": refs, "speedup": ratio,
+            "batch_size": args.batch_size, "runs": args.runs,
+            "ours": ours_sum | {"first_call_s_incl_compile": ours.first_call_s},
+            "reference": ref | {"extrapolated_wall_s_for_workload": extrapolated},
+            "speedup": ratio, "speedup_per_run": per_run,
+            "ours_runs": ours_runs, "reference_runs": [r for t in threads for r in ref_runs[t]],
             "note": ("reference rate measured on a subset of rounds and extrapolated per sample"
                      if args.torch_rounds < args.rounds else "")}
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -2,19 +2,22 @@
 
 The core is pure: jit-compiled functions of ``(graphdef, state)`` from ``nnx.split`` plus arrays; the
 model object only appears at the edges (``nnx.merge`` inside the traced function). One call of
-:func:`generate` works in chunks of prompts:
+:func:`generate` works in chunks of prompts, each chunk ONE compiled program (``_sample_chunk``, one
+jit per prompts x rounds x prompt length x cache length x mode x max new tokens) and one dispatch; the
+host fetches the tokens once, after every chunk is queued:
 
-1. **Prefill** (one jit per prompt-count x prompt-length bucket x cache length): the distinct prompts of a
-   chunk, left-padded to a common bucketed length, go through ``model.prefill`` once; the cache rows and
-   the logits at the last prompt position are then repeated ``rounds`` times on the batch axis
-   (``jnp.repeat``), so every round of a prompt shares its single prefill.
-2. **Steering** (inside the decode jit): ``model`` mode draws the steering token from the softmax over the
-   K steering-token logits alone (renormalised, temperature 1) at the first assistant position; ``target``
-   mode draws it from a caller-given distribution; ``none`` skips it. The steering token is written as the
-   first assistant token and decoding continues after it (where training put it).
-3. **Decode** (one jit per rows x cache length x max new tokens; the cache argument is donated): a
-   ``lax.while_loop`` over ``model.decode_step``, with temperature / top-k / top-p / greedy, a per-row stop
-   at end-of-turn or EOS ids, and an early exit once every row has stopped.
+1. **Prefill**: the distinct prompts of a chunk, left-padded to a common bucketed length, go through
+   ``model.prefill`` once; the cache rows and the logits at the last prompt position are then repeated
+   ``rounds`` times on the batch axis, so every round of a prompt shares its single prefill.
+2. **Steering**: ``model`` mode draws the steering token from the softmax over the K steering-token
+   logits alone (renormalised, temperature 1) at the first assistant position; ``target`` mode draws it
+   from a caller-given distribution; ``none`` skips it. The steering token is written as the first
+   assistant token and decoding continues after it (where training put it).
+3. **Decode**: a ``lax.while_loop`` over ``model.decode_step``, with temperature / top-k / top-p /
+   greedy, a per-row stop at end-of-turn or EOS ids, and an early exit once every row has stopped.
+   Tokens are drawn by inverting the cumulative distribution with one uniform number per row and step
+   (:func:`categorical_icdf`), not by Gumbel-max, whose V random numbers per row cost more than the
+   model itself on CPU.
 
 Randomness is per sample: the key of sample (prompt p, round r) is ``fold_in(fold_in(key(seed), p), r)``
 and step t uses ``fold_in(row_key, t)``, so a sample does not depend on the chunking, the batch it shares,
@@ -154,6 +157,12 @@ def bucket_length(n: int, minimum: int = 16) -> int:
   return -(-n // 256) * 256
 
 
+def _prompt_bucket(n: int) -> int:
+  """Padded prompt length for the sampler: ``bucket_length`` but multiples of 16 above 32 (every
+  padded slot is read again by each decode step of each round, so coarse buckets cost decode time)."""
+  return min(bucket_length(n), -(-max(int(n), 1) // 16) * 16) if n > 32 else bucket_length(n)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token-id lists. Returns ``input_ids, attention_mask: [B, length]`` int32."""
@@ -242,6 +251,44 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def _first_reaching(cdf: jax.Array, x: jax.Array, positive: jax.Array) -> jax.Array:
+  """Index of the first entry with ``cdf >= x`` among the positive ones, per row.
+
+  cdf, positive: [N, M]; x: [N] -> [N] int32. When rounding leaves no hit (x just above the last
+  cumulative value), the last positive entry: an entry of zero weight is never returned.
+  """
+  hit = (cdf >= x[:, None]) & positive
+  last = cdf.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+  return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1), last).astype(jnp.int32)
+
+
+def categorical_icdf(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw per row from ``softmax(logits)`` by inversion, with ONE uniform number per row.
+
+  logits: [N, V] float32 (-inf = excluded); keys: [N] typed keys -> [N] int32.
+  Same distribution as ``jax.random.categorical`` (Gumbel-max), which draws V random numbers per row:
+  on CPU, generating those cost more than the whole decode step of a small model. The inversion is
+  two-level (blocks of ~sqrt(V) tokens: pick the block from the block sums, then the token inside it)
+  so that no cumulative sum over the whole vocabulary is needed. A token of probability 0 is never
+  drawn, whatever the rounding.
+  """
+  n, vocab = logits.shape
+  width = 1 << (((vocab - 1).bit_length() + 1) // 2)  # power of two ~ sqrt(V)
+  blocks = -(-vocab // width)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [N] in [0, 1)
+  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised, [N, V]
+  probs = jnp.pad(probs, ((0, 0), (0, blocks * width - vocab))).reshape(n, blocks, width)
+  block_sum = probs.sum(axis=-1)  # [N, blocks]
+  block_cdf = jnp.cumsum(block_sum, axis=-1)
+  x = u * block_cdf[:, -1]
+  b = _first_reaching(block_cdf, x, block_sum > 0)  # [N]
+  take = lambda a: jnp.take_along_axis(a, b[:, None], axis=1)[:, 0]
+  x_inner = x - (take(block_cdf) - take(block_sum))  # mass before block b
+  inner = jnp.take_along_axis(probs, b[:, None, None], axis=1)[:, 0]  # [N, width]
+  j = _first_reaching(jnp.cumsum(inner, axis=-1), x_inner, inner > 0)
+  return b * width + j
+
+
 def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array, *, greedy: bool, filtering: bool) -> jax.Array:
   """One token per row. logits: [N, V] float32; keys: [N] typed keys -> [N] int32."""
@@ -250,7 +297,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
   logits = logits / temperature
   if filtering:
     logits = filter_logits(logits, top_k, top_p)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  return categorical_icdf(keys, logits)
 
 
 def repeat_cache(model, cache, batch: int, rounds: int, cache_length: int):
@@ -283,10 +330,12 @@ def _last_logits(model, hidden: jax.Array, attention_mask: jax.Array) -> jax.Arr
   return model.logits(h)[:, 0].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rounds", "cache_length"))
-def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
-  """input_ids, attention_mask: [P, L] left-padded -> (logits [P*rounds, V] f32, cache of P*rounds)."""
-  model = _merge(graphdef, state)
+def _prefill_rows(model, input_ids, attention_mask, rounds: int, cache_length: int):
+  """input_ids, attention_mask: [P, L] left-padded -> (logits [P*rounds, V] f32, cache of P*rounds).
+
+  Each prompt is prefilled once; its cache rows and last-position logits are then repeated
+  ``rounds`` times (adjacent rows) for the rounds to decode from.
+  """
   batch = input_ids.shape[0]
   cache = model.init_cache(batch, cache_length)
   hidden, cache = model.prefill(input_ids, attention_mask, cache)
@@ -295,20 +344,21 @@ def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_l
   return jnp.repeat(logits, rounds, axis=0), cache
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "mode", "max_new_tokens", "greedy", "filtering"),
-    donate_argnames=("cache",))
-def _decode(graphdef, state, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
-            temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
-            filtering: bool):
-  """Steering + decode loop.
+@functools.partial(jax.jit, static_argnames=("graphdef", "rounds", "cache_length"))
+def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
+  """The prefill alone, jit-compiled (benchmarks/gpu.py times it separately); see _prefill_rows."""
+  return _prefill_rows(_merge(graphdef, state), input_ids, attention_mask, rounds, cache_length)
+
+
+def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
+                 temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
+                 filtering: bool):
+  """Steering + decode loop (traced inside a jit).
 
   first_logits: [N, V] f32 (last prompt position); keys: [N] typed keys; steering_ids: [K] int32;
   target_probs: [N, K] f32 (used in ``target`` mode); stop_ids: [S] int32.
-  Returns tokens [N, T] int32, steering index [N] int32 (-1 when not steered) and the final cache.
+  Returns tokens [N, T] int32 and the steering index [N] int32 (-1 when not steered).
   """
-  model = _merge(graphdef, state)
   rows = first_logits.shape[0]
   steered = mode != "none"
   total = max_new_tokens + (1 if steered else 0)
@@ -348,9 +398,35 @@ def _decode(graphdef, state, cache, first_logits, keys, steering_ids, target_pro
     return t + 1, tok, cache, tokens, done
 
   carry = (jnp.asarray(1, jnp.int32), first, cache, tokens, done)
-  _, _, cache, tokens, _ = jax.lax.while_loop(cond, body, carry)
-  # The cache is returned (and dropped by the caller) so that its donated buffers are reused in place.
-  return tokens, steer_idx, cache
+  _, _, _, tokens, _ = jax.lax.while_loop(cond, body, carry)
+  return tokens, steer_idx
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "rounds", "cache_length", "mode", "max_new_tokens", "greedy",
+                     "filtering"))
+def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt, first_round,
+                  steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
+                  rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
+                  filtering: bool):
+  """One chunk, one compiled program: prefill, rounds, per-sample keys, steering and decode loop.
+
+  input_ids, attention_mask: [P, L] (prompts first_prompt .. first_prompt + P - 1, left-padded);
+  key: typed key of the seed; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
+  Returns tokens [P*rounds, T] int32 and steering index [P*rounds] int32, row p * rounds + r holding
+  round first_round + r of prompt first_prompt + p.
+  """
+  model = _merge(graphdef, state)
+  batch = input_ids.shape[0]
+  logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
+  p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)
+  r_idx = first_round + jnp.tile(jnp.arange(rounds, dtype=jnp.int32), batch)
+  keys = _sample_keys(key, p_idx, r_idx)
+  return _decode_rows(model, cache, logits, keys, steering_ids,
+                      jnp.repeat(target_probs, rounds, axis=0), stop_ids, temperature, top_k, top_p,
+                      pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
+                      filtering=filtering)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -450,7 +526,7 @@ def generate(model_or_graph_state,
 
   graphdef, state = split_model(model_or_graph_state)
   graphdef = _static(graphdef)
-  length = bucket_length(max(len(p) for p in prompts)) if prompts else 0
+  length = _prompt_bucket(max(len(p) for p in prompts)) if prompts else 0
   ids, mask = left_pad(prompts, pad_id, length)
   cache_length = length + max_new + (1 if steering != "none" else 0)
   stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
@@ -468,17 +544,16 @@ def generate(model_or_graph_state,
       units.append((start, c * rounds_per_call))
 
   pending = []
+  key = jax.random.key(seed)
+  steer_arr, stops_arr = jnp.asarray(steer), jnp.asarray(stops)
   for start, round0 in units:
     idx = np.minimum(np.arange(start, start + per_call), num_prompts - 1)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]),
-                             rounds=rounds_per_call, cache_length=cache_length)
+    tokens, steer_idx = _sample_chunk(
+        graphdef, state, ids[idx], mask[idx], key, np.int32(start), np.int32(round0), steer_arr,
+        probs[idx], stops_arr, *scalars, rounds=rounds_per_call, cache_length=cache_length,
+        mode=steering, max_new_tokens=max_new, greedy=greedy, filtering=filtering)
     p_idx = np.repeat(np.arange(start, start + per_call), rounds_per_call)
     r_idx = np.tile(np.arange(round0, round0 + rounds_per_call), per_call)
-    keys = sample_keys(seed, p_idx, r_idx)
-    tgt = jnp.asarray(np.repeat(probs[idx], rounds_per_call, axis=0))
-    tokens, steer_idx, _ = _decode(graphdef, state, cache, logits, keys, jnp.asarray(steer), tgt,
-                                jnp.asarray(stops), *scalars, mode=steering,
-                                max_new_tokens=max_new, greedy=greedy, filtering=filtering)
     pending.append((p_idx, r_idx, tokens, steer_idx))
 
   # Gather on host, keep the real (prompt, round) rows in prompt-major order.
@@ -508,11 +583,18 @@ def generate(model_or_graph_state,
 
 def decode_text(tokenizer, samples: Samples, *, steered: bool,
                 stop_ids: Sequence[int]) -> list[str]:
-  """Decoded continuation per row, without the steering token (column 0 when steered) or stop token."""
-  start = 1 if steered else 0
-  stops = set(int(s) for s in stop_ids)
-  texts = []
-  for row, n in zip(samples.tokens, samples.num_tokens):
-    ids = [int(t) for t in row[start:n] if int(t) not in stops]
-    texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-  return texts
+  """Decoded continuation per row, without the steering token (column 0 when steered) or stop token.
+
+  A Hugging Face fast tokenizer without clean-up of spaces decodes all rows in one call of its Rust
+  backend (``decode_batch``, what ``tokenizer.decode`` runs row by row); other tokenizers, row by row.
+  """
+  tokens = np.asarray(samples.tokens)
+  col = np.arange(tokens.shape[1])[None, :]
+  keep = ((col >= (1 if steered else 0)) & (col < np.asarray(samples.num_tokens)[:, None])
+          & ~np.isin(tokens, np.asarray(list(stop_ids), np.int64)))
+  rows = [row[k].tolist() for row, k in zip(tokens, keep)]
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if (hasattr(backend, "decode_batch") and hasattr(tokenizer, "clean_up_tokenization_spaces")
+      and not tokenizer.clean_up_tokenization_spaces):
+    return list(backend.decode_batch(rows, skip_special_tokens=True))
+  return [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]

@@ -106,6 +106,32 @@ def test_filter_logits_top_k_top_p():
   np.testing.assert_array_equal(keep(3, 0.5)[0], [False, True, False, True])
 
 
+def test_inverse_cdf_draw_reproduces_distribution_and_never_draws_excluded_tokens():
+  vocab = 37  # not a multiple of the block width (8): padded blocks
+  rng = np.random.default_rng(0)
+  logits = (2.0 * rng.normal(size=vocab)).astype(np.float32)
+  logits[[0, 5, 8, 15, 36]] = -np.inf  # first and last token, a block edge, mid-block
+  logits[[9, 10, 11, 12, 13, 14]] = -np.inf  # most of one block
+  p = np.exp(logits - logits[np.isfinite(logits)].max())
+  p /= p.sum()
+  n = 20000
+  draw = jax.jit(sample.categorical_icdf)
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(3), n),
+                           jnp.broadcast_to(jnp.asarray(logits), (n, vocab))))
+  counts = np.bincount(tokens, minlength=vocab)
+  assert counts[p == 0].sum() == 0
+  allowed = p > 0
+  obs, exp = counts[allowed], p[allowed] * n
+  assert exp.min() >= 20  # chi-square needs populated cells
+  df = len(obs) - 1
+  critical = df + 6.0 * np.sqrt(2.0 * df)  # far beyond the 99.9% point (about df + 4 sqrt(2 df))
+  assert float(((obs - exp) ** 2 / exp).sum()) < critical
+  # ... and power: a uniform draw over the allowed tokens is rejected by the same statistic.
+  flat = np.where(p > 0, 1.0, 0.0) / (p > 0).sum()
+  exp_flat = flat[allowed] * n
+  assert float(((obs - exp_flat) ** 2 / exp_flat).sum()) > 10 * critical
+
+
 def test_left_pad_and_buckets():
   ids, mask = sample.left_pad([[1, 2], [3]], pad_id=0, length=4)
   np.testing.assert_array_equal(ids, [[0, 0, 1, 2], [0, 0, 0, 3]])
@@ -238,6 +264,39 @@ def test_decoded_text_strips_steering_and_stop_token(model):
   out = sample.generate(model, PROMPTS, stop_ids=[stop], tokenizer=Tok(), **kw)
   first = int(np.flatnonzero(free.tokens[0, 1:] == stop)[0]) + 1
   assert out.text[0] == ",".join(str(t) for t in free.tokens[0, 1:first])
+
+
+def test_chunks_share_one_compiled_program(model, sampled):
+  kw, batched = sampled
+  before = sample._sample_chunk._cache_size()  # noqa: SLF001
+  # batch_size 2 with 2 rounds: one prompt per chunk, three chunks of the same shapes.
+  chunked = sample.generate(model, PROMPTS, seed=7, batch_size=2, **kw)
+  assert sample._sample_chunk._cache_size() == before + 1  # noqa: SLF001
+  np.testing.assert_array_equal(chunked.tokens, batched.tokens)  # chunking changes no sample
+
+
+def test_batched_text_decoding_equals_row_by_row():
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  tok = build_tiny_tokenizer()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, len(tok), size=(50, 9)).astype(np.int32)
+  num = rng.integers(1, 10, size=50).astype(np.int32)
+  stops = [int(tokens[0, 2]), int(tok.eos_token_id)]
+  samples = sample.Samples(tokens=tokens, num_tokens=num, steering_index=np.zeros(50, np.int32),
+                           prompt_index=np.zeros(50, np.int32), round_index=np.zeros(50, np.int32))
+
+  class RowByRow:  # the same tokenizer without its Rust backend: the row-by-row path
+    def decode(self, ids, skip_special_tokens=True):
+      return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+  for steered in (True, False):
+    fast = sample.decode_text(tok, samples, steered=steered, stop_ids=stops)
+    slow = sample.decode_text(RowByRow(), samples, steered=steered, stop_ids=stops)
+    assert fast == slow and sum(t != "" for t in fast) > 25
+  start = 1
+  row = [int(t) for t in tokens[3, start:num[3]] if int(t) not in stops]
+  assert sample.decode_text(tok, samples, steered=True, stop_ids=stops)[3] == tok.decode(
+      row, skip_special_tokens=True)
 
 
 def test_bad_arguments(model):
