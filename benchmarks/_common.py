@@ -136,53 +136,68 @@ def _fmt(x: Any) -> str:
 
 
 def hybrid_batch(vocab: int, batch: int, length: int, steering_ids: Sequence[int], seed: int = 0,
-                 min_fill: float = 0.75) -> dict[str, Any]:
-  """A right-padded hybrid (KTO + steering) batch of numpy arrays with the data pipeline's keys.
+                 min_fill: float = 0.75, layout: str = "rows") -> dict[str, Any]:
+  """A synthetic hybrid (KTO + steering) batch of numpy arrays with the data pipeline's keys.
 
-  Rows come in desirable / undesirable pairs (first half desirable); each row is a prompt of about
-  a quarter of its length, then the steering token, an answer and padding; sequence lengths are
-  drawn from [min_fill * length, length]. Mismatched pairs: prompt i + completion of row (i+1) mod B.
-  Shapes: input_ids, attention_mask, labels, label_mask, kl_*: [B, L]; steering_position, category,
-  desirable: [B]; target: [B, K].
+  ``batch`` rows = batch / 2 desirable / undesirable pairs; each pair shares a random prompt of
+  ``min_fill * length / 4`` tokens and has two completions (the steering token, then random answer tokens)
+  filling its rows to [min_fill * length, length] tokens: long completions, the case least favourable
+  to the packed layout. ``layout="rows"``: [B, length] arrays as ``data.tokenize.collate`` makes
+  them (mismatched pairs: prompt i + completion of row (i + 1) mod B); ``"packed"``: the same
+  sequences, one row per pair (``pack_shared_prefix``; its length a multiple of ``length``).
   """
+  import types
   import numpy as np
+  from distfair_jax.data import tokenize
   if batch < 2 or batch % 2:
     raise ValueError(f"batch: expected an even number >= 2, got {batch}")
   rng = np.random.default_rng(seed)
-  k = len(steering_ids)
+  k, pairs = len(steering_ids), batch // 2
   steer_ids = np.asarray(steering_ids, np.int32)
-  special = set(int(s) for s in steer_ids)
-  low = max(special) + 1 if max(special) < vocab // 2 else 1
-  total = rng.integers(max(4, int(min_fill * length)), length + 1, size=batch)
-  plen = np.maximum(2, total // 4)
-  category = rng.integers(0, k, size=batch).astype(np.int32)
-  prompts = [rng.integers(low, vocab, size=int(p)).astype(np.int32) for p in plen]
-  answers = [rng.integers(low, vocab, size=int(t - p - 1)).astype(np.int32)
-             for t, p in zip(total, plen)]
-  completions = [np.concatenate([[steer_ids[c]], a]).astype(np.int32)
-                 for c, a in zip(category, answers)]
+  low = max(int(s) for s in steer_ids) + 1 if max(steer_ids) < vocab // 2 else 1
+  examples = []
+  plen = max(2, int(min_fill * length) // 4)  # one prompt length: mismatched rows fit in length too
+  for _ in range(pairs):
+    total = rng.integers(max(plen + 2, int(min_fill * length)), length + 1, size=2)
+    prompt = rng.integers(low, vocab, size=plen).tolist()
+    category = int(rng.integers(0, k))
+    target = rng.dirichlet(np.ones(k)).astype(np.float32)
+    pair = []
+    for t, desirable in zip(total, (1, 0)):
+      answer = rng.integers(low, vocab, size=int(t) - plen - 1).tolist()
+      pair.append({"prompt": prompt, "completion": [int(steer_ids[category])] + answer,
+                   "category": category, "target": target, "desirable": desirable})
+    examples.append(tuple(pair))
+  encoder = types.SimpleNamespace(fit=lambda p, c: c, pad_id=0, max_length=length)
+  return tokenize.collate(examples, "kto", encoder, buckets=(length,), layout=layout)
 
-  def pack(pairs):
-    ids = np.zeros((batch, length), np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    lmask = np.zeros((batch, length), np.float32)
-    for i, (p, c) in enumerate(pairs):
-      seq = np.concatenate([p, c])[:length]
-      ids[i, :len(seq)] = seq
-      mask[i, :len(seq)] = 1
-      lmask[i, len(p) - 1:len(seq) - 1] = 1.0  # positions predicting the completion tokens
-    labels = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
-    return ids, mask, labels, lmask
 
-  ids, mask, labels, lmask = pack(list(zip(prompts, completions)))
-  kl_ids, kl_mask, kl_labels, kl_lmask = pack(
-      [(prompts[i], completions[(i + 1) % batch]) for i in range(batch)])
-  target = rng.dirichlet(np.ones(k), size=1).astype(np.float32).repeat(batch, axis=0)
-  desirable = (np.arange(batch) < batch // 2).astype(np.int32)
-  return dict(input_ids=ids, attention_mask=mask, labels=labels, label_mask=lmask,
-              steering_position=(plen - 1).astype(np.int32), category=category,
-              desirable=desirable, target=target, kl_input_ids=kl_ids,
-              kl_attention_mask=kl_mask, kl_labels=kl_labels, kl_label_mask=kl_lmask)
+def real_kto_batch(batch: int, layout: str = "rows", dataset: str = "gender_real_us",
+                   seed: int = 0) -> tuple[dict[str, Any], list[int], int]:
+  """The method's real workload: ``batch / 2`` KTO pairs of ``dataset`` (attribute questions, short
+  answers) tokenized with the tiny tokenizer as the data pipeline does (length buckets from 32).
+
+  Returns (batch arrays, steering token ids, tokenizer vocabulary size).
+  """
+  import numpy as np
+  from distfair_jax.data import build, tokenize
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  tok = build_tiny_tokenizer()
+  ds = build.build_dataset(dataset, rows_per_occupation=max(4, batch), test_rounds=1, seed=seed)
+  pairs = [ds["kto"][i:i + 2] for i in range(0, len(ds["kto"]), 2)]
+  order = np.random.default_rng(seed).permutation(len(pairs))[:batch // 2]
+  records = [r for i in order for r in pairs[i]]
+  encoder = tokenize.Encoder(tok, attribute=ds.spec.attribute)
+  return (tokenize.tokenize_batch(records, tok, "kto", encoder=encoder, layout=layout),
+          [int(x) for x in encoder.steering_ids], len(tok))
+
+
+def trim_rows(batch: dict[str, Any]) -> dict[str, Any]:
+  """A rows-layout batch cut to its longest sequence (what a PyTorch collator pads to)."""
+  n = int(max(batch["attention_mask"].sum(1).max(), batch["kl_attention_mask"].sum(1).max()))
+  return {k: (v[:, :n] if v.ndim == 2 and k.endswith(("input_ids", "attention_mask", "labels",
+                                                       "label_mask")) else v)
+          for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------

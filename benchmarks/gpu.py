@@ -58,6 +58,9 @@ def _parse(argv):
   p.add_argument("--tile-size", type=int, default=None, help="log-prob tile (default: the library's)")
   p.add_argument("--steps", type=int, default=5, help="timed hybrid steps (after 2 warm-up steps)")
   p.add_argument("--reference", choices=("online", "cached", "both"), default="online")
+  p.add_argument("--layout", choices=("rows", "packed"), default="rows",
+                 help="hybrid batch layout (rows: dense B x L tokens, the clean MFU measure; packed: "
+                      "one row per pair, as training runs by default)")
   p.add_argument("--decode-batch", type=int, default=256)
   p.add_argument("--prompt-length", type=int, default=128)
   p.add_argument("--new-tokens", type=int, default=256)
@@ -126,7 +129,8 @@ def _train(args, cfg, device, reference: str) -> dict[str, Any]:
       log(f"hybrid step ({reference} reference): building {batch_size} x {args.length}")
       h = _common.HybridStep(_build_model(cfg, device), (15, 16), reference=reference,
                              tile_size=tile, device=device)
-      host = _common.hybrid_batch(cfg.vocab_size, batch_size, args.length, (15, 16), seed=0)
+      host = _common.hybrid_batch(cfg.vocab_size, batch_size, args.length, (15, 16), seed=0,
+                                  layout=args.layout)
       dev = h.put(host)
       t0 = time.perf_counter()
       h.block(h.run(dev))
@@ -150,8 +154,14 @@ def _train(args, cfg, device, reference: str) -> dict[str, Any]:
     times.append(time.perf_counter() - t0)
     log(f"step {i + 1}/{args.steps}: {times[-1] * 1e3:.1f} ms, loss {float(metrics['loss']):.4f}")
   step_s = statistics.median(times)
-  tokens = {"target": (batch_size, args.length), "kl": (batch_size, args.length)}
+  if args.layout == "packed":
+    tokens = {"packed": tuple(host["packed_input_ids"].shape),
+              "labels": (2 * host["label_ids"].shape[0], host["label_ids"].shape[2])}
+  else:
+    tokens = {"target": (batch_size, args.length), "kl": (batch_size, args.length)}
   flops = step_flops(cfg, "hybrid", tokens, reference=reference)
+  computed_tokens = (int(host["packed_input_ids"].size) if args.layout == "packed"
+                     else 2 * batch_size * args.length)  # what the device computes per pass
   tflops = flops / step_s / 1e12
   peak = args.peak_tflops or _peak(device)
   mem = {}
@@ -164,8 +174,8 @@ def _train(args, cfg, device, reference: str) -> dict[str, Any]:
       "reference": reference, "batch": batch_size, "length": args.length, "tile_size": tile,
       "remat": cfg.remat, "step_s": step_s, "step_s_runs": times,
       "compile_and_first_step_s": compile_s,
-      "tokens_per_step": 2 * batch_size * args.length,
-      "tokens_per_s": 2 * batch_size * args.length / step_s,
+      "layout": args.layout, "tokens_per_step": computed_tokens,
+      "tokens_per_s": computed_tokens / step_s,
       "examples_per_s": batch_size / step_s,
       "flops_per_step": flops, "tflops_per_s": tflops, "peak_tflops": peak,
       "mfu": (tflops / peak) if peak else None, "goal_mfu": 0.35,

@@ -49,7 +49,7 @@ SIZES: dict[str, tuple[dict[str, Any], int, int]] = {
                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-5,
                  rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False), 8, 128),
     # --smoke only.
-    "micro": (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "micro": (dict(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    max_position_embeddings=256, tie_word_embeddings=True), 4, 16),
 }
@@ -59,6 +59,9 @@ STEERING_IDS = (3, 4)  # K = 2 steering tokens
 def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes", default="tiny,50m", help=f"comma-separated, of {', '.join(SIZES)}")
+  p.add_argument("--workloads", default="real,synthetic",
+                 help="comma-separated: real (gender_real_us KTO pairs: short answers), synthetic "
+                      "(random tokens, completions ~3x the prompt)")
   p.add_argument("--batch", type=int, default=None, help="override every size's batch")
   p.add_argument("--length", type=int, default=None, help="override every size's length")
   p.add_argument("--runs", type=int, default=7, help="alternating timed runs per side")
@@ -78,6 +81,9 @@ def _parse(argv):
     args.sizes, args.runs, args.min_run_s, args.pause_s = "micro", 2, 0.0, 0.0
     args.scaling_size, args.scaling = "micro", "4x16,4x32"
   args.size_names = [s.strip() for s in args.sizes.split(",") if s.strip()]
+  args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+  if not args.workload_names or set(args.workload_names) - {"real", "synthetic"}:
+    p.error(f"--workloads: expected real and/or synthetic, got {args.workloads!r}")
   for s in args.size_names + ([args.scaling_size] if args.scaling else []):
     if s not in SIZES:
       p.error(f"--sizes: expected names among {', '.join(SIZES)}, got {s!r}")
@@ -226,9 +232,27 @@ def _timed_run(step_once, min_s: float) -> tuple[float, int]:
       return elapsed, steps
 
 
-def _bench_size(name: str, args, keep: dict[str, Any]) -> dict[str, Any]:
-  import jax
-  import numpy as np
+SIDES = ("ours", "ours_cached", "ours_rows", "torch")
+
+
+def _workload(name: str, cfg, batch_size: int, length: int):
+  """-> (packed batch, rows batch cut to its longest sequence, steering ids, description)."""
+  if name == "real":
+    packed, steering, vocab = _common.real_kto_batch(batch_size, "packed")
+    rows, _, _ = _common.real_kto_batch(batch_size, "rows")
+    if vocab > cfg.vocab_size:
+      raise SystemExit(f"real workload: the tiny tokenizer's {vocab} tokens exceed the model's "
+                       f"vocabulary {cfg.vocab_size}")
+    what = "gender_real_us KTO pairs, tiny tokenizer"
+  else:
+    packed = _common.hybrid_batch(cfg.vocab_size, batch_size, length, STEERING_IDS, seed=1,
+                                  layout="packed")
+    rows = _common.hybrid_batch(cfg.vocab_size, batch_size, length, STEERING_IDS, seed=1)
+    steering, what = list(STEERING_IDS), "random tokens, completions ~3x the prompt"
+  return packed, _common.trim_rows(rows), steering, what
+
+
+def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[str, Any]:
   from distfair_jax import losses
   from distfair_jax.train.state import count_params
 
@@ -236,45 +260,52 @@ def _bench_size(name: str, args, keep: dict[str, Any]) -> dict[str, Any]:
   batch_size = args.batch or SIZES[name][1]
   length = args.length or SIZES[name][2]
   tile = args.tile_size or losses.DEFAULT_TILE_SIZE
-  batch = _common.hybrid_batch(cfg.vocab_size, batch_size, length, STEERING_IDS, seed=1)
+  packed, rows, steering, what = _workload(workload, cfg, batch_size, length)
   jmodel = _jax_model(cfg, seed=0)
   tmodel = _torch_model(cfg, jmodel)
   n_params = sum(p.numel() for p in tmodel.parameters())
-  print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, batch {batch_size} x length {length}, "
-        f"tile {tile}", flush=True)
+  seq_tokens = int(rows["attention_mask"].sum() + rows["kl_attention_mask"].sum())
+  packed_tokens = int((packed["packed_segment_ids"] > 0).sum())
+  print(f"\n== {name} / {workload} ({what}): {n_params / 1e6:.1f}M parameters, batch {batch_size} "
+        f"sequences + {batch_size} mismatched; rows {tuple(rows['input_ids'].shape)} "
+        f"({seq_tokens} tokens), packed {tuple(packed['packed_input_ids'].shape)} "
+        f"({packed_tokens} tokens); tile {tile}", flush=True)
 
-  sides: dict[str, Any] = {}
   t0 = time.perf_counter()
-  online = _common.HybridStep(jmodel, STEERING_IDS, reference="online", tile_size=tile)
-  cached = _common.HybridStep(_jax_model(cfg, seed=0), STEERING_IDS, reference="cached",
-                              tile_size=tile)
-  on_batch, ca_batch = online.put(batch), cached.put(batch)
+  steps = {
+      "ours": (_common.HybridStep(jmodel, steering, reference="online", tile_size=tile), packed),
+      "ours_cached": (_common.HybridStep(_jax_model(cfg, seed=0), steering, reference="cached",
+                                         tile_size=tile), packed),
+      "ours_rows": (_common.HybridStep(_jax_model(cfg, seed=0), steering, reference="online",
+                                       tile_size=tile), rows),
+  }
+  device_batches = {k: h.put(b) for k, (h, b) in steps.items()}
   first = {}
-  for key, h, b in (("ours", online, on_batch), ("ours_cached", cached, ca_batch)):
-    m = h.run(b)
+  for key, (h, _) in steps.items():
+    m = h.run(device_batches[key])
     h.block(m)
     first[key] = float(m["loss"])
   compile_s = time.perf_counter() - t0
-  torch_side = TorchHybrid(tmodel, batch, STEERING_IDS)
+  torch_side = TorchHybrid(tmodel, rows, steering)
   first["torch"] = torch_side.step()
-  print(f"first-step loss: ours {first['ours']:.6f}  ours cached {first['ours_cached']:.6f}  "
-        f"torch {first['torch']:.6f}  (compile + first steps of ours: {compile_s:.1f}s)", flush=True)
+  print("first-step loss: " + "  ".join(f"{k} {v:.6f}" for k, v in first.items()) +
+        f"  (compile + first steps of ours: {compile_s:.1f}s)", flush=True)
 
   def ours_once(h, b):
     def f():
       h.block(h.run(b))
     return f
 
-  runners = {"ours": ours_once(online, on_batch), "ours_cached": ours_once(cached, ca_batch),
-             "torch": torch_side.step}
+  runners = {k: ours_once(h, device_batches[k]) for k, (h, _) in steps.items()}
+  runners["torch"] = torch_side.step
   for key, fn in runners.items():  # one untimed warm-up step each (allocator, caches)
     fn()
   times = {k: [] for k in runners}
   for i in range(args.runs):
     for key, fn in runners.items():
       time.sleep(args.pause_s)
-      secs, steps = _timed_run(fn, args.min_run_s)
-      times[key].append(batch_size * steps / secs)
+      secs, n = _timed_run(fn, args.min_run_s)
+      times[key].append(batch_size * n / secs)
     print(f"run {i + 1}/{args.runs}: " + "  ".join(f"{k} {v[-1]:.2f} ex/s" for k, v in times.items())
           + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
@@ -285,19 +316,23 @@ def _bench_size(name: str, args, keep: dict[str, Any]) -> dict[str, Any]:
     out["per_run"] = per_run
     return out
 
-  for key in runners:
-    sides[key] = {"examples_per_s": _common.spread(times[key]), "per_run": times[key]}
-  keep[name] = online  # reused by the scaling table (same program for the same shapes)
+  sides = {k: {"examples_per_s": _common.spread(times[k]), "per_run": times[k]} for k in runners}
+  if workload == "synthetic":
+    keep[name] = steps["ours_rows"][0]  # reused by the scaling table (same rows program)
   return {
-      "name": name, "params": int(n_params), "batch": batch_size, "length": length,
-      "tile_size": tile, "config": {k: v for k, v in cfg.to_hf().items()
-                                    if k not in ("architectures", "rope_parameters")},
+      "name": name, "workload": workload, "workload_description": what, "params": int(n_params),
+      "batch": batch_size, "rows_shape": list(rows["input_ids"].shape),
+      "packed_shape": list(packed["packed_input_ids"].shape), "sequence_tokens": seq_tokens,
+      "packed_tokens": packed_tokens, "tile_size": tile,
+      "config": {k: v for k, v in cfg.to_hf().items()
+                 if k not in ("architectures", "rope_parameters")},
       **sides,
-      "ratio": ratio("ours"), "ratio_cached": ratio("ours_cached"),
-      "first_step_loss": first, "loss_abs_diff": abs(first["ours"] - first["torch"]),
-      "compiles": {"ours": online.compiles(), "ours_cached": cached.compiles()},
+      "ratio": ratio("ours"), "ratio_cached": ratio("ours_cached"), "ratio_rows": ratio("ours_rows"),
+      "first_step_loss": first,
+      "loss_abs_diff": {k: abs(first[k] - first["torch"]) for k in steps},
+      "compiles": {k: h.compiles() for k, (h, _) in steps.items()},
       "first_steps_incl_compile_s": compile_s,
-      "jax_params_counted": count_params(online.state.params),
+      "jax_params_counted": count_params(steps["ours"][0].state.params),
   }
 
 
@@ -307,10 +342,11 @@ def _scaling(args, keep: dict[str, Any]) -> list[dict[str, Any]]:
   cfg = _config(args.scaling_size)
   tile = args.tile_size or losses.DEFAULT_TILE_SIZE
   rows = []
-  print(f"\n== scaling ({args.scaling_size}, ours, reference online)", flush=True)
+  print(f"\n== scaling ({args.scaling_size}, ours, rows layout, reference online)", flush=True)
   h = keep.get(args.scaling_size)
   if h is None or h.spec.tile_size != tile:
     h = _common.HybridStep(_jax_model(cfg, seed=0), STEERING_IDS, tile_size=tile)
+  # The rows layout at fixed B x L (its tokens are exactly 2 x B x L): the cost per token.
   for b, l in args.scaling_points:
     dev = h.put(_common.hybrid_batch(cfg.vocab_size, b, l, STEERING_IDS, seed=2))
     h.block(h.run(dev))
@@ -356,7 +392,8 @@ def main(argv=None) -> int:
              "machine_before": _common.machine_info(), "goal_ratio": 2.0, "sizes": []}
   keep: dict[str, Any] = {}
   for name in args.size_names:
-    results["sizes"].append(_bench_size(name, args, keep))
+    for workload in args.workload_names:
+      results["sizes"].append(_bench_size(name, workload, args, keep))
   results["scaling"] = _scaling(args, keep) if args.scaling_points else []
   results["machine_after"] = _common.machine_info()
 
@@ -364,20 +401,26 @@ def main(argv=None) -> int:
         f"{cores} threads each; min / median / max over {args.runs} alternating runs)")
   rows = []
   for s in results["sizes"]:
-    for key in ("ours", "ours_cached", "torch"):
+    for key in SIDES:
       e = s[key]["examples_per_s"]
-      rows.append([s["name"], f"{s['params'] / 1e6:.1f}M", f"{s['batch']}x{s['length']}", key,
-                   e["min"], e["median"], e["max"]])
-  print(_common.table(rows, ["size", "params", "BxL", "side", "min", "median", "max"]))
-  print("\nRatio ours / torch per run (goal >= 2.0)")
+      shape = s["rows_shape"] if key in ("ours_rows", "torch") else s["packed_shape"]
+      rows.append([s["name"], f"{s['params'] / 1e6:.1f}M", s["workload"], key,
+                   "x".join(map(str, shape)), e["min"], e["median"], e["max"]])
+  print(_common.table(rows, ["size", "params", "data", "side", "arrays", "min", "median", "max"]))
+  print("\nRatio ours / torch per run (goal >= 2.0); ours = packed layout (the default), "
+        "rows = the torch formulation's layout")
   rows = []
   for s in results["sizes"]:
-    for key, label in (("ratio", "reference online"), ("ratio_cached", "reference cached")):
+    for key, label in (("ratio", "packed, reference online"),
+                       ("ratio_cached", "packed, reference cached"),
+                       ("ratio_rows", "rows, reference online")):
       r = s[key]
-      rows.append([s["name"], label, r["min"], r["median"], r["max"], r["of_medians"]])
-  print(_common.table(rows, ["size", "ours", "min", "median", "max", "ratio of medians"]))
+      rows.append([s["name"], s["workload"], label, r["min"], r["median"], r["max"],
+                   r["of_medians"]])
+  print(_common.table(rows, ["size", "data", "ours", "min", "median", "max", "ratio of medians"]))
   if results["scaling"]:
-    print(f"\nScaling of ours ({args.scaling_size}, reference online); tokens = 2 x B x L")
+    print(f"\nScaling of ours ({args.scaling_size}, rows layout, reference online); "
+          f"tokens = 2 x B x L")
     pts = [r for r in results["scaling"] if "tokens" in r]
     print(_common.table([[f"{r['batch']}x{r['length']}", r["tokens"], r["step_s"] * 1e3,
                           r.get("fit_step_s", float("nan")) * 1e3, r["us_per_token"]] for r in pts],

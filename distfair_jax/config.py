@@ -116,6 +116,7 @@ class HybridConfig:
   ablation: str = "full"
   renormalize: bool = False
   reference: str = "online"
+  layout: str = "auto"
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
 
@@ -180,6 +181,7 @@ _CHOICES = {
     "sft.average": {"sequence", "token"},
     "hybrid.ablation": {"full", "kl_only", "kto_only"},
     "hybrid.reference": {"online", "cached"},
+    "hybrid.layout": {"auto", "packed", "rows"},
     "sft.optim.optimizer": {"adamw", "rmsprop", "sgd"},
     "sft.optim.schedule": {"constant", "cosine"},
 }

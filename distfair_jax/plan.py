@@ -211,6 +211,10 @@ def batch_warnings(cfg: Config, sizes: Mapping[str, int]) -> list[str]:
       out.append(f"{stage}: batch_size {b} is not a multiple of data x fsdp = {div}: that stage "
                  f"cannot run on this mesh (use a mesh with data x fsdp dividing {b}, e.g. more "
                  f"tensor parallelism, or a larger batch)")
+    elif stage == "hybrid" and cfg.hybrid.layout == "packed" and (b // 2) % div:  # auto: rows
+      out.append(f"hybrid: batch_size {b} holds {b // 2} pairs, not a multiple of data x fsdp = "
+                 f"{div}: the packed layout puts one pair per row (double the batch, or set "
+                 f"hybrid.layout: rows)")
   return out
 
 
@@ -261,9 +265,24 @@ def _num_categories(cfg: Config) -> int:
 
 
 def abstract_batch(kind: str, batch_size: int, length: int, num_categories: int,
-                   reference: str = "online") -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{key: (shape, dtype)} of one global batch of the data pipeline for a step kind."""
+                   reference: str = "online",
+                   layout: str = "rows") -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (shape, dtype)} of one global batch of the data pipeline for a step kind.
+
+  A packed hybrid batch is sized for its worst case: rows of ``length`` tokens whose one-token
+  prompt is shared by four completions (4 x length tokens per pair, 2 x length labels per group).
+  """
   b, l, k = batch_size, length, num_categories
+  if kind == "hybrid" and layout == "packed":
+    p = b // 2
+    out = {"packed_input_ids": ((p, 4 * l), jnp.int32), "packed_positions": ((p, 4 * l), jnp.int32),
+           "packed_segment_ids": ((p, 4 * l), jnp.int32),
+           "label_source": ((p, 2, 2 * l), jnp.int32), "label_ids": ((p, 2, 2 * l), jnp.int32),
+           "label_branch": ((p, 2, 2 * l), jnp.int32), "steering_position": ((p,), jnp.int32),
+           "target": ((p, k), jnp.float32), "category": ((p,), jnp.int32)}
+    if reference == "cached":
+      out.update({"reference_logps": ((b,), jnp.float32), "reference_kl_logps": ((b,), jnp.float32)})
+    return out
   seq = lambda prefix: {prefix + "input_ids": ((b, l), jnp.int32),
                         prefix + "attention_mask": ((b, l), jnp.int32),
                         prefix + "labels": ((b, l), jnp.int32),
@@ -292,9 +311,17 @@ def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
   scfg = getattr(cfg, STAGE_SECTION[stage])
   b, length = scfg.batch_size, cfg.data.max_length
   div = sizes["data"] * sizes["fsdp"]
+  layout = "rows"
+  if stage == "hybrid":
+    layout = cfg.hybrid.layout
+    if layout == "auto":
+      layout = "packed" if (b // 2) % div == 0 else "rows"
+  if layout == "packed":
+    div *= 2  # one row per pair
   if b % div:
-    raise InputError(f"{STAGE_SECTION[stage]}.batch_size: expected a multiple of data x fsdp "
-                     f"({div}) on mesh {sizes}, got {b}")
+    twice = ", x 2 for hybrid.layout packed" if layout == "packed" else ""
+    raise InputError(f"{STAGE_SECTION[stage]}.batch_size: expected a multiple of {div} (data x "
+                     f"fsdp{twice}) on mesh {sizes}, got {b}")
   mcfg, _, _ = model_config(cfg)
   graphdef, graphdef_eval, params, rngs, frozen = abstract_split(cfg, mcfg)
   spec = _stage_spec(cfg, stage)
@@ -317,9 +344,10 @@ def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
   a_frozen = jax.tree.map(sds, frozen, shd.state_shardings(frozen, mesh))
   ref = a_params if spec.needs_reference_params else None
   batch = {}
-  for key, (shape, dtype) in abstract_batch(spec.kind, b, length, k, spec.reference).items():
+  for key, (shape, dtype) in abstract_batch(spec.kind, b, length, k, spec.reference,
+                                            layout).items():
     batch[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, shd.batch_spec(len(shape), mesh, batch_size=b)))
+        mesh, shd.batch_spec(len(shape), mesh, batch_size=shape[0])))
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
   compiled = jitted.lower(state, a_frozen, ref, batch).compile()

@@ -30,17 +30,21 @@ def _run(script: str, out: Path) -> dict:
 def test_train_step_smoke(tmp_path):
   res = _run("train_step.py", tmp_path / "train_step.json")
   assert res["benchmark"] == "train_step" and res["goal_ratio"] == 2.0
-  (size,) = res["sizes"]
-  for side in ("ours", "ours_cached", "torch"):
-    e = size[side]["examples_per_s"]
-    assert 0 < e["min"] <= e["median"] <= e["max"]
-  for key in ("ratio", "ratio_cached"):
-    r = size[key]
-    assert 0 < r["min"] <= r["median"] <= r["max"] and r["of_medians"] > 0
-    assert len(r["per_run"]) == 2
-  # Same weights and batch on both sides: the first step's loss agrees.
-  assert size["loss_abs_diff"] < 1e-4 * max(1.0, abs(size["first_step_loss"]["torch"]))
-  assert size["compiles"] == {"ours": 1, "ours_cached": 1}
+  assert [(s["name"], s["workload"]) for s in res["sizes"]] == [("micro", "real"),
+                                                                ("micro", "synthetic")]
+  for size in res["sizes"]:
+    for side in ("ours", "ours_cached", "ours_rows", "torch"):
+      e = size[side]["examples_per_s"]
+      assert 0 < e["min"] <= e["median"] <= e["max"]
+    for key in ("ratio", "ratio_cached", "ratio_rows"):
+      r = size[key]
+      assert 0 < r["min"] <= r["median"] <= r["max"] and r["of_medians"] > 0
+      assert len(r["per_run"]) == 2
+    # Same weights and sequences on every side (packed or rows): the first step's loss agrees.
+    for side, diff in size["loss_abs_diff"].items():
+      assert diff < 1e-4 * max(1.0, abs(size["first_step_loss"]["torch"])), side
+    assert size["compiles"] == {"ours": 1, "ours_cached": 1, "ours_rows": 1}
+    assert size["packed_shape"][0] * 2 == size["rows_shape"][0]  # one packed row per pair
   points = [r for r in res["scaling"] if "tokens" in r]
   assert [(r["batch"], r["length"]) for r in points] == [(4, 16), (4, 32)]
   assert all(r["step_s"] > 0 for r in points)

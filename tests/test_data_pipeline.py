@@ -110,6 +110,26 @@ def test_sharded_without_overlap(tok, ds, kind):
     pipeline.make_batches(recs, tok, kind, 8, seed=0, shard_index=0, shard_count=3)
 
 
+def test_packed_kto_sharded_by_pairs(tok, ds):
+  """layout="packed": one row per pair, the same pairs in the same order as the rows layout, and
+  the process shards concatenate to the global packed batch."""
+  kw = dict(seed=3, num_epochs=1)
+  rows = _all(pipeline.make_batches(ds["kto"], tok, "kto", 8, shard_index=0, shard_count=1, **kw))
+  full = _all(pipeline.make_batches(ds["kto"], tok, "kto", 8, shard_index=0, shard_count=1,
+                                    layout="packed", **kw))
+  s0, s1 = (_all(pipeline.make_batches(ds["kto"], tok, "kto", 8, shard_index=i, shard_count=2,
+                                       layout="packed", **kw)) for i in (0, 1))
+  assert len(rows) == len(full) == len(s0)
+  for r, g, a, b in zip(rows, full, s0, s1):
+    assert g["packed_input_ids"].shape[0] == 4 and a["packed_input_ids"].shape[0] == 2
+    np.testing.assert_array_equal(g["steering_position"], r["steering_position"][:4])
+    for key in g:
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), g[key])
+  with pytest.raises(InputError, match=r"2 x a multiple of the 4 processes \(packed layout"):
+    pipeline.make_batches(ds["kto"], tok, "kto", 4, seed=0, shard_index=0, shard_count=4,
+                          layout="packed")
+
+
 def test_resumes_exactly_from_saved_state(tok, ds):
   make = lambda: pipeline.make_batches(ds["kto"], tok, "kto", 4, seed=9, num_epochs=2,
                                        shard_index=0, shard_count=1)

@@ -147,6 +147,68 @@ def test_kto_pairs_and_mismatched_rotation(tokenizers_by_style, race, style):
   assert tokenize.rotate([0, 1, 2, 3]) == [1, 2, 3, 0]
 
 
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_packed_kto_batch_holds_the_rows_sequences(tokenizers_by_style, race, style):
+  """layout="packed": row i = [prompt_i | desirable_i | undesirable_i | mismatched rows i, P + i];
+  each branch with the prompt is exactly the rows layout's sequence, and each label is predicted by
+  the hidden state the row layout's label mask points at."""
+  tok = tokenizers_by_style[style]
+  recs = race["kto"][:8]  # 4 pairs
+  rows = tokenize.tokenize_batch(recs, tok, "kto")
+  packed = tokenize.tokenize_batch(recs, tok, "kto", layout="packed")
+  p = 4
+  assert packed["packed_input_ids"].shape[0] == p and packed["label_ids"].shape[:2] == (p, 2)
+  np.testing.assert_array_equal(packed["target"], rows["target"][:p])
+
+  def rows_seq(prefix, i):
+    n = int(rows[prefix + "attention_mask"][i].sum())
+    return list(rows[prefix + "input_ids"][i, :n])
+
+  expected = lambda i: [rows_seq("", i), rows_seq("", p + i), rows_seq("kl_", i),
+                        rows_seq("kl_", p + i)]
+  for i in range(p):
+    ids, seg, pos = (packed[k][i] for k in ("packed_input_ids", "packed_segment_ids",
+                                            "packed_positions"))
+    prompt = list(ids[seg == 1])
+    assert packed["steering_position"][i] == len(prompt) - 1
+    for c, want in enumerate(expected(i)):
+      branch = ids[seg == 2 + c]
+      assert prompt + list(branch) == want
+      np.testing.assert_array_equal(pos[seg == 2 + c], np.arange(len(prompt), len(want)))
+    for g in range(2):
+      live = packed["label_branch"][i, g] >= 0
+      src, lab = packed["label_source"][i, g][live], packed["label_ids"][i, g][live]
+      br = packed["label_branch"][i, g][live]
+      assert set(br) == {2 * g, 2 * g + 1}
+      for c in (2 * g, 2 * g + 1):
+        want = expected(i)[c]
+        assert list(lab[br == c]) == want[len(prompt):]  # every completion token is a label
+        first = src[br == c][0]
+        assert first == len(prompt) - 1  # the last prompt token predicts the steering token
+        np.testing.assert_array_equal(ids[src[br == c][1:] + 1], lab[br == c][1:])
+
+
+def test_packed_cost_ratio_prefers_packing_for_short_answers(tokenizers_by_style, race):
+  enc = tokenize.Encoder(tokenizers_by_style["llama3"])
+  pairs = [tuple(enc.encode_record(r, "kto") for r in pair)
+           for pair in tokenize.pair_records(race["kto"][:8])]
+  assert tokenize.packed_cost_ratio(pairs) < 0.6  # attribute answers: a few tokens after a long prompt
+  long = [({"prompt": [1] * 10, "completion": [2] * 30}, {"prompt": [1] * 10, "completion": [2] * 30})]
+  # T = 10 + 4 x 30 = 130, L = 40: 4 x 130 / (12 x 40) > 1, rows are cheaper
+  assert tokenize.packed_cost_ratio(long) == pytest.approx(520 / 480)
+  with pytest.raises(InputError, match="at least one pair"):
+    tokenize.packed_cost_ratio([])
+
+
+def test_packed_layout_bad_input(tokenizers_by_style, race):
+  tok = tokenizers_by_style["llama3"]
+  with pytest.raises(InputError, match="layout"):
+    tokenize.tokenize_batch(race["sft"][:2], tok, "sft", layout="packed")
+  with pytest.raises(InputError, match="layout"):
+    tokenize.tokenize_batch(race["kto"][:4], tok, "kto", layout="pairs")
+  assert tokenize.packed_bucket(70, (32, 64)) == 128 and tokenize.packed_bucket(40, (32, 64)) == 64
+
+
 def test_ift_and_dpo_batches(tokenizers_by_style, race):
   tok = tokenizers_by_style["llama3"]
   ift = tokenize.tokenize_batch(race["ift"][:4], tok, "ift")

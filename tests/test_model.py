@@ -172,6 +172,32 @@ def test_kv_cache_decode_matches_full_forward(cached_model):
     np.testing.assert_allclose(decoded[j], full[:, IDS.shape[1] + j], atol=1e-5)
 
 
+def test_shared_prefix_packing_equals_separate_sequences():
+  """[prompt | branch a | branch b | pad] with segment ids: each branch's hidden states equal those of
+  the separate sequence prompt + branch, and the prompt's are computed once."""
+  model = Llama(small_config(), rngs=nnx.Rngs(1))
+  prompt, branches = [5, 17, 9, 33], [[40, 41, 42], [50, 51]]
+  t = 12
+  ids = np.zeros((1, t), np.int32)
+  pos = np.zeros((1, t), np.int32)
+  seg = np.zeros((1, t), np.int32)
+  ids[0, :4], pos[0, :4], seg[0, :4] = prompt, np.arange(4), 1
+  at = 4
+  for c, br in enumerate(branches):
+    n = len(br)
+    ids[0, at:at + n], pos[0, at:at + n], seg[0, at:at + n] = br, np.arange(4, 4 + n), 2 + c
+    at += n
+  packed = np.asarray(model(jnp.asarray(ids), positions=jnp.asarray(pos),
+                            segment_ids=jnp.asarray(seg)))
+  at = 4
+  for br in branches:
+    alone = np.asarray(model(jnp.asarray([prompt + br], jnp.int32)))
+    np.testing.assert_allclose(packed[0, :4], alone[0, :4], atol=1e-5)
+    np.testing.assert_allclose(packed[0, at:at + len(br)], alone[0, 4:], atol=1e-5)
+    at += len(br)
+  assert np.isfinite(packed).all()  # padding rows see themselves: no empty softmax
+
+
 def test_positions_from_mask():
   np.testing.assert_array_equal(np.asarray(positions_from_mask(jnp.asarray(MASK)))[0],
                                 [0, 0, 0, 0, 1, 2, 3, 4])

@@ -209,7 +209,8 @@ def test_hybrid_learns_skewed_target_and_binds_tokens(small_config, tmp_path):
       r["target"] = [0.8, 0.2]
   tr = _trainer(config, tok, tmp_path / "learn", "stages=[hybrid]", "hybrid.epochs=3",
                 "hybrid.max_steps=60", "hybrid.optim.learning_rate=3e-3", "hybrid.beta=0.5",
-                "hybrid.renormalize=true", records=records)
+                "hybrid.renormalize=true", "hybrid.layout=packed", "mesh.data=4", "mesh.tensor=-1", records=records)
+  assert tr.hybrid_layout(8) == "packed"  # one row per pair, 4 pairs over 4 devices
   tr.run()
   rows = _rows(tmp_path / "learn", "hybrid")
   steps = sorted(rows)

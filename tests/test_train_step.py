@@ -151,3 +151,74 @@ def test_lora_with_dropout_and_remat_trains_only_adapters():
                                                                 jax.tree.leaves(state.params)))
   for a, b in zip(frozen_before, jax.tree.leaves(frozen)):
     np.testing.assert_array_equal(a, np.array(b))
+
+
+@pytest.fixture(scope="module")
+def tokenized_kto():
+  """4 real KTO pairs (gender, tiny tokenizer) in both layouts, and the steering ids."""
+  from distfair_jax.data import attributes, build, tokenize
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  tok = build_tiny_tokenizer()
+  recs = build.build_dataset("gender_real_us", rows_per_occupation=4, test_rounds=1)["kto"][:8]
+  enc = tokenize.Encoder(tok, attribute=attributes.GENDER)
+  return (tokenize.tokenize_batch(recs, tok, "kto", encoder=enc),
+          tokenize.tokenize_batch(recs, tok, "kto", encoder=enc, layout="packed"),
+          jnp.asarray(enc.steering_ids), len(tok))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["online", "cached"])
+def test_packed_layout_equals_rows(tokenized_kto, reference):
+  """The packed step (one pass per pair; here on a data 2 x fsdp 2 mesh) gives the rows layout's
+  loss, metrics and gradients (dropout off: packed runs the mismatched branches in train mode)."""
+  rows, packed, steering, vocab = tokenized_kto
+  cfg = CFG.replace(vocab_size=vocab, max_position_embeddings=256)
+  spec = StepSpec(kind="hybrid", tile_size=16, reference=reference)
+
+  def loss_and_grads(batch, axes):
+    mesh = shd.make_mesh(axes, devices=jax.devices()[:int(np.prod(list(axes.values())))])
+    model = shd.create_sharded(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, rngs, frozen = split_model(model, lora=False)
+    model.eval()
+    graphdef_eval = split_model(model, lora=False)[0]
+    ref = jax.tree.map(lambda x: x * 0.9, params)  # a reference that differs from the policy
+    batch = shd.put_batch(batch, mesh)
+    if reference == "cached":
+      batch = dict(batch, **jax.jit(make_reference_fn(graphdef_eval, spec))(ref, rngs, frozen, batch))
+      ref = None
+    fn = jax.jit(jax.value_and_grad(make_loss_fn(graphdef, graphdef_eval, spec, steering),
+                                    has_aux=True))
+    (loss, (metrics, _)), grads = fn(params, rngs, frozen, ref, batch)
+    return jax.device_get((loss, metrics, nnx.to_pure_dict(grads)))
+
+  loss_r, metrics_r, grads_r = loss_and_grads(rows, {"data": 1, "fsdp": 1, "tensor": 1})
+  loss_p, metrics_p, grads_p = loss_and_grads(packed, {"data": 2, "fsdp": 2, "tensor": 1})
+  np.testing.assert_allclose(loss_p, loss_r, rtol=1e-5)
+  assert set(metrics_p) == set(metrics_r)
+  for k in metrics_r:
+    np.testing.assert_allclose(metrics_p[k], metrics_r[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads_p)):
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6 * float(np.abs(a).max()) + 1e-9)
+
+
+def test_packed_batch_missing_key_is_refused(tokenized_kto):
+  packed = dict(tokenized_kto[1])
+  packed.pop("label_source")
+  with pytest.raises(ValueError, match="label_source"):
+    check_batch(StepSpec(kind="hybrid"), packed)
+
+
+def test_packed_step_flops_count_the_shared_prompt_once():
+  """FLOPs of a packed batch: the transformer over the packed tokens (3x policy + 1x reference), the
+  output projection over the labels only; fewer than the rows layout of the same sequences."""
+  from distfair_jax.train.flops import forward_flops_per_token, step_flops
+  head = 2.0 * CFG.hidden_size * CFG.vocab_size
+  packed = {"packed": (4, 64), "labels": (8, 16)}
+  body = 4 * 64 * (forward_flops_per_token(CFG, 64) - head)
+  labels = 8 * 16 * head
+  # policy: targets 3x, mismatched 1x (half the labels each); reference: every label once
+  assert step_flops(CFG, "hybrid", packed) == pytest.approx(4 * body + 3 * labels / 2 + labels / 2 + labels)
+  assert step_flops(CFG, "hybrid", packed, "cached") == pytest.approx(3 * body + 2 * labels)
+  rows = {"target": (8, 64), "kl": (8, 64)}
+  assert step_flops(CFG, "hybrid", rows) == pytest.approx(6 * 8 * 64 * forward_flops_per_token(CFG, 64))
+  assert step_flops(CFG, "hybrid", packed) < 0.5 * step_flops(CFG, "hybrid", rows)

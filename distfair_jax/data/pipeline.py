@@ -24,7 +24,9 @@ Batch keys, dtypes and shapes (b = batch_size / shard_count rows, L the bucket, 
 see ``data.tokenize``: input_ids, attention_mask, labels [b, L] int32; label_mask [b, L] float32;
 steering_position, category, desirable [b] int32; target [b, K] float32; KTO adds kl_input_ids,
 kl_attention_mask, kl_labels [b, L] int32 and kl_label_mask [b, L] float32; DPO has chosen_* and
-rejected_* (input_ids, attention_mask, labels, label_mask) plus category and target.
+rejected_* (input_ids, attention_mask, labels, label_mask) plus category and target. A packed KTO
+batch (``layout="packed"``) has one row per pair instead: ``tokenize.pack_shared_prefix``'s keys
+plus target [p, K] and category [p] (p = pairs / shard_count).
 
 ``steps_per_epoch(num_records, kind, batch_size)`` is computable without a tokenizer.
 """
@@ -108,7 +110,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
                  max_prompt_length: int = 512, prompt_format: str = "chat",
                  attribute: AttributeSpec | None = None, shard_index: int | None = None,
                  shard_count: int | None = None, drop_remainder: bool = True,
-                 buckets: Sequence[int] | None = None,
+                 buckets: Sequence[int] | None = None, layout: str = "rows",
                  read_options: grain.ReadOptions | None = None) -> BatchPipeline:
   """A grain pipeline of padded numpy batches (see the module docstring).
 
@@ -124,6 +126,9 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
     shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
     drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
     buckets: padded lengths (default ``bucket_lengths(max_length)``).
+    layout: ``rows`` or (kto only) ``packed``: one row per pair holding its four sequences
+      (desirable, undesirable, two mismatched) after their shared prompt (``tokenize.collate``);
+      ``batch_size`` still counts sequences (2 x pairs) and the pairs split over the processes.
     read_options: grain read options (default: 1 thread, prefetch 4 batches).
   """
   if kind not in ("sft", "kto", "ift", "dpo"):
@@ -141,9 +146,14 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
   if not (isinstance(shard_count, int) and shard_count >= 1 and 0 <= shard_index < shard_count):
     raise InputError(f"pipeline: shard_index: expected 0 <= shard_index < shard_count, got "
                      f"{shard_index} of {shard_count}")
-  if batch_size % shard_count:
-    raise InputError(f"pipeline: batch_size: expected a multiple of the {shard_count} processes, "
-                     f"got {batch_size}")
+  if layout not in ("rows", "packed") or (layout == "packed" and kind != "kto"):
+    raise InputError(f"pipeline: layout: expected rows (or packed for kto), got {layout!r} for "
+                     f"{kind}")
+  rows = batch_size // 2 if layout == "packed" else batch_size
+  if rows % shard_count:
+    twice, why = ("2 x ", " (packed layout: one row per pair)") if layout == "packed" else ("", "")
+    raise InputError(f"pipeline: batch_size: expected {twice}a multiple of the {shard_count} "
+                     f"processes{why}, got {batch_size}")
   if shard_count > 1 and not drop_remainder:
     raise InputError("pipeline: drop_remainder: expected True when sharding over processes "
                      "(every process needs a full batch), got False")
@@ -160,8 +170,8 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
                            encoder.encode_record(pair[1], kind))
   else:
     encode = lambda rec: encoder.encode_record(rec, kind)
-  collate = lambda examples: tokenize_lib.collate(examples, kind, encoder, bucket_list)
-  local = batch_size // shard_count
+  collate = lambda examples: tokenize_lib.collate(examples, kind, encoder, bucket_list, layout)
+  local = rows // shard_count
 
   def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if shard_count == 1:

@@ -26,6 +26,11 @@ Batch arrays (numpy, right-padded to a length L from ``bucket_lengths``):
     undesirable_0..undesirable_{P-1}] (row j and row j + P are a pair), B = 2P.
   DPO: chosen_* and rejected_* versions of input_ids, attention_mask, labels, label_mask, plus
     category and target.
+
+Packed KTO batches (``collate(..., layout="packed")``): one row per pair, [prompt | desirable |
+undesirable | mismatched of the desirable row | mismatched of the undesirable row], so the shared
+prompt is computed once for four sequences; keys in ``pack_shared_prefix`` (labels in two groups:
+the targets, then the mismatched pairs), plus target [P, K] and category [P].
 """
 
 from __future__ import annotations
@@ -260,20 +265,101 @@ def pack_sequences(prompts: Sequence[list[int]], completions: Sequence[list[int]
           "label_mask": label_mask, "steering_position": steering_position}
 
 
+def pack_shared_prefix(prompts: Sequence[list[int]], branches: Sequence[Sequence[list[int]]],
+                       length: int, label_length: int, pad_id: int,
+                       groups: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+  """One row per prompt: [prompt | branch_0 | ... | branch_{C-1} | pad] (shared-prefix packing).
+
+  Every branch is a completion of the row's prompt; the model sees each one as the sequence
+  prompt + branch (``Llama.__call__`` with ``segment_ids`` and ``positions``), so the prompt is
+  computed once for C sequences. The labels (every completion token, as in ``pack_sequences``) are
+  laid out in G groups of branches (``groups``, default one group of all C branches), so that a
+  caller can treat one group differently (e.g. without gradient). Returns (R rows, T = ``length``,
+  N = ``label_length``):
+
+    packed_input_ids [R, T] int32 (pad id in padding),
+    packed_positions [R, T] int32 (prompt 0..p-1; each branch continues from p),
+    packed_segment_ids [R, T] int32 (0 pad, 1 prompt, 2 + c for branch c),
+    label_source [R, G, N] int32 (index in the row of the hidden state that predicts each label:
+      the previous token of the branch, or the last prompt token for a branch's first token),
+    label_ids [R, G, N] int32 (the completion tokens, pad id in padding),
+    label_branch [R, G, N] int32 (the branch c of each label, -1 in padding),
+    steering_position [R] int32 (p - 1, whose logits predict every branch's first token).
+  """
+  r = len(prompts)
+  groups = [list(g) for g in (groups or [range(len(branches[0]) if branches else 0)])]
+  g_n = len(groups)
+  out = {"packed_input_ids": np.full((r, length), pad_id, np.int32),
+         "packed_positions": np.zeros((r, length), np.int32),
+         "packed_segment_ids": np.zeros((r, length), np.int32),
+         "label_source": np.zeros((r, g_n, label_length), np.int32),
+         "label_ids": np.full((r, g_n, label_length), pad_id, np.int32),
+         "label_branch": np.full((r, g_n, label_length), -1, np.int32),
+         "steering_position": np.zeros((r,), np.int32)}
+  for i, (p, comps) in enumerate(zip(prompts, branches)):
+    n_tokens = len(p) + sum(len(c) for c in comps)
+    n_labels = max(sum(len(comps[c]) for c in g) for g in groups)
+    if n_tokens > length or n_labels > label_length:
+      raise InputError(f"batch: length: expected a packed row of at most {length} tokens and "
+                       f"{label_length} labels per group, got {n_tokens} and {n_labels}")
+    n_p = len(p)
+    out["packed_input_ids"][i, :n_p] = p
+    out["packed_positions"][i, :n_p] = np.arange(n_p)
+    out["packed_segment_ids"][i, :n_p] = 1
+    out["steering_position"][i] = n_p - 1
+    starts, at = [], n_p
+    for c, comp in enumerate(comps):
+      n = len(comp)
+      starts.append(at)
+      out["packed_input_ids"][i, at:at + n] = comp
+      out["packed_positions"][i, at:at + n] = np.arange(n_p, n_p + n)
+      out["packed_segment_ids"][i, at:at + n] = 2 + c
+      at += n
+    for g, members in enumerate(groups):
+      lab = 0
+      for c in members:
+        comp, at = comps[c], starts[c]
+        n = len(comp)
+        if not n:
+          continue
+        out["label_source"][i, g, lab:lab + n] = [n_p - 1] + list(range(at, at + n - 1))
+        out["label_ids"][i, g, lab:lab + n] = comp
+        out["label_branch"][i, g, lab:lab + n] = c
+        lab += n
+  return out
+
+
 def rotate(items: Sequence[Any], shift: int = 1) -> list[Any]:
   """items[(i + shift) mod n] at position i (the KTO mismatched completions: shift 1)."""
   n = len(items)
   return [items[(i + shift) % n] for i in range(n)]
 
 
+def packed_bucket(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= n, or above the largest bucket the next multiple of it (a packed row may
+  be longer than ``max_length``: it holds several sequences that share their prompt)."""
+  if n <= buckets[-1]:
+    return bucket_for(n, buckets)
+  return -(-n // buckets[-1]) * buckets[-1]
+
+
 def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
-            buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+            buckets: Sequence[int] | None = None, layout: str = "rows") -> dict[str, np.ndarray]:
   """Pads encoded examples (``Encoder.encode_record``) into one batch of ``kind``.
 
   For ``kto`` the examples are (desirable, undesirable) pairs; the batch has B = 2 * pairs rows
   laid out [desirables; undesirables] plus the mismatched ``kl_*`` arrays (B >= 2). The padded
   length L is the smallest bucket that fits every row (also the kl / chosen / rejected rows).
+
+  ``layout="packed"`` (kto only) packs the same four sequences of each pair into one row sharing
+  the prompt (``pack_shared_prefix``): branches (desirable_i, undesirable_i, mismatched row i,
+  mismatched row P + i), plus ``target [P, K]`` and ``category [P]`` of the desirable example.
   """
+  if layout not in ("rows", "packed"):
+    raise InputError(f"batch: layout: expected rows or packed, got {layout!r}")
+  if layout == "packed" and kind != "kto":
+    raise InputError(f"batch: layout: expected rows for {kind} batches (packed is for kto), "
+                     f"got packed")
   if not examples:
     raise InputError("batch: size: expected at least one example, got none")
   buckets = tuple(buckets or bucket_lengths(encoder.max_length))
@@ -304,6 +390,8 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
   if kind == "kto":
     kl_completions = [fit(p, r["completion"]) for p, r in zip(prompts, rotate(rows))]
     lengths += [len(p) + len(c) for p, c in zip(prompts, kl_completions)]
+  if layout == "packed":
+    return _collate_packed(prompts, completions, kl_completions, meta, buckets, pad)
   length = bucket_for(max(lengths), buckets)
   out = pack_sequences(prompts, completions, length, pad)
   out.update(meta)
@@ -313,6 +401,46 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
     kl.pop("steering_position")
     out.update({f"kl_{k}": v for k, v in kl.items()})
   return out
+
+
+# Branches of a packed KTO row and their label groups: targets (with gradient), mismatched (without).
+KTO_PACKED_BRANCHES = ("desirable", "undesirable", "mismatched_of_desirable", "mismatched_of_undesirable")
+KTO_PACKED_GROUPS = ((0, 1), (2, 3))
+
+
+def _collate_packed(prompts, completions, kl_completions, meta, buckets, pad) -> dict[str, np.ndarray]:
+  """The KTO batch in the shared-prefix layout (see ``collate``); rows j and j + P share a prompt."""
+  p = len(prompts) // 2
+  branches = [(completions[i], completions[p + i], kl_completions[i], kl_completions[p + i])
+              for i in range(p)]
+  n_tokens = max(len(prompts[i]) + sum(len(c) for c in b) for i, b in enumerate(branches))
+  n_labels = max(max(len(b[0]) + len(b[1]), len(b[2]) + len(b[3])) for b in branches)
+  out = pack_shared_prefix(prompts[:p], branches, packed_bucket(n_tokens, buckets),
+                           packed_bucket(n_labels, bucket_lengths(buckets[-1], smallest=16)), pad,
+                           groups=KTO_PACKED_GROUPS)
+  out["target"] = meta["target"][:p]
+  out["category"] = meta["category"][:p]
+  return out
+
+
+def packed_cost_ratio(examples: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> float:
+  """Estimated compute of the packed KTO layout over the rows layout for encoded pairs (``Encoder.
+  encode_record`` of a desirable and an undesirable record).
+
+  Rows: every sequence is prompt + completion (L tokens), run 3x with gradient (targets), 1x without
+  (mismatched) and 2x in the reference: 12 L per pair-of-rows. Packed: one row of T = prompt + four
+  completions, 3x with gradient and 1x in the reference: 4 T. The ratio is 4 T / 12 L over the
+  means (the mismatched completions are other pairs': their lengths are estimated by the pair's
+  own). Below 1 the packed layout is cheaper: completions shorter than about twice the prompt.
+  """
+  if not examples:
+    raise InputError("kto: records: expected at least one pair to size the batch layout, got none")
+  t = l = 0.0
+  for d, u in examples:
+    p, cd, cu = len(d["prompt"]), len(d["completion"]), len(u["completion"])
+    t += p + 2 * (cd + cu)
+    l += p + (cd + cu) / 2
+  return 4.0 * t / (12.0 * l)
 
 
 def pair_records(records: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping, Mapping]]:
@@ -332,7 +460,8 @@ def pair_records(records: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping, Ma
 
 
 def tokenize_batch(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, *,
-                   encoder: Encoder | None = None, **encoder_kwargs) -> dict[str, np.ndarray]:
+                   encoder: Encoder | None = None, layout: str = "rows",
+                   **encoder_kwargs) -> dict[str, np.ndarray]:
   """One padded batch from records (KTO: in file order, desirable then undesirable per pair)."""
   encoder = encoder or Encoder(tokenizer, **encoder_kwargs)
   if kind == "kto":
@@ -340,4 +469,4 @@ def tokenize_batch(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, *
                 for d, u in pair_records(records)]
   else:
     examples = [encoder.encode_record(r, kind) for r in records]
-  return collate(examples, kind, encoder)
+  return collate(examples, kind, encoder, layout=layout)

@@ -538,20 +538,36 @@ class Llama(nnx.Module):
 
   # -- full-sequence forward ----------------------------------------------------------------------
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids: [B, L] int; attention_mask: [B, L] (1 real, 0 pad; left or right padding).
+
+    Shared-prefix packing (``segment_ids`` given, ``attention_mask`` ignored): segment_ids [B, L] int
+    with 0 = pad, 1 = a prefix every later token sees, s >= 2 = a branch that sees the prefix and
+    its own earlier tokens only; positions [B, L] int, the RoPE position of each token (a branch
+    continues from the prefix's length). Each branch's hidden states then equal those of the
+    separate sequence prefix + branch.
 
     Returns hidden: [B, L, D] (compute dtype), after the final norm.
     """
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    valid = attention_mask.astype(bool)
     length = input_ids.shape[1]
-    cos, sin = rope_cos_sin(positions_from_mask(attention_mask), rope_inv_freq(self.config))
     idx = jnp.arange(length)
     causal = idx[None, :, None] >= idx[None, None, :]
+    if segment_ids is not None:
+      if positions is None:
+        raise ValueError("segment_ids need explicit positions")
+      seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+      visible = (seg_k != 0) & ((seg_k == 1) | (seg_k == seg_q))
+    else:
+      if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+      if positions is None:
+        positions = positions_from_mask(attention_mask)
+      visible = attention_mask.astype(bool)[:, None, :]
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
     # Pad queries may always see themselves, so no softmax row is empty.
-    mask = (causal & valid[:, None, :]) | (idx[:, None] == idx[None, :])[None]
+    mask = (causal & visible) | (idx[:, None] == idx[None, :])[None]
     x = self._embed(input_ids)
 
     def run_layer(layer: DecoderLayer, x, cos, sin, mask):

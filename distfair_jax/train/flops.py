@@ -13,8 +13,12 @@ frozen weights get no weight gradients, and we still count 3 (the usual, conserv
 convention). Per optimizer step:
 
 - sft / ift: 3 F over the batch's tokens;
-- hybrid, reference online: 3 F (targets) + 1 F (mismatched pairs, no gradient) + 2 F (reference
-  over targets and mismatched pairs) = 6 F;  reference cached: 4 F;
+- hybrid, rows layout, reference online: 3 F (targets) + 1 F (mismatched pairs, no gradient) + 2 F
+  (reference over targets and mismatched pairs) = 6 F;  reference cached: 4 F;
+- hybrid, packed layout (one row per pair, prompt shared by its four sequences): the transformer
+  runs over the packed tokens with gradient (3x) and in the reference (1x, online); the output
+  projection runs only at the label positions: target labels 3x, mismatched labels 1x, and the
+  reference over both;
 - dpo: 3 F (chosen + rejected) + 1 F (reference over both).
 
 Token counts are padded tokens (what the device computes), batch x padded length.
@@ -41,12 +45,21 @@ def forward_flops_per_token(cfg, length: int) -> float:
 
 
 def step_flops(cfg, kind: str, tokens: dict[str, tuple[int, int]], reference: str = "online") -> float:
-  """FLOPs of one step. tokens: {"target": (batch, length), "kl": (...), "chosen": ..., "rejected": ...}."""
+  """FLOPs of one step. tokens: {"target": (batch, length), "kl": (...), "chosen": ..., "rejected": ...,
+  or for a packed hybrid batch "packed": (pairs, length), "labels": (2 * pairs, label length)}."""
   def f(key):
     b, l = tokens[key]
     return b * l * forward_flops_per_token(cfg, l)
   if kind in ("sft", "ift"):
     return 3 * f("target")
+  if kind == "hybrid" and "packed" in tokens:
+    b, l = tokens["packed"]
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    body = b * l * (forward_flops_per_token(cfg, l) - head)
+    nl, ll = tokens["labels"]  # label groups: half targets, half mismatched
+    labels = nl * ll * head
+    ref = (body + labels) if reference == "online" else 0.0
+    return 3 * body + 3 * labels / 2 + labels / 2 + ref
   if kind == "hybrid":
     ref = (f("target") + f("kl")) if reference == "online" else 0.0
     return 3 * f("target") + f("kl") + ref

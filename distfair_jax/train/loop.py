@@ -119,6 +119,7 @@ class Trainer:
   def __init__(self, cfg: Config, *, records: dict[str, list[dict]] | None = None,
                base_params: str | None = None):
     self.cfg = cfg
+    self._packed_cost_ratio: float | None = None  # hybrid.layout auto, estimated once
     # orbax needs absolute paths (bucket URLs pass through)
     self.run_dir = cfg.run_dir if "://" in cfg.run_dir else os.path.abspath(cfg.run_dir)
     os.makedirs(self.run_dir, exist_ok=True)
@@ -306,10 +307,40 @@ class Trainer:
     from distfair_jax.data import pipeline
     kind = STAGE_KINDS[name][0]
     d = self.cfg.data
+    layout = self.hybrid_layout(batch_size) if kind == "kto" else "rows"
     return pipeline.make_batches(records, self.tokenizer, kind, batch_size, seed=seed,
                                  num_epochs=epochs, max_length=d.max_length,
                                  max_prompt_length=d.max_prompt_length,
-                                 prompt_format=d.prompt_format, attribute=self.attribute)
+                                 prompt_format=d.prompt_format, attribute=self.attribute,
+                                 layout=layout)
+
+  def hybrid_layout(self, batch_size: int) -> str:
+    """``hybrid.layout``, with ``auto`` resolved: packed when the pairs split over data x fsdp and
+    the stage's data make it cheaper (``tokenize.packed_cost_ratio`` < 0.8: the margin covers the
+    longer rows' attention)."""
+    layout = self.cfg.hybrid.layout
+    if layout == "auto":
+      div = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+      layout = "packed" if (batch_size // 2) % div == 0 and self._packed_cost() < 0.8 else "rows"
+    return layout
+
+  def _packed_cost(self) -> float:
+    """``tokenize.packed_cost_ratio`` of the first 256 hybrid training pairs (computed once)."""
+    if self._packed_cost_ratio is None:
+      from distfair_jax.data import tokenize
+      d = self.cfg.data
+      enc = tokenize.Encoder(self.tokenizer, prompt_format=d.prompt_format,
+                             max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+      pairs = tokenize.pair_records(self.train_records[STAGE_KINDS["hybrid"][1]][:512])
+      examples = [tuple(enc.encode_record(r, "kto") for r in pair) for pair in pairs]
+      self._packed_cost_ratio = tokenize.packed_cost_ratio(examples)
+    return self._packed_cost_ratio
+
+  def _batch_rows_multiple(self, name: str, batch_size: int) -> int:
+    """Sequences per batch must be a multiple of this: data * fsdp devices, times 2 for a packed
+    hybrid batch (one row per desirable / undesirable pair)."""
+    div = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+    return div * 2 if name == "hybrid" and self.hybrid_layout(batch_size) == "packed" else div
 
   def run_stage(self, name: str, init_params, sigterm: _SigtermFlag):
     """Trains stage ``name`` from ``init_params``; returns (final params, summary)."""
@@ -317,6 +348,20 @@ class Trainer:
     records = self.train_records[STAGE_KINDS[name][1]]
     spec = self.stage_spec(name)
     seed = self.cfg.data.seed + {"sft": 1, "ift": 1, "hybrid": 2, "dpo": 3}[name]
+    multiple = self._batch_rows_multiple(name, scfg.batch_size)
+    if scfg.batch_size % multiple:
+      why = (" (hybrid.layout packed: one row per pair, so 2 x data*fsdp; or set hybrid.layout: rows)"
+             if multiple != self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1) else
+             " (data x fsdp devices)")
+      raise InputError(f"{name}: batch_size: expected a multiple of {multiple}{why}, got "
+                       f"{scfg.batch_size}")
+    if spec.kind == "hybrid":
+      layout = self.hybrid_layout(scfg.batch_size)
+      _log(f"{name}: batch layout {layout}" + (
+          " (one row per pair: the prompt computed once for its four sequences)"
+          if layout == "packed" else "") + (f"; estimated packed / rows compute "
+                                              f"{self._packed_cost():.2f}"
+                                              if self.cfg.hybrid.layout == "auto" else ""))
     pipe = self.make_batches(name, records, scfg.batch_size, scfg.epochs, seed)
     total = pipe.num_steps if not scfg.max_steps else min(scfg.max_steps, pipe.num_steps)
     if total < 1:
@@ -442,9 +487,13 @@ class Trainer:
     n_dev = self.mesh.size
     tokens = {}
     for key, prefix in (("target", ""), ("kl", "kl_"), ("chosen", "chosen_"),
-                        ("rejected", "rejected_")):
+                        ("rejected", "rejected_"), ("packed", "packed_")):
       if prefix + "input_ids" in batch:
-        tokens[key] = tuple(batch[prefix + "input_ids"].shape)
+        rows, length = batch[prefix + "input_ids"].shape[:2]
+        tokens[key] = (rows * jax.process_count(), length)  # host batches hold this process's rows
+    if "label_ids" in batch:  # packed: [pairs, 2 groups, N] labels
+      tokens["labels"] = (batch["label_ids"].shape[0] * 2 * jax.process_count(),
+                          batch["label_ids"].shape[2])
     flops = flops_lib.step_flops(self.model_config, spec.kind, tokens, spec.reference)
     out["tokens_per_second"] = out.pop("tokens", 0.0) / dt
     out["step_time"] = dt
@@ -480,7 +529,7 @@ class Trainer:
         min(scfg.batch_size, len(records))
     if bs < (2 if spec.kind == "hybrid" else 1):
       return {}
-    div = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+    div = self._batch_rows_multiple(name, bs)
     bs = (bs // div) * div
     if bs < (2 if spec.kind == "hybrid" else 1):
       return {}

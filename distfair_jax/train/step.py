@@ -6,12 +6,15 @@ model object never crosses ``jax.jit``), computes per-token log-probabilities ti
 and applies the pure losses of ``distfair_jax.losses``:
 
 - ``sft`` / ``ift``: ``losses.sft_loss`` on the labelled completion tokens.
-- ``hybrid`` (the method): a policy forward over the target sequences (with gradient), a policy forward
-  over the mismatched KL pairs (parameters under ``stop_gradient``, so no backward pass is spent on it),
-  and the reference forward over both at once (frozen reference parameters; or reference log-probs
-  cached in the batch, ``reference="cached"``); the steering logits are read at the steering position
-  before the output projection; ``losses.hybrid_loss`` with the configured ablation. KTO terms are
-  computed in every ablation so that ``kl_only`` runs still report the rewards (the binding).
+- ``hybrid`` (the method), packed layout (the default; ``data.tokenize.pack_shared_prefix``): one
+  policy forward per pair over [prompt | desirable | undesirable | two mismatched completions], the
+  prompt computed once for the four sequences, the mismatched log-probs under ``stop_gradient``; the
+  reference forward likewise (or its log-probs cached in the batch, ``reference="cached"``).
+  Rows layout: a policy forward over the target sequences (with gradient), one over the mismatched
+  KL pairs (parameters under ``stop_gradient``, so no backward pass is spent on it), and the
+  reference forward over both at once. Either way the steering logits are read at the steering
+  position before the output projection; ``losses.hybrid_loss`` with the configured ablation. KTO
+  terms are computed in every ablation so that ``kl_only`` runs still report the rewards.
 - ``dpo``: policy and reference forwards over chosen and rejected sequences.
 
 ``jit_step`` compiles it with explicit in/out shardings and the state donated.
@@ -31,7 +34,7 @@ from distfair_jax import losses as L
 from distfair_jax.train.state import TrainState, current_learning_rate
 
 __all__ = ["StepSpec", "make_loss_fn", "make_reference_fn", "make_train_step", "make_eval_fn",
-           "check_batch"]
+           "check_batch", "is_packed"]
 
 Batch = dict[str, jax.Array]
 
@@ -57,9 +60,26 @@ class StepSpec:
     return self.kind == "dpo" or (self.kind == "hybrid" and self.reference == "online")
 
 
+def is_packed(batch: dict[str, Any]) -> bool:
+  """Whether a hybrid batch has the shared-prefix layout (``data.tokenize.pack_shared_prefix``)."""
+  return "packed_input_ids" in batch
+
+
+_PACKED_KEYS = ("packed_input_ids", "packed_positions", "packed_segment_ids", "label_source",
+                "label_ids", "label_branch", "steering_position", "target")
+
+
 def check_batch(spec: StepSpec, batch: dict[str, Any]) -> None:
   """Refuse batches the step cannot use, with the reason (before anything is compiled)."""
-  if spec.kind == "hybrid":
+  if spec.kind == "hybrid" and is_packed(batch):
+    for key in _PACKED_KEYS:
+      if key not in batch:
+        raise ValueError(f"packed hybrid batch lacks {key!r} (build it with the data pipeline's "
+                         f"kind='kto', layout='packed')")
+    if batch["label_source"].shape[1:2] != (2,):
+      raise ValueError(f"packed hybrid batch: label_source: expected [pairs, 2, N] (targets, "
+                       f"mismatched), got shape {tuple(batch['label_source'].shape)}")
+  elif spec.kind == "hybrid":
     n = len(batch["input_ids"])
     if n < 2:
       raise ValueError(
@@ -88,6 +108,46 @@ def _sequence_logps(model, input_ids, attention_mask, labels, label_mask, tile_s
   return hidden, unemb, tok, L.sequence_logps(tok, label_mask)
 
 
+def _packed_logps(model, batch: Batch, tile_size: int, stop_mismatched: bool = True):
+  """A packed KTO batch (P rows) -> (hidden [P, T, D], unembedding [D, V], target log-probs [2P],
+  mismatched log-probs [2P]), both in the rows layout's order [desirable..., undesirable...].
+
+  One forward over the packed rows; the label groups (targets, mismatched) gather the hidden states
+  that predict them; the mismatched group reads them under ``stop_gradient`` (no output-projection
+  backward for them) when ``stop_mismatched``.
+  """
+  hidden = model(batch["packed_input_ids"], positions=batch["packed_positions"],
+                 segment_ids=batch["packed_segment_ids"])
+  unemb = model.unembedding()
+  branch = batch["label_branch"]  # [P, 2, N]
+  out = []
+  for g in range(2):
+    src = jnp.take_along_axis(hidden, batch["label_source"][:, g, :, None], axis=1)  # [P, N, D]
+    if g == 1 and stop_mismatched:
+      src = jax.lax.stop_gradient(src)
+    mask = (branch[:, g] >= 0).astype(jnp.float32)
+    tok = L.token_logps_from_hidden(src, unemb, batch["label_ids"][:, g], mask, tile_size)
+    first = (branch[:, g] == 2 * g).astype(jnp.float32)  # branch 2g, then branch 2g + 1
+    out.append(jnp.concatenate([jnp.sum(tok * mask * first, axis=-1),
+                                jnp.sum(tok * mask * (1.0 - first), axis=-1)]))
+  return hidden, unemb, out[0], out[1]
+
+
+def _forward_hidden(model, batch: Batch) -> jax.Array:
+  """Hidden states of either layout: [B, L, D] rows or [P, T, D] packed."""
+  if is_packed(batch):
+    return model(batch["packed_input_ids"], positions=batch["packed_positions"],
+                 segment_ids=batch["packed_segment_ids"])
+  return model(batch["input_ids"], batch["attention_mask"])
+
+
+def _packed_token_count(batch: Batch) -> jax.Array:
+  """Tokens of the sequences a packed batch stands for (each branch counts its prompt), so that
+  tokens/s compares with the rows layout."""
+  prompts = (batch["steering_position"] + 1).astype(jnp.float32)
+  return 4.0 * jnp.sum(prompts) + jnp.sum((batch["label_branch"] >= 0).astype(jnp.float32))
+
+
 def _concat_pairs(batch: Batch, a: str, b: str):
   """Stack the ``{a}*`` and ``{b}*`` sequence arrays along the batch, padded to a common length."""
   keys = ("input_ids", "attention_mask", "labels", "label_mask")
@@ -106,6 +166,9 @@ def make_reference_fn(graphdef_eval, spec: StepSpec) -> Callable:
 
   def reference_fn(ref_params, rngs, frozen, batch):
     ref = nnx.merge(graphdef_eval, *jax.tree.map(lambda x: x, (ref_params, rngs, frozen)))
+    if is_packed(batch):
+      _, _, logps, kl_logps = _packed_logps(ref, batch, spec.tile_size)
+      return {"reference_logps": logps, "reference_kl_logps": kl_logps}
     ids, mask, labels, lmask = _concat_pairs(batch, "", "kl_")
     _, _, _, logps = _sequence_logps(ref, ids, mask, labels, lmask, spec.tile_size)
     b = batch["input_ids"].shape[0]
@@ -139,16 +202,30 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
   def hybrid_loss(params, rngs, frozen, ref_params, batch):
     rngs, frozen, ref_params = fresh(rngs, frozen, ref_params)
     policy = nnx.merge(graphdef, params, rngs, frozen)
-    hidden, unemb, _, logps = _sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
-                                              batch["labels"], batch["label_mask"], tile)
-    desirable = batch["desirable"].astype(bool)
-    steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch["steering_position"])
-    steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
-                          weights=desirable.astype(jnp.float32), renormalize=spec.renormalize)
-    # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
-    frozen_policy = nnx.merge(graphdef_eval, *fresh(jax.lax.stop_gradient(params), rngs, frozen))
-    _, _, _, kl_logps = _sequence_logps(frozen_policy, batch["kl_input_ids"], batch["kl_attention_mask"],
-                                        batch["kl_labels"], batch["kl_label_mask"], tile)
+    if is_packed(batch):
+      # One pass over [prompt | desirable | undesirable | 2 mismatched] per pair; the mismatched
+      # log-probs take no gradient (the KTO reference point is a constant).
+      hidden, unemb, logps, kl_logps = _packed_logps(policy, batch, tile)
+      kl_logps = jax.lax.stop_gradient(kl_logps)
+      pairs = batch["packed_input_ids"].shape[0]
+      desirable = jnp.arange(2 * pairs) < pairs
+      steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch["steering_position"])
+      steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
+                            renormalize=spec.renormalize)
+      tokens = _packed_token_count(batch)
+    else:
+      hidden, unemb, _, logps = _sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
+                                                batch["labels"], batch["label_mask"], tile)
+      desirable = batch["desirable"].astype(bool)
+      steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch["steering_position"])
+      steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
+                            weights=desirable.astype(jnp.float32), renormalize=spec.renormalize)
+      # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
+      frozen_policy = nnx.merge(graphdef_eval, *fresh(jax.lax.stop_gradient(params), rngs, frozen))
+      _, _, _, kl_logps = _sequence_logps(frozen_policy, batch["kl_input_ids"],
+                                          batch["kl_attention_mask"], batch["kl_labels"],
+                                          batch["kl_label_mask"], tile)
+      tokens = _token_count(batch, ["", "kl_"])
     if spec.reference == "online":
       ref = make_reference_fn(graphdef_eval, spec)(ref_params, rngs, frozen, batch)
     else:
@@ -161,7 +238,7 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
     metrics = dict(metrics)
     metrics.update(kto[1])
     metrics["loss"] = loss
-    metrics["tokens"] = _token_count(batch, ["", "kl_"])
+    metrics["tokens"] = tokens
     return loss, (metrics, nnx.state(policy, nnx.RngState))
 
   def dpo_loss(params, rngs, frozen, ref_params, batch):
@@ -218,7 +295,7 @@ def make_eval_fn(loss_fn: Callable, graphdef_eval, spec: StepSpec,
     metrics = dict(metrics)
     if steering_ids is not None and "steering_position" in batch and spec.kind in ("sft", "hybrid"):
       model = nnx.merge(graphdef_eval, *jax.tree.map(lambda x: x, (params, rngs, frozen)))
-      hidden = model(batch["input_ids"], batch["attention_mask"])
+      hidden = _forward_hidden(model, batch)
       logits = L.steering_logits_from_hidden(hidden, model.unembedding(), batch["steering_position"])
       q = jnp.exp(L.steering_log_probs(logits, steering_ids, renormalize=True))
       metrics["steering_mae"] = jnp.mean(jnp.abs(q - batch["target"]), axis=-1)
