@@ -25,11 +25,12 @@ have_gpu() {
 
 if [[ "$SMOKE" == "1" ]]; then
   run benchmarks/logps_memory.py --smoke --overwrite
-  run benchmarks/sampling.py --rounds 4 --torch-rounds 1 --out benchmarks/results/sampling_smoke.json
+  run benchmarks/sampling.py --rounds 4 --torch-rounds 1 --runs 1 --overwrite \
+    --out benchmarks/results/sampling_smoke.json
   run benchmarks/train_step.py --smoke --overwrite
 else
   run benchmarks/logps_memory.py --overwrite
-  run benchmarks/sampling.py
+  run benchmarks/sampling.py --runs 5 --overwrite
   run benchmarks/train_step.py --overwrite
 fi
 if have_gpu; then

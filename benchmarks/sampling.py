@@ -27,7 +27,7 @@ both sides: built in JAX, written with ``distfair_jax.convert`` and loaded by tr
   python benchmarks/sampling.py --rounds 20 --torch-rounds 1 --runs 1 --out /tmp/s.json   # quick
 
 Results are printed as a table and written (atomically) as JSON to ``--out``
-(default benchmarks/results/sampling.json).
+(default benchmarks/results/sampling.json; an existing file is replaced only with ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def _parse(argv):
   p.add_argument("--preset", default="tiny")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(_RESULTS_DIR, "sampling.json"))
-  return p.parse_args(argv)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+  args = p.parse_args(argv)
+  if os.path.exists(args.out) and not args.overwrite:  # before minutes of measuring
+    p.error(f"--out: {args.out} exists; pass --overwrite to replace it")
+  return args
 
 
 def _build(preset: str, seed: int, workdir: str):
