@@ -96,6 +96,7 @@ class StepMemory:
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
+  layout: str = "rows"
 
   @property
   def peak_bytes(self) -> int:
@@ -353,7 +354,7 @@ def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
   compiled = jitted.lower(state, a_frozen, ref, batch).compile()
   mem = compiled.memory_analysis()
   get = lambda f: int(getattr(mem, f, 0) or 0) if mem is not None else 0
-  return StepMemory(stage=stage, batch_size=b, length=length,
+  return StepMemory(stage=stage, batch_size=b, length=length, layout=layout,
                     argument_bytes=get("argument_size_in_bytes"),
                     output_bytes=get("output_size_in_bytes"),
                     alias_bytes=get("alias_size_in_bytes"),
@@ -421,6 +422,10 @@ def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
                  f"{format_bytes(s.argument_bytes):>12}{format_bytes(s.output_bytes):>12}"
                  f"{format_bytes(s.alias_bytes):>12}{format_bytes(s.temp_bytes):>13}"
                  f"{format_bytes(s.peak_bytes):>12}")
+      if s.layout == "packed":
+        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
+                   f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
+                   f"sequence <= {s.length}; the demo's pairs pack into 64)")
   elif skipped:
     out += ["", skipped]
   for warning in plan.warnings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -124,3 +125,23 @@ def test_compiled_step_on_simulated_devices(tmp_path):
   # ... and the donated state comes back in place: outputs alias the params + optimizer state.
   assert step["alias_bytes"] >= held
   assert step["peak_bytes"] >= step["argument_bytes"]
+
+
+@pytest.mark.slow
+def test_compiled_packed_hybrid_step(tmp_path):
+  """The hybrid stage compiles on the packed layout (one row per pair), sized for its worst case."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  cmd = [sys.executable, "-m", "distfair_jax.cli", "plan",
+         os.path.join(ROOT, "configs", "experiments", "tiny.yaml"), "model.overrides.num_hidden_layers=1",
+         "data.max_length=32", "data.max_prompt_length=16", "hybrid.batch_size=8", "--devices", "4",
+         "--mesh", "data=2,fsdp=2", "--stage", "hybrid"]
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert "packed layout sized for its worst case: 4 rows x 128 tokens" in r.stdout, r.stdout
+  # Pairs that do not split over data x fsdp: auto falls back to the rows layout.
+  rows_cmd = [c if c != "data=2,fsdp=2" else "data=8" for c in cmd]
+  rows_cmd[rows_cmd.index("--devices") + 1] = "8"
+  r = subprocess.run(rows_cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                     timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert re.search(r"^hybrid +8 x 32 ", r.stdout, re.M) and "packed layout" not in r.stdout, r.stdout
