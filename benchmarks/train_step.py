@@ -1,27 +1,37 @@
 """Examples/s of one hybrid (KTO + steering KL) training step: ours (JAX) vs the PyTorch formulation.
 
-- ours: ``distfair_jax.train.step`` compiled with ``jax.jit`` (state donated): one policy pass over
-  the targets with gradient, one over the mismatched pairs without gradient, the reference pass over
-  both inside the step, vocabulary-tiled log-probs, the steering logits sliced before the output
-  projection, AdamW (optax, clipping at 1.0). Also ``reference="cached"``: the reference log-probs
-  come with the batch (computed once up front; that pass is not timed).
+Sides (same weights, same sequences):
+
+- ours: ``distfair_jax.train.step`` compiled with ``jax.jit`` (state donated) on the packed layout
+  (one row per pair: prompt once, then desirable, undesirable and the two mismatched completions):
+  one policy pass, the reference pass inside the step, vocabulary-tiled log-probs at the label
+  positions, the steering logits sliced before the output projection, AdamW (optax, clipping at 1.0).
+- ours_cached: the same with reference log-probs that come with the batch (computed once up front;
+  that pass is not timed).
+- ours_rows: our step on the rows layout (the torch side's tensors): a policy pass over the targets
+  with gradient, one over the mismatched pairs without, the reference over both.
 - torch: the reference implementation's formulation with Hugging Face's ``LlamaForCausalLM`` on the
-  same config and the same weights (copied from ours) and the same batch: a policy forward on the
-  targets for the steering KL; policy forwards on the targets (with gradient) and on the mismatched
-  pairs (under ``no_grad``, as TRL does) for KTO; reference forwards on both under ``no_grad``; full
-  float32 ``log_softmax`` over the vocabulary; ``torch.optim.AdamW`` (clipping at 1.0).
+  same config and weights (copied from ours) and sequences: a policy forward on the targets for the
+  steering KL; policy forwards on the targets (with gradient) and on the mismatched pairs (under
+  ``no_grad``, as TRL does) for KTO; reference forwards on both under ``no_grad``; full float32
+  ``log_softmax`` over the vocabulary; ``torch.optim.AdamW`` (clipping at 1.0). Its batch (and
+  ours_rows') is padded to the longest sequence, as a PyTorch collator does.
+
+Workloads (``--workloads``): ``real``, gender_real_us KTO pairs tokenized by the data pipeline with
+the tiny tokenizer (the method's data: long prompt, short answers); ``synthetic``, random tokens with
+completions ~3x the prompt (the case least favourable to packing).
 
 Both run float32 on the same CPU cores (``set_threads``: JAX's Eigen pool and torch's MKL/OpenMP pool
 sized to all cores), in one process, alternating (ours, ours cached, torch, ours, ...), with a pause
 between runs so that idle OpenMP threads stop spinning. A run repeats steps for at least
 ``--min-run-s`` seconds; examples/s = batch x steps / time. Ratios are ours / torch per run, reported
 as min / median / max over the runs, plus the ratio of the medians. As a correctness check, the first
-step's loss (identical initial weights) is compared between the two.
+step's loss (identical initial weights) is compared across the sides.
 
-Scaling: step time of ours (reference online) at three batch x length sizes, and a least-squares
-fit time = a + b * tokens.
+Scaling: step time of ours (rows layout, reference online) at three batch x length sizes, and a
+least-squares fit time = a + b * tokens.
 
-  python benchmarks/train_step.py                      # tiny + 50M sizes, scaling on 50M; minutes
+  python benchmarks/train_step.py                      # tiny + 50M, both workloads, scaling; ~15 min
   python benchmarks/train_step.py --sizes tiny --runs 3
   python benchmarks/train_step.py --smoke              # a micro model, seconds
 
@@ -407,8 +417,8 @@ def main(argv=None) -> int:
       rows.append([s["name"], f"{s['params'] / 1e6:.1f}M", s["workload"], key,
                    "x".join(map(str, shape)), e["min"], e["median"], e["max"]])
   print(_common.table(rows, ["size", "params", "data", "side", "arrays", "min", "median", "max"]))
-  print("\nRatio ours / torch per run (goal >= 2.0); ours = packed layout (the default), "
-        "rows = the torch formulation's layout")
+  print("\nRatio ours / torch per run (goal >= 2.0); packed: what hybrid.layout auto picks for short "
+        "answers; rows: the torch formulation's layout (auto's pick for long completions)")
   rows = []
   for s in results["sizes"]:
     for key, label in (("ratio", "packed, reference online"),

@@ -113,8 +113,8 @@ def _packed_logps(model, batch: Batch, tile_size: int, stop_mismatched: bool = T
   mismatched log-probs [2P]), both in the rows layout's order [desirable..., undesirable...].
 
   One forward over the packed rows; the label groups (targets, mismatched) gather the hidden states
-  that predict them; the mismatched group reads them under ``stop_gradient`` (no output-projection
-  backward for them) when ``stop_mismatched``.
+  that predict them; the mismatched group reads them and the output projection under
+  ``stop_gradient`` (its tiled log-probs then have no backward pass at all) when ``stop_mismatched``.
   """
   hidden = model(batch["packed_input_ids"], positions=batch["packed_positions"],
                  segment_ids=batch["packed_segment_ids"])
@@ -123,10 +123,11 @@ def _packed_logps(model, batch: Batch, tile_size: int, stop_mismatched: bool = T
   out = []
   for g in range(2):
     src = jnp.take_along_axis(hidden, batch["label_source"][:, g, :, None], axis=1)  # [P, N, D]
+    w = unemb
     if g == 1 and stop_mismatched:
-      src = jax.lax.stop_gradient(src)
+      src, w = jax.lax.stop_gradient(src), jax.lax.stop_gradient(unemb)
     mask = (branch[:, g] >= 0).astype(jnp.float32)
-    tok = L.token_logps_from_hidden(src, unemb, batch["label_ids"][:, g], mask, tile_size)
+    tok = L.token_logps_from_hidden(src, w, batch["label_ids"][:, g], mask, tile_size)
     first = (branch[:, g] == 2 * g).astype(jnp.float32)  # branch 2g, then branch 2g + 1
     out.append(jnp.concatenate([jnp.sum(tok * mask * first, axis=-1),
                                 jnp.sum(tok * mask * (1.0 - first), axis=-1)]))
