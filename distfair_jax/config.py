@@ -129,6 +129,7 @@ class DPOConfig:
   beta: float = 0.1
   label_smoothing: float = 0.0
   ipo: bool = False
+  layout: str = "auto"
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
 
@@ -182,6 +183,7 @@ _CHOICES = {
     "hybrid.ablation": {"full", "kl_only", "kto_only"},
     "hybrid.reference": {"online", "cached"},
     "hybrid.layout": {"auto", "packed", "rows"},
+    "dpo.layout": {"auto", "packed", "rows"},
     "sft.optim.optimizer": {"adamw", "rmsprop", "sgd"},
     "sft.optim.schedule": {"constant", "cosine"},
 }

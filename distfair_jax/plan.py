@@ -289,6 +289,12 @@ def abstract_batch(kind: str, batch_size: int, length: int, num_categories: int,
                         prefix + "labels": ((b, l), jnp.int32),
                         prefix + "label_mask": ((b, l), jnp.float32)}
   rows = {"category": ((b,), jnp.int32), "target": ((b, k), jnp.float32)}
+  if kind == "dpo" and layout == "packed":  # worst case: a one-token prompt, two full completions
+    return {"packed_input_ids": ((b, 2 * l), jnp.int32), "packed_positions": ((b, 2 * l), jnp.int32),
+            "packed_segment_ids": ((b, 2 * l), jnp.int32),
+            "label_source": ((b, 1, 2 * l), jnp.int32), "label_ids": ((b, 1, 2 * l), jnp.int32),
+            "label_branch": ((b, 1, 2 * l), jnp.int32), "steering_position": ((b,), jnp.int32),
+            **rows}
   if kind == "dpo":
     return {**seq("chosen_"), **seq("rejected_"), **rows}
   out = {**seq(""), **rows, "steering_position": ((b,), jnp.int32), "desirable": ((b,), jnp.int32)}
@@ -317,10 +323,12 @@ def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
     layout = cfg.hybrid.layout
     if layout == "auto":
       layout = "packed" if (b // 2) % div == 0 else "rows"
-  if layout == "packed":
+  elif stage == "dpo":
+    layout = "rows" if cfg.dpo.layout == "rows" else "packed"
+  if layout == "packed" and stage == "hybrid":
     div *= 2  # one row per pair
   if b % div:
-    twice = ", x 2 for hybrid.layout packed" if layout == "packed" else ""
+    twice = ", x 2 for hybrid.layout packed" if layout == "packed" and stage == "hybrid" else ""
     raise InputError(f"{STAGE_SECTION[stage]}.batch_size: expected a multiple of {div} (data x "
                      f"fsdp{twice}) on mesh {sizes}, got {b}")
   mcfg, _, _ = model_config(cfg)
@@ -422,10 +430,13 @@ def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
                  f"{format_bytes(s.argument_bytes):>12}{format_bytes(s.output_bytes):>12}"
                  f"{format_bytes(s.alias_bytes):>12}{format_bytes(s.temp_bytes):>13}"
                  f"{format_bytes(s.peak_bytes):>12}")
-      if s.layout == "packed":
+      if s.layout == "packed" and s.stage == "hybrid":
         out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
                    f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
                    f"sequence <= {s.length}; the demo's pairs pack into 64)")
+      elif s.layout == "packed":
+        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size} rows x "
+                   f"{2 * s.length} tokens (a prompt, then chosen and rejected)")
   elif skipped:
     out += ["", skipped]
   for warning in plan.warnings:

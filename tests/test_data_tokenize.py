@@ -188,6 +188,20 @@ def test_packed_kto_batch_holds_the_rows_sequences(tokenizers_by_style, race, st
         np.testing.assert_array_equal(ids[src[br == c][1:] + 1], lab[br == c][1:])
 
 
+def test_packed_dpo_batch_holds_chosen_and_rejected(tokenizers_by_style, race):
+  tok = tokenizers_by_style["qwen"]
+  rows = tokenize.tokenize_batch(race["dpo"][:3], tok, "dpo")
+  packed = tokenize.tokenize_batch(race["dpo"][:3], tok, "dpo", layout="packed")
+  assert packed["label_ids"].shape[:2] == (3, 1)
+  for i in range(3):
+    ids, seg = packed["packed_input_ids"][i], packed["packed_segment_ids"][i]
+    for c, prefix in enumerate(("chosen_", "rejected_")):
+      n = int(rows[prefix + "attention_mask"][i].sum())
+      assert list(ids[seg == 1]) + list(ids[seg == 2 + c]) == list(rows[prefix + "input_ids"][i, :n])
+      lab = packed["label_ids"][i, 0][packed["label_branch"][i, 0] == c]
+      np.testing.assert_array_equal(lab, rows[prefix + "labels"][i][rows[prefix + "label_mask"][i] > 0])
+
+
 def test_packed_cost_ratio_prefers_packing_for_short_answers(tokenizers_by_style, race):
   enc = tokenize.Encoder(tokenizers_by_style["llama3"])
   pairs = [tuple(enc.encode_record(r, "kto") for r in pair)

@@ -126,9 +126,10 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
     shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
     drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
     buckets: padded lengths (default ``bucket_lengths(max_length)``).
-    layout: ``rows`` or (kto only) ``packed``: one row per pair holding its four sequences
-      (desirable, undesirable, two mismatched) after their shared prompt (``tokenize.collate``);
-      ``batch_size`` still counts sequences (2 x pairs) and the pairs split over the processes.
+    layout: ``rows`` or (kto, dpo) ``packed``: kto, one row per pair holding its four sequences
+      (desirable, undesirable, two mismatched) after their shared prompt (``tokenize.collate``),
+      ``batch_size`` still counting sequences (2 x pairs) and the pairs split over the processes;
+      dpo, one row per record, [prompt | chosen | rejected].
     read_options: grain read options (default: 1 thread, prefetch 4 batches).
   """
   if kind not in ("sft", "kto", "ift", "dpo"):
@@ -146,12 +147,13 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
   if not (isinstance(shard_count, int) and shard_count >= 1 and 0 <= shard_index < shard_count):
     raise InputError(f"pipeline: shard_index: expected 0 <= shard_index < shard_count, got "
                      f"{shard_index} of {shard_count}")
-  if layout not in ("rows", "packed") or (layout == "packed" and kind != "kto"):
-    raise InputError(f"pipeline: layout: expected rows (or packed for kto), got {layout!r} for "
-                     f"{kind}")
-  rows = batch_size // 2 if layout == "packed" else batch_size
+  if layout not in ("rows", "packed") or (layout == "packed" and kind not in ("kto", "dpo")):
+    raise InputError(f"pipeline: layout: expected rows (or packed for kto and dpo), got "
+                     f"{layout!r} for {kind}")
+  rows = batch_size // 2 if (layout == "packed" and kind == "kto") else batch_size
   if rows % shard_count:
-    twice, why = ("2 x ", " (packed layout: one row per pair)") if layout == "packed" else ("", "")
+    twice, why = (("2 x ", " (packed layout: one row per pair)") if rows != batch_size
+                  else ("", ""))
     raise InputError(f"pipeline: batch_size: expected {twice}a multiple of the {shard_count} "
                      f"processes{why}, got {batch_size}")
   if shard_count > 1 and not drop_remainder:

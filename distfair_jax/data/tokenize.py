@@ -30,7 +30,8 @@ Batch arrays (numpy, right-padded to a length L from ``bucket_lengths``):
 Packed KTO batches (``collate(..., layout="packed")``): one row per pair, [prompt | desirable |
 undesirable | mismatched of the desirable row | mismatched of the undesirable row], so the shared
 prompt is computed once for four sequences; keys in ``pack_shared_prefix`` (labels in two groups:
-the targets, then the mismatched pairs), plus target [P, K] and category [P].
+the targets, then the mismatched pairs), plus target [P, K] and category [P]. Packed DPO batches: one
+row per record, [prompt | chosen | rejected], labels in one group.
 """
 
 from __future__ import annotations
@@ -351,15 +352,16 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
   laid out [desirables; undesirables] plus the mismatched ``kl_*`` arrays (B >= 2). The padded
   length L is the smallest bucket that fits every row (also the kl / chosen / rejected rows).
 
-  ``layout="packed"`` (kto only) packs the same four sequences of each pair into one row sharing
+  ``layout="packed"`` (kto) packs the same four sequences of each pair into one row sharing
   the prompt (``pack_shared_prefix``): branches (desirable_i, undesirable_i, mismatched row i,
-  mismatched row P + i), plus ``target [P, K]`` and ``category [P]`` of the desirable example.
+  mismatched row P + i), plus ``target [P, K]`` and ``category [P]`` of the desirable example;
+  (dpo) one row per record, branches (chosen, rejected) in one label group, plus category and target.
   """
   if layout not in ("rows", "packed"):
     raise InputError(f"batch: layout: expected rows or packed, got {layout!r}")
-  if layout == "packed" and kind != "kto":
-    raise InputError(f"batch: layout: expected rows for {kind} batches (packed is for kto), "
-                     f"got packed")
+  if layout == "packed" and kind not in ("kto", "dpo"):
+    raise InputError(f"batch: layout: expected rows for {kind} batches (packed is for kto and "
+                     f"dpo), got packed")
   if not examples:
     raise InputError("batch: size: expected at least one example, got none")
   buckets = tuple(buckets or bucket_lengths(encoder.max_length))
@@ -376,6 +378,14 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
   if kind == "dpo":
     chosen = [fit(p, r["chosen"]) for p, r in zip(prompts, rows)]
     rejected = [fit(p, r["rejected"]) for p, r in zip(prompts, rows)]
+    if layout == "packed":  # one row per record: [prompt | chosen | rejected]
+      n_tokens = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+      n_labels = max(len(c) + len(r) for c, r in zip(chosen, rejected))
+      out = pack_shared_prefix(prompts, list(zip(chosen, rejected)),
+                               packed_bucket(n_tokens, buckets),
+                               packed_bucket(n_labels, bucket_lengths(buckets[-1], smallest=16)),
+                               pad, groups=((0, 1),))
+      return {**out, **meta}
     length = bucket_for(max(len(p) + max(len(c), len(r)) for p, c, r in
                             zip(prompts, chosen, rejected)), buckets)
     out = {}

@@ -19,7 +19,9 @@ convention). Per optimizer step:
   runs over the packed tokens with gradient (3x) and in the reference (1x, online); the output
   projection runs only at the label positions: target labels 3x, mismatched labels 1x, and the
   reference over both;
-- dpo: 3 F (chosen + rejected) + 1 F (reference over both).
+- dpo: 3 F (chosen + rejected) + 1 F (reference over both); packed layout (one row per record,
+  [prompt | chosen | rejected]): the same over the packed tokens, the output projection at the
+  labels only.
 
 Token counts are padded tokens (what the device computes), batch x padded length.
 """
@@ -63,6 +65,12 @@ def step_flops(cfg, kind: str, tokens: dict[str, tuple[int, int]], reference: st
   if kind == "hybrid":
     ref = (f("target") + f("kl")) if reference == "online" else 0.0
     return 3 * f("target") + f("kl") + ref
+  if kind == "dpo" and "packed" in tokens:
+    b, l = tokens["packed"]
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size
+    nl, ll = tokens["labels"]
+    both = b * l * (forward_flops_per_token(cfg, l) - head) + nl * ll * head
+    return 3 * both + both
   if kind == "dpo":
     both = f("chosen") + f("rejected")
     return 3 * both + both

@@ -307,7 +307,11 @@ class Trainer:
     from distfair_jax.data import pipeline
     kind = STAGE_KINDS[name][0]
     d = self.cfg.data
-    layout = self.hybrid_layout(batch_size) if kind == "kto" else "rows"
+    layout = "rows"
+    if kind == "kto":
+      layout = self.hybrid_layout(batch_size)
+    elif kind == "dpo":  # one row per record either way: packing never costs more tokens
+      layout = "rows" if self.cfg.dpo.layout == "rows" else "packed"
     return pipeline.make_batches(records, self.tokenizer, kind, batch_size, seed=seed,
                                  num_epochs=epochs, max_length=d.max_length,
                                  max_prompt_length=d.max_prompt_length,
@@ -491,9 +495,9 @@ class Trainer:
       if prefix + "input_ids" in batch:
         rows, length = batch[prefix + "input_ids"].shape[:2]
         tokens[key] = (rows * jax.process_count(), length)  # host batches hold this process's rows
-    if "label_ids" in batch:  # packed: [pairs, 2 groups, N] labels
-      tokens["labels"] = (batch["label_ids"].shape[0] * 2 * jax.process_count(),
-                          batch["label_ids"].shape[2])
+    if "label_ids" in batch:  # packed: [rows, groups, N] labels
+      r, g, n = batch["label_ids"].shape
+      tokens["labels"] = (r * g * jax.process_count(), n)
     flops = flops_lib.step_flops(self.model_config, spec.kind, tokens, spec.reference)
     out["tokens_per_second"] = out.pop("tokens", 0.0) / dt
     out["step_time"] = dt

@@ -15,7 +15,8 @@ and applies the pure losses of ``distfair_jax.losses``:
   reference forward over both at once. Either way the steering logits are read at the steering
   position before the output projection; ``losses.hybrid_loss`` with the configured ablation. KTO
   terms are computed in every ablation so that ``kl_only`` runs still report the rewards.
-- ``dpo``: policy and reference forwards over chosen and rejected sequences.
+- ``dpo``: policy and reference forwards over chosen and rejected sequences; packed layout, one row
+  per record, [prompt | chosen | rejected], the prompt computed once for both.
 
 ``jit_step`` compiles it with explicit in/out shardings and the state donated.
 """
@@ -71,7 +72,15 @@ _PACKED_KEYS = ("packed_input_ids", "packed_positions", "packed_segment_ids", "l
 
 def check_batch(spec: StepSpec, batch: dict[str, Any]) -> None:
   """Refuse batches the step cannot use, with the reason (before anything is compiled)."""
-  if spec.kind == "hybrid" and is_packed(batch):
+  if spec.kind == "dpo" and is_packed(batch):
+    for key in _PACKED_KEYS[:-2]:
+      if key not in batch:
+        raise ValueError(f"packed DPO batch lacks {key!r} (build it with the data pipeline's "
+                         f"kind='dpo', layout='packed')")
+    if batch["label_source"].shape[1:2] != (1,):
+      raise ValueError(f"packed DPO batch: label_source: expected [records, 1, N] (chosen and "
+                       f"rejected in one group), got shape {tuple(batch['label_source'].shape)}")
+  elif spec.kind == "hybrid" and is_packed(batch):
     for key in _PACKED_KEYS:
       if key not in batch:
         raise ValueError(f"packed hybrid batch lacks {key!r} (build it with the data pipeline's "
@@ -108,30 +117,39 @@ def _sequence_logps(model, input_ids, attention_mask, labels, label_mask, tile_s
   return hidden, unemb, tok, L.sequence_logps(tok, label_mask)
 
 
-def _packed_logps(model, batch: Batch, tile_size: int, stop_mismatched: bool = True):
-  """A packed KTO batch (P rows) -> (hidden [P, T, D], unembedding [D, V], target log-probs [2P],
-  mismatched log-probs [2P]), both in the rows layout's order [desirable..., undesirable...].
+def _packed_group_logps(model, batch: Batch, tile_size: int, no_grad_groups=()):
+  """A packed batch (R rows, G label groups of two branches) -> (hidden [R, T, D], unembedding
+  [D, V], log-probs [R, G, 2]: entry [r, g, k] sums the labels of branch 2g + k of row r).
 
-  One forward over the packed rows; the label groups (targets, mismatched) gather the hidden states
-  that predict them; the mismatched group reads them and the output projection under
-  ``stop_gradient`` (its tiled log-probs then have no backward pass at all) when ``stop_mismatched``.
+  One forward over the packed rows; each label group gathers the hidden states that predict its
+  labels. Groups in ``no_grad_groups`` read the hidden states and the output projection under
+  ``stop_gradient``, so their tiled log-probs have no backward pass at all.
   """
   hidden = model(batch["packed_input_ids"], positions=batch["packed_positions"],
                  segment_ids=batch["packed_segment_ids"])
   unemb = model.unembedding()
-  branch = batch["label_branch"]  # [P, 2, N]
+  branch = batch["label_branch"]  # [R, G, N]
   out = []
-  for g in range(2):
-    src = jnp.take_along_axis(hidden, batch["label_source"][:, g, :, None], axis=1)  # [P, N, D]
+  for g in range(branch.shape[1]):
+    src = jnp.take_along_axis(hidden, batch["label_source"][:, g, :, None], axis=1)  # [R, N, D]
     w = unemb
-    if g == 1 and stop_mismatched:
+    if g in no_grad_groups:
       src, w = jax.lax.stop_gradient(src), jax.lax.stop_gradient(unemb)
     mask = (branch[:, g] >= 0).astype(jnp.float32)
-    tok = L.token_logps_from_hidden(src, w, batch["label_ids"][:, g], mask, tile_size)
-    first = (branch[:, g] == 2 * g).astype(jnp.float32)  # branch 2g, then branch 2g + 1
-    out.append(jnp.concatenate([jnp.sum(tok * mask * first, axis=-1),
-                                jnp.sum(tok * mask * (1.0 - first), axis=-1)]))
-  return hidden, unemb, out[0], out[1]
+    tok = L.token_logps_from_hidden(src, w, batch["label_ids"][:, g], mask, tile_size) * mask
+    first = (branch[:, g] == 2 * g).astype(jnp.float32)
+    second = (branch[:, g] == 2 * g + 1).astype(jnp.float32)
+    out.append(jnp.stack([jnp.sum(tok * first, axis=-1), jnp.sum(tok * second, axis=-1)], -1))
+  return hidden, unemb, jnp.stack(out, axis=1)
+
+
+def _packed_logps(model, batch: Batch, tile_size: int):
+  """A packed KTO batch (P rows) -> (hidden [P, T, D], unembedding [D, V], target log-probs [2P],
+  mismatched log-probs [2P]), both in the rows layout's order [desirable..., undesirable...]; the
+  mismatched group takes no gradient."""
+  hidden, unemb, lp = _packed_group_logps(model, batch, tile_size, no_grad_groups=(1,))
+  return (hidden, unemb, jnp.concatenate([lp[:, 0, 0], lp[:, 0, 1]]),
+          jnp.concatenate([lp[:, 1, 0], lp[:, 1, 1]]))
 
 
 def _forward_hidden(model, batch: Batch) -> jax.Array:
@@ -245,17 +263,26 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
   def dpo_loss(params, rngs, frozen, ref_params, batch):
     rngs, frozen, ref_params = fresh(rngs, frozen, ref_params)
     policy = nnx.merge(graphdef, params, rngs, frozen)
-    ids, mask, labels, lmask = _concat_pairs(batch, "chosen_", "rejected_")
-    _, _, _, logps = _sequence_logps(policy, ids, mask, labels, lmask, tile)
     ref = nnx.merge(graphdef_eval, *fresh(ref_params, rngs, frozen))
-    _, _, _, ref_logps = _sequence_logps(ref, ids, mask, labels, lmask, tile)
+    if is_packed(batch):  # one row per record: [prompt | chosen | rejected]
+      pair = lambda lp: jnp.concatenate([lp[:, 0, 0], lp[:, 0, 1]])
+      logps = pair(_packed_group_logps(policy, batch, tile)[2])
+      ref_logps = pair(_packed_group_logps(ref, batch, tile)[2])
+      b = batch["packed_input_ids"].shape[0]
+      tokens = 2.0 * jnp.sum((batch["steering_position"] + 1).astype(jnp.float32)) + jnp.sum(
+          (batch["label_branch"] >= 0).astype(jnp.float32))
+    else:
+      ids, mask, labels, lmask = _concat_pairs(batch, "chosen_", "rejected_")
+      _, _, _, logps = _sequence_logps(policy, ids, mask, labels, lmask, tile)
+      _, _, _, ref_logps = _sequence_logps(ref, ids, mask, labels, lmask, tile)
+      b = batch["chosen_input_ids"].shape[0]
+      tokens = _token_count(batch, ["chosen_", "rejected_"])
     ref_logps = jax.lax.stop_gradient(ref_logps)
-    b = batch["chosen_input_ids"].shape[0]
     loss, metrics = L.dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=spec.beta,
                                label_smoothing=spec.label_smoothing, ipo=spec.ipo)
     metrics = dict(metrics)
     metrics["loss"] = loss
-    metrics["tokens"] = _token_count(batch, ["chosen_", "rejected_"])
+    metrics["tokens"] = tokens
     return loss, (metrics, nnx.state(policy, nnx.RngState))
 
   fns = {"sft": sft_loss, "ift": sft_loss, "hybrid": hybrid_loss, "dpo": dpo_loss}
