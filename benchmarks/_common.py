@@ -172,12 +172,13 @@ def hybrid_batch(vocab: int, batch: int, length: int, steering_ids: Sequence[int
   return tokenize.collate(examples, "kto", encoder, buckets=(length,), layout=layout)
 
 
-def real_kto_batch(batch: int, layout: str = "rows", dataset: str = "gender_real_us",
-                   seed: int = 0) -> tuple[dict[str, Any], list[int], int]:
+def real_kto_batch(batch: int, dataset: str = "gender_real_us",
+                   seed: int = 0) -> tuple[dict[str, Any], dict[str, Any], list[int], int]:
   """The method's real workload: ``batch / 2`` KTO pairs of ``dataset`` (attribute questions, short
   answers) tokenized with the tiny tokenizer as the data pipeline does (length buckets from 32).
 
-  Returns (batch arrays, steering token ids, tokenizer vocabulary size).
+  Returns (rows-layout arrays, packed-layout arrays of the same pairs, steering token ids,
+  tokenizer vocabulary size).
   """
   import numpy as np
   from distfair_jax.data import build, tokenize
@@ -188,8 +189,9 @@ def real_kto_batch(batch: int, layout: str = "rows", dataset: str = "gender_real
   order = np.random.default_rng(seed).permutation(len(pairs))[:batch // 2]
   records = [r for i in order for r in pairs[i]]
   encoder = tokenize.Encoder(tok, attribute=ds.spec.attribute)
-  return (tokenize.tokenize_batch(records, tok, "kto", encoder=encoder, layout=layout),
-          [int(x) for x in encoder.steering_ids], len(tok))
+  rows, packed = (tokenize.tokenize_batch(records, tok, "kto", encoder=encoder, layout=layout)
+                  for layout in ("rows", "packed"))
+  return rows, packed, [int(x) for x in encoder.steering_ids], len(tok)
 
 
 def trim_rows(batch: dict[str, Any]) -> dict[str, Any]:

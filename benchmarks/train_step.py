@@ -248,8 +248,7 @@ SIDES = ("ours", "ours_cached", "ours_rows", "torch")
 def _workload(name: str, cfg, batch_size: int, length: int):
   """-> (packed batch, rows batch cut to its longest sequence, steering ids, description)."""
   if name == "real":
-    packed, steering, vocab = _common.real_kto_batch(batch_size, "packed")
-    rows, _, _ = _common.real_kto_batch(batch_size, "rows")
+    rows, packed, steering, vocab = _common.real_kto_batch(batch_size)
     if vocab > cfg.vocab_size:
       raise SystemExit(f"real workload: the tiny tokenizer's {vocab} tokens exceed the model's "
                        f"vocabulary {cfg.vocab_size}")

@@ -318,13 +318,8 @@ def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
   scfg = getattr(cfg, STAGE_SECTION[stage])
   b, length = scfg.batch_size, cfg.data.max_length
   div = sizes["data"] * sizes["fsdp"]
-  layout = "rows"
-  if stage == "hybrid":
-    layout = cfg.hybrid.layout
-    if layout == "auto":
-      layout = "packed" if (b // 2) % div == 0 else "rows"
-  elif stage == "dpo":
-    layout = "rows" if cfg.dpo.layout == "rows" else "packed"
+  from distfair_jax.train.loop import batch_layout
+  layout = batch_layout(cfg, stage, b, div)  # auto assumes packing pays: the plan sees no data
   if layout == "packed" and stage == "hybrid":
     div *= 2  # one row per pair
   if b % div:

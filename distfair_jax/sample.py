@@ -182,14 +182,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   return ids, mask
 
 
-def sample_keys(seed: int, prompt_index: np.ndarray, round_index: np.ndarray) -> jax.Array:
-  """Typed PRNG keys ``[N]``: ``fold_in(fold_in(key(seed), prompt), round)`` per sample."""
-  return _sample_keys(jax.random.key(seed), jnp.asarray(prompt_index, jnp.int32),
-                      jnp.asarray(round_index, jnp.int32))
-
-
-@jax.jit
 def _sample_keys(key, prompt_index, round_index):
+  """Typed PRNG keys ``[N]``: ``fold_in(fold_in(key, prompt), round)`` per sample (traced inside
+  ``_sample_chunk``)."""
   return jax.vmap(lambda p, r: jax.random.fold_in(jax.random.fold_in(key, p), r))(
       prompt_index, round_index)
 

@@ -50,7 +50,7 @@ from distfair_jax.train.step import (StepSpec, check_batch, make_eval_fn, make_l
                                      make_reference_fn, make_train_step)
 from distfair_jax.train.writer import MetricsWriter
 
-__all__ = ["train", "Trainer", "TrainingError", "Preempted", "STAGE_KINDS"]
+__all__ = ["train", "Trainer", "TrainingError", "Preempted", "STAGE_KINDS", "batch_layout"]
 
 # stage name -> (data pipeline kind, records key, settings section of Config)
 STAGE_KINDS = {"sft": ("sft", "sft", "sft"), "ift": ("ift", "ift", "sft"),
@@ -70,6 +70,21 @@ class Preempted(SystemExit):
   def __init__(self, message: str):
     super().__init__(PREEMPTED_EXIT_CODE)
     self.message = message
+
+
+def batch_layout(cfg: Config, stage: str, batch_size: int, batch_devices: int,
+                 packing_pays: bool = True) -> str:
+  """The batch layout of ``stage`` (rows or packed), ``auto`` resolved. DPO: packed (one row per
+  record either way, so never more tokens). Hybrid: packed when the pairs split over the
+  ``batch_devices`` (data x fsdp) and ``packing_pays`` (the data's estimate; see
+  ``Trainer.hybrid_layout``)."""
+  if stage == "dpo":
+    return "rows" if cfg.dpo.layout == "rows" else "packed"
+  if stage != "hybrid":
+    return "rows"
+  if cfg.hybrid.layout != "auto":
+    return cfg.hybrid.layout
+  return "packed" if (batch_size // 2) % batch_devices == 0 and packing_pays else "rows"
 
 
 def _log(msg: str) -> None:
@@ -307,11 +322,8 @@ class Trainer:
     from distfair_jax.data import pipeline
     kind = STAGE_KINDS[name][0]
     d = self.cfg.data
-    layout = "rows"
-    if kind == "kto":
-      layout = self.hybrid_layout(batch_size)
-    elif kind == "dpo":  # one row per record either way: packing never costs more tokens
-      layout = "rows" if self.cfg.dpo.layout == "rows" else "packed"
+    layout = self.hybrid_layout(batch_size) if name == "hybrid" else batch_layout(
+        self.cfg, name, batch_size, 1)
     return pipeline.make_batches(records, self.tokenizer, kind, batch_size, seed=seed,
                                  num_epochs=epochs, max_length=d.max_length,
                                  max_prompt_length=d.max_prompt_length,
@@ -322,11 +334,9 @@ class Trainer:
     """``hybrid.layout``, with ``auto`` resolved: packed when the pairs split over data x fsdp and
     the stage's data make it cheaper (``tokenize.packed_cost_ratio`` < 0.8: the margin covers the
     longer rows' attention)."""
-    layout = self.cfg.hybrid.layout
-    if layout == "auto":
-      div = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
-      layout = "packed" if (batch_size // 2) % div == 0 and self._packed_cost() < 0.8 else "rows"
-    return layout
+    div = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+    pays = self.cfg.hybrid.layout != "auto" or self._packed_cost() < 0.8
+    return batch_layout(self.cfg, "hybrid", batch_size, div, packing_pays=pays)
 
   def _packed_cost(self) -> float:
     """``tokenize.packed_cost_ratio`` of the first 256 hybrid training pairs (computed once)."""

@@ -67,27 +67,30 @@ def is_packed(batch: dict[str, Any]) -> bool:
 
 
 _PACKED_KEYS = ("packed_input_ids", "packed_positions", "packed_segment_ids", "label_source",
-                "label_ids", "label_branch", "steering_position", "target")
+                "label_ids", "label_branch")
+# step kind -> (name in messages, data-pipeline kind, keys besides _PACKED_KEYS, label groups and
+# what they hold)
+_PACKED_KINDS = {
+    "hybrid": ("hybrid", "kto", ("steering_position", "target"), 2, "pairs, 2 (targets, mismatched)"),
+    "dpo": ("DPO", "dpo", (), 1, "records, 1 (chosen and rejected)"),
+}
+
+
+def _check_packed(kind: str, batch: dict[str, Any]) -> None:
+  name, data_kind, extra, groups, layout = _PACKED_KINDS[kind]
+  for key in _PACKED_KEYS + extra:
+    if key not in batch:
+      raise ValueError(f"packed {name} batch lacks {key!r} (build it with the data pipeline's "
+                       f"kind={data_kind!r}, layout='packed')")
+  if batch["label_source"].shape[1:2] != (groups,):
+    raise ValueError(f"packed {name} batch: label_source: expected [{layout}, N], got shape "
+                     f"{tuple(batch['label_source'].shape)}")
 
 
 def check_batch(spec: StepSpec, batch: dict[str, Any]) -> None:
   """Refuse batches the step cannot use, with the reason (before anything is compiled)."""
-  if spec.kind == "dpo" and is_packed(batch):
-    for key in _PACKED_KEYS[:-2]:
-      if key not in batch:
-        raise ValueError(f"packed DPO batch lacks {key!r} (build it with the data pipeline's "
-                         f"kind='dpo', layout='packed')")
-    if batch["label_source"].shape[1:2] != (1,):
-      raise ValueError(f"packed DPO batch: label_source: expected [records, 1, N] (chosen and "
-                       f"rejected in one group), got shape {tuple(batch['label_source'].shape)}")
-  elif spec.kind == "hybrid" and is_packed(batch):
-    for key in _PACKED_KEYS:
-      if key not in batch:
-        raise ValueError(f"packed hybrid batch lacks {key!r} (build it with the data pipeline's "
-                         f"kind='kto', layout='packed')")
-    if batch["label_source"].shape[1:2] != (2,):
-      raise ValueError(f"packed hybrid batch: label_source: expected [pairs, 2, N] (targets, "
-                       f"mismatched), got shape {tuple(batch['label_source'].shape)}")
+  if spec.kind in _PACKED_KINDS and is_packed(batch):
+    _check_packed(spec.kind, batch)
   elif spec.kind == "hybrid":
     n = len(batch["input_ids"])
     if n < 2:
@@ -125,8 +128,7 @@ def _packed_group_logps(model, batch: Batch, tile_size: int, no_grad_groups=()):
   labels. Groups in ``no_grad_groups`` read the hidden states and the output projection under
   ``stop_gradient``, so their tiled log-probs have no backward pass at all.
   """
-  hidden = model(batch["packed_input_ids"], positions=batch["packed_positions"],
-                 segment_ids=batch["packed_segment_ids"])
+  hidden = _forward_hidden(model, batch)
   unemb = model.unembedding()
   branch = batch["label_branch"]  # [R, G, N]
   out = []
@@ -160,11 +162,11 @@ def _forward_hidden(model, batch: Batch) -> jax.Array:
   return model(batch["input_ids"], batch["attention_mask"])
 
 
-def _packed_token_count(batch: Batch) -> jax.Array:
-  """Tokens of the sequences a packed batch stands for (each branch counts its prompt), so that
-  tokens/s compares with the rows layout."""
+def _packed_token_count(batch: Batch, branches: int) -> jax.Array:
+  """Tokens of the sequences a packed batch stands for (each of a row's ``branches`` counts its
+  prompt), so that tokens/s compares with the rows layout."""
   prompts = (batch["steering_position"] + 1).astype(jnp.float32)
-  return 4.0 * jnp.sum(prompts) + jnp.sum((batch["label_branch"] >= 0).astype(jnp.float32))
+  return branches * jnp.sum(prompts) + jnp.sum((batch["label_branch"] >= 0).astype(jnp.float32))
 
 
 def _concat_pairs(batch: Batch, a: str, b: str):
@@ -231,7 +233,7 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
       steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch["steering_position"])
       steer = L.steering_kl(steer_logits, steering_ids, batch["target"],
                             renormalize=spec.renormalize)
-      tokens = _packed_token_count(batch)
+      tokens = _packed_token_count(batch, branches=4)
     else:
       hidden, unemb, _, logps = _sequence_logps(policy, batch["input_ids"], batch["attention_mask"],
                                                 batch["labels"], batch["label_mask"], tile)
@@ -269,8 +271,7 @@ def make_loss_fn(graphdef, graphdef_eval, spec: StepSpec, steering_ids: jax.Arra
       logps = pair(_packed_group_logps(policy, batch, tile)[2])
       ref_logps = pair(_packed_group_logps(ref, batch, tile)[2])
       b = batch["packed_input_ids"].shape[0]
-      tokens = 2.0 * jnp.sum((batch["steering_position"] + 1).astype(jnp.float32)) + jnp.sum(
-          (batch["label_branch"] >= 0).astype(jnp.float32))
+      tokens = _packed_token_count(batch, branches=2)
     else:
       ids, mask, labels, lmask = _concat_pairs(batch, "chosen_", "rejected_")
       _, _, _, logps = _sequence_logps(policy, ids, mask, labels, lmask, tile)
