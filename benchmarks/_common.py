@@ -12,7 +12,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 from typing import Any, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -93,22 +92,12 @@ def command_line() -> str:
 
 
 def write_json(path: str, data: Any, overwrite: bool) -> None:
-  """Writes ``data`` as JSON to ``path`` atomically (temp file + rename); refuses to replace an
+  """Writes ``data`` as JSON to ``path`` atomically (``distfair_jax.fileio``); refuses to replace an
   existing file unless ``overwrite``."""
+  from distfair_jax import fileio
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=2, sort_keys=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  fileio.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -136,19 +125,20 @@ def _fmt(x: Any) -> str:
 
 
 def hybrid_batch(vocab: int, batch: int, length: int, steering_ids: Sequence[int], seed: int = 0,
-                 min_fill: float = 0.75, layout: str = "rows") -> dict[str, Any]:
-  """A synthetic hybrid (KTO + steering) batch of numpy arrays with the data pipeline's keys.
+                 min_fill: float = 0.75, layout: str = "rows"):
+  """A synthetic hybrid (KTO + steering) batch: the data pipeline's typed batch of numpy arrays.
 
   ``batch`` rows = batch / 2 desirable / undesirable pairs; each pair shares a random prompt of
   ``min_fill * length / 4`` tokens and has two completions (the steering token, then random answer tokens)
   filling its rows to [min_fill * length, length] tokens: long completions, the case least favourable
-  to the packed layout. ``layout="rows"``: [B, length] arrays as ``data.tokenize.collate`` makes
-  them (mismatched pairs: prompt i + completion of row (i + 1) mod B); ``"packed"``: the same
-  sequences, one row per pair (``pack_shared_prefix``; its length a multiple of ``length``).
+  to the packed layout. ``layout="rows"``: a ``HybridBatch`` of [B, length] arrays as
+  ``data.collate.collate`` makes it (mismatched pairs: prompt i + completion of row (i + 1) mod B);
+  ``"packed"``: a ``PackedHybridBatch`` of the same sequences, one row per pair
+  (``pack_shared_prefix``; its length a multiple of ``length``).
   """
   import types
   import numpy as np
-  from distfair_jax.data import tokenize
+  from distfair_jax.data import collate
   if batch < 2 or batch % 2:
     raise ValueError(f"batch: expected an even number >= 2, got {batch}")
   rng = np.random.default_rng(seed)
@@ -169,19 +159,19 @@ def hybrid_batch(vocab: int, batch: int, length: int, steering_ids: Sequence[int
                    "category": category, "target": target, "desirable": desirable})
     examples.append(tuple(pair))
   encoder = types.SimpleNamespace(fit=lambda p, c: c, pad_id=0, max_length=length)
-  return tokenize.collate(examples, "kto", encoder, buckets=(length,), layout=layout)
+  return collate.collate(examples, "kto", encoder, buckets=(length,), layout=layout)
 
 
 def real_kto_batch(batch: int, dataset: str = "gender_real_us",
-                   seed: int = 0) -> tuple[dict[str, Any], dict[str, Any], list[int], int]:
+                   seed: int = 0) -> tuple[Any, Any, list[int], int]:
   """The method's real workload: ``batch / 2`` KTO pairs of ``dataset`` (attribute questions, short
   answers) tokenized with the tiny tokenizer as the data pipeline does (length buckets from 32).
 
-  Returns (rows-layout arrays, packed-layout arrays of the same pairs, steering token ids,
+  Returns (rows-layout batch, packed-layout batch of the same pairs, steering token ids,
   tokenizer vocabulary size).
   """
   import numpy as np
-  from distfair_jax.data import build, tokenize
+  from distfair_jax.data import build, collate, tokenize
   from distfair_jax.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   ds = build.build_dataset(dataset, rows_per_occupation=max(4, batch), test_rounds=1, seed=seed)
@@ -189,17 +179,27 @@ def real_kto_batch(batch: int, dataset: str = "gender_real_us",
   order = np.random.default_rng(seed).permutation(len(pairs))[:batch // 2]
   records = [r for i in order for r in pairs[i]]
   encoder = tokenize.Encoder(tok, attribute=ds.spec.attribute)
-  rows, packed = (tokenize.tokenize_batch(records, tok, "kto", encoder=encoder, layout=layout)
+  rows, packed = (collate.tokenize_batch(records, tok, "kto", encoder=encoder, layout=layout)
                   for layout in ("rows", "packed"))
   return rows, packed, [int(x) for x in encoder.steering_ids], len(tok)
 
 
-def trim_rows(batch: dict[str, Any]) -> dict[str, Any]:
-  """A rows-layout batch cut to its longest sequence (what a PyTorch collator pads to)."""
-  n = int(max(batch["attention_mask"].sum(1).max(), batch["kl_attention_mask"].sum(1).max()))
-  return {k: (v[:, :n] if v.ndim == 2 and k.endswith(("input_ids", "attention_mask", "labels",
-                                                       "label_mask")) else v)
-          for k, v in batch.items()}
+def trim_rows(batch):
+  """A rows-layout ``HybridBatch`` cut to its longest sequence (what a PyTorch collator pads to)."""
+  import jax
+  n = int(max(batch.seq.attention_mask.sum(1).max(), batch.mismatched.attention_mask.sum(1).max()))
+  cut = lambda seq: jax.tree.map(lambda v: v[:, :n], seq)
+  return batch.replace(seq=cut(batch.seq), mismatched=cut(batch.mismatched))
+
+
+def torch_arrays(batch) -> dict[str, Any]:
+  """A rows-layout ``HybridBatch`` as the flat arrays of the PyTorch formulation."""
+  out = {"steering_position": batch.steering_position, "target": batch.target,
+         "desirable": batch.desirable}
+  for prefix, seq in (("", batch.seq), ("kl_", batch.mismatched)):
+    out.update({prefix + k: getattr(seq, k)
+                for k in ("input_ids", "attention_mask", "labels", "label_mask")})
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,11 +207,12 @@ def trim_rows(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class HybridStep:
-  """The real hybrid step (``distfair_jax.train.step``) compiled on one device.
+  """The real hybrid step (``train.stages.HybridStage`` through ``train.step``) compiled on one
+  device.
 
   ``run(batch)`` does one optimizer step and returns the metrics (not blocked on); ``state`` is
-  donated and replaced each call. ``reference="cached"`` steps read ``reference_logps`` /
-  ``reference_kl_logps`` from the batch; :meth:`cache_reference` adds them.
+  donated and replaced each call. ``reference="cached"`` steps read the reference log-probs from
+  the batch; :meth:`put` adds them.
   """
 
   def __init__(self, model, steering_ids, *, reference: str = "online", tile_size: int = 128,
@@ -219,49 +220,39 @@ class HybridStep:
     import jax
     import jax.numpy as jnp
     from distfair_jax import sharding as shd
-    from distfair_jax.config import OptimConfig
-    from distfair_jax.train.state import init_train_state, make_optimizer, split_model
-    from distfair_jax.train.step import StepSpec, make_loss_fn, make_reference_fn, make_train_step
+    from distfair_jax.config import HybridConfig, OptimConfig
+    from distfair_jax.model.loader import split_model
+    from distfair_jax.train.stages import HybridStage
+    from distfair_jax.train.state import init_train_state, make_optimizer
+    from distfair_jax.train.step import make_train_step
 
     device = device or jax.devices()[0]
     self.mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
-    self.spec = StepSpec(kind="hybrid", tile_size=tile_size, reference=reference)
+    self.stage = HybridStage(HybridConfig(reference=reference), tile_size=tile_size)
     model.train()
-    graphdef, params, rngs, frozen = split_model(model, lora=False)
-    model.eval()
-    graphdef_eval = split_model(model, lora=False)[0]
-    model.train()
+    graphdef, graphdef_eval, params, rngs, frozen = split_model(model, lora=False)
     tx, schedule = make_optimizer(OptimConfig(learning_rate=learning_rate, warmup_steps=0), 1000)
     params = jax.device_put(params, device)
     self.ref_params = jax.tree.map(jnp.copy, params)
     self.rngs = jax.device_put(rngs, device)
     self.frozen = jax.device_put(frozen, device)
     self.state = init_train_state(tx, params, self.rngs, self.mesh)
-    inner = make_loss_fn(graphdef, graphdef_eval, self.spec, jnp.asarray(steering_ids, jnp.int32))
-
-    def loss_fn(params, rngs, frozen, ref_params, batch):
-      # Work-around: with remat on, nnx.remat refuses Variables made at the jit's trace level
-      # (TraceContextError) when the reference model is merged from ``ref_params`` inside the grad
-      # trace. Rebuilding the trees here makes fresh Variables at the current level; same program.
-      rebuild = lambda t: jax.tree.map(lambda x: x, t)
-      return inner(params, rngs, rebuild(frozen), rebuild(ref_params), batch)
-
+    loss_fn = self.stage.loss_fn(graphdef, graphdef_eval, jnp.asarray(steering_ids, jnp.int32))
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     self.step = jax.jit(make_train_step(loss_fn, tx, schedule), donate_argnums=(0,),
                         out_shardings=(state_shardings, None))
-    self.reference_fn = jax.jit(make_reference_fn(graphdef_eval, self.spec))
+    self.reference_fn = jax.jit(self.stage.reference_fn(graphdef_eval))
     self._shd = shd
 
-  def put(self, batch: dict[str, Any]) -> dict[str, Any]:
-    """Host batch -> device arrays (adds cached reference log-probs for ``reference='cached'``)."""
+  def put(self, batch):
+    """Host batch -> device arrays (with the cached reference log-probs for ``reference='cached'``)."""
     dev = self._shd.put_batch(batch, self.mesh)
-    if self.spec.reference == "cached":
-      dev = dict(dev)
-      dev.update(self.reference_fn(self.ref_params, self.rngs, self.frozen, dev))
+    if self.stage.caches_reference:
+      dev = dev.replace(reference=self.reference_fn(self.ref_params, self.rngs, self.frozen, dev))
     return dev
 
-  def run(self, device_batch: dict[str, Any]) -> dict[str, Any]:
-    ref = self.ref_params if self.spec.reference == "online" else None
+  def run(self, device_batch) -> dict[str, Any]:
+    ref = self.ref_params if self.stage.needs_reference else None
     self.state, metrics = self.step(self.state, self.frozen, ref, device_batch)
     return metrics
 

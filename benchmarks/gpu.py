@@ -9,7 +9,7 @@ shape with random weights, bfloat16 parameters and compute, per-layer remat (``-
 bf16 peak (H200: 989 TFLOP/s). tokens/s counts the padded tokens of targets and mismatched pairs.
 If the step does not fit in memory, the batch is halved and the step recompiled.
 
-Decode: ``distfair_jax.sample.generate`` (KV cache, jit-compiled ``while_loop``) on
+Decode: ``distfair_jax.sample.Sampler.generate`` (KV cache, jit-compiled ``while_loop``) on
 ``--decode-batch`` random prompts of ``--prompt-length`` tokens, ``--new-tokens`` sampled tokens at
 temperature 1 with no stop token (every row decodes every step). Decode time = generate's time minus
 its prefill (timed by calling the sampler's compiled prefill with the same arguments). Roofline: a
@@ -118,9 +118,7 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _train(args, cfg, device, reference: str) -> dict[str, Any]:
-  import jax
   from distfair_jax import losses
-  from distfair_jax.train.flops import step_flops
   tile = args.tile_size or losses.DEFAULT_TILE_SIZE
   batch_size = args.batch
   while True:
@@ -154,13 +152,8 @@ def _train(args, cfg, device, reference: str) -> dict[str, Any]:
     times.append(time.perf_counter() - t0)
     log(f"step {i + 1}/{args.steps}: {times[-1] * 1e3:.1f} ms, loss {float(metrics['loss']):.4f}")
   step_s = statistics.median(times)
-  if args.layout == "packed":
-    tokens = {"packed": tuple(host["packed_input_ids"].shape),
-              "labels": (2 * host["label_ids"].shape[0], host["label_ids"].shape[2])}
-  else:
-    tokens = {"target": (batch_size, args.length), "kl": (batch_size, args.length)}
-  flops = step_flops(cfg, "hybrid", tokens, reference=reference)
-  computed_tokens = (int(host["packed_input_ids"].size) if args.layout == "packed"
+  flops = h.stage.flops(cfg, host)
+  computed_tokens = (int(host.packed.input_ids.size) if args.layout == "packed"
                      else 2 * batch_size * args.length)  # what the device computes per pass
   tflops = flops / step_s / 1e12
   peak = args.peak_tflops or _peak(device)
@@ -211,33 +204,33 @@ def _decode(args, cfg, device) -> dict[str, Any]:
   import numpy as np
   from flax import nnx
   from distfair_jax import sample
-  from distfair_jax.train.state import count_params
+  from distfair_jax.config import DecodeConfig
+  from distfair_jax.data.tokenize import prompt_bucket
   model = _build_model(cfg, device)
+  sampler, state = sample.Sampler.of(model)
   rng = np.random.default_rng(0)
   b, n_new = args.decode_batch, args.new_tokens
   prompts = [rng.integers(32, cfg.vocab_size, size=args.prompt_length).tolist() for _ in range(b)]
-  dcfg = sample.DecodeConfig(max_new_tokens=n_new)
+  dcfg = DecodeConfig(max_new_tokens=n_new)
   kw = dict(rounds=1, config=dcfg, steering="none", stop_ids=(), pad_id=0, batch_size=b)
   log(f"decode: {b} rows, prompt {args.prompt_length}, {n_new} new tokens: compiling")
   t0 = time.perf_counter()
-  sample.generate(model, prompts, seed=1, **kw)
+  sampler.generate(state, prompts, seed=1, **kw)
   compile_s = time.perf_counter() - t0
   log(f"decode: compiled + first call in {compile_s:.1f}s")
 
   # The sampler's own compiled prefill, called with generate's arguments (a cache hit, no compile).
   prefill_s = None
-  length = sample.bucket_length(args.prompt_length)
+  length = prompt_bucket(args.prompt_length)  # generate's padded prompt length
   cache_length = length + n_new
   try:
-    graphdef, state = sample.split_model(model)
     ids, mask = sample.left_pad(prompts, 0, length)
-    gd = sample._static(graphdef)  # noqa: SLF001 - same static arg as generate passes
-    args_p = (gd, state, jnp.asarray(ids), jnp.asarray(mask))
-    jax.block_until_ready(sample._prefill(*args_p, rounds=1, cache_length=cache_length))  # noqa: SLF001
+    args_p = (state, jnp.asarray(ids), jnp.asarray(mask))
+    jax.block_until_ready(sampler.prefill(*args_p, rounds=1, cache_length=cache_length))
     pt = []
     for _ in range(3):
       t0 = time.perf_counter()
-      jax.block_until_ready(sample._prefill(*args_p, rounds=1, cache_length=cache_length))  # noqa: SLF001
+      jax.block_until_ready(sampler.prefill(*args_p, rounds=1, cache_length=cache_length))
       pt.append(time.perf_counter() - t0)
     prefill_s = statistics.median(pt)
   except Exception as e:  # noqa: BLE001 - private API may change; fall back to no subtraction
@@ -246,7 +239,7 @@ def _decode(args, cfg, device) -> dict[str, Any]:
   totals = []
   for i in range(args.decode_runs):
     t0 = time.perf_counter()
-    out = sample.generate(model, prompts, seed=2 + i, **kw)
+    out = sampler.generate(state, prompts, seed=2 + i, **kw)
     totals.append(time.perf_counter() - t0)
   total_s = statistics.median(totals)
   steps = n_new - 1  # the first new token comes from the prefill logits
@@ -275,7 +268,7 @@ def _decode(args, cfg, device) -> dict[str, Any]:
       "roofline_tokens_per_s": (b / roofline_step_s) if roofline_step_s else None,
       "achieved_over_roofline": (roofline_step_s / step_s) if roofline_step_s else None,
       "goal_fraction": 0.5, "compile_and_first_call_s": compile_s,
-      "params": count_params(nnx.state(model, nnx.Param)),
+      "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
   }
   frac = res["achieved_over_roofline"]
   log(f"decode: {step_s * 1e3:.2f} ms/step, {res['decode_tokens_per_s']:,.0f} tokens/s, "
@@ -343,7 +336,7 @@ def main(argv=None) -> int:
   d = results["decode"]
   if d:
     frac = d["achieved_over_roofline"]
-    print(f"\nDecode (sample.generate; goal >= 50% of the HBM roofline)")
+    print(f"\nDecode (Sampler.generate; goal >= 50% of the HBM roofline)")
     print(_common.table([[d["rows"], d["cache_length"], d["step_s"] * 1e3, d["decode_tokens_per_s"],
                           d["achieved_tb_per_s"],
                           "n/a" if frac is None else f"{frac * 100:.1f}%"]],

@@ -5,7 +5,7 @@ steering: the steering digit drawn from the softmax over the two digit logits at
 position, written as the first assistant token, then ``--max-new-tokens`` tokens sampled at
 temperature 1 (stop at end of turn), decoded to text.
 
-- ours: ``distfair_jax.sample.generate`` (each distinct prompt prefilled once, its rounds decoded
+- ours: ``distfair_jax.sample.Sampler.generate`` (each distinct prompt prefilled once, its rounds decoded
   together: one jit-compiled program per chunk of prompts, a ``while_loop`` over the KV cache).
   Timed after one warm-up call (the compile time is reported separately).
 - reference: the original implementation's formulation in PyTorch / Hugging Face: one sample at a
@@ -91,21 +91,22 @@ class _Ours:
 
   def __init__(self, model, tokenizer, prompts, steering_ids, stop_ids, args):
     from distfair_jax import sample
+    from distfair_jax.config import DecodeConfig
     from distfair_jax.data.tokenize import Encoder
-    self.sample, self.model, self.args = sample, model, args
+    self.args = args
+    self.sampler, self.state = sample.Sampler.of(model)
     encoder = Encoder(tokenizer)
-    self.ids = [encoder.prompt_ids(p) for p in prompts]
-    self.kw = dict(rounds=args.rounds,
-                   config=sample.DecodeConfig(max_new_tokens=args.max_new_tokens),
+    self.ids = encoder.encode_prompts(prompts)
+    self.kw = dict(rounds=args.rounds, config=DecodeConfig(max_new_tokens=args.max_new_tokens),
                    steering="model", steering_ids=steering_ids, stop_ids=stop_ids,
                    pad_id=encoder.pad_id, batch_size=args.batch_size, tokenizer=tokenizer)
     t0 = time.perf_counter()
-    sample.generate(model, self.ids, seed=args.seed + 1000, **self.kw)  # warm-up: compiles
+    self.sampler.generate(self.state, self.ids, seed=args.seed + 1000, **self.kw)  # compiles
     self.first_call_s = time.perf_counter() - t0
 
   def run(self, seed: int) -> dict:
     t0 = time.perf_counter()
-    out = self.sample.generate(self.model, self.ids, seed=seed, **self.kw)
+    out = self.sampler.generate(self.state, self.ids, seed=seed, **self.kw)
     wall = time.perf_counter() - t0
     n = len(out.text)
     return {"samples": n, "wall_s": wall, "samples_per_s": n / wall,
@@ -177,7 +178,6 @@ def main(argv=None) -> int:
   if args.runs < 1:
     print("--runs: expected an integer >= 1", file=sys.stderr)
     return 2
-  from distfair_jax import sample
   from distfair_jax.data.build import build_dataset
   from distfair_jax.data.tokenize import Encoder
   dataset = build_dataset("gender_real_us", test_rounds=1)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     model, tokenizer, hf_dir = _build(args.preset, args.seed, tmp)
     encoder = Encoder(tokenizer, attribute=dataset.spec.attribute)
     steering_ids = [int(i) for i in encoder.steering_ids]
-    stop_ids = sorted(set(sample.stop_token_ids(tokenizer)) | {int(encoder.end_ids[0])})
+    stop_ids = encoder.stop_ids
     ours = _Ours(model, tokenizer, prompts, steering_ids, stop_ids, args)
     reference = _Reference(hf_dir, tokenizer, prompts, steering_ids, stop_ids, args)
     ours_runs, ref_runs = [], {t: [] for t in threads}

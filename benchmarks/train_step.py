@@ -173,7 +173,7 @@ class TorchHybrid:
       p.requires_grad_(False)
     self.opt = torch.optim.AdamW(self.policy.parameters(), lr=learning_rate, betas=(0.9, 0.999),
                                  eps=1e-8, weight_decay=0.01)
-    self.b = {k: torch.from_numpy(v) for k, v in batch.items()}
+    self.b = {k: torch.from_numpy(v) for k, v in _common.torch_arrays(batch).items()}
     for k in ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask",
               "kl_labels", "steering_position"):
       self.b[k] = self.b[k].long()
@@ -262,8 +262,8 @@ def _workload(name: str, cfg, batch_size: int, length: int):
 
 
 def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[str, Any]:
+  import jax
   from distfair_jax import losses
-  from distfair_jax.train.state import count_params
 
   cfg = _config(name)
   batch_size = args.batch or SIZES[name][1]
@@ -273,11 +273,11 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
   jmodel = _jax_model(cfg, seed=0)
   tmodel = _torch_model(cfg, jmodel)
   n_params = sum(p.numel() for p in tmodel.parameters())
-  seq_tokens = int(rows["attention_mask"].sum() + rows["kl_attention_mask"].sum())
-  packed_tokens = int((packed["packed_segment_ids"] > 0).sum())
+  seq_tokens = int(rows.seq.attention_mask.sum() + rows.mismatched.attention_mask.sum())
+  packed_tokens = int((packed.packed.segment_ids > 0).sum())
   print(f"\n== {name} / {workload} ({what}): {n_params / 1e6:.1f}M parameters, batch {batch_size} "
-        f"sequences + {batch_size} mismatched; rows {tuple(rows['input_ids'].shape)} "
-        f"({seq_tokens} tokens), packed {tuple(packed['packed_input_ids'].shape)} "
+        f"sequences + {batch_size} mismatched; rows {tuple(rows.seq.input_ids.shape)} "
+        f"({seq_tokens} tokens), packed {tuple(packed.packed.input_ids.shape)} "
         f"({packed_tokens} tokens); tile {tile}", flush=True)
 
   t0 = time.perf_counter()
@@ -330,8 +330,8 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
     keep[name] = steps["ours_rows"][0]  # reused by the scaling table (same rows program)
   return {
       "name": name, "workload": workload, "workload_description": what, "params": int(n_params),
-      "batch": batch_size, "rows_shape": list(rows["input_ids"].shape),
-      "packed_shape": list(packed["packed_input_ids"].shape), "sequence_tokens": seq_tokens,
+      "batch": batch_size, "rows_shape": list(rows.seq.input_ids.shape),
+      "packed_shape": list(packed.packed.input_ids.shape), "sequence_tokens": seq_tokens,
       "packed_tokens": packed_tokens, "tile_size": tile,
       "config": {k: v for k, v in cfg.to_hf().items()
                  if k not in ("architectures", "rope_parameters")},
@@ -341,7 +341,8 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
       "loss_abs_diff": {k: abs(first[k] - first["torch"]) for k in steps},
       "compiles": {k: h.compiles() for k, (h, _) in steps.items()},
       "first_steps_incl_compile_s": compile_s,
-      "jax_params_counted": count_params(steps["ours"][0].state.params),
+      "jax_params_counted": int(sum(x.size for x in
+                                    jax.tree.leaves(steps["ours"][0].state.params))),
   }
 
 
@@ -353,7 +354,7 @@ def _scaling(args, keep: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
   print(f"\n== scaling ({args.scaling_size}, ours, rows layout, reference online)", flush=True)
   h = keep.get(args.scaling_size)
-  if h is None or h.spec.tile_size != tile:
+  if h is None or h.stage.tile_size != tile:
     h = _common.HybridStep(_jax_model(cfg, seed=0), STEERING_IDS, tile_size=tile)
   # The rows layout at fixed B x L (its tokens are exactly 2 x B x L): the cost per token.
   for b, l in args.scaling_points:

@@ -4,6 +4,7 @@ Public entry points (imported lazily, so ``import distfair_jax`` stays cheap):
 
     from distfair_jax import losses                 # pure loss functions: steering_kl, kto_loss, ...
     from distfair_jax import load_pretrained        # (model, tokenizer, config) of a converted directory
+    from distfair_jax import load_model             # the model split of a config (train, eval, plan)
     from distfair_jax import Llama, LlamaConfig     # the Flax NNX model
     from distfair_jax import load_config, train     # configs and the training recipe
 """
@@ -19,12 +20,13 @@ _LAZY = {
     "Llama": ("distfair_jax.model.llama", "Llama"),
     "LlamaConfig": ("distfair_jax.model.llama", "LlamaConfig"),
     "get_preset": ("distfair_jax.model.presets", "get_preset"),
-    "load_pretrained": ("distfair_jax.convert", "load_pretrained"),
+    "load_pretrained": ("distfair_jax.model.loader", "load_pretrained"),
+    "load_model": ("distfair_jax.model.loader", "load_model"),
     "hf_to_flax": ("distfair_jax.convert", "hf_to_flax"),
     "flax_to_hf": ("distfair_jax.convert", "flax_to_hf"),
     "load_config": ("distfair_jax.config", "load_config"),
     "Config": ("distfair_jax.config", "Config"),
-    "train": ("distfair_jax.train.loop", "train"),
+    "train": ("distfair_jax.train.trainer", "train"),
     "InputError": ("distfair_jax.errors", "InputError"),
 }
 

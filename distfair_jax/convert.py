@@ -1,7 +1,8 @@
 """Hugging Face <-> distfair checkpoints: safetensors in, safetensors out; no pickle is ever loaded.
 
 A converted directory (written by :func:`hf_to_flax` and :func:`save_pretrained`, read by
-:func:`flax_to_hf`, :func:`load_pretrained` and training's ``model.checkpoint``)::
+:func:`flax_to_hf`, ``model.loader.load_model`` (training's ``model.checkpoint``, evaluation) and
+``model.loader.load_pretrained``)::
 
   DST/params/              orbax checkpoint of the NNX parameter tree (see checkpoint_io.py)
   DST/model_config.json    the model config: Hugging Face config fields (``LlamaConfig.to_hf()``)
@@ -19,12 +20,12 @@ Memory: ``hf_to_flax`` reads one tensor at a time, in blocks of rows, and keeps 
 copy, which orbax then writes in place; its peak is one model copy in the target dtype plus about
 128 MiB. ``flax_to_hf`` reads one output shard at a time (orbax partial restore); its peak is a
 few shards. Figures: benchmarks/convert_memory.py. Outputs are written into a temporary directory
-next to DST and renamed into place at the end.
+next to DST and renamed into place at the end (``fileio.atomic_dir``, which also removes what a
+killed conversion left there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,19 +33,16 @@ import os
 import re
 import shutil
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
-__all__ = [
-    "hf_to_flax", "flax_to_hf", "load_pretrained", "save_pretrained", "load_model_config",
-    "load_params", "save_params", "check", "hf_name",
-]
+__all__ = ["hf_to_flax", "flax_to_hf", "save_pretrained", "load_model_config", "check", "hf_name",
+           "MODEL_CONFIG", "PARAMS_DIR"]
 
 # Copied unchanged from source to destination, in both directions.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -169,9 +167,7 @@ def _write_model_config(path: Path, config) -> None:
       "param_dtype": _dtype_name(getattr(config, "param_dtype", "float32")),
       "remat": getattr(config, "remat", "none"),
   }
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-    f.write("\n")
+  fileio.write_text(path, json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
 
 def load_model_config(path: str | os.PathLike):
@@ -293,35 +289,7 @@ def _plan(config, infos: dict[str, _TensorInfo], src: Path) -> dict[str, tuple[P
 def _check_dst(dst: Path, overwrite: bool, src: Path | None = None) -> None:
   if src is not None and dst.resolve() == src.resolve():
     raise InputError(f"{dst}: output: expected a directory other than the source, got the source")
-  if dst.exists():
-    if not dst.is_dir():
-      raise InputError(f"{dst}: output: expected a directory path, got an existing file")
-    if any(dst.iterdir()) and not overwrite:
-      raise InputError(f"{dst}: output: expected an empty or new directory, got a non-empty one "
-                       "(pass --overwrite / overwrite=True to replace it)")
-
-
-@contextlib.contextmanager
-def _atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
-  """Yields a fresh temporary directory next to ``dst``; on success renames it to ``dst``
-  (replacing an old ``dst`` only if ``overwrite``); on failure deletes it and leaves ``dst``."""
-  _check_dst(dst, overwrite)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-  tmp.mkdir()
-  try:
-    yield tmp
-    _check_dst(dst, overwrite)  # it may have appeared meanwhile
-    if dst.exists():
-      old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-      dst.rename(old)
-      tmp.rename(dst)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  fileio.check_new_dir(dst, overwrite)
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -417,7 +385,7 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfl
     path, transposed = plan[name]
     flat[path] = _read_converted(infos[name], name, transposed, target)
 
-  with _atomic_dir(dst, overwrite) as tmp:
+  with fileio.atomic_dir(dst, overwrite=overwrite) as tmp:
     tree = _nest(flat)
     del flat
     save_params(tmp / PARAMS_DIR, tree)
@@ -457,23 +425,9 @@ def _hf_order(name: str) -> tuple:
   return (0 if "embed_tokens" in name else 2, 0, name)
 
 
-def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
-               *, dtype: str | None = None, overwrite: bool = False,
-               progress: bool = False) -> Path:
-  """Writes a converted (or trained) directory ``src`` as a Hugging Face directory ``dst``:
-  config.json, safetensors (``model.safetensors``, or shards of at most ``max_shard_size`` plus
-  ``model.safetensors.index.json``), tokenizer files and generation_config.json when present.
-  ``transformers.AutoModelForCausalLM.from_pretrained(dst)`` loads it (and vLLM serves it).
-  dtype: output dtype (default: the stored one). Returns ``dst``.
-  """
-  from safetensors.numpy import save_file
-  from distfair_jax.checkpoint_io import load_param_subset, params_metadata
-  _check_dtype(dtype)
-  src, dst = Path(src).absolute(), Path(dst).absolute()
-  shard_limit = _parse_size(max_shard_size)
-  _check_dst(dst, overwrite, src)
-  config = load_model_config(src)
-  expected = _expected_hf(config)
+def _check_stored(src: Path, expected: dict) -> dict:
+  """The stored parameters' metadata, checked against the model of model_config.json."""
+  from distfair_jax.checkpoint_io import params_metadata
   stored = params_metadata(src / PARAMS_DIR)
   by_path = {path: (name, transposed, shape)
              for name, (path, transposed, shape) in expected.items()}
@@ -490,21 +444,48 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
     raise InputError(f"{src / PARAMS_DIR}: {'.'.join(map(str, extra[0]))}: expected only the "
                      f"parameters of the model in {MODEL_CONFIG}, got unexpected ones "
                      f"({', '.join('.'.join(map(str, p)) for p in extra[:5])})")
-  out_dtype = _np_dtype(dtype) if dtype else np.dtype(stored[next(iter(by_path))][1])
+  return {path: stored[path] for path in by_path}
 
-  names = sorted(expected, key=_hf_order)
+
+def _plan_shards(names: list[str], expected: dict, dtype: np.dtype, limit: int) -> list[list[str]]:
+  """Tensor names in safetensors shards of at most ``limit`` bytes (a larger tensor alone)."""
   shards: list[list[str]] = [[]]
   size = 0
   for name in names:
-    nbytes = math.prod(expected[name][2]) * out_dtype.itemsize
-    if shards[-1] and size + nbytes > shard_limit:
+    nbytes = math.prod(expected[name][2]) * dtype.itemsize
+    if shards[-1] and size + nbytes > limit:
       shards.append([])
       size = 0
     shards[-1].append(name)
     size += nbytes
+  return shards
+
+
+def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
+               *, dtype: str | None = None, overwrite: bool = False,
+               progress: bool = False) -> Path:
+  """Writes a converted (or trained) directory ``src`` as a Hugging Face directory ``dst``:
+  config.json, safetensors (``model.safetensors``, or shards of at most ``max_shard_size`` plus
+  ``model.safetensors.index.json``), tokenizer files and generation_config.json when present.
+  ``transformers.AutoModelForCausalLM.from_pretrained(dst)`` loads it (and vLLM serves it).
+  dtype: output dtype (default: the stored one). Returns ``dst``.
+  """
+  from safetensors.numpy import save_file
+  from distfair_jax.checkpoint_io import load_param_subset
+  _check_dtype(dtype)
+  src, dst = Path(src).absolute(), Path(dst).absolute()
+  shard_limit = _parse_size(max_shard_size)
+  _check_dst(dst, overwrite, src)
+  config = load_model_config(src)
+  expected = _expected_hf(config)
+  stored = _check_stored(src, expected)
+  out_dtype = _np_dtype(dtype) if dtype else np.dtype(next(iter(stored.values()))[1])
+
+  names = sorted(expected, key=_hf_order)
+  shards = _plan_shards(names, expected, out_dtype, shard_limit)
   total = sum(math.prod(expected[n][2]) * out_dtype.itemsize for n in names)
 
-  with _atomic_dir(dst, overwrite) as tmp:
+  with fileio.atomic_dir(dst, overwrite=overwrite) as tmp:
     weight_map = {}
     bar = _progress(None, len(names), "writing", progress) if progress else None
     for i, shard in enumerate(shards):
@@ -527,73 +508,19 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
     if bar is not None:
       bar.close()
     if len(shards) > 1:
-      with open(tmp / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        f.write("\n")
+      fileio.write_json(tmp / "model.safetensors.index.json",
+                        {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf = config.to_hf()
     hf["architectures"] = hf.get("architectures") or [config.architecture]
     hf["dtype"] = out_dtype.name
     hf["torch_dtype"] = out_dtype.name  # transformers < 5 and the vLLM versions built on it
-    with open(tmp / "config.json", "w", encoding="utf-8") as f:
-      json.dump(hf, f, indent=2, sort_keys=True)
-      f.write("\n")
+    fileio.write_text(tmp / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
     _copy_tokenizer_files(src, tmp)
   return dst
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and saving converted directories
-
-
-def load_params(path: str | os.PathLike, dtype: str | None = None, *, mesh: Any = None,
-                sharding: Any = None) -> tuple[Any, Any]:
-  """(config, params ``nnx.State``) of a converted directory, restored with the dtypes of
-  ``config`` (``dtype`` overrides them) straight into their final placement: ``mesh`` (a
-  ``jax.sharding.Mesh``) shards each parameter by its logical axes and distfair_jax.sharding's
-  rules, so each host reads only its shards; ``sharding`` (one ``jax.sharding.Sharding`` or a
-  pure-dict pytree of them) places them explicitly; neither: the default device. For training:
-  ``nnx.merge`` with the graphdef of ``nnx.eval_shape(lambda: Llama(config, rngs=...))``."""
-  from flax import nnx
-  from distfair_jax import checkpoint_io
-  Llama, _ = _model_classes()
-  _check_dtype(dtype)
-  path = Path(path)
-  config = _with_dtype(load_model_config(path), dtype)
-  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  if mesh is not None:
-    if sharding is not None:
-      raise ValueError("load_params: pass mesh or sharding, not both")
-    from distfair_jax import sharding as shd
-    sharding = nnx.to_pure_dict(shd.state_shardings(state, mesh))
-  pure = checkpoint_io.load_params(path / PARAMS_DIR, nnx.to_pure_dict(state), sharding=sharding)
-  nnx.replace_by_pure_dict(state, pure)
-  return config, state
-
-
-def save_params(path: str | os.PathLike, state: Any, *, overwrite: bool = False) -> Path:
-  """Writes a parameter ``nnx.State`` (or pure dict) as the orbax checkpoint ``path``."""
-  from distfair_jax import checkpoint_io
-  return checkpoint_io.save_params(path, state, overwrite=overwrite)
-
-
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *, mesh: Any = None,
-                    sharding: Any = None) -> tuple[Any, Any, Any]:
-  """(model, tokenizer, config) of a converted directory. ``dtype`` overrides the stored
-  param/compute dtype; ``mesh`` / ``sharding`` place the parameters (see :func:`load_params`);
-  tokenizer is a transformers tokenizer, or None if the directory has none."""
-  from flax import nnx
-  Llama, _ = _model_classes()
-  config, params = load_params(path, dtype=dtype, mesh=mesh, sharding=sharding)
-  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-  model = nnx.merge(graphdef, params, rest)
-  tokenizer = None
-  if any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
-                                              "tokenizer.model")):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-  return model, tokenizer, config
 
 
 def save_pretrained(path: str | os.PathLike, model_or_state: Any, config: Any,
@@ -608,7 +535,7 @@ def save_pretrained(path: str | os.PathLike, model_or_state: Any, config: Any,
   state = model_or_state
   if isinstance(model_or_state, nnx.Module):
     state = nnx.state(model_or_state, nnx.Param)
-  with _atomic_dir(path, overwrite) as tmp:
+  with fileio.atomic_dir(path, overwrite=overwrite) as tmp:
     checkpoint_io.save_params(tmp / PARAMS_DIR, state)
     _write_model_config(tmp / MODEL_CONFIG, config)
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -669,6 +596,7 @@ def check(hf_dir: str | os.PathLike, flax_dir: str | os.PathLike, *, num_sequenc
   hf_config_path = hf_dir / "config.json"
   hf_cfg = _read_json(hf_config_path, "a Hugging Face config.json")
   _config_from_hf(hf_cfg, hf_config_path)
+  from distfair_jax.model.loader import load_pretrained
   model, _, config = load_pretrained(flax_dir, dtype="float32")
   infos = _index_safetensors(hf_dir)
   expected = _expected_hf(config)

@@ -31,12 +31,15 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
+from distfair_jax import config as C
+from distfair_jax import console
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 METHODS = ("zero_shot", "prompt_engineering", "ift", "dpo", "ours", "kl_only", "kto_only")
@@ -71,10 +74,6 @@ DEFAULT = DemoSettings()
 QUICK = DemoSettings(rows_per_occupation=24, base_rows_per_occupation=32, base_stories_per_occupation=0,
                      base_epochs=3, sft_epochs=3, stage2_epochs=1, batch_size=16, sft_lrs=(3e-3,),
                      stage2_lrs=(1e-3,), rounds=20, versions=("v2",), n_bootstrap=200, max_length=96)
-
-
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,6 +129,42 @@ def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupatio
 
 
 # ------------------------------------------------------------------------------------------------
+# Scoring a model's exact distributions
+
+
+@jax.jit(static_argnames="graphdef")
+def _sequence_logps(graphdef, state, ids, mask, labels, lmask):
+  """Sequence log-probs [B] of the labelled tokens (weights as an argument: one compile)."""
+  from flax import nnx
+  from distfair_jax import losses
+  m = nnx.merge(graphdef, state)
+  logits = m.logits(m(ids, mask))
+  return losses.sequence_logps(losses.token_logps(logits, labels, lmask), lmask)
+
+
+def answer_distribution(model, encoder, attribute, prompts: list[list[int]]) -> np.ndarray:
+  """[P, K]: softmax over k of log p(answer_k + end of turn | prompt), from one batched forward."""
+  from flax import nnx
+  answers = [encoder.completion_ids(c.answer) for c in attribute.categories]
+  rows = [(pi, ki) for pi in range(len(prompts)) for ki in range(len(answers))]
+  length = max(len(prompts[pi]) + len(answers[ki]) for pi, ki in rows)
+  ids = np.full((len(rows), length), encoder.pad_id, np.int32)
+  mask = np.zeros_like(ids)
+  lmask = np.zeros(ids.shape, np.float32)
+  for r, (pi, ki) in enumerate(rows):
+    seq = prompts[pi] + answers[ki]
+    ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+    lmask[r, len(prompts[pi]) - 1:len(seq) - 1] = 1.0  # positions predicting the answer tokens
+  labels = np.concatenate([ids[:, 1:], np.full((len(rows), 1), encoder.pad_id, np.int32)], axis=1)
+  graphdef, state = nnx.split(model)
+  logp = np.asarray(_sequence_logps(graphdef, state, ids, mask, labels, lmask))
+  logp = logp.reshape(len(prompts), len(answers))
+  logp = logp - logp.max(axis=1, keepdims=True)
+  q = np.exp(logp)
+  return q / q.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # Runs
 
 
@@ -138,6 +173,7 @@ class Demo:
 
   def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
                tokenizer_dir: str, progress: bool = True):
+    from transformers import AutoTokenizer
     from distfair_jax.data import build as build_lib
     self.dataset, self.s, self.seed, self.progress = dataset, settings, seed, progress
     self.dir = os.path.join(run_dir, dataset)
@@ -147,24 +183,18 @@ class Demo:
                                         test_rounds=settings.rounds, seed=seed)
     self.spec = self.data.spec
     self.attribute = self.spec.attribute
-    self.timings: dict[str, float] = {}
-    self._load_json("timings.json", self.timings)
-    from transformers import AutoTokenizer
+    self.timings: dict[str, float] = self._load_json("timings.json")
     self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    self._samplers: dict = {}
 
   # -- bookkeeping --------------------------------------------------------------------------------
 
-  def _load_json(self, name: str, into: dict) -> None:
+  def _load_json(self, name: str) -> dict:
     path = os.path.join(self.dir, name)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        into.update(json.load(f))
+    return fileio.read_json(path) if os.path.exists(path) else {}
 
   def _save_json(self, name: str, data: Any) -> None:
-    path = os.path.join(self.dir, name)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(os.path.join(self.dir, name), data, indent=1)
 
   def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
     start = time.perf_counter()
@@ -174,41 +204,52 @@ class Demo:
       self._save_json("timings.json", self.timings)
     return out
 
+  def sampler(self, model):
+    """(a Sampler shared by every model of this architecture, the model's state)."""
+    from flax import nnx
+    from distfair_jax.sample import Sampler
+    graphdef, state = nnx.split(model)
+    if graphdef not in self._samplers:
+      self._samplers[graphdef] = Sampler(graphdef)
+    return self._samplers[graphdef], state
+
   # -- training -----------------------------------------------------------------------------------
 
   def config(self, run_dir: str, stages: list[str], *, lr: float = 1e-3, ablation: str = "full",
-             sft_epochs: int | None = None):
-    from distfair_jax import config as C
+             sft_lr: float | None = None, sft_epochs: int | None = None,
+             base_params: str | None = None, heldout_fraction: float | None = None) -> C.Config:
     s = self.s
     optim = lambda lr_, warm: C.OptimConfig(learning_rate=lr_, warmup_steps=warm, weight_decay=0.0)
     return C.Config(
         run_dir=run_dir, seed=self.seed, stages=stages,
-        model=C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir),
+        model=C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir, params=base_params),
         data=C.DataConfig(dataset=self.dataset, rows_per_occupation=s.rows_per_occupation,
-                          heldout_fraction=s.heldout_fraction, max_length=s.max_length,
-                          max_prompt_length=s.max_length - 16, seed=self.seed),
+                          heldout_fraction=(s.heldout_fraction if heldout_fraction is None
+                                            else heldout_fraction),
+                          max_length=s.max_length, max_prompt_length=s.max_length - 16,
+                          seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
-                        batch_size=s.batch_size, optim=optim(lr, 10)),
+                        batch_size=s.batch_size, optim=optim(lr if sft_lr is None else sft_lr, 10)),
         hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
                               ablation=ablation, optim=optim(lr, 5)),
         dpo=C.DPOConfig(epochs=s.stage2_epochs, batch_size=s.batch_size // 2, beta=s.beta,
                         optim=optim(lr, 5)),
         checkpoint=C.CheckpointConfig(every_steps=0, keep=1, async_save=False),
-        eval=C.EvalConfig(every_steps=0, max_batches=0),
+        heldout=C.HeldoutConfig(every_steps=0, max_batches=0),
         logging=C.LoggingConfig(every_steps=10, tensorboard=False, progress=self.progress))
 
-  def train_base(self):
-    """The biased base model (stage ``ift`` on stereotyped records, from random weights)."""
-    from distfair_jax.train.loop import Trainer
+  def train_base(self) -> str:
+    """The biased base model (stage ``ift`` on stereotyped records, from random weights); returns
+    its run directory."""
+    from distfair_jax.train.trainer import train
     s = self.s
     records = stereotyped_records(self.spec, rows_per_occupation=s.base_rows_per_occupation,
                                   stories_per_occupation=s.base_stories_per_occupation,
                                   share=s.stereotype_share, seed=self.seed)
-    cfg = self.config(os.path.join(self.dir, "base"), ["ift"], lr=s.base_lr, sft_epochs=s.base_epochs)
-    cfg.data.heldout_fraction = 0.0
-    trainer = Trainer(cfg, records={"ift": records})
-    self._timed("base", trainer.run)
-    return trainer
+    run = os.path.join(self.dir, "base")
+    cfg = self.config(run, ["ift"], lr=s.base_lr, sft_epochs=s.base_epochs, heldout_fraction=0.0)
+    self._timed("base", lambda: train(cfg, records={"ift": records}))
+    return run
 
   def _base_params(self) -> str:
     return os.path.join(self.dir, "base", "ift", "final", "params")
@@ -216,36 +257,36 @@ class Demo:
   def train_candidates(self, name: str, stages: list[str], lrs: Sequence[float], *,
                        ablation: str = "full", init_from: str | None = None, steered: bool):
     """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
-    copied from ``init_from``); returns (best lr, its trainer, {lr: held-out exact MAE})."""
-    from distfair_jax.train.loop import Trainer
-    scores, trainers = {}, {}
+    copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
+    from distfair_jax.train.trainer import train
+    from distfair_jax.train.rundir import RunDir
+    sft_lr = None
+    if init_from is not None:  # earlier stages were trained at the selected rate
+      sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
+    scores, runs = {}, {}
     for lr in lrs:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
         for prev in stages[:-1]:
           if not os.path.exists(os.path.join(run, prev)):
             shutil.copytree(os.path.join(init_from, prev), os.path.join(run, prev))
-      cfg = self.config(run, stages, lr=lr, ablation=ablation)
-      if init_from is not None:  # earlier stages were trained at the selected rate
-        with open(os.path.join(init_from, "config.yaml"), encoding="utf-8") as f:
-          import yaml
-          prev_cfg = yaml.safe_load(f)
-        cfg.sft.optim.learning_rate = prev_cfg["sft"]["optim"]["learning_rate"]
-      trainer = Trainer(cfg, records=self.data.records, base_params=self._base_params())
-      self._timed(f"{name}@{lr:g}", trainer.run)
-      scores[lr] = self.heldout_mae(trainer, steered=steered)
-      trainers[lr] = trainer
-      _log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact MAE {scores[lr]:.4f}")
+      cfg = self.config(run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
+                        base_params=self._base_params())
+      self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
+      scores[lr] = self.heldout_mae(run, steered=steered)
+      runs[lr] = run
+      console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact MAE {scores[lr]:.4f}")
     best = min(lrs, key=lambda lr: (scores[lr], lr))
-    return best, trainers[best], scores
+    return best, runs[best], scores
 
-  def heldout_mae(self, trainer, *, steered: bool) -> float:
+  def heldout_mae(self, run: str, *, steered: bool) -> float:
     """Mean over held-out training prompts of mean_k |q_k - p_k|, p the prompt's target and q the
     model's exact distribution over the K categories: of the steering token (steered), or of the K
     whole answers (answer tokens + end of turn, renormalised over the K) otherwise."""
-    from distfair_jax import sample as sample_lib
     from distfair_jax.data.tokenize import Encoder
-    held = trainer.heldout_records.get("sft") or []
+    from distfair_jax.sample import left_pad
+    from distfair_jax.train.heldout import split_heldout
+    _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
     prompts = {}
     for r in held:
       prompts.setdefault(r["prompt"], np.asarray(r["target"], np.float64))
@@ -253,111 +294,95 @@ class Demo:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
                   max_length=self.s.max_length, max_prompt_length=self.s.max_length - 16)
-    model = trainer.merged_model()
-    model.eval()
+    model = self.model(run)
     seqs = [enc.prompt_ids(p) for p in prompts]
     p = np.stack(list(prompts.values()))
     if steered:
-      ids_arr, mask = sample_lib.left_pad(seqs, enc.pad_id)
-      q = sample_lib.steering_distribution(model, ids_arr, mask, [int(i) for i in enc.steering_ids])
+      sampler, state = self.sampler(model)
+      ids_arr, mask = left_pad(seqs, enc.pad_id)
+      q = sampler.steering_distribution(state, ids_arr, mask, [int(i) for i in enc.steering_ids])
     else:
-      q = self._answer_distribution(model, enc, seqs)
+      q = answer_distribution(model, enc, self.attribute, seqs)
     return float(np.mean(np.abs(q - p)))
 
-  def _answer_distribution(self, model, enc, prompts: list[list[int]]) -> np.ndarray:
-    """[P, K]: softmax over k of log p(answer_k + end of turn | prompt), from one batched forward."""
-    import jax
-    from flax import nnx
-    from distfair_jax import losses
-    answers = [enc.completion_ids(c.answer) for c in self.attribute.categories]
-    rows = [(pi, ki) for pi in range(len(prompts)) for ki in range(len(answers))]
-    length = max(len(prompts[pi]) + len(answers[ki]) for pi, ki in rows)
-    ids = np.full((len(rows), length), enc.pad_id, np.int32)
-    mask = np.zeros_like(ids)
-    lmask = np.zeros(ids.shape, np.float32)
-    for r, (pi, ki) in enumerate(rows):
-      seq = prompts[pi] + answers[ki]
-      ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
-      lmask[r, len(prompts[pi]) - 1:len(seq) - 1] = 1.0  # positions predicting the answer tokens
-    labels = np.concatenate([ids[:, 1:], np.full((len(rows), 1), enc.pad_id, np.int32)], axis=1)
-
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def score(state, ids, mask, labels, lmask):  # weights as an argument, not baked-in constants
-      m = nnx.merge(graphdef, state)
-      logits = m.logits(m(ids, mask))
-      return losses.sequence_logps(losses.token_logps(logits, labels, lmask), lmask)
-
-    logp = np.asarray(score(state, ids, mask, labels, lmask)).reshape(len(prompts), len(answers))
-    logp = logp - logp.max(axis=1, keepdims=True)
-    q = np.exp(logp)
-    return q / q.sum(axis=1, keepdims=True)
+  @staticmethod
+  def model(run: str):
+    """The final model of a run (what ``distfair eval RUN`` evaluates)."""
+    from distfair_jax.train.rundir import load_run
+    return load_run(run)[0].merged()
 
   # -- evaluation ---------------------------------------------------------------------------------
 
-  def evaluate_method(self, method: str, model) -> dict:
+  def evaluate_method(self, method: str, run: str) -> dict:
     from distfair_jax import evaluate as eval_lib
-    from distfair_jax.sample import DecodeConfig
     out_dir = os.path.join(self.dir, method)
     path = os.path.join(out_dir, "eval", "metrics.json")
     if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        return json.load(f)
+      return fileio.read_json(path)
     s = self.s
-    cfg = eval_lib.EvalConfig(
-        versions=s.versions, rounds=s.rounds, steering="model" if method in STEERED else "none",
-        decode=DecodeConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8,
-                            story_max_new_tokens=s.story_max_new_tokens),
-        seed=self.seed, n_bootstrap=s.n_bootstrap,
-        prompt_field="pe_prompt" if method == "prompt_engineering" else "prompt")
+    cfg = C.EvalConfig(
+        versions=list(s.versions), rounds=s.rounds,
+        steering="model" if method in STEERED else "none",
+        prompt_engineering=method == "prompt_engineering",
+        decode=C.DecodeConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8,
+                              story_max_new_tokens=s.story_max_new_tokens),
+        seed=self.seed, n_bootstrap=s.n_bootstrap)
     tests = {v: self.data.records[f"test_{v}"] for v in s.versions}
-    model.eval()
-    doc = self._timed(f"eval:{method}", lambda: eval_lib.evaluate(
+    model = self.model(run)
+    sampler, _ = self.sampler(model)
+    return self._timed(f"eval:{method}", lambda: eval_lib.evaluate(
         model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
-        metadata={"dataset": self.dataset, "method": method}))
-    return doc
+        metadata={"dataset": self.dataset, "method": method}, sampler=sampler))
+
+  def _stage2(self, selection: dict, sft_lr: float, ift_lr: float) -> dict[str, str]:
+    """The stage-2 methods (ours, the ablations, DPO) trained and selected; {method: run}."""
+    s = self.s
+    trained = {}
+    sft_dir = os.path.join(self.dir, "runs", f"sft_lr{sft_lr:g}")
+    ift_dir = os.path.join(self.dir, "runs", f"ift_lr{ift_lr:g}")
+    for method in STEERED:
+      console.log(f"[{self.dataset}] {method}: stage 2 ({ABLATION[method]}), lr grid "
+                  f"{list(s.stage2_lrs)}")
+      lr, run, scores = self.train_candidates(method, ["sft", "hybrid"], s.stage2_lrs,
+                                              ablation=ABLATION[method], init_from=sft_dir,
+                                              steered=True)
+      selection[method] = {"lr": lr, "heldout_mae": scores, "sft_lr": sft_lr}
+      trained[method] = run
+    console.log(f"[{self.dataset}] dpo: from IFT, lr grid {list(s.stage2_lrs)}")
+    lr, run, scores = self.train_candidates("dpo", ["ift", "dpo"], s.stage2_lrs, init_from=ift_dir,
+                                            steered=False)
+    selection["dpo"] = {"lr": lr, "heldout_mae": scores, "ift_lr": ift_lr}
+    trained["dpo"] = run
+    return trained
 
   def run(self) -> dict[str, dict]:
     """Trains and evaluates every method; returns ``{method: {version: summary}}``."""
     s = self.s
-    _log(f"[{self.dataset}] biased base model")
+    console.log(f"[{self.dataset}] biased base model")
     base = self.train_base()
-    selection: dict[str, Any] = {}
-    self._load_json("selection.json", selection)
-
-    _log(f"[{self.dataset}] ours: stage 1 (SFT with steering tokens), lr grid {list(s.sft_lrs)}")
-    sft_lr, sft_tr, sft_scores = self.train_candidates("sft", ["sft"], s.sft_lrs, steered=True)
+    selection: dict[str, Any] = self._load_json("selection.json")
+    console.log(f"[{self.dataset}] ours: stage 1 (SFT with steering tokens), lr grid "
+                f"{list(s.sft_lrs)}")
+    sft_lr, _, sft_scores = self.train_candidates("sft", ["sft"], s.sft_lrs, steered=True)
     selection["sft"] = {"lr": sft_lr, "heldout_mae": sft_scores}
-    _log(f"[{self.dataset}] ift: lr grid {list(s.sft_lrs)}")
-    ift_lr, ift_tr, ift_scores = self.train_candidates("ift", ["ift"], s.sft_lrs, steered=False)
+    console.log(f"[{self.dataset}] ift: lr grid {list(s.sft_lrs)}")
+    ift_lr, ift_run, ift_scores = self.train_candidates("ift", ["ift"], s.sft_lrs, steered=False)
     selection["ift"] = {"lr": ift_lr, "heldout_mae": ift_scores}
-    trained = {"ift": ift_tr}
-    sft_dir = os.path.join(self.dir, "runs", f"sft_lr{sft_lr:g}")
-    ift_dir = os.path.join(self.dir, "runs", f"ift_lr{ift_lr:g}")
-    for method in STEERED:
-      _log(f"[{self.dataset}] {method}: stage 2 ({ABLATION[method]}), lr grid {list(s.stage2_lrs)}")
-      lr, tr, scores = self.train_candidates(method, ["sft", "hybrid"], s.stage2_lrs,
-                                             ablation=ABLATION[method], init_from=sft_dir, steered=True)
-      selection[method] = {"lr": lr, "heldout_mae": scores, "sft_lr": sft_lr}
-      trained[method] = tr
-    _log(f"[{self.dataset}] dpo: from IFT, lr grid {list(s.stage2_lrs)}")
-    lr, tr, scores = self.train_candidates("dpo", ["ift", "dpo"], s.stage2_lrs, init_from=ift_dir,
-                                           steered=False)
-    selection["dpo"] = {"lr": lr, "heldout_mae": scores, "ift_lr": ift_lr}
-    trained["dpo"] = tr
+    trained = {"zero_shot": base, "prompt_engineering": base, "ift": ift_run,
+               **self._stage2(selection, sft_lr, ift_lr)}
     self._save_json("selection.json", {k: {kk: ({str(a): b for a, b in vv.items()}
                                                 if isinstance(vv, dict) else vv)
                                             for kk, vv in v.items()} for k, v in selection.items()})
-
     results = {}
     for method in METHODS:
-      model = (base.merged_model() if method in ("zero_shot", "prompt_engineering")
-               else trained[method].merged_model())
-      _log(f"[{self.dataset}] evaluating {method}")
-      doc = self.evaluate_method(method, model)
+      console.log(f"[{self.dataset}] evaluating {method}")
+      doc = self.evaluate_method(method, trained[method])
       results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables and plots
 
 
 def _summary(m: dict) -> dict:
@@ -366,10 +391,6 @@ def _summary(m: dict) -> dict:
   if "mae_floor" in m:
     out["mae_floor"] = m["mae_floor"]
   return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Tables and plots
 
 
 def results_table(results: dict, versions: Sequence[str]) -> str:
@@ -429,7 +450,6 @@ def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
 def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
              fresh: bool = False, progress: bool = True) -> dict:
   """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results."""
-  import jax
   from distfair_jax.data.build import DATASETS
   for ds in datasets:
     if ds not in DATASETS:
@@ -441,23 +461,14 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   os.makedirs(run_dir, exist_ok=True)
   marker = os.path.join(run_dir, "demo.json")
   info = {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)}
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      previous = json.load(f)
-    if previous != json.loads(json.dumps(info)):
-      raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / seed); "
-                       f"use another --run-dir or --fresh")
-  with open(marker, "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1)
-  # Identical programs (learning-rate grid points, datasets of one attribute) compile once.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(run_dir, ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
+  if os.path.exists(marker) and fileio.read_json(marker) != json.loads(json.dumps(info)):
+    raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / seed); "
+                     f"use another --run-dir or --fresh")
+  fileio.write_json(marker, info, indent=1)
   tokenizer_dir = os.path.join(run_dir, "tokenizer")
   if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
     from distfair_jax.tokenizer import build_tiny_tokenizer
-    build_tiny_tokenizer(tokenizer_dir)
+    build_tiny_tokenizer(tokenizer_dir, overwrite=True)
   results, timings = {}, {}
   start = time.perf_counter()
   for ds in datasets:
@@ -466,13 +477,11 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
     results[ds] = demo.run()
     timings[ds] = demo.timings
   total = time.perf_counter() - start
-  doc = dict(results)
-  with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=1)
-  with open(os.path.join(run_dir, "timings.json"), "w", encoding="utf-8") as f:
-    json.dump({"datasets": timings, "total_s": round(total, 1)}, f, indent=1)
+  fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
+  fileio.write_json(os.path.join(run_dir, "timings.json"),
+                    {"datasets": timings, "total_s": round(total, 1)}, indent=1)
   table = results_table(results, settings.versions)
-  with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}")
+  fileio.write_text(os.path.join(run_dir, "results.md"),
+                    f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results

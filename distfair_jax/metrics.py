@@ -261,6 +261,61 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
     raise InputError(f"{source}: categories: expected {k} names, got {list(categories)!r}")
   if n_bootstrap < 0:
     raise InputError(f"{source}: n_bootstrap: expected >= 0, got {n_bootstrap}")
+  per_occ = _rows_by_occupation(rows, targets, k, source)
+  names = [o for o in targets if o in per_occ]
+  target = np.stack([_check_distribution(targets[o], k, f"{source}: targets[{o!r}]") for o in names])
+  counts = np.zeros((len(names), k), np.int64)
+  unparsed = np.zeros(len(names), np.int64)
+  for j, o in enumerate(names):
+    counts[j], unparsed[j] = category_counts(per_occ[o], k)
+  achieved = achieved_distribution(counts)
+  occ_mae = mae(target, achieved)
+  occ_kl = kl_divergence(target, achieved)
+  occ_js = js_divergence(target, achieved)
+
+  ci = (bootstrap_intervals(target, counts, unparsed, n_bootstrap=n_bootstrap, seed=seed)
+        if n_bootstrap > 0 else None)
+  out = _summary(target, counts, unparsed, ci, occ_mae, occ_kl, occ_js, n_bootstrap, seed)
+  if categories is not None:
+    out["categories"] = [str(c) for c in categories]
+
+  exact_arr = per_exact = None
+  if exact is not None:
+    missing = [o for o in names if o not in exact]
+    if missing:
+      raise InputError(f"{source}: exact: expected a distribution for every occupation, "
+                       f"missing {missing!r}")
+    exact_arr = np.stack([_check_distribution(exact[o], k, f"{source}: exact[{o!r}]")
+                          for o in names])
+    per_exact, out["exact_mae"], out["exact_mae_std"] = exact_mae(target, exact_arr)
+  out["per_occupation"] = [
+      _occupation_entry(j, o, target, achieved, counts, unparsed, ci, occ_mae, occ_kl, occ_js,
+                        exact_arr, per_exact) for j, o in enumerate(names)]
+  return out
+
+
+def _summary(target, counts, unparsed, ci, occ_mae, occ_kl, occ_js, n_bootstrap: int,
+             seed: int) -> dict[str, Any]:
+  """The version-level figures of ``evaluate_version`` (before the per-occupation table)."""
+  m, kl, js = aggregate(occ_mae), aggregate(occ_kl), aggregate(occ_js)
+  n_samples = int(counts.sum() + unparsed.sum())
+  floor, floor_ci = (mae_floor(target, counts.sum(-1), n_bootstrap=n_bootstrap, seed=seed)
+                     if n_bootstrap > 0 else (None, None))
+  return {
+      "mae": m["mean"], "mae_std": m["std"], "mae_ci": _floats(ci["mae"]) if ci else None,
+      "mae_floor": floor, "mae_floor_ci": _floats(floor_ci) if ci else None,
+      "kl": kl["mean"], "kl_sum": kl["sum"], "kl_std": kl["std"],
+      "kl_ci": _floats(ci["kl"]) if ci else None,
+      "js": js["mean"], "js_std": js["std"], "js_ci": _floats(ci["js"]) if ci else None,
+      "unparsed_rate": float(unparsed.sum() / n_samples),
+      "n_samples": n_samples, "n_unparsed": int(unparsed.sum()), "n_occupations": len(target),
+      "num_categories": int(target.shape[1]), "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+      "ci_level": CI_LEVEL,
+  }
+
+
+def _rows_by_occupation(rows, targets, k: int, source: str) -> dict[str, list[int | None]]:
+  """occupation -> the rows' categories (None: unparsed), checked."""
   per_occ: dict[str, list[int | None]] = {}
   for i, row in enumerate(rows):
     if not isinstance(row, Mapping):
@@ -279,60 +334,22 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
     per_occ.setdefault(occ, []).append(None if cat is None else int(cat))
   if not per_occ:
     raise InputError(f"{source}: expected at least one row, got none")
+  return per_occ
 
-  names = [o for o in targets if o in per_occ]
-  target = np.stack([_check_distribution(targets[o], k, f"{source}: targets[{o!r}]") for o in names])
-  counts = np.zeros((len(names), k), np.int64)
-  unparsed = np.zeros(len(names), np.int64)
-  for j, o in enumerate(names):
-    counts[j], unparsed[j] = category_counts(per_occ[o], k)
-  achieved = achieved_distribution(counts)
-  occ_mae = mae(target, achieved)
-  occ_kl = kl_divergence(target, achieved)
-  occ_js = js_divergence(target, achieved)
-  m, kl, js = aggregate(occ_mae), aggregate(occ_kl), aggregate(occ_js)
-  n_samples = int(counts.sum() + unparsed.sum())
 
-  ci = (bootstrap_intervals(target, counts, unparsed, n_bootstrap=n_bootstrap, seed=seed)
-        if n_bootstrap > 0 else None)
-  floor, floor_ci = (mae_floor(target, counts.sum(-1), n_bootstrap=n_bootstrap, seed=seed)
-                     if n_bootstrap > 0 else (None, None))
-  out: dict[str, Any] = {
-      "mae": m["mean"], "mae_std": m["std"], "mae_ci": _floats(ci["mae"]) if ci else None,
-      "mae_floor": floor, "mae_floor_ci": _floats(floor_ci) if ci else None,
-      "kl": kl["mean"], "kl_sum": kl["sum"], "kl_std": kl["std"],
-      "kl_ci": _floats(ci["kl"]) if ci else None,
-      "js": js["mean"], "js_std": js["std"], "js_ci": _floats(ci["js"]) if ci else None,
-      "unparsed_rate": float(unparsed.sum() / n_samples),
-      "n_samples": n_samples, "n_unparsed": int(unparsed.sum()), "n_occupations": len(names),
-      "num_categories": k, "n_bootstrap": int(n_bootstrap), "seed": int(seed), "ci_level": CI_LEVEL,
+def _occupation_entry(j, o, target, achieved, counts, unparsed, ci, occ_mae, occ_kl, occ_js,
+                      exact_arr, per_exact) -> dict[str, Any]:
+  """The per_occupation entry of occupation ``o`` (row ``j`` of the arrays)."""
+  entry: dict[str, Any] = {
+      "occupation": o, "target": _floats(target[j]), "achieved": _floats(achieved[j]),
+      "achieved_ci": _floats(ci["achieved"][j]) if ci else None,
+      "counts": counts[j].tolist(), "n": int(counts[j].sum() + unparsed[j]),
+      "n_unparsed": int(unparsed[j]), "mae": float(occ_mae[j]),
+      "mae_ci": _floats(ci["occupation_mae"][j]) if ci else None,
+      "kl": float(occ_kl[j]), "js": float(occ_js[j]),
   }
-  if categories is not None:
-    out["categories"] = [str(c) for c in categories]
+  if exact_arr is not None:
+    entry["exact"] = _floats(exact_arr[j])
+    entry["exact_mae"] = float(per_exact[j])
+  return entry
 
-  exact_arr = None
-  if exact is not None:
-    missing = [o for o in names if o not in exact]
-    if missing:
-      raise InputError(f"{source}: exact: expected a distribution for every occupation, "
-                       f"missing {missing!r}")
-    exact_arr = np.stack([_check_distribution(exact[o], k, f"{source}: exact[{o!r}]")
-                          for o in names])
-    per_exact, out["exact_mae"], out["exact_mae_std"] = exact_mae(target, exact_arr)
-
-  table = []
-  for j, o in enumerate(names):
-    entry: dict[str, Any] = {
-        "occupation": o, "target": _floats(target[j]), "achieved": _floats(achieved[j]),
-        "achieved_ci": _floats(ci["achieved"][j]) if ci else None,
-        "counts": counts[j].tolist(), "n": int(counts[j].sum() + unparsed[j]),
-        "n_unparsed": int(unparsed[j]), "mae": float(occ_mae[j]),
-        "mae_ci": _floats(ci["occupation_mae"][j]) if ci else None,
-        "kl": float(occ_kl[j]), "js": float(occ_js[j]),
-    }
-    if exact_arr is not None:
-      entry["exact"] = _floats(exact_arr[j])
-      entry["exact_mae"] = float(per_exact[j])
-    table.append(entry)
-  out["per_occupation"] = table
-  return out

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 from distfair_jax.errors import InputError
 
-__all__ = ["CategoryParser", "parse_category", "parse_categories"]
+__all__ = ["CategoryParser"]
 
 
 def _term_pattern(term: str) -> str:
@@ -88,15 +88,3 @@ class CategoryParser:
 
   def parse_many(self, texts: Iterable[str | None]) -> list[int | None]:
     return [self(t) for t in texts]
-
-
-def parse_category(text: str | None, categories: Sequence[str],
-                   synonyms: Sequence[Sequence[str]] | None = None) -> int | None:
-  """One-off form of ``CategoryParser(categories, synonyms)(text)``."""
-  return CategoryParser(categories, synonyms)(text)
-
-
-def parse_categories(texts: Iterable[str | None], categories: Sequence[str],
-                     synonyms: Sequence[Sequence[str]] | None = None) -> list[int | None]:
-  """Parses many answers with one compiled parser."""
-  return CategoryParser(categories, synonyms).parse_many(texts)

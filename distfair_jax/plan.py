@@ -18,15 +18,15 @@ Two parts:
   differently, so read it as an estimate.
 
 A model whose ``model.checkpoint`` directory exists is sized from its ``model_config.json``; otherwise
-from ``model.preset`` (the experiment configs name a placeholder checkpoint and the matching preset).
+from ``model.preset`` (the experiment configs name a placeholder checkpoint and the matching preset):
+``model.loader.load_model(..., abstract=True)``. The step, its batch (``Stage.abstract_batch``, the
+stage's worst case) and its layout (``Stage.layout``) come from ``train.stages``, as in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import types
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,16 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from distfair_jax import sharding as shd
 from distfair_jax.config import Config
 from distfair_jax.errors import InputError
 
-__all__ = ["StateLine", "StatePlan", "StepMemory", "model_config", "abstract_split", "state_plan",
-           "compiled_step_memory", "parse_mesh", "format_bytes", "format_plan"]
+__all__ = ["StateLine", "StatePlan", "StepMemory", "state_plan", "compiled_step_memory",
+           "batch_warnings", "parse_mesh", "format_bytes", "format_plan"]
 
-STAGE_SECTION = {"sft": "sft", "ift": "sft", "hybrid": "hybrid", "dpo": "dpo"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,44 +107,9 @@ class StepMemory:
 # Model
 
 
-def model_config(cfg: Config):
-  """-> (LlamaConfig with the run's dtypes, name, source): from the checkpoint if it exists, else the
-  preset."""
-  from distfair_jax.model import presets
-  m = cfg.model
-  if m.checkpoint and os.path.isdir(m.checkpoint):
-    from distfair_jax import convert
-    mcfg, name, source = convert.load_model_config(m.checkpoint), m.checkpoint, "checkpoint"
-  else:
-    mcfg, name, source = presets.get_preset(m.preset, **dict(m.overrides)), m.preset, "preset"
-  return mcfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat), name, source
-
-
-def abstract_split(cfg: Config, mcfg=None):
-  """The trainer's model split, abstract: -> (graphdef, graphdef_eval, params, rngs, frozen) with
-  ShapeDtypeStruct leaves (``train.state.split_model`` of the Llama, with LoRA when enabled)."""
-  from distfair_jax.model import lora as lora_lib
-  from distfair_jax.model.llama import Llama
-  from distfair_jax.train.state import split_model
-  mcfg = mcfg if mcfg is not None else model_config(cfg)[0]
-  lcfg = cfg.lora
-
-  def factory():
-    model = Llama(mcfg, rngs=nnx.Rngs(cfg.seed))
-    if lcfg.enabled:
-      try:
-        lora_lib.apply_lora(model, lcfg.targets, rank=lcfg.rank, alpha=lcfg.alpha,
-                            dropout=lcfg.dropout, seed=cfg.seed)
-      except ValueError as e:
-        raise InputError(f"lora: targets: {e}") from None
-    return model
-
-  model = nnx.eval_shape(factory)
-  graphdef, params, rngs, frozen = split_model(model, lcfg.enabled)
-  model.eval()
-  graphdef_eval = split_model(model, lcfg.enabled)[0]
-  model.train()
-  return graphdef, graphdef_eval, params, rngs, frozen
+def _abstract_model(cfg: Config, mesh=None):
+  from distfair_jax.model.loader import load_model
+  return load_model(cfg.model, cfg.lora, mesh, seed=cfg.seed, abstract=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,7 +140,8 @@ def _sharded_bytes(shape: Sequence[int], dtype, spec: P, sizes: Mapping[str, int
 
 
 def _stage_optim(cfg: Config, stage: str):
-  return getattr(cfg, STAGE_SECTION[stage]).optim
+  from distfair_jax.train.stages import make_stage
+  return make_stage(stage, cfg).cfg.optim
 
 
 def _opt_specs(tx, abstract_opt, param_specs, replicated):
@@ -204,16 +169,18 @@ def _param_specs(state, sizes):
 
 def batch_warnings(cfg: Config, sizes: Mapping[str, int]) -> list[str]:
   """A stage whose global batch does not split over data x fsdp cannot run on this mesh."""
+  from distfair_jax.train.stages import make_stage
   div = sizes.get("data", 1) * sizes.get("fsdp", 1)
   out = []
-  for stage in cfg.stages:
-    b = getattr(cfg, STAGE_SECTION[stage]).batch_size
+  for name in cfg.stages:
+    stage = make_stage(name, cfg)
+    b = stage.cfg.batch_size
     if b % div:
-      out.append(f"{stage}: batch_size {b} is not a multiple of data x fsdp = {div}: that stage "
+      out.append(f"{name}: batch_size {b} is not a multiple of data x fsdp = {div}: that stage "
                  f"cannot run on this mesh (use a mesh with data x fsdp dividing {b}, e.g. more "
                  f"tensor parallelism, or a larger batch)")
-    elif stage == "hybrid" and cfg.hybrid.layout == "packed" and (b // 2) % div:  # auto: rows
-      out.append(f"hybrid: batch_size {b} holds {b // 2} pairs, not a multiple of data x fsdp = "
+    elif b % stage.batch_multiple(stage.layout(div), div):  # auto falls back to rows: no warning
+      out.append(f"{name}: batch_size {b} holds {b // 2} pairs, not a multiple of data x fsdp = "
                  f"{div}: the packed layout puts one pair per row (double the batch, or set "
                  f"hybrid.layout: rows)")
   return out
@@ -222,8 +189,8 @@ def batch_warnings(cfg: Config, sizes: Mapping[str, int]) -> list[str]:
 def state_plan(cfg: Config, mesh_sizes: Mapping[str, int]) -> StatePlan:
   """Counts and per-device bytes of parameters, trainable parameters, optimizer state and the
   initial / reference copy of the trainable parameters, on a mesh given as ``{axis: size}``."""
-  mcfg, name, source = model_config(cfg)
-  _, _, params, rngs, frozen = abstract_split(cfg, mcfg)
+  m = _abstract_model(cfg)
+  name, source, params, frozen = m.name, m.source, m.params, m.frozen
   sizes = dict(mesh_sizes)
   lines = []
   everything = nnx.State.merge(params, frozen) if len(jax.tree.leaves(frozen)) else params
@@ -254,110 +221,47 @@ def state_plan(cfg: Config, mesh_sizes: Mapping[str, int]) -> StatePlan:
 # Compiled step
 
 
-def _stage_spec(cfg: Config, stage: str):
-  from distfair_jax.train.loop import Trainer
-  # Trainer.stage_spec reads only self.cfg: reuse it so the plan compiles the trainer's exact step.
-  return Trainer.stage_spec(types.SimpleNamespace(cfg=cfg), stage)
-
-
 def _num_categories(cfg: Config) -> int:
   from distfair_jax.data import build as build_lib
   return build_lib.resolve_spec(cfg.data.spec or cfg.data.dataset).attribute.num_categories
 
 
-def abstract_batch(kind: str, batch_size: int, length: int, num_categories: int,
-                   reference: str = "online",
-                   layout: str = "rows") -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{key: (shape, dtype)} of one global batch of the data pipeline for a step kind.
-
-  A packed hybrid batch is sized for its worst case: rows of ``length`` tokens whose one-token
-  prompt is shared by four completions (4 x length tokens per pair, 2 x length labels per group).
-  """
-  b, l, k = batch_size, length, num_categories
-  if kind == "hybrid" and layout == "packed":
-    p = b // 2
-    out = {"packed_input_ids": ((p, 4 * l), jnp.int32), "packed_positions": ((p, 4 * l), jnp.int32),
-           "packed_segment_ids": ((p, 4 * l), jnp.int32),
-           "label_source": ((p, 2, 2 * l), jnp.int32), "label_ids": ((p, 2, 2 * l), jnp.int32),
-           "label_branch": ((p, 2, 2 * l), jnp.int32), "steering_position": ((p,), jnp.int32),
-           "target": ((p, k), jnp.float32), "category": ((p,), jnp.int32)}
-    if reference == "cached":
-      out.update({"reference_logps": ((b,), jnp.float32), "reference_kl_logps": ((b,), jnp.float32)})
-    return out
-  seq = lambda prefix: {prefix + "input_ids": ((b, l), jnp.int32),
-                        prefix + "attention_mask": ((b, l), jnp.int32),
-                        prefix + "labels": ((b, l), jnp.int32),
-                        prefix + "label_mask": ((b, l), jnp.float32)}
-  rows = {"category": ((b,), jnp.int32), "target": ((b, k), jnp.float32)}
-  if kind == "dpo" and layout == "packed":  # worst case: a one-token prompt, two full completions
-    return {"packed_input_ids": ((b, 2 * l), jnp.int32), "packed_positions": ((b, 2 * l), jnp.int32),
-            "packed_segment_ids": ((b, 2 * l), jnp.int32),
-            "label_source": ((b, 1, 2 * l), jnp.int32), "label_ids": ((b, 1, 2 * l), jnp.int32),
-            "label_branch": ((b, 1, 2 * l), jnp.int32), "steering_position": ((b,), jnp.int32),
-            **rows}
-  if kind == "dpo":
-    return {**seq("chosen_"), **seq("rejected_"), **rows}
-  out = {**seq(""), **rows, "steering_position": ((b,), jnp.int32), "desirable": ((b,), jnp.int32)}
-  if kind == "hybrid":
-    out.update(seq("kl_"))
-    if reference == "cached":
-      out.update({"reference_logps": ((b,), jnp.float32), "reference_kl_logps": ((b,), jnp.float32)})
-  return out
-
-
-def compiled_step_memory(cfg: Config, stage: str, devices: Sequence[jax.Device],
+def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
                          mesh_axes: Mapping[str, int] | None = None) -> StepMemory:
-  """Lower and compile ``stage``'s train step on abstract inputs for ``devices``; its memory."""
-  from distfair_jax.train.state import TrainState, make_optimizer
-  from distfair_jax.train.step import make_loss_fn, make_train_step
-  if stage not in STAGE_SECTION:
-    raise InputError(f"plan: stage: expected one of {', '.join(STAGE_SECTION)}, got {stage!r}")
+  """Lower and compile ``stage_name``'s train step on abstract inputs for ``devices``; its memory."""
+  from distfair_jax.train.stages import STAGES, make_stage
+  from distfair_jax.train.state import abstract_train_state, make_optimizer
+  from distfair_jax.train.step import make_train_step
+  if stage_name not in STAGES:
+    raise InputError(f"plan: stage: expected one of {', '.join(STAGES)}, got {stage_name!r}")
+  stage = make_stage(stage_name, cfg)
   mesh = shd.make_mesh(dict(mesh_axes if mesh_axes is not None else dataclasses.asdict(cfg.mesh)),
                        devices)
   sizes = dict(mesh.shape)
-  scfg = getattr(cfg, STAGE_SECTION[stage])
-  b, length = scfg.batch_size, cfg.data.max_length
   div = sizes["data"] * sizes["fsdp"]
-  from distfair_jax.train.loop import batch_layout
-  layout = batch_layout(cfg, stage, b, div)  # auto assumes packing pays: the plan sees no data
-  if layout == "packed" and stage == "hybrid":
-    div *= 2  # one row per pair
-  if b % div:
-    twice = ", x 2 for hybrid.layout packed" if layout == "packed" and stage == "hybrid" else ""
-    raise InputError(f"{STAGE_SECTION[stage]}.batch_size: expected a multiple of {div} (data x "
-                     f"fsdp{twice}) on mesh {sizes}, got {b}")
-  mcfg, _, _ = model_config(cfg)
-  graphdef, graphdef_eval, params, rngs, frozen = abstract_split(cfg, mcfg)
-  spec = _stage_spec(cfg, stage)
+  layout = stage.layout(div)  # auto assumes packing pays: the plan sees no data
+  b, length = stage.cfg.batch_size, cfg.data.max_length
+  multiple = stage.batch_multiple(layout, div)
+  if b % multiple:
+    twice = ", x 2 for hybrid.layout packed" if multiple != div else ""
+    raise InputError(f"{stage.section}.batch_size: expected a multiple of {multiple} "
+                     f"(data x fsdp{twice}) on mesh {sizes}, got {b}")
+  m = _abstract_model(cfg, mesh)
   k = _num_categories(cfg)
   steering_ids = jnp.arange(k, dtype=jnp.int32)  # values do not matter for sizing
-  tx, schedule = make_optimizer(scfg.optim, 1000)
-  loss_fn = make_loss_fn(graphdef, graphdef_eval, spec, steering_ids if stage == "hybrid" else None)
-  step_fn = make_train_step(loss_fn, tx, schedule, scfg.optim.grad_accum)
-
-  replicated = NamedSharding(mesh, P())
-  sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  p_sh = shd.state_shardings(params, mesh)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract_opt, p_sh,
-                                            transform_non_params=lambda _: replicated)
-  a_params = jax.tree.map(sds, params, p_sh)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     params=a_params, opt_state=jax.tree.map(sds, abstract_opt, opt_sh),
-                     rngs=jax.tree.map(lambda a: sds(a, replicated), rngs))
-  a_frozen = jax.tree.map(sds, frozen, shd.state_shardings(frozen, mesh))
-  ref = a_params if spec.needs_reference_params else None
-  batch = {}
-  for key, (shape, dtype) in abstract_batch(spec.kind, b, length, k, spec.reference,
-                                            layout).items():
-    batch[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, shd.batch_spec(len(shape), mesh, batch_size=shape[0])))
+  tx, schedule = make_optimizer(stage.cfg.optim, 1000)
+  loss_fn = stage.loss_fn(m.graphdef, m.graphdef_eval, steering_ids)
+  step_fn = make_train_step(loss_fn, tx, schedule, stage.cfg.optim.grad_accum)
+  state = abstract_train_state(tx, m.params, m.rngs, mesh)
+  batch = stage.abstract_batch(length, k, layout)
+  batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), batch,
+                       shd.batch_shardings(batch, mesh, shapes=True))
+  ref = m.params if stage.needs_reference else None
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
-  compiled = jitted.lower(state, a_frozen, ref, batch).compile()
-  mem = compiled.memory_analysis()
+  mem = jitted.lower(state, m.frozen, ref, batch).compile().memory_analysis()
   get = lambda f: int(getattr(mem, f, 0) or 0) if mem is not None else 0
-  return StepMemory(stage=stage, batch_size=b, length=length, layout=layout,
+  return StepMemory(stage=stage_name, batch_size=b, length=length, layout=layout,
                     argument_bytes=get("argument_size_in_bytes"),
                     output_bytes=get("output_size_in_bytes"),
                     alias_bytes=get("alias_size_in_bytes"),

@@ -13,27 +13,27 @@ Layout in the run directory::
 ``rebuild_report(run_dir)`` (``distfair report RUN``) regenerates them. ``meta`` records how the
 samples were made (decoding configuration, steering mode, judge, ...) and is shown in the report.
 
-Files are written to a temporary directory next to their destination and renamed into place, so a
+Everything is rendered in memory first, then each file is written atomically (``fileio``), so a
 failure never leaves a half-written report. Plots use matplotlib's Agg canvas (no pyplot, no global
 backend change).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 __all__ = [
-    "METRICS_FORMAT", "metrics_path", "load_metrics", "write_metrics", "write_report",
+    "METRICS_FORMAT", "metrics_path", "load_metrics", "write_report", "write_eval_files",
     "rebuild_report", "render_markdown", "plot_version", "plot_summary",
 ]
 
@@ -111,56 +111,45 @@ def _document(versions: Mapping[str, Mapping], meta: Mapping | None) -> dict:
           "meta": dict(meta or {}), "versions": {k: dict(v) for k, v in versions.items()}}
 
 
-def _dump_json(doc: Any, path: Path) -> None:
+def _render(doc: Mapping, plots: bool) -> dict[str, str | bytes]:
+  """report.md and the plots of a metrics document, in memory: {name relative to eval/: content}."""
+  files: dict[str, str | bytes] = {"report.md": render_markdown(doc, plots=plots)}
+  if plots:
+    for name, v in doc["versions"].items():
+      files[f"plots/{name}.png"] = _png(lambda buf: plot_version(name, v, buf))
+    files["plots/summary.png"] = _png(lambda buf: plot_summary(doc["versions"], buf))
+  return files
+
+
+def _png(draw) -> bytes:
+  buf = io.BytesIO()
+  draw(buf)
+  return buf.getvalue()
+
+
+def _write(eval_dir, files: Mapping[str, str | bytes]) -> dict[str, Path]:
+  """Writes each file atomically; everything was rendered before the first write."""
+  out = {}
+  for rel, content in files.items():
+    path = fileio.as_path(eval_dir) / rel
+    if isinstance(content, bytes):
+      fileio.write_bytes(path, content)
+    else:
+      fileio.write_text(path, content)
+    out[rel] = Path(str(path))
+  return out
+
+
+def write_eval_files(eval_dir, versions: Mapping[str, Mapping], *, meta: Mapping | None = None,
+                     plots: bool = True) -> dict[str, Path]:
+  """Writes metrics.json, report.md and the plots into ``eval_dir`` (replacing those files)."""
+  doc = _validate(_document(versions, meta), str(fileio.as_path(eval_dir) / "metrics.json"))
   try:
     text = json.dumps(doc, indent=2, allow_nan=False)
   except ValueError as e:
-    raise InputError(f"{path}: expected finite numbers only, got {e}") from None
-  path.write_text(text + "\n", encoding="utf-8")
-
-
-class _Staging:
-  """Files written into a temporary directory inside ``eval_dir``, then renamed into place."""
-
-  def __init__(self, eval_dir: Path):
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    self.eval_dir = eval_dir
-    self.tmp = Path(tempfile.mkdtemp(prefix=".report-tmp-", dir=eval_dir))
-    self.files: list[str] = []  # paths relative to eval_dir
-
-  def path(self, rel: str) -> Path:
-    p = self.tmp / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    self.files.append(rel)
-    return p
-
-  def commit(self) -> dict[str, Path]:
-    out = {}
-    for rel in self.files:
-      dest = self.eval_dir / rel
-      dest.parent.mkdir(parents=True, exist_ok=True)
-      os.replace(self.tmp / rel, dest)
-      out[rel] = dest
-    return out
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def write_metrics(run_dir: str | os.PathLike, versions: Mapping[str, Mapping], *,
-                  meta: Mapping | None = None, overwrite: bool = False) -> Path:
-  """Writes ``RUN/eval/metrics.json`` only (refuses to replace one without ``overwrite``)."""
-  path = metrics_path(run_dir)
-  if path.exists() and not overwrite:
-    raise InputError(f"{path}: expected no previous metrics, got an existing file "
-                     f"(pass --overwrite to replace it)")
-  doc = _validate(_document(versions, meta), str(path))
-  with _Staging(path.parent) as stage:
-    _dump_json(doc, stage.path("metrics.json"))
-    return stage.commit()["metrics.json"]
+    raise InputError(f"{fileio.as_path(eval_dir) / 'metrics.json'}: expected finite numbers "
+                     f"only, got {e}") from None
+  return _write(eval_dir, {"metrics.json": text + "\n", **_render(doc, plots)})
 
 
 def write_report(run_dir: str | os.PathLike, versions: Mapping[str, Mapping], *,
@@ -179,27 +168,13 @@ def write_report(run_dir: str | os.PathLike, versions: Mapping[str, Mapping], *,
   if path.exists() and not overwrite:
     raise InputError(f"{path}: expected no previous metrics, got an existing file "
                      f"(pass --overwrite to replace it)")
-  doc = _validate(_document(versions, meta), str(path))
-  with _Staging(path.parent) as stage:
-    _dump_json(doc, stage.path("metrics.json"))
-    _render_all(doc, stage, plots)
-    return stage.commit()
+  return write_eval_files(path.parent, versions, meta=meta, plots=plots)
 
 
 def rebuild_report(run_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
   """Regenerates ``report.md`` and the plots from ``RUN/eval/metrics.json`` (left untouched)."""
   doc = load_metrics(run_dir)
-  with _Staging(metrics_path(run_dir).parent) as stage:
-    _render_all(doc, stage, plots)
-    return stage.commit()
-
-
-def _render_all(doc: Mapping, stage: _Staging, plots: bool) -> None:
-  (stage.path("report.md")).write_text(render_markdown(doc, plots=plots), encoding="utf-8")
-  if plots:
-    for name, v in doc["versions"].items():
-      plot_version(name, v, stage.path(f"plots/{name}.png"))
-    plot_summary(doc["versions"], stage.path("plots/summary.png"))
+  return _write(metrics_path(run_dir).parent, _render(doc, plots))
 
 
 # ---------------------------------------------------------------------------------------------------

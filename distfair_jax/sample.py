@@ -1,14 +1,19 @@
-"""Batched, jit-compiled sampling with a KV cache and two-stage steering.
+"""Batched, jit-compiled sampling with a KV cache and two-stage steering: the ``Sampler``.
 
-The core is pure: jit-compiled functions of ``(graphdef, state)`` from ``nnx.split`` plus arrays; the
-model object only appears at the edges (``nnx.merge`` inside the traced function). One call of
-:func:`generate` works in chunks of prompts, each chunk ONE compiled program (``_sample_chunk``, one
-jit per prompts x rounds x prompt length x cache length x mode x max new tokens) and one dispatch; the
-host fetches the tokens once, after every chunk is queued:
+    sampler = Sampler(graphdef)                      # one per model architecture; compiles once
+    out = sampler.generate(state, prompts, rounds=100, steering="model", steering_ids=ids, ...)
+    q = sampler.steering_distribution(state, input_ids, attention_mask, steering_ids)
 
-1. **Prefill**: the distinct prompts of a chunk, left-padded to a common bucketed length, go through
-   ``model.prefill`` once; the cache rows and the logits at the last prompt position are then repeated
-   ``rounds`` times on the batch axis, so every round of a prompt shares its single prefill.
+The sampler holds jit-compiled functions of ``(state, arrays)``; the weights are arguments, so one
+sampler serves every model of the same architecture (the methods a benchmark compares) with one
+compiled program per shape. The model object only appears inside the traced function
+(``nnx.merge``). One call of ``generate`` works in chunks of prompts, each chunk ONE compiled
+program and one dispatch; the host fetches the tokens once, after every chunk is queued:
+
+1. **Prefill**: the distinct prompts of a chunk, left-padded to a common bucketed length
+   (``tokenize.prompt_bucket``), go through ``model.prefill`` once; the cache rows and the logits at
+   the last prompt position are then repeated ``rounds`` times on the batch axis, so every round of
+   a prompt shares its single prefill.
 2. **Steering**: ``model`` mode draws the steering token from the softmax over the K steering-token
    logits alone (renormalised, temperature 1) at the first assistant position; ``target`` mode draws it
    from a caller-given distribution; ``none`` skips it. The steering token is written as the first
@@ -33,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -41,55 +45,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distfair_jax.config import DecodeConfig, Steering
+from distfair_jax.data.tokenize import next_pow2, prompt_bucket
 from distfair_jax.errors import InputError
 
-STEERING_MODES = ("model", "target", "none")
+__all__ = ["Sampler", "Samples", "STEERING_MODES", "left_pad", "filter_logits", "categorical_icdf",
+           "sample_logits", "repeat_cache", "decode_text"]
 
-# Token strings that end an assistant turn in the chat templates we support (Llama 3, Qwen 2, tiny).
-_STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-  """One decoding configuration, shared by every method compared (recorded in the outputs).
-
-  ``temperature`` 0 or ``greedy`` means argmax decoding. ``top_k`` 0 and ``top_p`` 1.0 disable those
-  filters. ``max_new_tokens`` bounds attribute answers (v1, v2); ``story_max_new_tokens`` bounds stories
-  (v3). Neither counts the steering token.
-  """
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  greedy: bool = False
-  max_new_tokens: int = 16
-  story_max_new_tokens: int = 96
-
-  def __post_init__(self):
-    checks = [
-        ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), "a number >= 0"),
-        ("top_p", 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
-        ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-        ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-         "an integer >= 1"),
-        ("story_max_new_tokens",
-         isinstance(self.story_max_new_tokens, int) and self.story_max_new_tokens >= 1,
-         "an integer >= 1"),
-    ]
-    for name, ok, expected in checks:
-      if not ok:
-        raise InputError(f"decode config: {name}: expected {expected}, got {getattr(self, name)!r}")
-
-  @property
-  def is_greedy(self) -> bool:
-    return self.greedy or self.temperature == 0
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+STEERING_MODES = tuple(m.value for m in Steering)
 
 
 @dataclasses.dataclass
 class Samples:
-  """Output of :func:`generate`; rows in prompt-major order (row ``p * rounds + r``).
+  """Output of :meth:`Sampler.generate`; rows in prompt-major order (row ``p * rounds + r``).
 
   tokens: [N, T] int32 generated ids (column 0 = steering token when steered; ``pad_id`` after a stop).
   num_tokens: [N] int32 tokens generated per row, including the steering and the stop token.
@@ -106,61 +74,7 @@ class Samples:
 
 
 # --------------------------------------------------------------------------------------------------
-# Edges: model object <-> (graphdef, state); static graphdef for jit.
-
-
-class _ByIdentity:
-  """Hashable-by-identity wrapper for a graphdef whose static attributes are not hashable."""
-
-  def __init__(self, value):
-    self.value = value
-
-  def __hash__(self):
-    return id(self.value)
-
-  def __eq__(self, other):
-    return isinstance(other, _ByIdentity) and other.value is self.value
-
-
-def split_model(model_or_graph_state) -> tuple[Any, Any]:
-  """``nnx.Module`` or ``(graphdef, state)`` -> ``(graphdef, state)``."""
-  if isinstance(model_or_graph_state, nnx.Module):
-    return nnx.split(model_or_graph_state)
-  if isinstance(model_or_graph_state, (tuple, list)) and len(model_or_graph_state) == 2:
-    return tuple(model_or_graph_state)
-  raise TypeError(f"expected an nnx.Module or a (graphdef, state) pair, got "
-                  f"{type(model_or_graph_state).__name__}")
-
-
-def _static(graphdef):
-  try:
-    hash(graphdef)
-    return graphdef
-  except TypeError:
-    return _ByIdentity(graphdef)
-
-
-def _merge(static_graphdef, state):
-  graphdef = static_graphdef.value if isinstance(static_graphdef, _ByIdentity) else static_graphdef
-  return nnx.merge(graphdef, state)
-
-
-# --------------------------------------------------------------------------------------------------
-# Host-side helpers: padding, bucketing, keys, tokenizer ids.
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-  """Padded length for a prompt of ``n`` tokens: powers of two up to 512, then multiples of 256."""
-  n = max(int(n), 1, minimum)
-  if n <= 512:
-    return 1 << (n - 1).bit_length()
-  return -(-n // 256) * 256
-
-
-def _prompt_bucket(n: int) -> int:
-  """Padded prompt length for the sampler: ``bucket_length`` but multiples of 16 above 32 (every
-  padded slot is read again by each decode step of each round, so coarse buckets cost decode time)."""
-  return min(bucket_length(n), -(-max(int(n), 1) // 16) * 16) if n > 32 else bucket_length(n)
+# Host-side helpers.
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -189,42 +103,8 @@ def _sample_keys(key, prompt_index, round_index):
       prompt_index, round_index)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-  """End-of-turn and EOS ids of a Hugging Face tokenizer (those that exist in its vocabulary)."""
-  ids = set()
-  eos = getattr(tokenizer, "eos_token_id", None)
-  if isinstance(eos, int):
-    ids.add(eos)
-  elif isinstance(eos, (list, tuple)):
-    ids.update(int(e) for e in eos)
-  vocab = tokenizer.get_vocab()
-  for tok in _STOP_TOKEN_STRINGS:
-    if tok in vocab:
-      ids.add(int(vocab[tok]))
-  return sorted(ids)
-
-
-def pad_token_id(tokenizer) -> int:
-  """The tokenizer's pad id, else its EOS id, else 0."""
-  for name in ("pad_token_id", "eos_token_id"):
-    value = getattr(tokenizer, name, None)
-    if isinstance(value, int):
-      return value
-  return 0
-
-
-def encode_prompts(tokenizer, questions: Sequence[str]) -> list[list[int]]:
-  """Chat-template token ids (user turn + generation prompt) for each question."""
-  out = []
-  for q in questions:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                         add_generation_prompt=True)
-    out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-  return out
-
-
 # --------------------------------------------------------------------------------------------------
-# Pure pieces.
+# Pure pieces (traced inside the sampler's programs).
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -339,12 +219,6 @@ def _prefill_rows(model, input_ids, attention_mask, rounds: int, cache_length: i
   return jnp.repeat(logits, rounds, axis=0), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "rounds", "cache_length"))
-def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
-  """The prefill alone, jit-compiled (benchmarks/gpu.py times it separately); see _prefill_rows."""
-  return _prefill_rows(_merge(graphdef, state), input_ids, attention_mask, rounds, cache_length)
-
-
 def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
                  temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
                  filtering: bool):
@@ -397,10 +271,6 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
   return tokens, steer_idx
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "rounds", "cache_length", "mode", "max_new_tokens", "greedy",
-                     "filtering"))
 def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt, first_round,
                   steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
                   rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
@@ -412,7 +282,7 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt,
   Returns tokens [P*rounds, T] int32 and steering index [P*rounds] int32, row p * rounds + r holding
   round first_round + r of prompt first_prompt + p.
   """
-  model = _merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
   batch = input_ids.shape[0]
   logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
   p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)
@@ -424,35 +294,15 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt,
                       filtering=filtering)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _steering_distribution(graphdef, state, input_ids, attention_mask, steering_ids):
-  model = _merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
   hidden = model(input_ids, attention_mask)
   logits = _last_logits(model, hidden, attention_mask)[:, steering_ids]  # [B, K]
   return jax.nn.softmax(logits, axis=-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Public API.
-
-
-def steering_distribution(model_or_graph_state, input_ids, attention_mask,
-                          steering_ids) -> np.ndarray:
-  """Exact steering-token distribution at the first assistant position, from one forward pass.
-
-  input_ids, attention_mask: [B, L] (left or right padding; the last real token of each row is used);
-  steering_ids: [K]. Returns [B, K] float32: softmax over the K steering-token logits alone
-  (renormalised, temperature 1): exactly what ``model`` steering samples from.
-  """
-  graphdef, state = split_model(model_or_graph_state)
-  out = _steering_distribution(_static(graphdef), state, jnp.asarray(input_ids, jnp.int32),
-                               jnp.asarray(attention_mask, jnp.int32),
-                               jnp.asarray(steering_ids, jnp.int32))
-  return np.asarray(out)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
+def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
+  return _prefill_rows(nnx.merge(graphdef, state), input_ids, attention_mask, rounds, cache_length)
 
 
 def _plan(num_prompts: int, rounds: int, batch_size: int) -> tuple[int, int]:
@@ -460,42 +310,14 @@ def _plan(num_prompts: int, rounds: int, batch_size: int) -> tuple[int, int]:
   if rounds >= batch_size:
     return 1, batch_size
   per_call = max(batch_size // rounds, 1)
-  return min(per_call, _next_pow2(num_prompts)), rounds
+  return min(per_call, next_pow2(num_prompts)), rounds
 
 
-def generate(model_or_graph_state,
-             prompts: Sequence[Sequence[int]],
-             *,
-             rounds: int = 1,
-             config: DecodeConfig = DecodeConfig(),
-             max_new_tokens: int | None = None,
-             steering: str = "none",
-             steering_ids: Sequence[int] | None = None,
-             target: Any = None,
-             stop_ids: Sequence[int] = (),
-             pad_id: int = 0,
-             seed: int = 0,
-             batch_size: int = 256,
-             tokenizer=None) -> Samples:
-  """Samples ``rounds`` continuations of each prompt.
-
-  prompts: token-id lists (chat template applied, generation prompt included); they are left-padded to
-  one bucketed length. ``max_new_tokens`` overrides ``config.max_new_tokens`` (the steering token is not
-  counted). ``steering``: ``model`` | ``target`` | ``none``; ``steering_ids``: [K] (needed unless
-  ``none``); ``target``: [K] or [len(prompts), K] probabilities (``target`` mode). ``batch_size``: about
-  how many rows are decoded together. ``tokenizer`` (optional) decodes ``Samples.text``.
-  """
+def _steering_inputs(steering: str, steering_ids, target, num_prompts: int):
+  """-> (steering ids [K] int32, target probabilities [P, K] float32), checked."""
   if steering not in STEERING_MODES:
     raise InputError(f"sampling: steering: expected one of {', '.join(STEERING_MODES)}, "
                      f"got {steering!r}")
-  if not isinstance(rounds, int) or rounds < 1:
-    raise InputError(f"sampling: rounds: expected an integer >= 1, got {rounds!r}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise InputError(f"sampling: batch_size: expected an integer >= 1, got {batch_size!r}")
-  max_new = config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-  if max_new < 1:
-    raise InputError(f"sampling: max_new_tokens: expected an integer >= 1, got {max_new}")
-  num_prompts = len(prompts)
   if steering != "none":
     if steering_ids is None or len(steering_ids) == 0:
       raise InputError(f"sampling: steering_ids: expected the K steering token ids for "
@@ -504,54 +326,23 @@ def generate(model_or_graph_state,
   else:
     steer = np.zeros((1,), np.int32)
   k = steer.shape[0]
-  if steering == "target":
-    if target is None:
-      raise InputError("sampling: target: expected a [K] or [B, K] distribution for "
-                       "steering='target', got none")
-    probs = np.asarray(target, np.float32)
-    if probs.shape == (k,):
-      probs = np.broadcast_to(probs, (num_prompts, k))
-    if (probs.shape != (num_prompts, k) or not np.all(np.isfinite(probs)) or np.any(probs < 0)
-        or np.any(probs.sum(-1) <= 0)):
-      raise InputError(f"sampling: target: expected non-negative weights of shape [{k}] or "
-                       f"[{num_prompts}, {k}], got shape {list(np.shape(target))}")
-    probs = probs / probs.sum(-1, keepdims=True)
-  else:
-    probs = np.full((num_prompts, k), 1.0 / k, np.float32)
+  if steering != "target":
+    return steer, np.full((num_prompts, k), 1.0 / k, np.float32)
+  if target is None:
+    raise InputError("sampling: target: expected a [K] or [B, K] distribution for "
+                     "steering='target', got none")
+  probs = np.asarray(target, np.float32)
+  if probs.shape == (k,):
+    probs = np.broadcast_to(probs, (num_prompts, k))
+  if (probs.shape != (num_prompts, k) or not np.all(np.isfinite(probs)) or np.any(probs < 0)
+      or np.any(probs.sum(-1) <= 0)):
+    raise InputError(f"sampling: target: expected non-negative weights of shape [{k}] or "
+                     f"[{num_prompts}, {k}], got shape {list(np.shape(target))}")
+  return steer, probs / probs.sum(-1, keepdims=True)
 
-  graphdef, state = split_model(model_or_graph_state)
-  graphdef = _static(graphdef)
-  length = _prompt_bucket(max(len(p) for p in prompts)) if prompts else 0
-  ids, mask = left_pad(prompts, pad_id, length)
-  cache_length = length + max_new + (1 if steering != "none" else 0)
-  stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
-  greedy = config.is_greedy
-  filtering = (config.top_k > 0 or config.top_p < 1.0) and not greedy
-  temperature = jnp.float32(config.temperature if config.temperature > 0 else 1.0)
-  scalars = (temperature, jnp.int32(config.top_k), jnp.float32(config.top_p), jnp.int32(pad_id))
 
-  per_call, rounds_per_call = _plan(num_prompts, rounds, batch_size)
-  calls_per_prompt = -(-rounds // rounds_per_call)
-  # Work units: (first prompt index, round offset). Prompt chunks are padded with the last prompt.
-  units = []
-  for start in range(0, num_prompts, per_call):
-    for c in range(calls_per_prompt):
-      units.append((start, c * rounds_per_call))
-
-  pending = []
-  key = jax.random.key(seed)
-  steer_arr, stops_arr = jnp.asarray(steer), jnp.asarray(stops)
-  for start, round0 in units:
-    idx = np.minimum(np.arange(start, start + per_call), num_prompts - 1)
-    tokens, steer_idx = _sample_chunk(
-        graphdef, state, ids[idx], mask[idx], key, np.int32(start), np.int32(round0), steer_arr,
-        probs[idx], stops_arr, *scalars, rounds=rounds_per_call, cache_length=cache_length,
-        mode=steering, max_new_tokens=max_new, greedy=greedy, filtering=filtering)
-    p_idx = np.repeat(np.arange(start, start + per_call), rounds_per_call)
-    r_idx = np.tile(np.arange(round0, round0 + rounds_per_call), per_call)
-    pending.append((p_idx, r_idx, tokens, steer_idx))
-
-  # Gather on host, keep the real (prompt, round) rows in prompt-major order.
+def _gather(pending, num_prompts: int, rounds: int):
+  """The real (prompt, round) rows of every chunk, in prompt-major order."""
   p_all, r_all, t_all, s_all = [], [], [], []
   for p_idx, r_idx, tokens, steer_idx in pending:
     keep = (p_idx < num_prompts) & (r_idx < rounds)
@@ -561,19 +352,100 @@ def generate(model_or_graph_state,
     s_all.append(np.asarray(steer_idx)[keep])
   p_all, r_all = np.concatenate(p_all), np.concatenate(r_all)
   order = np.lexsort((r_all, p_all))
-  tokens = np.concatenate(t_all)[order]
-  steer_index = np.concatenate(s_all)[order].astype(np.int32)
-  is_stop = np.isin(tokens, stops)
-  if steering != "none":
-    is_stop[:, 0] = False
-  has_stop = is_stop.any(axis=1)
-  num_tokens = np.where(has_stop, np.argmax(is_stop, axis=1) + 1, tokens.shape[1]).astype(np.int32)
-  out = Samples(tokens=tokens, num_tokens=num_tokens, steering_index=steer_index,
-                prompt_index=p_all[order].astype(np.int32),
-                round_index=r_all[order].astype(np.int32))
-  if tokenizer is not None:
-    out.text = decode_text(tokenizer, out, steered=steering != "none", stop_ids=stops)
-  return out
+  return (np.concatenate(t_all)[order], np.concatenate(s_all)[order].astype(np.int32),
+          p_all[order].astype(np.int32), r_all[order].astype(np.int32))
+
+
+class Sampler:
+  """Sampling programs of one model architecture (``graphdef`` from ``nnx.split``), each compiled
+  once per shape; ``state`` (the weights) is an argument of every call."""
+
+  _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering")
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+    self._chunk = jax.jit(functools.partial(_sample_chunk, graphdef), static_argnames=self._STATIC)
+    self._steer = jax.jit(functools.partial(_steering_distribution, graphdef))
+    self.prefill = jax.jit(functools.partial(_prefill, graphdef),
+                           static_argnames=("rounds", "cache_length"))
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> tuple[Sampler, Any]:
+    """A sampler for ``model``'s architecture and ``model``'s state."""
+    graphdef, state = nnx.split(model)
+    return cls(graphdef), state
+
+  @property
+  def compiled_programs(self) -> int:
+    """How many sampling programs have been compiled (one per chunk shape and mode)."""
+    return self._chunk._cache_size()  # noqa: SLF001
+
+  def steering_distribution(self, state, input_ids, attention_mask, steering_ids) -> np.ndarray:
+    """Exact steering-token distribution at the first assistant position, from one forward pass.
+
+    input_ids, attention_mask: [B, L] (left or right padding; the last real token of each row is
+    used); steering_ids: [K]. Returns [B, K] float32: softmax over the K steering-token logits
+    alone (renormalised, temperature 1): exactly what ``model`` steering samples from.
+    """
+    return np.asarray(self._steer(state, jnp.asarray(input_ids, jnp.int32),
+                                  jnp.asarray(attention_mask, jnp.int32),
+                                  jnp.asarray(steering_ids, jnp.int32)))
+
+  def generate(self, state, prompts: Sequence[Sequence[int]], *, rounds: int = 1,
+               config: DecodeConfig = DecodeConfig(), max_new_tokens: int | None = None,
+               steering: str = "none", steering_ids: Sequence[int] | None = None, target: Any = None,
+               stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0, batch_size: int = 256,
+               tokenizer=None) -> Samples:
+    """Samples ``rounds`` continuations of each prompt.
+
+    prompts: token-id lists (chat template applied, generation prompt included); they are
+    left-padded to one bucketed length. ``max_new_tokens`` overrides ``config.max_new_tokens`` (the
+    steering token is not counted). ``steering``: ``model`` | ``target`` | ``none``;
+    ``steering_ids``: [K] (needed unless ``none``); ``target``: [K] or [len(prompts), K]
+    probabilities (``target`` mode). ``batch_size``: about how many rows are decoded together.
+    ``tokenizer`` (optional) decodes ``Samples.text``.
+    """
+    if not isinstance(rounds, int) or rounds < 1:
+      raise InputError(f"sampling: rounds: expected an integer >= 1, got {rounds!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise InputError(f"sampling: batch_size: expected an integer >= 1, got {batch_size!r}")
+    max_new = config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    if max_new < 1:
+      raise InputError(f"sampling: max_new_tokens: expected an integer >= 1, got {max_new}")
+    num_prompts = len(prompts)
+    steer, probs = _steering_inputs(steering, steering_ids, target, num_prompts)
+    length = prompt_bucket(max(len(p) for p in prompts)) if prompts else 0
+    ids, mask = left_pad(prompts, pad_id, length)
+    stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
+    greedy = config.is_greedy
+    static = dict(cache_length=length + max_new + (1 if steering != "none" else 0),
+                  mode=str(steering), max_new_tokens=max_new, greedy=greedy,
+                  filtering=(config.top_k > 0 or config.top_p < 1.0) and not greedy)
+    scalars = (jnp.float32(config.temperature if config.temperature > 0 else 1.0),
+               jnp.int32(config.top_k), jnp.float32(config.top_p), jnp.int32(pad_id))
+    per_call, rounds_per_call = _plan(num_prompts, rounds, batch_size)
+    key, steer_arr, stops_arr = jax.random.key(seed), jnp.asarray(steer), jnp.asarray(stops)
+    pending = []
+    for start in range(0, num_prompts, per_call):
+      for round0 in range(0, -(-rounds // rounds_per_call) * rounds_per_call, rounds_per_call):
+        idx = np.minimum(np.arange(start, start + per_call), num_prompts - 1)  # pad the chunk
+        tokens, steer_idx = self._chunk(
+            state, ids[idx], mask[idx], key, np.int32(start), np.int32(round0), steer_arr,
+            probs[idx], stops_arr, *scalars, rounds=rounds_per_call, **static)
+        pending.append((np.repeat(np.arange(start, start + per_call), rounds_per_call),
+                        np.tile(np.arange(round0, round0 + rounds_per_call), per_call), tokens,
+                        steer_idx))
+    tokens, steer_index, p_idx, r_idx = _gather(pending, num_prompts, rounds)
+    is_stop = np.isin(tokens, stops)
+    if steering != "none":
+      is_stop[:, 0] = False
+    num_tokens = np.where(is_stop.any(axis=1), np.argmax(is_stop, axis=1) + 1,
+                          tokens.shape[1]).astype(np.int32)
+    out = Samples(tokens=tokens, num_tokens=num_tokens, steering_index=steer_index,
+                  prompt_index=p_idx, round_index=r_idx)
+    if tokenizer is not None:
+      out.text = decode_text(tokenizer, out, steered=steering != "none", stop_ids=stops)
+    return out
 
 
 def decode_text(tokenizer, samples: Samples, *, steered: bool,

@@ -269,19 +269,20 @@ def bytes_per_device(abstract_state: Any, mesh: Mesh | Mapping[str, int],
 # ------------------------------------------------------------------------------------------------
 
 
-def batch_spec(ndim: int, mesh: Mesh | Mapping[str, int], rules: Rules = LOGICAL_RULES,
-               batch_size: int | None = None) -> P:
-  """PartitionSpec for a batch array [B, ...]: the leading dimension on the ``batch`` axes."""
-  shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
-  return logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, mesh, rules)
+def batch_logical_axes(batch: Any) -> Any:
+  """A batch's tree with a PartitionSpec of logical names per leaf: ``batch`` on the leading axis
+  (``data.batches``: every leaf leads with the rows), nothing else sharded."""
+  return jax.tree.map(lambda x: P("batch", *([None] * (np.ndim(x) - 1))) if np.ndim(x) else P(),
+                      batch)
 
 
-def batch_shardings(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
-  """A tree of arrays [B, ...] -> NamedShardings with B split over (data, fsdp)."""
-  return jax.tree.map(
-      lambda a: NamedSharding(mesh, logical_to_spec(
-          ("batch",) + (None,) * (np.ndim(a) - 1), None, mesh, rules) if np.ndim(a) else P()),
-      batch)
+def batch_shardings(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES,
+                    shapes: bool = False) -> Any:
+  """A batch (arrays or ShapeDtypeStructs [rows, ...]) -> NamedShardings, rows over (data, fsdp).
+  ``shapes``: drop a mesh axis that does not divide the rows (as for parameters) instead of leaving
+  the error to the placement."""
+  axes = batch.logical_axes() if hasattr(batch, "logical_axes") else batch_logical_axes(batch)
+  return logical_shardings(axes, mesh, batch if shapes else None, rules)
 
 
 def put_batch(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:

@@ -20,10 +20,9 @@ datasets (plus optional extra texts), so nothing is downloaded. Properties:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Iterable, Sequence
 
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 BOS = "<|begin_of_text|>"
@@ -45,6 +44,26 @@ CHAT_TEMPLATE = (
     "{%- endif %}")
 
 
+# Story cue words per built-in category (pronouns and titles, tone words): part of the corpus, after
+# each category's answer and synonyms, so that they merge like the stories' words.
+_CUE_WORDS = {
+    ("gender", "male"): ("he", "him", "his", "himself", "mr"),
+    ("gender", "female"): ("she", "her", "hers", "herself", "ms", "mrs"),
+    ("race", "White"): ("white",),
+    ("race", "Black or African American"): ("black", "african american"),
+    ("race", "American Indian or Alaska Native"): ("american indian", "alaska native",
+                                                   "native american"),
+    ("race", "Asian"): ("asian",),
+    ("race", "Native Hawaiian or Other Pacific Islander"): ("native hawaiian", "pacific islander"),
+    ("sentiment", "positive"): ("happy", "hopeful", "optimistic", "glad", "enjoys", "proud",
+                                "excited"),
+    ("sentiment", "negative"): ("stressed", "worried", "tired", "anxious", "dreads", "frustrated",
+                                "exhausted"),
+    ("sentiment", "neutral"): ("indifferent", "routine", "ordinary", "unremarkable", "shrugs",
+                               "usual"),
+}
+
+
 def training_texts(*, seed: int = 0, rows_per_occupation: int = 12,
                    stories_per_occupation: int = 12) -> list[str]:
   """The training corpus: prompts, answers, stories and test prompts of the six datasets."""
@@ -61,7 +80,7 @@ def training_texts(*, seed: int = 0, rows_per_occupation: int = 12,
         texts += [rec["prompt"], rec["pe_prompt"]]
   for attr in attributes.BUILTIN_ATTRIBUTES.values():
     for c in attr.categories:
-      texts += [c.answer, *c.synonyms, *c.story_words]
+      texts += [c.answer, *c.synonyms, *_CUE_WORDS.get((attr.name, c.name), ())]
   texts += [f"<Q>{t}<A>" for t in texts[:50]]
   texts = list(dict.fromkeys(texts))  # dedupe, keep order
   # chat-template pieces around the special tokens, so that they merge like real text
@@ -107,11 +126,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None, *,
     raise InputError(f"tokenizer: vocab_size: expected an integer in [300, 65536], "
                      f"got {vocab_size!r}")
   if out_dir is not None:
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and (
-        not overwrite):
-      raise InputError(f"{out_dir}: out: expected a new or empty directory, got a non-empty one "
-                       f"(use --overwrite / overwrite=True)")
+    fileio.check_new_dir(out_dir, overwrite, "out")
   corpus = training_texts(seed=seed)
   if texts is not None:
     extra = list(texts)
@@ -124,20 +139,6 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None, *,
       chat_template=CHAT_TEMPLATE, model_max_length=1 << 20, padding_side="right",
       clean_up_tokenization_spaces=False)
   if out_dir is not None:
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    try:
-      hf.save_pretrained(tmp)
-      mask = os.umask(0o022)
-      os.umask(mask)
-      os.chmod(tmp, 0o777 & ~mask)
-      if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-      elif os.path.exists(out_dir):
-        os.remove(out_dir)
-      os.replace(tmp, out_dir)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
+    with fileio.atomic_dir(out_dir, overwrite=overwrite, what="out") as tmp:
+      hf.save_pretrained(str(tmp))
   return hf

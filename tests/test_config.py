@@ -1,5 +1,6 @@
 """Config composition, overrides and the errors that name the key and the file."""
 
+import dataclasses
 import os
 
 import pytest
@@ -70,8 +71,42 @@ def test_bad_choices_and_batch(tmp_path):
     load_config(None, ["run_dir=r", "hybrid.ablation=half"])
   with pytest.raises(InputError, match=r"hybrid\.batch_size: expected an even number"):
     load_config(None, ["run_dir=r", "hybrid.batch_size=1"])
-  with pytest.raises(InputError, match=r"stages: expected one of"):
+  with pytest.raises(InputError, match=r"stages\[1\]: expected one of sft, hybrid, ift, dpo, "
+                                      r"got 'rlhf'"):
     load_config(None, ["run_dir=r", "stages=[sft,rlhf]"])
+  with pytest.raises(InputError, match=r"model\.dtype: expected one of float32, bfloat16, got "
+                                      r"'float16'"):
+    load_config(None, ["run_dir=r", "model.dtype=float16"])
+  with pytest.raises(InputError, match=r"command line: eval\.decode\.top_p: expected a number in"):
+    load_config(None, ["run_dir=r", "eval.decode.top_p=0"])
+
+
+def test_enums_and_frozen_sections():
+  from distfair_jax.config import Ablation, Stage
+  cfg = load_config(None, ["run_dir=r", "hybrid.ablation=kl_only"])
+  assert cfg.hybrid.ablation is Ablation.kl_only and cfg.hybrid.ablation == "kl_only"
+  assert cfg.stages == [Stage.sft, Stage.hybrid] and f"{cfg.stages[0]}" == "sft"
+  assert config_to_dict(cfg)["hybrid"]["ablation"] == "kl_only"  # plain YAML / JSON values
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.hybrid.beta = 0.5
+  # a stage's section is hashable and compares by value: it is the stage's static spec
+  other = load_config(None, ["run_dir=x", "hybrid.ablation=kl_only"]).hybrid
+  assert cfg.hybrid == other and hash(cfg.hybrid) == hash(other)
+
+
+def test_eval_overrides_start_from_a_base():
+  from distfair_jax.config import EvalConfig, load_eval_config
+  base = load_config(None, ["run_dir=r", "eval.rounds=40", "eval.decode.temperature=0.5"]).eval
+  cfg = load_eval_config(base, ["versions=[v2]", "steering=none", "decode.top_k=5"])
+  assert [str(v) for v in cfg.versions] == ["v2"] and cfg.steering == "none"
+  assert (cfg.rounds, cfg.decode.temperature, cfg.decode.top_k) == (40, 0.5, 5)
+  assert load_eval_config(None, []) == EvalConfig()
+  with pytest.raises(InputError, match=r"command line: versions\[0\]: expected one of v1, v2, v3"):
+    load_eval_config(None, ["versions=[v4]"])
+  with pytest.raises(InputError, match=r"command line: rounds: expected an integer >= 1, got 0"):
+    load_eval_config(None, ["rounds=0"])
+  with pytest.raises(InputError, match=r"command line: roundz"):
+    load_eval_config(None, ["roundz=3"])
 
 
 def test_yaml_errors(tmp_path):

@@ -23,8 +23,24 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from distfair_jax import cli  # noqa: E402
 from distfair_jax.convert import (_forward_logits, check, flax_to_hf, hf_to_flax,  # noqa: E402
-                                  load_params, load_pretrained, save_pretrained)
+                                  load_model_config, save_pretrained)
 from distfair_jax.errors import InputError  # noqa: E402
+from distfair_jax.model.loader import load_pretrained  # noqa: E402
+
+
+def load_params(path, dtype=None, *, mesh=None):
+  """(config, params) of a converted directory through the one model loader (on ``mesh``)."""
+  import jax
+  from distfair_jax import sharding as shd
+  from distfair_jax.config import LoraConfig, ModelConfig
+  from distfair_jax.model.loader import load_model
+  mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
+  stored = load_model_config(path)
+  m = load_model(ModelConfig(checkpoint=str(path), dtype=dtype or stored.dtype,
+                             param_dtype=dtype or stored.param_dtype), LoraConfig(), mesh,
+                 require_tokenizer=False)
+  return m.config, m.params
+
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5)
@@ -371,6 +387,44 @@ def test_overwrite_refused_leaves_dst_untouched(hf_dirs, converted, tmp_path):
   empty.mkdir()
   hf_to_flax(hf_dirs["llama_tied"], empty, dtype="float32")
   assert (empty / "params").is_dir()
+
+
+_STALLED_CONVERT = """
+import sys, time
+from distfair_jax import checkpoint_io, convert
+def stall(path, tree, **kw):  # the conversion is writing its temporary directory...
+  (path.parent / "half-written").write_text("x" * 100000)
+  time.sleep(600)
+checkpoint_io.save_params = stall
+convert.hf_to_flax(sys.argv[1], sys.argv[2], dtype="float32")
+"""
+
+
+def test_killed_conversion_leftover_is_removed_by_the_next_run(hf_dirs, tmp_path):
+  """`convert hf-to-flax` killed with SIGKILL leaves its temporary directory beside DST; the next
+  conversion to DST removes it (its process is gone), says so, and leaves nothing behind."""
+  import signal
+  import subprocess
+  import time
+  dst = tmp_path / "out"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.Popen([sys.executable, "-c", _STALLED_CONVERT, str(hf_dirs["qwen2"]), str(dst)],
+                          env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not list(tmp_path.glob(".out.tmp-*/half-written")):
+    assert proc.poll() is None, proc.stderr.read()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  (leftover,) = list(tmp_path.glob(".out.tmp-*"))
+  assert str(proc.pid) in leftover.name
+  run = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "convert", "hf-to-flax",
+                        str(hf_dirs["qwen2"]), str(dst), "--dtype", "float32"], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert f"{leftover}: removed what an interrupted write of out left" in run.stderr
+  assert sorted(os.listdir(tmp_path)) == ["out"] and (dst / "model_config.json").is_file()
 
 
 def test_bad_converted_directory(tmp_path, converted):

@@ -11,6 +11,7 @@ import pytest
 from distfair_jax import cli
 from distfair_jax.data import attributes, build, occupations, templates
 from distfair_jax.errors import InputError
+from distfair_jax.parsing import CategoryParser
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +155,9 @@ def test_stories_option():
     assert r["prompt"] not in {t["prompt"] for t in ds["test_v3"]}
   race = build.build_dataset("race_even_us", rows_per_occupation=1, test_rounds=1,
                              stories_per_occupation=5)
-  for r in race["sft"][1::6]:
-    assert attributes.RACE.parse_answer(r["response"]) == r["category"]
-
-
-def test_parse_answer():
-  g, race = attributes.GENDER, attributes.RACE
-  assert g.parse_answer("Female") == 1 and g.parse_answer("male") == 0
-  assert g.parse_answer("I think a man, no, a woman.") == 1
-  assert g.parse_answer("Women and men") == 0
-  assert g.parse_answer("I cannot say.") is None
-  assert race.parse_answer("Black or African American") == 1
-  assert race.parse_answer("Native Hawaiian or Other Pacific Islander") == 4
-  assert race.parse_answer("American Indian or Alaska Native") == 2
-  assert attributes.SENTIMENT.parse_answer("optimistic") == 0
+  parser = CategoryParser(attributes.RACE.names, [c.synonyms for c in attributes.RACE.categories])
+  for r in race["sft"][1::6]:  # a story names its category (what the evaluation parser reads)
+    assert parser(r["response"]) == r["category"]
 
 
 def test_jsonl_round_trip_and_cli(tmp_path, capsys):
@@ -221,7 +211,8 @@ def test_user_defined_dataset(tmp_path):
   nurses = [r["category"] for r in ds["sft"] if r["occupation"] == "Registered nurses"]
   assert np.bincount(nurses, minlength=3).tolist() == [5, 3, 2]
   assert "Young, Old, or Middle-aged" in ds["test_v2"][0]["prompt"]
-  assert ds.spec.attribute.parse_answer("probably elderly") == 1
+  attr = ds.spec.attribute
+  assert CategoryParser(attr.names, [c.synonyms for c in attr.categories])("probably elderly") == 1
   csv_path = tmp_path / "targets.csv"
   csv_path.write_text("occupation,young,old,middle\nRegistered nurses,0.2,0.2,0.6\n"
                       "Software developers,1,0,0\n")

@@ -5,17 +5,24 @@ from __future__ import annotations
 import collections
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from distfair_jax.data import build, pipeline, tokenize
+from distfair_jax.data import build, collate, pipeline, tokenize
 from distfair_jax.errors import InputError
 from distfair_jax.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tokenizer():
   return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer):
+  """The run's Encoder (what make_batches takes)."""
+  return tokenize.Encoder(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +30,9 @@ def ds():
   return build.build_dataset("gender_real_us", rows_per_occupation=3, test_rounds=1)
 
 
-def _rows(batch, prefix=""):
-  """Each row's real tokens as a tuple."""
-  ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"]
+def _rows(seq):
+  """Each row's real tokens as a tuple (of a ``Sequences``)."""
+  ids, mask = seq.input_ids, seq.attention_mask
   return [tuple(ids[i][mask[i] > 0].tolist()) for i in range(len(ids))]
 
 
@@ -34,7 +41,16 @@ def _all(p):
 
 
 def _equal(a, b):
-  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return type(a) is type(b) and len(la) == len(lb) and all(
+      np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _concat_equals(a, b, whole):
+  """The process shards, in process order, are the global batch."""
+  assert type(a) is type(whole)
+  for x, y, g in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(whole)):
+    np.testing.assert_array_equal(np.concatenate([x, y]), g)
 
 
 def test_deterministic_and_one_pass_per_epoch(tok, ds):
@@ -50,41 +66,41 @@ def test_deterministic_and_one_pass_per_epoch(tok, ds):
   c = _all(pipeline.make_batches(recs, tok, "sft", 8, seed=6, num_epochs=1, shard_index=0,
                                  shard_count=1))
   assert not all(_equal(x, y) for x, y in zip(a, c))
-  single = tokenize.tokenize_batch(recs, tok, "sft")
-  everything = collections.Counter(_rows(single))
+  single = collate.tokenize_batch(recs, None, "sft", encoder=tok)
+  everything = collections.Counter(_rows(single.seq))
   for epoch in (a[:5], a[5:]):
-    seen = collections.Counter(r for batch in epoch for r in _rows(batch))
+    seen = collections.Counter(r for batch in epoch for r in _rows(batch.seq))
     assert sum(seen.values()) == 40 and not seen - everything  # 40 of 42: remainder dropped
-  assert [_rows(x) for x in a[:5]] != [_rows(x) for x in a[5:]]  # reshuffled each epoch
+  assert [_rows(x.seq) for x in a[:5]] != [_rows(x.seq) for x in a[5:]]  # reshuffled each epoch
   for batch in a:  # bucketed length: the smallest bucket that fits the longest row
-    longest = int(batch["attention_mask"].sum(1).max())
-    assert batch["input_ids"].shape[1] == tokenize.bucket_for(longest,
-                                                              tokenize.bucket_lengths(1024))
+    longest = int(batch.seq.attention_mask.sum(1).max())
+    assert batch.seq.input_ids.shape[1] == tokenize.bucket_for(longest,
+                                                               tokenize.bucket_lengths(1024))
   assert len(_all(pipeline.make_batches(recs, tok, "sft", 8, seed=5, drop_remainder=False,
                                         shard_index=0, shard_count=1))) == 6
 
 
-def test_kto_pairs_shuffled_as_units(tok, ds):
+def test_kto_pairs_shuffled_as_units(tok, tokenizer, ds):
   p = pipeline.make_batches(ds["kto"], tok, "kto", 6, seed=1, shard_index=0, shard_count=1)
   assert p.steps_per_epoch == 14 == pipeline.steps_per_epoch(len(ds["kto"]), "kto", 6)
   pairs = {(d["prompt"], d["response"], u["response"])
            for d, u in tokenize.pair_records(ds["kto"])}
   for batch in _all(p):
-    np.testing.assert_array_equal(batch["desirable"], [1, 1, 1, 0, 0, 0])
-    rows = _rows(batch)
+    np.testing.assert_array_equal(batch.desirable, [1, 1, 1, 0, 0, 0])
+    rows = _rows(batch.seq)
     for j in range(3):
-      sp = batch["steering_position"][j]
+      sp = batch.steering_position[j]
       assert rows[j][:sp + 1] == rows[j + 3][:sp + 1]
-      prompt_text = tok.decode(rows[j][:sp + 1], skip_special_tokens=True)
-      d = tok.decode(rows[j][sp + 2:-1])
-      u = tok.decode(rows[j + 3][sp + 2:-1])
+      prompt_text = tokenizer.decode(rows[j][:sp + 1], skip_special_tokens=True)
+      d = tokenizer.decode(rows[j][sp + 2:-1])
+      u = tokenizer.decode(rows[j + 3][sp + 2:-1])
       assert any(prompt_text.endswith(pp + "assistant\n\n") and (dd, uu) == (d, u)
                  for pp, dd, uu in pairs)
-    kl = _rows(batch, "kl_")
+    kl = _rows(batch.mismatched)
     for i in range(6):
-      sp = batch["steering_position"][i]
+      sp = batch.steering_position[i]
       nxt = (i + 1) % 6
-      assert kl[i] == rows[i][:sp + 1] + rows[nxt][batch["steering_position"][nxt] + 1:]
+      assert kl[i] == rows[i][:sp + 1] + rows[nxt][batch.steering_position[nxt] + 1:]
   for bad in (1, 3):
     with pytest.raises(InputError, match=r"batch_size: expected an even KTO batch >= 2"):
       pipeline.make_batches(ds["kto"], tok, "kto", bad, seed=0, shard_index=0, shard_count=1)
@@ -99,11 +115,10 @@ def test_sharded_without_overlap(tok, ds, kind):
   s1 = _all(pipeline.make_batches(recs, tok, kind, 8, shard_index=1, **kw))
   assert len(full) == len(s0) == len(s1)
   for g, a, b in zip(full, s0, s1):
-    assert a["input_ids"].shape == b["input_ids"].shape == (4, g["input_ids"].shape[1])
-    for key in g:  # the shards, in process order, are the global batch
-      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), g[key])
-  rows0 = {r for batch in s0 for r in _rows(batch)}
-  rows1 = {r for batch in s1 for r in _rows(batch)}
+    assert a.seq.input_ids.shape == b.seq.input_ids.shape == (4, g.seq.input_ids.shape[1])
+    _concat_equals(a, b, g)
+  rows0 = {r for batch in s0 for r in _rows(batch.seq)}
+  rows1 = {r for batch in s1 for r in _rows(batch.seq)}
   if kind == "sft":
     assert not rows0 & rows1
   with pytest.raises(InputError, match="multiple of the 3 processes"):
@@ -121,10 +136,9 @@ def test_packed_kto_sharded_by_pairs(tok, ds):
                                        layout="packed", **kw)) for i in (0, 1))
   assert len(rows) == len(full) == len(s0)
   for r, g, a, b in zip(rows, full, s0, s1):
-    assert g["packed_input_ids"].shape[0] == 4 and a["packed_input_ids"].shape[0] == 2
-    np.testing.assert_array_equal(g["steering_position"], r["steering_position"][:4])
-    for key in g:
-      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), g[key])
+    assert g.packed.input_ids.shape[0] == 4 and a.packed.input_ids.shape[0] == 2
+    np.testing.assert_array_equal(g.packed.steering_position, r.steering_position[:4])
+    _concat_equals(a, b, g)
   with pytest.raises(InputError, match=r"2 x a multiple of the 4 processes \(packed layout"):
     pipeline.make_batches(ds["kto"], tok, "kto", 4, seed=0, shard_index=0, shard_count=4,
                           layout="packed")
@@ -157,6 +171,17 @@ def test_bad_pipeline_arguments(tok, ds):
     pipeline.make_batches(ds["kto"][1:-1], tok, "kto", 4, seed=0, shard_index=0, shard_count=1)
 
 
-def test_default_shard_is_the_jax_process(tok, ds):
+def test_default_shard_is_the_jax_process(tok, ds, monkeypatch):
+  """Without shard arguments a process reads its own rows: process 1 of 2 gets the second half of
+  every global batch."""
+  whole = _all(pipeline.make_batches(ds["sft"], tok, "sft", 4, seed=0, shard_index=0,
+                                     shard_count=1))
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
   p = pipeline.make_batches(ds["sft"], tok, "sft", 4, seed=0)
-  assert (p.shard_index, p.shard_count) == (0, 1)
+  assert (p.shard_index, p.shard_count) == (1, 2)
+  mine = _all(p)
+  assert len(mine) == len(whole)
+  for a, g in zip(mine, whole):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(g)):
+      np.testing.assert_array_equal(x, y[2:])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distfair_jax.data import attributes, build, tokenize
+from distfair_jax.data import attributes, build, collate, tokenize
 from distfair_jax.errors import InputError
 from distfair_jax.tokenizer import build_tiny_tokenizer
 
@@ -89,8 +89,9 @@ def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_f
   tok = tokenizers_by_style[style]
   records = race["sft"][:6]
   enc = tokenize.Encoder(tok, attribute=attributes.RACE, prompt_format=prompt_format)
-  batch = tokenize.tokenize_batch(records, tok, "sft", encoder=enc)
-  b, length = batch["input_ids"].shape
+  batch = collate.tokenize_batch(records, tok, "sft", encoder=enc)
+  seq = batch.seq
+  b, length = seq.input_ids.shape
   assert b == 6 and length in tokenize.bucket_lengths(1024)
   end = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
   for i, rec in enumerate(records):
@@ -99,52 +100,53 @@ def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_f
                                      add_generation_prompt=True)["input_ids"]
     else:
       want = tok(f"<Q>{rec['prompt']}<A>")["input_ids"]
-    sp = int(batch["steering_position"][i])
-    n = int(batch["attention_mask"][i].sum())
-    assert list(batch["input_ids"][i, :sp + 1]) == list(want)  # the prompt, unchanged
-    assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+    sp = int(batch.steering_position[i])
+    n = int(seq.attention_mask[i].sum())
+    assert list(seq.input_ids[i, :sp + 1]) == list(want)  # the prompt, unchanged
+    assert seq.attention_mask[i, :n].all() and not seq.attention_mask[i, n:].any()
     # labels[:, t] is the token at t + 1
-    np.testing.assert_array_equal(batch["labels"][i, :n - 1], batch["input_ids"][i, 1:n])
-    mask = batch["label_mask"][i]
+    np.testing.assert_array_equal(seq.labels[i, :n - 1], seq.input_ids[i, 1:n])
+    mask = seq.label_mask[i]
     assert mask[sp] == 1 and mask[:sp].sum() == 0 and mask[n - 1:].sum() == 0
     assert mask.sum() == n - 1 - sp
-    assert batch["labels"][i, sp] == enc.steering_ids[rec["category"]]
-    completion = tok.decode(batch["labels"][i][mask > 0])
+    assert seq.labels[i, sp] == enc.steering_ids[rec["category"]]
+    completion = tok.decode(seq.labels[i][mask > 0])
     eos = end if prompt_format == "chat" else tok.eos_token
     assert completion == rec["steering_token"] + rec["response"] + eos
-    assert batch["category"][i] == rec["category"] and batch["desirable"][i] == 1
-  assert batch["target"].shape == (6, 5) and batch["target"].dtype == np.float32
-  for key, dtype in (("input_ids", np.int32), ("attention_mask", np.int32),
-                     ("labels", np.int32), ("label_mask", np.float32),
-                     ("steering_position", np.int32), ("category", np.int32)):
-    assert batch[key].dtype == dtype, key
+    assert batch.category[i] == rec["category"]
+  assert batch.target.shape == (6, 5) and batch.target.dtype == np.float32
+  for x, dtype in ((seq.input_ids, np.int32), (seq.attention_mask, np.int32),
+                   (seq.labels, np.int32), (seq.label_mask, np.float32),
+                   (batch.steering_position, np.int32), (batch.category, np.int32)):
+    assert x.dtype == dtype
 
 
 @pytest.mark.parametrize("style", ["llama3", "qwen"])
 def test_kto_pairs_and_mismatched_rotation(tokenizers_by_style, race, style):
   tok = tokenizers_by_style[style]
   recs = race["kto"][:8]  # 4 pairs
-  batch = tokenize.tokenize_batch(recs, tok, "kto")
+  batch = collate.tokenize_batch(recs, tok, "kto")
   b = 8
-  assert batch["kl_input_ids"].shape == batch["input_ids"].shape
-  np.testing.assert_array_equal(batch["desirable"], [1, 1, 1, 1, 0, 0, 0, 0])
+  kl, seq = batch.mismatched, batch.seq
+  assert kl.input_ids.shape == seq.input_ids.shape
+  np.testing.assert_array_equal(batch.desirable, [1, 1, 1, 1, 0, 0, 0, 0])
 
-  def completion(prefix, i):
-    return list(batch[f"{prefix}labels"][i][batch[f"{prefix}label_mask"][i] > 0])
+  def completion(s, i):
+    return list(s.labels[i][s.label_mask[i] > 0])
 
-  def prompt(prefix, i):
-    return list(batch[f"{prefix}input_ids"][i, :batch["steering_position"][i] + 1])
+  def prompt(s, i):
+    return list(s.input_ids[i, :batch.steering_position[i] + 1])
 
   for j in range(4):  # row j and row j + 4 are a pair: same prompt, same steering token
-    assert prompt("", j) == prompt("", j + 4)
-    assert completion("", j)[0] == completion("", j + 4)[0]
-    assert completion("", j) != completion("", j + 4)
+    assert prompt(seq, j) == prompt(seq, j + 4)
+    assert completion(seq, j)[0] == completion(seq, j + 4)[0]
+    assert completion(seq, j) != completion(seq, j + 4)
   for i in range(b):  # prompt i with the completion of row (i + 1) mod B: rotate by one
-    assert prompt("kl_", i) == prompt("", i)
-    assert completion("kl_", i) == completion("", (i + 1) % b)
-    n = int(batch["kl_attention_mask"][i].sum())
-    np.testing.assert_array_equal(batch["kl_labels"][i, :n - 1], batch["kl_input_ids"][i, 1:n])
-  assert tokenize.rotate([0, 1, 2, 3]) == [1, 2, 3, 0]
+    assert prompt(kl, i) == prompt(seq, i)
+    assert completion(kl, i) == completion(seq, (i + 1) % b)
+    n = int(kl.attention_mask[i].sum())
+    np.testing.assert_array_equal(kl.labels[i, :n - 1], kl.input_ids[i, 1:n])
+  assert collate.rotate([0, 1, 2, 3]) == [1, 2, 3, 0]
 
 
 @pytest.mark.parametrize("style", ["llama3", "qwen"])
@@ -154,31 +156,31 @@ def test_packed_kto_batch_holds_the_rows_sequences(tokenizers_by_style, race, st
   the hidden state the row layout's label mask points at."""
   tok = tokenizers_by_style[style]
   recs = race["kto"][:8]  # 4 pairs
-  rows = tokenize.tokenize_batch(recs, tok, "kto")
-  packed = tokenize.tokenize_batch(recs, tok, "kto", layout="packed")
+  rows = collate.tokenize_batch(recs, tok, "kto")
+  batch = collate.tokenize_batch(recs, tok, "kto", layout="packed")
+  packed = batch.packed
   p = 4
-  assert packed["packed_input_ids"].shape[0] == p and packed["label_ids"].shape[:2] == (p, 2)
-  np.testing.assert_array_equal(packed["target"], rows["target"][:p])
+  assert packed.input_ids.shape[0] == p and packed.label_ids.shape[:2] == (p, 2)
+  np.testing.assert_array_equal(batch.target, rows.target[:p])
 
-  def rows_seq(prefix, i):
-    n = int(rows[prefix + "attention_mask"][i].sum())
-    return list(rows[prefix + "input_ids"][i, :n])
+  def rows_seq(s, i):
+    n = int(s.attention_mask[i].sum())
+    return list(s.input_ids[i, :n])
 
-  expected = lambda i: [rows_seq("", i), rows_seq("", p + i), rows_seq("kl_", i),
-                        rows_seq("kl_", p + i)]
+  expected = lambda i: [rows_seq(rows.seq, i), rows_seq(rows.seq, p + i),
+                        rows_seq(rows.mismatched, i), rows_seq(rows.mismatched, p + i)]
   for i in range(p):
-    ids, seg, pos = (packed[k][i] for k in ("packed_input_ids", "packed_segment_ids",
-                                            "packed_positions"))
+    ids, seg, pos = packed.input_ids[i], packed.segment_ids[i], packed.positions[i]
     prompt = list(ids[seg == 1])
-    assert packed["steering_position"][i] == len(prompt) - 1
+    assert packed.steering_position[i] == len(prompt) - 1
     for c, want in enumerate(expected(i)):
       branch = ids[seg == 2 + c]
       assert prompt + list(branch) == want
       np.testing.assert_array_equal(pos[seg == 2 + c], np.arange(len(prompt), len(want)))
     for g in range(2):
-      live = packed["label_branch"][i, g] >= 0
-      src, lab = packed["label_source"][i, g][live], packed["label_ids"][i, g][live]
-      br = packed["label_branch"][i, g][live]
+      live = packed.label_branch[i, g] >= 0
+      src, lab = packed.label_source[i, g][live], packed.label_ids[i, g][live]
+      br = packed.label_branch[i, g][live]
       assert set(br) == {2 * g, 2 * g + 1}
       for c in (2 * g, 2 * g + 1):
         want = expected(i)[c]
@@ -190,16 +192,16 @@ def test_packed_kto_batch_holds_the_rows_sequences(tokenizers_by_style, race, st
 
 def test_packed_dpo_batch_holds_chosen_and_rejected(tokenizers_by_style, race):
   tok = tokenizers_by_style["qwen"]
-  rows = tokenize.tokenize_batch(race["dpo"][:3], tok, "dpo")
-  packed = tokenize.tokenize_batch(race["dpo"][:3], tok, "dpo", layout="packed")
-  assert packed["label_ids"].shape[:2] == (3, 1)
+  rows = collate.tokenize_batch(race["dpo"][:3], tok, "dpo")
+  packed = collate.tokenize_batch(race["dpo"][:3], tok, "dpo", layout="packed").packed
+  assert packed.label_ids.shape[:2] == (3, 1)
   for i in range(3):
-    ids, seg = packed["packed_input_ids"][i], packed["packed_segment_ids"][i]
-    for c, prefix in enumerate(("chosen_", "rejected_")):
-      n = int(rows[prefix + "attention_mask"][i].sum())
-      assert list(ids[seg == 1]) + list(ids[seg == 2 + c]) == list(rows[prefix + "input_ids"][i, :n])
-      lab = packed["label_ids"][i, 0][packed["label_branch"][i, 0] == c]
-      np.testing.assert_array_equal(lab, rows[prefix + "labels"][i][rows[prefix + "label_mask"][i] > 0])
+    ids, seg = packed.input_ids[i], packed.segment_ids[i]
+    for c, s in enumerate((rows.chosen, rows.rejected)):
+      n = int(s.attention_mask[i].sum())
+      assert list(ids[seg == 1]) + list(ids[seg == 2 + c]) == list(s.input_ids[i, :n])
+      lab = packed.label_ids[i, 0][packed.label_branch[i, 0] == c]
+      np.testing.assert_array_equal(lab, s.labels[i][s.label_mask[i] > 0])
 
 
 def test_packed_cost_ratio_prefers_packing_for_short_answers(tokenizers_by_style, race):
@@ -217,26 +219,24 @@ def test_packed_cost_ratio_prefers_packing_for_short_answers(tokenizers_by_style
 def test_packed_layout_bad_input(tokenizers_by_style, race):
   tok = tokenizers_by_style["llama3"]
   with pytest.raises(InputError, match="layout"):
-    tokenize.tokenize_batch(race["sft"][:2], tok, "sft", layout="packed")
+    collate.tokenize_batch(race["sft"][:2], tok, "sft", layout="packed")
   with pytest.raises(InputError, match="layout"):
-    tokenize.tokenize_batch(race["kto"][:4], tok, "kto", layout="pairs")
+    collate.tokenize_batch(race["kto"][:4], tok, "kto", layout="pairs")
   assert tokenize.packed_bucket(70, (32, 64)) == 128 and tokenize.packed_bucket(40, (32, 64)) == 64
 
 
 def test_ift_and_dpo_batches(tokenizers_by_style, race):
   tok = tokenizers_by_style["llama3"]
-  ift = tokenize.tokenize_batch(race["ift"][:4], tok, "ift")
+  ift = collate.tokenize_batch(race["ift"][:4], tok, "ift").seq
   for i, rec in enumerate(race["ift"][:4]):
-    assert tok.decode(ift["labels"][i][ift["label_mask"][i] > 0]) == rec["response"] + "<|eot_id|>"
-  dpo = tokenize.tokenize_batch(race["dpo"][:4], tok, "dpo")
-  assert set(dpo) == {f"{s}_{k}" for s in ("chosen", "rejected")
-                      for k in ("input_ids", "attention_mask", "labels", "label_mask")} | {
-                          "category", "target"}
+    assert tok.decode(ift.labels[i][ift.label_mask[i] > 0]) == rec["response"] + "<|eot_id|>"
+  dpo = collate.tokenize_batch(race["dpo"][:4], tok, "dpo")
+  assert type(dpo).__name__ == "DPOBatch" and dpo.rows == 4
   for i, rec in enumerate(race["dpo"][:4]):
     for side in ("chosen", "rejected"):
-      text = tok.decode(dpo[f"{side}_labels"][i][dpo[f"{side}_label_mask"][i] > 0])
-      assert text == rec[side] + "<|eot_id|>"
-    assert dpo["chosen_input_ids"].shape == dpo["rejected_input_ids"].shape
+      s = getattr(dpo, side)
+      assert tok.decode(s.labels[i][s.label_mask[i] > 0]) == rec[side] + "<|eot_id|>"
+    assert dpo.chosen.input_ids.shape == dpo.rejected.input_ids.shape
 
 
 def test_length_policy(tokenizers_by_style):
@@ -244,14 +244,14 @@ def test_length_policy(tokenizers_by_style):
   rec = {"prompt": "word " * 200, "occupation": "x", "category": 1, "steering_token": "1",
          "response": "Female " * 50, "target": [0.5, 0.5], "status": "desirable"}
   enc = tokenize.Encoder(tok, max_length=64, max_prompt_length=40)
-  batch = tokenize.tokenize_batch([rec], tok, "sft", encoder=enc)
+  batch = collate.tokenize_batch([rec], tok, "sft", encoder=enc)
   full_prompt = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
                                         add_generation_prompt=True)["input_ids"]
-  assert batch["input_ids"].shape == (1, 64)
-  assert batch["steering_position"][0] == 39  # prompt truncated to 40 tokens ...
-  np.testing.assert_array_equal(batch["input_ids"][0, :40], full_prompt[-40:])  # ... from the left
-  assert batch["input_ids"][0, 40] == enc.steering_id("1")  # the steering token kept
-  assert batch["attention_mask"][0].sum() == 64  # completion truncated to the remainder
+  assert batch.seq.input_ids.shape == (1, 64)
+  assert batch.steering_position[0] == 39  # prompt truncated to 40 tokens ...
+  np.testing.assert_array_equal(batch.seq.input_ids[0, :40], full_prompt[-40:])  # ... from the left
+  assert batch.seq.input_ids[0, 40] == enc.steering_id("1")  # the steering token kept
+  assert batch.seq.attention_mask[0].sum() == 64  # completion truncated to the remainder
   with pytest.raises(InputError, match="max_prompt_length: expected 0 < max_prompt_length < "
                                        "max_length"):
     tokenize.Encoder(tok, max_length=64, max_prompt_length=64)
@@ -268,7 +268,7 @@ def test_bad_steering_tokens(tokenizers_by_style):
                                        r"assistant token after the generation prompt"):
     tokenize.steering_token_ids(attributes.GENDER, merging_tokenizer())
   with pytest.raises(InputError, match=r"batch: size: expected at least one example"):
-    tokenize.collate([], "kto", tokenize.Encoder(tok))
+    collate.collate([], "kto", tokenize.Encoder(tok))
 
 
 def test_cli_validate_checks_steering_tokens_for_the_tokenizer(tokenizers_by_style, race,

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 
 from distfair_jax import evaluate
+from distfair_jax.config import DecodeConfig, EvalConfig, config_to_dict
 from distfair_jax.data.attributes import GENDER
 from distfair_jax.data.build import build_dataset
 from distfair_jax.errors import InputError
 from distfair_jax.judges import RulesJudge
 from distfair_jax.model.llama import Llama, LlamaConfig
-from distfair_jax.sample import DecodeConfig
 from distfair_jax.tokenizer import build_tiny_tokenizer
 
 ROW_FIELDS = {"occupation", "prompt", "steering_token", "response", "category", "round"}
@@ -50,8 +50,8 @@ def _rows(path):
 @pytest.mark.slow
 def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, dataset):
   # v2 runs in the other tests (fewer compiles here).
-  config = evaluate.EvalConfig(versions=("v1", "v3"), rounds=4, steering="model", decode=DECODE,
-                               n_bootstrap=20)
+  config = EvalConfig(versions=["v1", "v3"], rounds=4, steering="model", decode=DECODE,
+                      n_bootstrap=20)
   result = evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=config,
                              metadata={"model": "tiny-random"})
   eval_dir = tmp_path / "eval"
@@ -76,7 +76,7 @@ def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, d
     exact = np.array([o["exact"] for o in v["per_occupation"]])
     np.testing.assert_allclose(exact.sum(-1), 1.0, atol=1e-6)
   meta = doc["meta"]
-  assert meta["decoding"] == DECODE.to_dict()
+  assert meta["decoding"] == config_to_dict(DECODE)
   assert meta["steering"] == "model" and meta["model"] == "tiny-random"
   assert meta["steering_token_ids"] == [int(tokenizer.convert_tokens_to_ids(t)) for t in "01"]
   assert result["versions"]["v3"]["mae"] == doc["versions"]["v3"]["mae"]
@@ -92,8 +92,8 @@ def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, d
 def test_no_steering_prompt_engineering_and_overwrite(tmp_path, model, tokenizer, dataset):
   (tmp_path / "eval").mkdir()
   (tmp_path / "eval" / "old.txt").write_text("old")
-  config = evaluate.EvalConfig(versions=("v2",), rounds=None, steering="none", decode=DECODE,
-                               n_bootstrap=0, prompt_field="pe_prompt", plots=False)
+  config = EvalConfig(versions=["v2"], rounds=None, steering="none", decode=DECODE,
+                      n_bootstrap=0, prompt_engineering=True, plots=False)
   evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=config, overwrite=True)
   assert sorted(os.listdir(tmp_path / "eval")) == ["metrics.json", "report.md", "v2.jsonl"]
   rows = _rows(tmp_path / "eval" / "v2.jsonl")
@@ -123,7 +123,7 @@ def test_group_records_cycles_rounds_and_validates():
     evaluate._group_records([{"occupation": "a", "prompt": "x", "target": [0.2, 0.2]}], "v2",
                             "prompt", None, 2)
   with pytest.raises(InputError, match="versions"):
-    evaluate.EvalConfig(versions=("v4",))
+    EvalConfig(versions=["v4"])
 
 
 @pytest.mark.slow
@@ -135,9 +135,9 @@ def test_eval_command_on_converted_model(tmp_path, model, tokenizer):
   parser = argparse.ArgumentParser()
   eval_cmd.add_arguments(parser)
   out = tmp_path / "out"
-  args = parser.parse_args([str(model_dir), "--dataset", "gender_real_us", "--versions", "v2",
-                            "--rounds", "2", "--max-new-tokens", "3", "--n-bootstrap", "0",
-                            "--no-plots", "--out", str(out), "--top-k", "50"])
+  args = parser.parse_args([str(model_dir), "dataset=gender_real_us", "versions=[v2]", "rounds=2",
+                            "decode.max_new_tokens=3", "n_bootstrap=0", "plots=false",
+                            "decode.top_k=50", "--out", str(out)])
   assert eval_cmd.run(args) == 0
   rows = _rows(out / "eval" / "v2.jsonl")
   assert len(rows) == 28  # 14 occupations x 2 rounds

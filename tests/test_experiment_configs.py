@@ -95,7 +95,7 @@ def test_method_recipe_matches_the_paper(key):
 def test_baseline_recipe_matches_the_original():
   from distfair_jax.data import build as build_lib
   from distfair_jax.data.pipeline import steps_per_epoch
-  from distfair_jax.train.loop import split_heldout
+  from distfair_jax.train.heldout import split_heldout
   cfg = _load("gender_real_us/qwen2.5-7b-baseline.yaml")
   assert cfg.stages == ["ift", "dpo"]
   assert cfg.lora.enabled and (cfg.lora.rank, cfg.lora.alpha) == (8, 32.0)

@@ -194,7 +194,7 @@ def fake_gcloud(tmp_path):
   (bin_dir / "gcloud").chmod(0o755)
   src = tmp_path / "src"
   src.mkdir()
-  (src / "setup.py").write_text("")
+  (src / "pyproject.toml").write_text("")
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path), "TMPDIR": str(tmp_path)}
 
   def babysit(states, codes, retries=3):

@@ -387,8 +387,18 @@ def test_presets_shapes_and_unknown_name():
     get_preset("tiny", hidden=3)
 
 
-def test_tiny_preset_runs():
-  model = Llama(get_preset("tiny"), rngs=nnx.Rngs(0))
-  ids = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6))
-  logits = nnx.jit(lambda m, i: m.logits(m(i, jnp.ones_like(i))))(model, ids)
-  assert logits.shape == (2, 6, 2048) and np.isfinite(np.asarray(logits)).all()
+def test_tiny_preset_is_a_causal_model_of_the_tiny_tokenizer():
+  """The built-in default: its vocabulary holds the tiny tokenizer's, it is untied (see presets.py),
+  and it is causal (a later token never changes an earlier position's logits)."""
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  cfg = get_preset("tiny")
+  tok = build_tiny_tokenizer()
+  assert len(tok) <= cfg.vocab_size and not cfg.tie_word_embeddings
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  ids = np.asarray([tok("A nurse walks in.")["input_ids"]] * 2, np.int32)
+  ids[1, -1] = (ids[1, -1] + 7) % len(tok)  # the rows differ in their last token only
+  forward = nnx.jit(lambda m, i: m.logits(m(i, jnp.ones_like(i))))
+  logits = np.asarray(forward(model, jnp.asarray(ids)))
+  assert logits.shape == (2, ids.shape[1], cfg.vocab_size) and np.isfinite(logits).all()
+  np.testing.assert_allclose(logits[0, :-1], logits[1, :-1], rtol=1e-5, atol=1e-5)
+  assert np.abs(logits[0, -1] - logits[1, -1]).max() > 1e-3

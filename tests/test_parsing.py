@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distfair_jax.errors import InputError
-from distfair_jax.parsing import CategoryParser, parse_categories, parse_category
+from distfair_jax.parsing import CategoryParser
 
 GENDER = ["male", "female"]
 GENDER_SYN = [["man", "men"], ["woman", "women"]]
@@ -72,10 +72,11 @@ def test_mentions_positions(race):
   assert race.mentions(text) == [(0, 5, 0), (11, len(text), 1)]
 
 
-def test_sentiment_and_helpers():
-  assert parse_category("Neutral, then positive", SENTIMENT) == 0
-  assert parse_category("non-negative", SENTIMENT) == 1   # hyphen is a boundary (the rule is lexical)
-  assert parse_categories(["Negative", "meh", "NEUTRAL!"], SENTIMENT) == [1, None, 2]
+def test_sentiment():
+  parser = CategoryParser(SENTIMENT)
+  assert parser("Neutral, then positive") == 0
+  assert parser("non-negative") == 1   # hyphen is a boundary (the rule is lexical)
+  assert parser.parse_many(["Negative", "meh", "NEUTRAL!"]) == [1, None, 2]
 
 
 @pytest.mark.parametrize("categories, synonyms", [

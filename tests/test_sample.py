@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 from distfair_jax import sample
+from distfair_jax.config import DecodeConfig
+from distfair_jax.data.tokenize import pow2_bucket, prompt_bucket
 from distfair_jax.errors import InputError
 from distfair_jax.model.llama import Llama, LlamaConfig
 
@@ -55,6 +57,21 @@ def steer_model():
   kernel = m.lm_head.kernel[...]
   m.lm_head.kernel[...] = kernel.at[:, jnp.asarray(STEER_IDS)].set(0.0)
   return m
+
+
+_SAMPLERS: dict = {}
+
+
+def _sampler(model):
+  """One Sampler per model object (its compiled programs shared by the tests), and its state."""
+  if id(model) not in _SAMPLERS:
+    _SAMPLERS[id(model)] = sample.Sampler.of(model)
+  return _SAMPLERS[id(model)]
+
+
+def generate(model, prompts, **kw):
+  sampler, state = _sampler(model)
+  return sampler.generate(state, prompts, **kw)
 
 
 def _greedy_reference(model, prompts, steps, length=32):
@@ -136,17 +153,18 @@ def test_left_pad_and_buckets():
   ids, mask = sample.left_pad([[1, 2], [3]], pad_id=0, length=4)
   np.testing.assert_array_equal(ids, [[0, 0, 1, 2], [0, 0, 0, 3]])
   np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
-  assert [sample.bucket_length(n) for n in (1, 16, 17, 100, 513)] == [16, 16, 32, 128, 768]
+  assert [pow2_bucket(n) for n in (1, 16, 17, 100, 513)] == [16, 16, 32, 128, 768]
+  assert [prompt_bucket(n) for n in (5, 17, 33, 47, 100)] == [16, 32, 48, 48, 112]
   with pytest.raises(InputError):
     sample.left_pad([[1, 2, 3]], 0, length=2)
 
 
 def test_decode_config_validation():
   with pytest.raises(InputError, match="top_p"):
-    sample.DecodeConfig(top_p=0.0)
+    DecodeConfig(top_p=0.0)
   with pytest.raises(InputError, match="max_new_tokens"):
-    sample.DecodeConfig(max_new_tokens=0)
-  assert sample.DecodeConfig(temperature=0.0).is_greedy
+    DecodeConfig(max_new_tokens=0)
+  assert DecodeConfig(temperature=0.0).is_greedy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,11 +174,12 @@ def test_decode_config_validation():
 @pytest.mark.slow
 def test_model_and_target_steering_reproduce_distributions(steer_model):
   ids, mask = sample.left_pad(PROMPTS, pad_id=0)
-  exact = sample.steering_distribution(steer_model, ids, mask, STEER_IDS)
+  sampler, state = _sampler(steer_model)
+  exact = sampler.steering_distribution(state, ids, mask, STEER_IDS)
   np.testing.assert_allclose(exact, np.broadcast_to(STEER_P, (3, 4)), rtol=1e-5, atol=1e-6)
 
   kw = dict(rounds=2000, max_new_tokens=1, steering_ids=STEER_IDS, seed=0, batch_size=1000)
-  out = sample.generate(steer_model, PROMPTS[:2], steering="model", **kw)
+  out = generate(steer_model, PROMPTS[:2], steering="model", **kw)
   assert out.tokens.shape == (4000, 2)
   np.testing.assert_array_equal(out.tokens[:, 0], np.asarray(STEER_IDS)[out.steering_index])
   counts = np.bincount(out.steering_index, minlength=4)
@@ -169,7 +188,7 @@ def test_model_and_target_steering_reproduce_distributions(steer_model):
   assert _chi2(counts, [0.45, 0.3, 0.15, 0.1]) > CHI2_3DF_P1E6
 
   target = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
-  out = sample.generate(steer_model, PROMPTS[:2], steering="target", target=target, **kw)
+  out = generate(steer_model, PROMPTS[:2], steering="target", target=target, **kw)
   for p in range(2):
     counts = np.bincount(out.steering_index[out.prompt_index == p], minlength=4)
     assert _chi2(counts, target[p]) < CHI2_3DF_P1E3
@@ -180,12 +199,12 @@ def test_model_and_target_steering_reproduce_distributions(steer_model):
 # ------------------------------------------------------------------------------------------------
 # Decoding (shared shapes: 3 prompts -> a chunk of 4, prompt bucket 32, 2 rounds, 6 new tokens)
 
-GREEDY = sample.DecodeConfig(greedy=True, max_new_tokens=6)
+GREEDY = DecodeConfig(greedy=True, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
 def greedy_out(model):
-  return sample.generate(model, PROMPTS, rounds=2, config=GREEDY, pad_id=0)
+  return generate(model, PROMPTS, rounds=2, config=GREEDY, pad_id=0)
 
 
 def test_greedy_with_cache_equals_full_forward_argmax(model, greedy_out):
@@ -199,13 +218,13 @@ def test_greedy_with_cache_equals_full_forward_argmax(model, greedy_out):
 
 
 def test_top_k_one_equals_greedy(model, greedy_out):
-  top1 = sample.generate(model, PROMPTS, rounds=2, seed=5, pad_id=0,
-                         config=sample.DecodeConfig(top_k=1, max_new_tokens=6))
+  top1 = generate(model, PROMPTS, rounds=2, seed=5, pad_id=0,
+                         config=DecodeConfig(top_k=1, max_new_tokens=6))
   np.testing.assert_array_equal(top1.tokens, greedy_out.tokens)
 
 
 def test_steering_token_is_first_and_decoding_continues(model):
-  out = sample.generate(model, PROMPTS, rounds=2, config=GREEDY, steering="target",
+  out = generate(model, PROMPTS, rounds=2, config=GREEDY, steering="target",
                         steering_ids=STEER_IDS, target=[0, 0, 1, 0])
   assert out.tokens.shape == (6, 7)
   assert (out.tokens[:, 0] == STEER_IDS[2]).all() and (out.steering_index == 2).all()
@@ -218,14 +237,14 @@ def test_steering_token_is_first_and_decoding_continues(model):
 @pytest.fixture(scope="module")
 def sampled(model):
   kw = dict(rounds=2, steering="model", steering_ids=STEER_IDS,
-            config=sample.DecodeConfig(top_p=0.95, max_new_tokens=6))
-  return kw, sample.generate(model, PROMPTS, seed=7, **kw)
+            config=DecodeConfig(top_p=0.95, max_new_tokens=6))
+  return kw, generate(model, PROMPTS, seed=7, **kw)
 
 
 def test_same_seed_same_samples(model, sampled):
   kw, a = sampled
-  b = sample.generate(model, PROMPTS, seed=7, **kw)
-  c = sample.generate(model, PROMPTS, seed=8, **kw)
+  b = generate(model, PROMPTS, seed=7, **kw)
+  c = generate(model, PROMPTS, seed=8, **kw)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_array_equal(a.steering_index, b.steering_index)
   assert not np.array_equal(a.tokens, c.tokens)
@@ -233,7 +252,7 @@ def test_same_seed_same_samples(model, sampled):
 
 def test_left_padding_and_batching_do_not_change_samples(model, sampled):
   kw, batched = sampled  # prompt 0 padded to 32 in a chunk with longer prompts
-  alone = sample.generate(model, PROMPTS[:1], seed=7, **kw)  # padded to 16, alone
+  alone = generate(model, PROMPTS[:1], seed=7, **kw)  # padded to 16, alone
   np.testing.assert_array_equal(alone.tokens, batched.tokens[:2])
   np.testing.assert_array_equal(alone.steering_index, batched.steering_index[:2])
   assert not np.array_equal(batched.tokens[0], batched.tokens[1])  # rounds differ
@@ -241,7 +260,7 @@ def test_left_padding_and_batching_do_not_change_samples(model, sampled):
 
 def test_stop_tokens_end_rows(model, greedy_out):
   stop = int(greedy_out.tokens[0, 2])
-  out = sample.generate(model, PROMPTS, rounds=2, config=GREEDY, pad_id=0, stop_ids=[stop])
+  out = generate(model, PROMPTS, rounds=2, config=GREEDY, pad_id=0, stop_ids=[stop])
   for row_free, row, n in zip(greedy_out.tokens, out.tokens, out.num_tokens):
     hits = np.flatnonzero(row_free == stop)
     end = hits[0] + 1 if hits.size else 6
@@ -259,19 +278,24 @@ def test_decoded_text_strips_steering_and_stop_token(model):
 
   kw = dict(rounds=2, config=GREEDY, steering="target", target=[0, 0, 1, 0],
             steering_ids=STEER_IDS)
-  free = sample.generate(model, PROMPTS, **kw)
+  free = generate(model, PROMPTS, **kw)
   stop = int(free.tokens[0, 3])
-  out = sample.generate(model, PROMPTS, stop_ids=[stop], tokenizer=Tok(), **kw)
+  out = generate(model, PROMPTS, stop_ids=[stop], tokenizer=Tok(), **kw)
   first = int(np.flatnonzero(free.tokens[0, 1:] == stop)[0]) + 1
   assert out.text[0] == ",".join(str(t) for t in free.tokens[0, 1:first])
 
 
 def test_chunks_share_one_compiled_program(model, sampled):
   kw, batched = sampled
-  before = sample._sample_chunk._cache_size()  # noqa: SLF001
+  sampler, _ = _sampler(model)
+  before = sampler.compiled_programs
   # batch_size 2 with 2 rounds: one prompt per chunk, three chunks of the same shapes.
-  chunked = sample.generate(model, PROMPTS, seed=7, batch_size=2, **kw)
-  assert sample._sample_chunk._cache_size() == before + 1  # noqa: SLF001
+  chunked = generate(model, PROMPTS, seed=7, batch_size=2, **kw)
+  assert sampler.compiled_programs == before + 1
+  # a second model of the same architecture reuses the sampler's programs (weights are arguments)
+  other = nnx.split(Llama(_config(), rngs=nnx.Rngs(5)))[1]
+  sampler.generate(other, PROMPTS, seed=7, batch_size=2, **kw)
+  assert sampler.compiled_programs == before + 1
   np.testing.assert_array_equal(chunked.tokens, batched.tokens)  # chunking changes no sample
 
 
@@ -301,8 +325,8 @@ def test_batched_text_decoding_equals_row_by_row():
 
 def test_bad_arguments(model):
   with pytest.raises(InputError, match="steering_ids"):
-    sample.generate(model, PROMPTS, steering="model")
+    generate(model, PROMPTS, steering="model")
   with pytest.raises(InputError, match="target"):
-    sample.generate(model, PROMPTS, steering="target", steering_ids=STEER_IDS, target=[1, 0])
+    generate(model, PROMPTS, steering="target", steering_ids=STEER_IDS, target=[1, 0])
   with pytest.raises(InputError, match="steering"):
-    sample.generate(model, PROMPTS, steering="sometimes")
+    generate(model, PROMPTS, steering="sometimes")

@@ -14,7 +14,10 @@ import pytest
 from flax import nnx
 
 from distfair_jax.config import load_config
-from distfair_jax.train.loop import Trainer, TrainingError, _SigtermFlag
+from distfair_jax.train.loop import TrainingError, run_stage
+from distfair_jax.train.preemption import SigtermFlag
+from distfair_jax.train.stages import make_stage
+from distfair_jax.train.trainer import _context, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +39,7 @@ hybrid:
   epochs: 1
   batch_size: 8
   optim: {{learning_rate: 1.0e-3, warmup_steps: 2}}
-eval:
+heldout:
   max_batches: 1
 logging:
   tensorboard: false
@@ -142,19 +145,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_config, tmp_path):
   assert not os.path.exists(run / "sft" / "final")
 
 
-def _trainer(config, tok, run_dir, *overrides, records=None):
-  cfg = load_config(config, [f"run_dir={run_dir}", f"model.tokenizer={tok}", *overrides])
-  return Trainer(cfg, records=records)
+def _config(config, tok, run_dir, *overrides):
+  return load_config(config, [f"run_dir={run_dir}", f"model.tokenizer={tok}", *overrides])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_config, tmp_path):
   config, tok = small_config
-  tr = _trainer(config, tok, tmp_path / "nan", "sft.optim.optimizer=sgd", "sft.optim.b1=0.0",
+  cfg = _config(config, tok, tmp_path / "nan", "sft.optim.optimizer=sgd", "sft.optim.b1=0.0",
                 "sft.optim.learning_rate=1e30", "sft.optim.clip_norm=0", "sft.optim.warmup_steps=0",
                 "checkpoint.every_steps=1", "checkpoint.async_save=false", "sft.max_steps=6")
   with pytest.raises(TrainingError, match=r"sft: non-finite loss .* at step (\d+); stopped without "
                                           r"saving this state; the last good checkpoint is step"):
-    tr.run()
+    train(cfg)
   steps = sorted(int(s) for s in os.listdir(tmp_path / "nan" / "sft" / "checkpoints") if s.isdigit())
   rows = _rows(tmp_path / "nan")
   assert steps and all(np.isfinite(rows[s]["loss"]) for s in steps)
@@ -167,22 +169,24 @@ def _numpy(tree):
 
 def test_lora_trains_adapters_only_and_keeps_base_and_reference(small_config, tmp_path):
   config, tok = small_config
-  tr = _trainer(config, tok, tmp_path / "lora", "lora.enabled=true", "lora.rank=4",
+  cfg = _config(config, tok, tmp_path / "lora", "lora.enabled=true", "lora.rank=4",
                 "stages=[sft,hybrid]", "sft.max_steps=3", "hybrid.max_steps=3",
                 "sft.optim.learning_rate=1e-2", "hybrid.optim.learning_rate=1e-2")
+  ctx = _context(cfg, None)
+  base = ctx.model.params
   paths = {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(
-      nnx.to_pure_dict(tr.base_params))[0]}
+      nnx.to_pure_dict(base))[0]}
   assert paths and all("lora_" in p for p in paths)  # trainable = adapters only
-  frozen_before = _numpy(tr.frozen)
+  frozen_before = _numpy(ctx.model.frozen)
   lora_b_before = [x for p, x in jax.tree_util.tree_flatten_with_path(
-      jax.device_get(nnx.to_pure_dict(tr.base_params)))[0] if "lora_b" in str(p)]
+      jax.device_get(nnx.to_pure_dict(base)))[0] if "lora_b" in str(p)]
   assert all(np.all(x == 0) for x in lora_b_before)
-  with _SigtermFlag() as flag:
-    sft_params, _ = tr.run_stage("sft", tr.base_params, flag)
+  with SigtermFlag() as flag:
+    sft_params, ctx.rngs, _ = run_stage(ctx, make_stage("sft", cfg), base, flag)
     sft_copy = _numpy(sft_params)
-    hybrid_params, summary = tr.run_stage("hybrid", sft_params, flag)
+    hybrid_params, ctx.rngs, summary = run_stage(ctx, make_stage("hybrid", cfg), sft_params, flag)
   # base weights untouched in both stages; the reference (= stage-1 result) untouched by stage 2
-  for a, b in zip(frozen_before, _numpy(tr.frozen)):
+  for a, b in zip(frozen_before, _numpy(ctx.model.frozen)):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(sft_copy, _numpy(sft_params)):
     np.testing.assert_array_equal(a, b)
@@ -193,7 +197,7 @@ def test_lora_trains_adapters_only_and_keeps_base_and_reference(small_config, tm
   assert any(np.any(x != 0) for x in lora_b_after)
   assert np.isfinite(summary["train"]["loss"])
   # merging folds the adapters into the base kernels and restores the plain layout
-  merged = tr.merged_model(hybrid_params)
+  merged = ctx.model.with_params(hybrid_params).merged()
   assert not any("lora" in "/".join(map(str, p)) for p, _ in
                  jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(merged)))[0])
 
@@ -207,11 +211,11 @@ def test_hybrid_learns_skewed_target_and_binds_tokens(small_config, tmp_path):
   for kind in records:
     for r in records[kind]:
       r["target"] = [0.8, 0.2]
-  tr = _trainer(config, tok, tmp_path / "learn", "stages=[hybrid]", "hybrid.epochs=3",
+  cfg = _config(config, tok, tmp_path / "learn", "stages=[hybrid]", "hybrid.epochs=3",
                 "hybrid.max_steps=60", "hybrid.optim.learning_rate=3e-3", "hybrid.beta=0.5",
-                "hybrid.renormalize=true", "hybrid.layout=packed", "mesh.data=4", "mesh.tensor=-1", records=records)
-  assert tr.hybrid_layout(8) == "packed"  # one row per pair, 4 pairs over 4 devices
-  tr.run()
+                "hybrid.renormalize=true", "hybrid.layout=packed", "mesh.data=4", "mesh.tensor=-1")
+  assert make_stage("hybrid", cfg).layout(4) == "packed"  # one row per pair, 4 pairs over 4 devices
+  train(cfg, records=records)
   rows = _rows(tmp_path / "learn", "hybrid")
   steps = sorted(rows)
   first = np.mean([rows[s]["steering_kl"] for s in steps[:3]])
@@ -221,3 +225,40 @@ def test_hybrid_learns_skewed_target_and_binds_tokens(small_config, tmp_path):
   assert margin > 0, margin
   assert np.mean([rows[s]["rewards/chosen"] for s in steps[-5:]]) > \
       np.mean([rows[s]["rewards/rejected"] for s in steps[-5:]])
+
+
+def test_a_run_directory_refuses_another_config_once_a_stage_has_started(tmp_path):
+  from distfair_jax.errors import InputError
+  from distfair_jax.train.rundir import RunDir
+  run = RunDir(tmp_path / "r")
+  a = load_config(None, [f"run_dir={tmp_path / 'r'}", "sft.epochs=1"])
+  b = load_config(None, [f"run_dir={tmp_path / 'r'}", "sft.epochs=2"])
+  run.claim(a)
+  run.claim(b)  # nothing started yet: the new config simply replaces the old one
+  assert run.read_config().sft.epochs == 2
+  run.claim(load_config(None, [f"run_dir={tmp_path / 'moved'}", "sft.epochs=2",
+                               "logging.every_steps=7", "eval.rounds=3"]))  # no result changes
+  (run.checkpoints_dir("sft") / "1").mkdir(parents=True)  # the sft stage has started
+  with pytest.raises(InputError, match=r"config\.yaml: this run directory holds a run with a "
+                                       r"different config \(differs in sft\.epochs; stages "
+                                       r"started: sft\)"):
+    run.claim(a)
+
+
+def test_heldout_evaluation_compiles_once(small_config, tmp_path):
+  """Held-out evaluation during a stage: every call reuses one compiled program."""
+  from distfair_jax.train.heldout import HeldoutEval
+  config, tok = small_config
+  cfg = _config(config, tok, tmp_path / "h", "stages=[hybrid]", "hybrid.reference=cached",
+                "heldout.max_batches=2", "data.heldout_fraction=0.3")
+  ctx = _context(cfg, None)
+  stage = make_stage("hybrid", cfg)
+  m = ctx.model
+  held = HeldoutEval(stage, ctx.heldout_records["kto"], model=m, encoder=ctx.encoder,
+                     mesh=ctx.mesh, loss_fn=stage.loss_fn(m.graphdef, m.graphdef_eval,
+                                                          ctx.steering_ids),
+                     steering_ids=ctx.steering_ids, max_batches=2, packing_pays=True)
+  first = held(m.params, m.rngs, m.params)
+  second = held(m.params, m.rngs, m.params)
+  assert first == second and np.isfinite(first["loss"]) and 0 <= first["steering_mae"] <= 1
+  assert held._eval._cache_size() == 1 and held._ref._cache_size() == 1  # noqa: SLF001

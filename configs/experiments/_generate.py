@@ -90,7 +90,7 @@ hybrid:
 def dataset_train_records(dataset: str) -> dict[str, int]:
   """Training records per kind (after the held-out split) at the recipe's data settings."""
   from distfair_jax.data import build as build_lib
-  from distfair_jax.train.loop import split_heldout
+  from distfair_jax.train.heldout import split_heldout
   ds = build_lib.build_dataset(build_lib.resolve_spec(dataset), rows_per_occupation=ROWS_PER_OCCUPATION,
                                test_rounds=0, seed=DATA_SEED, stories_per_occupation=0)
   return {kind: len(split_heldout(rows, HELDOUT_FRACTION, seed=DATA_SEED)[0])

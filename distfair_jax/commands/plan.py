@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 _FLAG = "--xla_force_host_platform_device_count"
+_REEXEC = "DISTFAIR_PLAN_CHILD"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,16 +55,14 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def _cpu_devices(n: int):
-  """N CPU devices: configures the CPU backend before it starts, or reuses a started one with enough
-  devices; returns None when the running process cannot provide them (the caller re-executes)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_FLAG)]
+  """N CPU devices when this process was started with them (``JAX_PLATFORMS=cpu`` and
+  ``XLA_FLAGS=--xla_force_host_platform_device_count>=N``, as ``_reexec`` starts it); else None, and
+  the caller runs the plan in a fresh interpreter that is. Nothing process-wide is changed here."""
+  counts = [f.split("=", 1)[1] for f in os.environ.get("XLA_FLAGS", "").split()
+            if f.startswith(_FLAG + "=")]
+  if os.environ.get("JAX_PLATFORMS") != "cpu" or not counts or int(counts[-1]) < n:
+    return None
   import jax
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-    jax.config.update("jax_platforms", "cpu")  # never grab the accelerator a training run may use
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"{_FLAG}={n}"])
-  except RuntimeError:  # backends already started (e.g. called in-process by a test)
-    pass
   devices = jax.devices("cpu")
   return devices[:n] if len(devices) >= n else None
 
@@ -74,6 +73,7 @@ def _reexec(args: argparse.Namespace) -> int:
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_FLAG)]
   env["XLA_FLAGS"] = " ".join(flags + [f"{_FLAG}={args.devices}"])
   env["JAX_PLATFORMS"] = "cpu"
+  env[_REEXEC] = "1"
   return subprocess.call([sys.executable, "-m", "distfair_jax.cli", *_argv(args)], env=env)
 
 
@@ -85,13 +85,18 @@ def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)  # bad config -> exit 2 before anything compiles
   stages = args.stage or list(cfg.stages)
   from distfair_jax import plan as plan_lib
+  from distfair_jax.train.stages import STAGES
   for stage in stages:
-    if stage not in plan_lib.STAGE_SECTION:
-      raise InputError(f"--stage: expected one of {', '.join(plan_lib.STAGE_SECTION)}, got {stage!r}")
+    if stage not in STAGES:
+      raise InputError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
   import dataclasses
   sizes = plan_lib.parse_mesh(args.mesh, dataclasses.asdict(cfg.mesh), args.devices)
-  devices = _cpu_devices(args.devices)  # also keeps --no-compile off the accelerator
+  devices = None if args.no_compile else _cpu_devices(args.devices)
   if devices is None and not args.no_compile:
+    if os.environ.get(_REEXEC):
+      print(f"distfair plan: could not start {args.devices} CPU devices (XLA_FLAGS={_FLAG})",
+            file=sys.stderr)
+      return 1
     return _reexec(args)
   state = plan_lib.state_plan(cfg, sizes)
   steps = []

@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   from distfair_jax.distributed import maybe_initialize
   maybe_initialize()  # multi-host (TPU pod slice, GPU cluster): before any device is touched
-  from distfair_jax.train.loop import Preempted, TrainingError, train
   import sys
+  from distfair_jax.train.loop import Preempted, TrainingError
+  from distfair_jax.train.trainer import train
   try:
     summaries = train(cfg)
   except TrainingError as e:

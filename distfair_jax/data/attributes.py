@@ -15,9 +15,9 @@ User-defined attributes come from a mapping (read from YAML by ``data.build``)::
     - {name: young, answer: Young, synonyms: [young, youthful], steering_token: "0"}
     - {name: old, answer: Old, synonyms: [old, elderly]}
 
-``synonyms`` are the words the evaluation parser accepts (the answer is always one of them);
-``story_words`` the cues a rule-based story judge may count (pronouns for gender, tone words for
-sentiment). ``steering_token`` defaults to the digit of the category index.
+``synonyms`` are the words the evaluation parser accepts (the answer is always one of them).
+``steering_token`` defaults to the digit of the category index. (The story judges keep their own
+cues: ``distfair_jax.judges``.)
 
 ``steering_token_ids(attribute, tokenizer)`` lives in ``data.tokenize`` (it needs the chat
 template).
@@ -26,7 +26,6 @@ template).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping, Sequence
 
 from distfair_jax.errors import InputError
@@ -39,7 +38,6 @@ class Category:
   answer: str
   synonyms: tuple[str, ...]
   steering_token: str
-  story_words: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,55 +77,32 @@ class AttributeSpec:
       return f"{a[0]} or {a[1]}"
     return ", ".join(a[:-1]) + f", or {a[-1]}"
 
-  def parse_answer(self, text: str) -> int | None:
-    """Category whose word (answer or synonym) occurs last in ``text``; None when none occurs.
 
-    Matching is case-insensitive on word boundaries; at one position the longest phrase wins
-    (so "Black or African American" is one match, not "American").
-    """
-    words = sorted({(w.lower(), k) for k, c in enumerate(self.categories)
-                    for w in (c.answer, *c.synonyms)}, key=lambda x: -len(x[0]))
-    owner = {}
-    for w, k in words:
-      owner.setdefault(w, k)
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w, _ in words) + r")\b", re.IGNORECASE)
-    last = None
-    for m in pattern.finditer(text):
-      last = owner[m.group(1).lower()]
-    return last
-
-
-def _category(name, answer, synonyms, index, story_words=()):
-  return Category(name, answer, tuple(synonyms), str(index), tuple(story_words))
+def _category(name, answer, synonyms, index):
+  return Category(name, answer, tuple(synonyms), str(index))
 
 
 GENDER = AttributeSpec("gender", (
-    _category("male", "Male", ["male", "man", "men"], 0,
-              ["he", "him", "his", "himself", "mr"]),
-    _category("female", "Female", ["female", "woman", "women"], 1,
-              ["she", "her", "hers", "herself", "ms", "mrs"]),
+    _category("male", "Male", ["male", "man", "men"], 0),
+    _category("female", "Female", ["female", "woman", "women"], 1),
 ), noun="gender")
 
 RACE = AttributeSpec("race", (
-    _category("White", "White", ["white", "caucasian"], 0, ["white"]),
+    _category("White", "White", ["white", "caucasian"], 0),
     _category("Black or African American", "Black or African American",
-              ["black", "african american"], 1, ["black", "african american"]),
+              ["black", "african american"], 1),
     _category("American Indian or Alaska Native", "American Indian or Alaska Native",
-              ["american indian", "alaska native", "native american"], 2,
-              ["american indian", "alaska native", "native american"]),
-    _category("Asian", "Asian", ["asian"], 3, ["asian"]),
+              ["american indian", "alaska native", "native american"], 2),
+    _category("Asian", "Asian", ["asian"], 3),
     _category("Native Hawaiian or Other Pacific Islander",
               "Native Hawaiian or Other Pacific Islander",
-              ["native hawaiian", "pacific islander"], 4, ["native hawaiian", "pacific islander"]),
+              ["native hawaiian", "pacific islander"], 4),
 ), noun="race")
 
 SENTIMENT = AttributeSpec("sentiment", (
-    _category("positive", "Positive", ["positive", "optimistic"], 0,
-              ["happy", "hopeful", "optimistic", "glad", "enjoys", "proud", "excited"]),
-    _category("negative", "Negative", ["negative", "stressed"], 1,
-              ["stressed", "worried", "tired", "anxious", "dreads", "frustrated", "exhausted"]),
-    _category("neutral", "Neutral", ["neutral", "indifferent"], 2,
-              ["indifferent", "routine", "ordinary", "unremarkable", "shrugs", "usual"]),
+    _category("positive", "Positive", ["positive", "optimistic"], 0),
+    _category("negative", "Negative", ["negative", "stressed"], 1),
+    _category("neutral", "Neutral", ["neutral", "indifferent"], 2),
 ), noun="sentiment")
 
 BUILTIN_ATTRIBUTES: dict[str, AttributeSpec] = {a.name: a for a in (GENDER, RACE, SENTIMENT)}
@@ -150,54 +125,43 @@ def _str_list(value: Any, where: str, field: str) -> tuple[str, ...]:
   return tuple(v.strip() for v in value)
 
 
-def attribute_from_dict(d: Any, *, where: str = "attribute") -> AttributeSpec:
-  """Builds and validates a user-defined attribute (see the module docstring); a string names a
-  built-in one."""
-  if isinstance(d, str):
-    return get_attribute(d, where=where)
-  if not isinstance(d, Mapping):
-    raise InputError(f"{where}: attribute: expected a built-in name or a mapping, got {d!r}")
-  unknown = set(d) - {"name", "noun", "categories"}
+def _known_keys(d: Mapping, allowed: Sequence[str], where: str, field: str) -> None:
+  unknown = set(d) - set(allowed)
   if unknown:
-    raise InputError(f"{where}: attribute.{sorted(unknown)[0]}: expected one of name, noun, "
-                     f"categories, got an unknown key")
-  name = d.get("name")
-  if not isinstance(name, str) or not name.strip():
-    raise InputError(f"{where}: attribute.name: expected a non-empty string, got {name!r}")
-  cats = d.get("categories")
-  if not isinstance(cats, Sequence) or isinstance(cats, str) or len(cats) < 2:
-    raise InputError(f"{where}: attribute.categories: expected a list of at least 2 categories, "
-                     f"got {cats!r}")
-  categories: list[Category] = []
-  for k, c in enumerate(cats):
-    field = f"attribute.categories[{k}]"
-    if isinstance(c, str):
-      c = {"name": c}
-    if not isinstance(c, Mapping):
-      raise InputError(f"{where}: {field}: expected a mapping with name and answer, got {c!r}")
-    unknown = set(c) - {"name", "answer", "synonyms", "steering_token", "story_words"}
-    if unknown:
-      raise InputError(f"{where}: {field}.{sorted(unknown)[0]}: expected one of name, answer, "
-                       f"synonyms, steering_token, story_words, got an unknown key")
-    cname = c.get("name")
-    if not isinstance(cname, str) or not cname.strip():
-      raise InputError(f"{where}: {field}.name: expected a non-empty string, got {cname!r}")
-    answer = c.get("answer", cname)
-    if not isinstance(answer, str) or not answer.strip():
-      raise InputError(f"{where}: {field}.answer: expected a non-empty string, got {answer!r}")
-    synonyms = _str_list(c.get("synonyms", []), where, f"{field}.synonyms")
-    story_words = _str_list(c.get("story_words", []), where, f"{field}.story_words")
-    token = c.get("steering_token")
-    if token is None:
-      if len(cats) > 10:
-        raise InputError(f"{where}: {field}.steering_token: expected an explicit token when "
-                         f"there are more than 10 categories, got none")
-      token = str(k)
-    if not isinstance(token, str) or not token:
-      raise InputError(f"{where}: {field}.steering_token: expected a non-empty string, "
-                       f"got {token!r}")
-    syn = tuple(dict.fromkeys([answer.strip().lower(), *(s.lower() for s in synonyms)]))
-    categories.append(Category(cname.strip(), answer.strip(), syn, token, story_words))
+    raise InputError(f"{where}: {field}.{sorted(unknown)[0]}: expected one of "
+                     f"{', '.join(allowed)}, got an unknown key")
+
+
+def _text(value: Any, where: str, field: str) -> str:
+  if not isinstance(value, str) or not value.strip():
+    raise InputError(f"{where}: {field}: expected a non-empty string, got {value!r}")
+  return value.strip()
+
+
+def _category_from_dict(c: Any, k: int, num: int, where: str) -> Category:
+  field = f"attribute.categories[{k}]"
+  if isinstance(c, str):
+    c = {"name": c}
+  if not isinstance(c, Mapping):
+    raise InputError(f"{where}: {field}: expected a mapping with name and answer, got {c!r}")
+  _known_keys(c, ("name", "answer", "synonyms", "steering_token"), where, field)
+  cname = _text(c.get("name"), where, f"{field}.name")
+  answer = _text(c.get("answer", cname), where, f"{field}.answer")
+  synonyms = _str_list(c.get("synonyms", []), where, f"{field}.synonyms")
+  token = c.get("steering_token")
+  if token is None:
+    if num > 10:
+      raise InputError(f"{where}: {field}.steering_token: expected an explicit token when "
+                       f"there are more than 10 categories, got none")
+    token = str(k)
+  if not isinstance(token, str) or not token:
+    raise InputError(f"{where}: {field}.steering_token: expected a non-empty string, "
+                     f"got {token!r}")
+  syn = tuple(dict.fromkeys([answer.lower(), *(s.lower() for s in synonyms)]))
+  return Category(cname, answer, syn, token)
+
+
+def _check_distinct(categories: Sequence[Category], where: str) -> None:
   seen: dict[str, int] = {}
   for k, c in enumerate(categories):
     for key, field in ((c.name.lower(), "name"), (c.answer.lower(), "answer")):
@@ -215,7 +179,22 @@ def attribute_from_dict(d: Any, *, where: str = "attribute") -> AttributeSpec:
       if owners.setdefault(w, k) != k:
         raise InputError(f"{where}: attribute.categories[{k}].synonyms: expected words unique to "
                          f"one category, got {w!r} in categories {owners[w]} and {k}")
-  noun = d.get("noun", name)
-  if not isinstance(noun, str) or not noun.strip():
-    raise InputError(f"{where}: attribute.noun: expected a non-empty string, got {noun!r}")
-  return AttributeSpec(name.strip(), tuple(categories), noun=noun.strip())
+
+
+def attribute_from_dict(d: Any, *, where: str = "attribute") -> AttributeSpec:
+  """Builds and validates a user-defined attribute (see the module docstring); a string names a
+  built-in one."""
+  if isinstance(d, str):
+    return get_attribute(d, where=where)
+  if not isinstance(d, Mapping):
+    raise InputError(f"{where}: attribute: expected a built-in name or a mapping, got {d!r}")
+  _known_keys(d, ("name", "noun", "categories"), where, "attribute")
+  name = _text(d.get("name"), where, "attribute.name")
+  cats = d.get("categories")
+  if not isinstance(cats, Sequence) or isinstance(cats, str) or len(cats) < 2:
+    raise InputError(f"{where}: attribute.categories: expected a list of at least 2 categories, "
+                     f"got {cats!r}")
+  categories = [_category_from_dict(c, k, len(cats), where) for k, c in enumerate(cats)]
+  _check_distinct(categories, where)
+  noun = _text(d.get("noun", name), where, "attribute.noun")
+  return AttributeSpec(name, tuple(categories), noun=noun)

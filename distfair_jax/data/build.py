@@ -36,12 +36,11 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from distfair_jax import fileio
 from distfair_jax.data import attributes as attributes_lib
 from distfair_jax.data import occupations as occupations_lib
 from distfair_jax.data import templates as templates_lib
@@ -404,66 +403,28 @@ def build_dataset(name_or_spec: str | os.PathLike | DatasetSpec,
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir):
-    if not os.path.isdir(out_dir):
-      raise InputError(f"{out_dir}: out: expected a directory, got an existing file")
-    if os.listdir(out_dir) and not overwrite:
-      what = ("already holds a dataset" if os.path.exists(os.path.join(out_dir, "manifest.json"))
-              else "is not empty")
-      raise InputError(f"{out_dir}: out: expected a new or empty directory, got one that {what} "
-                       f"(use --overwrite / overwrite=True)")
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+  if os.path.exists(out_dir) and os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    what = ("already holds a dataset" if os.path.exists(os.path.join(out_dir, "manifest.json"))
+            else "is not empty")
+    raise InputError(f"{out_dir}: out: expected a new or empty directory, got one that {what} "
+                     f"(use --overwrite / overwrite=True)")
+  fileio.check_new_dir(out_dir, overwrite, "out")
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
   """Writes records as UTF-8 JSONL (one compact object per line) to path, atomically."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".jsonl")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_jsonl(path, records)
 
 
 def write_dataset(dataset: Dataset, out_dir: str | os.PathLike, *, overwrite: bool = False
                   ) -> None:
   """Writes all record files and manifest.json into out_dir via a temp dir renamed into place."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  _check_out_dir(out_dir, overwrite)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-  try:
+  _check_out_dir(os.fspath(out_dir), overwrite)
+  with fileio.atomic_dir(out_dir, overwrite=overwrite, what="out") as tmp:
     for kind, recs in dataset.records.items():
       if recs:
-        write_jsonl(os.path.join(tmp, FILES[kind]), recs)
-    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-      json.dump(dataset.manifest, f, indent=2, ensure_ascii=False)
-      f.write("\n")
-    os.chmod(tmp, 0o777 & ~_umask())
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
-      os.rmdir(old)
-      os.replace(out_dir, old)
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+        fileio.write_jsonl(tmp / FILES[kind], recs)
+    fileio.write_json(tmp / "manifest.json", dataset.manifest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,3 +592,29 @@ def read_dataset(path: str | os.PathLike) -> dict[str, list[dict]]:
   return {kind: read_jsonl(os.path.join(path, name), "test" if kind.startswith("test") else kind,
                            spec=spec)
           for kind, name in files.items()}
+
+
+def _manifest_dataset(records_dir: str) -> str:
+  """The dataset (a built-in name or the spec file) a records directory was built from."""
+  path = os.path.join(records_dir, "manifest.json")
+  manifest = fileio.read_json(path, "a dataset manifest naming the dataset")
+  if "dataset" not in manifest:
+    raise InputError(f"{path}: dataset: expected a manifest naming the dataset, got none")
+  source = manifest.get("source", "builtin")
+  return manifest["dataset"] if source in (None, "builtin") else source
+
+
+def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None
+                     ) -> tuple[dict[str, list[dict]], DatasetSpec]:
+  """A run's records and their dataset spec, from a ``config.DataConfig``: ``records`` when given
+  (with the spec of ``data.spec`` or ``data.dataset``), else read from ``data.records_dir``, else
+  built in memory (``data.rows_per_occupation``, ``data.stories``, ``data.seed``; no test sets)."""
+  d = data_cfg
+  if records is not None:
+    return dict(records), resolve_spec(d.spec or d.dataset)
+  if d.records_dir:
+    return read_dataset(d.records_dir), resolve_spec(_manifest_dataset(d.records_dir))
+  spec = resolve_spec(d.spec or d.dataset)
+  ds = build_dataset(spec, rows_per_occupation=d.rows_per_occupation, test_rounds=0, seed=d.seed,
+                     stories_per_occupation=d.rows_per_occupation if d.stories else 0)
+  return ds.records, spec

@@ -1,9 +1,9 @@
 """grain pipelines: seeded shuffle per epoch, tokenize, bucketed padding, batch, shard by process.
 
-    batches = make_batches(records, tokenizer, "kto", batch_size=8, seed=0, num_epochs=3)
+    batches = make_batches(records, encoder, "kto", batch_size=8, seed=0, num_epochs=3)
     batches.steps_per_epoch, batches.num_steps        # global steps
     it = batches.iterator()                           # grain DatasetIterator
-    batch = next(it)                                  # dict of numpy arrays (this process's rows)
+    batch = next(it)                                  # a data.batches struct (this process's rows)
     state = it.get_state()                            # JSON-able dict, e.g. {"next_index": 17}
     it = batches.iterator(state)                      # resumes exactly where ``state`` was taken
 
@@ -20,13 +20,9 @@ rows ``[p * B / S, (p + 1) * B / S)``. Concatenating the processes' batches in p
 the global batch (what ``jax.make_array_from_process_local_data`` expects). By default
 ``shard_index, shard_count = jax.process_index(), jax.process_count()``.
 
-Batch keys, dtypes and shapes (b = batch_size / shard_count rows, L the bucket, K categories):
-see ``data.tokenize``: input_ids, attention_mask, labels [b, L] int32; label_mask [b, L] float32;
-steering_position, category, desirable [b] int32; target [b, K] float32; KTO adds kl_input_ids,
-kl_attention_mask, kl_labels [b, L] int32 and kl_label_mask [b, L] float32; DPO has chosen_* and
-rejected_* (input_ids, attention_mask, labels, label_mask) plus category and target. A packed KTO
-batch (``layout="packed"``) has one row per pair instead: ``tokenize.pack_shared_prefix``'s keys
-plus target [p, K] and category [p] (p = pairs / shard_count).
+Batches are the typed structs of ``data.batches`` (``data.collate.collate``), with
+``collate.batch_rows(kind, batch_size, layout) / shard_count`` rows on each process (a packed KTO
+row holds a pair).
 
 ``steps_per_epoch(num_records, kind, batch_size)`` is computable without a tokenizer.
 """
@@ -38,10 +34,10 @@ import math
 from typing import Any, Mapping, Sequence
 
 import grain
-import numpy as np
+import jax
 
+from distfair_jax.data import collate as collate_lib
 from distfair_jax.data import tokenize as tokenize_lib
-from distfair_jax.data.attributes import AttributeSpec
 from distfair_jax.errors import InputError
 
 
@@ -89,11 +85,6 @@ class BatchPipeline:
   def __len__(self) -> int:
     return self.num_steps
 
-  @property
-  def steering_ids(self) -> np.ndarray | None:
-    """[K] int32 steering token ids when ``make_batches`` was given the attribute."""
-    return self.encoder.steering_ids
-
   def iterator(self, state: Mapping[str, Any] | None = None) -> grain.DatasetIterator:
     """A checkpointable iterator; ``state`` from ``it.get_state()`` resumes exactly there."""
     it = self.dataset.to_iter_dataset(self.read_options).__iter__()
@@ -105,52 +96,13 @@ class BatchPipeline:
     return self.iterator()
 
 
-def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, batch_size: int, *,
-                 seed: int, num_epochs: int | None = 1, max_length: int = 1024,
-                 max_prompt_length: int = 512, prompt_format: str = "chat",
-                 attribute: AttributeSpec | None = None, shard_index: int | None = None,
-                 shard_count: int | None = None, drop_remainder: bool = True,
-                 buckets: Sequence[int] | None = None, layout: str = "rows",
-                 read_options: grain.ReadOptions | None = None) -> BatchPipeline:
-  """A grain pipeline of padded numpy batches (see the module docstring).
-
-  Args:
-    records: validated records of ``kind`` (kto: file order, desirable then undesirable per pair).
-    tokenizer: Hugging Face tokenizer (chat template for ``prompt_format="chat"``).
-    kind: sft | kto | ift | dpo.
-    batch_size: global batch size in rows.
-    seed: shuffle seed (0 <= seed < 2**32).
-    num_epochs: passes over the data (None: forever).
-    max_length, max_prompt_length: the length policy of ``data.tokenize``.
-    attribute: if given, its steering tokens are checked against the tokenizer up front.
-    shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
-    drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
-    buckets: padded lengths (default ``bucket_lengths(max_length)``).
-    layout: ``rows`` or (kto, dpo) ``packed``: kto, one row per pair holding its four sequences
-      (desirable, undesirable, two mismatched) after their shared prompt (``tokenize.collate``),
-      ``batch_size`` still counting sequences (2 x pairs) and the pairs split over the processes;
-      dpo, one row per record, [prompt | chosen | rejected].
-    read_options: grain read options (default: 1 thread, prefetch 4 batches).
-  """
-  if kind not in ("sft", "kto", "ift", "dpo"):
-    raise InputError(f"pipeline: kind: expected one of sft, kto, ift, dpo, got {kind!r}")
-  per = _units_per_batch(kind, batch_size)
-  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-    raise InputError(f"pipeline: seed: expected an integer in [0, 2**32), got {seed!r}")
-  if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
-    raise InputError(f"pipeline: num_epochs: expected a positive integer or None, "
-                     f"got {num_epochs!r}")
-  if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
+def _check_sharding(kind: str, batch_size: int, layout: str, shard_index: int, shard_count: int,
+                    drop_remainder: bool) -> int:
+  """-> rows of a global batch, after checking that they split over the processes."""
   if not (isinstance(shard_count, int) and shard_count >= 1 and 0 <= shard_index < shard_count):
     raise InputError(f"pipeline: shard_index: expected 0 <= shard_index < shard_count, got "
                      f"{shard_index} of {shard_count}")
-  if layout not in ("rows", "packed") or (layout == "packed" and kind not in ("kto", "dpo")):
-    raise InputError(f"pipeline: layout: expected rows (or packed for kto and dpo), got "
-                     f"{layout!r} for {kind}")
-  rows = batch_size // 2 if (layout == "packed" and kind == "kto") else batch_size
+  rows = collate_lib.batch_rows(kind, batch_size, layout)
   if rows % shard_count:
     twice, why = (("2 x ", " (packed layout: one row per pair)") if rows != batch_size
                   else ("", ""))
@@ -159,27 +111,59 @@ def make_batches(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, bat
   if shard_count > 1 and not drop_remainder:
     raise InputError("pipeline: drop_remainder: expected True when sharding over processes "
                      "(every process needs a full batch), got False")
+  return rows
+
+
+def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Encoder, kind: str,
+                 batch_size: int, *, seed: int, num_epochs: int | None = 1,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 drop_remainder: bool = True, buckets: Sequence[int] | None = None,
+                 layout: str = "rows", read_options: grain.ReadOptions | None = None
+                 ) -> BatchPipeline:
+  """A grain pipeline of padded typed batches (see the module docstring).
+
+  Args:
+    records: validated records of ``kind`` (kto: file order, desirable then undesirable per pair).
+    encoder: the run's ``data.tokenize.Encoder`` (tokenizer, template, length policy).
+    kind: sft | kto | ift | dpo.
+    batch_size: global batch size in sequences (kto: 2 x pairs).
+    seed: shuffle seed (0 <= seed < 2**32).
+    num_epochs: passes over the data (None: forever).
+    shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
+    drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
+    buckets: padded lengths (default ``bucket_lengths(encoder.max_length)``).
+    layout: ``rows`` or (kto, dpo) ``packed`` (``data.collate``); a packed KTO row holds a pair,
+      and the pairs are split over the processes.
+    read_options: grain read options (default: 1 thread, prefetch 4 batches).
+  """
+  collate_lib.check_layout(kind, layout)
+  per = _units_per_batch(kind, batch_size)
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise InputError(f"pipeline: seed: expected an integer in [0, 2**32), got {seed!r}")
+  if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+    raise InputError(f"pipeline: num_epochs: expected a positive integer or None, "
+                     f"got {num_epochs!r}")
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  rows = _check_sharding(kind, batch_size, layout, shard_index, shard_count, drop_remainder)
   units: list[Any] = (tokenize_lib.pair_records(records) if kind == "kto" else list(records))
   if len(units) < per if drop_remainder else not units:
     raise InputError(f"pipeline: records: expected at least one full batch "
                      f"({per} {'pairs' if kind == 'kto' else 'records'}), got {len(units)}")
-  encoder = tokenize_lib.Encoder(tokenizer, attribute=attribute, prompt_format=prompt_format,
-                                 max_length=max_length, max_prompt_length=max_prompt_length)
-  bucket_list = tuple(buckets or tokenize_lib.bucket_lengths(max_length))
-
+  bucket_list = tuple(buckets or tokenize_lib.bucket_lengths(encoder.max_length))
   if kind == "kto":
     encode = lambda pair: (encoder.encode_record(pair[0], kind),
                            encoder.encode_record(pair[1], kind))
   else:
     encode = lambda rec: encoder.encode_record(rec, kind)
-  collate = lambda examples: tokenize_lib.collate(examples, kind, encoder, bucket_list, layout)
+  collate = lambda examples: collate_lib.collate(examples, kind, encoder, bucket_list, layout)
   local = rows // shard_count
 
-  def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  def shard(batch):
     if shard_count == 1:
       return batch
     lo = shard_index * local
-    return {k: v[lo:lo + local] for k, v in batch.items()}
+    return jax.tree.map(lambda v: v[lo:lo + local], batch)
 
   ds = (grain.MapDataset.source(units).map(encode).shuffle(seed=seed)
         .batch(per, drop_remainder=drop_remainder, batch_fn=collate))

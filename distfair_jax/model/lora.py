@@ -11,7 +11,7 @@ starts equal to the base model). The adapter weights are ``nnx.LoRAParam`` varia
 base kernel's logical axis names on their outer dimension, so they shard like the base.
 
 ``merge_lora(model)`` folds the adapters into the base kernels and restores the plain module tree (the
-Hugging Face layout the converter expects); ``lora_state(model)`` is the adapters alone.
+Hugging Face layout the converter expects);
 
 flax's own ``nnx.LoRA`` has neither the alpha / rank scaling nor dropout that the paper's recipe (PEFT's
 definition) uses, hence this small module.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_state", "lora_paths"]
+__all__ = ["LoRALinear", "apply_lora", "merge_lora"]
 
 
 def _axis_names(var: nnx.Variable) -> tuple | None:
@@ -81,12 +81,6 @@ def _projection_owners(model) -> Iterable[tuple[str, nnx.Module]]:
     yield f"layers.{i}.mlp", layer.mlp
 
 
-def lora_paths(model) -> list[str]:
-  """Dotted paths of the projections that carry an adapter."""
-  return [f"{path}.{name}" for path, owner in _projection_owners(model)
-          for name, mod in vars(owner).items() if isinstance(mod, LoRALinear)]
-
-
 def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: int = 8,
                alpha: float = 16.0, dropout: float = 0.0, seed: int = 0):
   """Wrap each targeted projection of ``model`` in a ``LoRALinear``, in place; returns ``model``.
@@ -121,8 +115,3 @@ def merge_lora(model):
         base.kernel[...] = mod.merged_kernel()
         setattr(owner, name, base)
   return model
-
-
-def lora_state(model) -> nnx.State:
-  """The adapter weights alone (``nnx.LoRAParam`` variables)."""
-  return nnx.state(model, nnx.LoRAParam)

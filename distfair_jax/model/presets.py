@@ -23,6 +23,14 @@ _LLAMA3_ROPE_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0
 _LLAMA3_ROPE_8B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+# What each family's checkpoints share (Hugging Face config fields).
+_LLAMA3 = dict(vocab_size=128256, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+               rope_theta=500000.0, max_position_embeddings=131072, architecture="LlamaForCausalLM",
+               bos_token_id=128000, eos_token_id=128001)
+_QWEN25 = dict(head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+               attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
+               eos_token_id=151645)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Built-in default: ~1M parameters, so the whole demo (a base model, seven methods, a learning
     # rate grid, multi-round evaluation) runs in minutes on two CPU cores; vocabulary of the tiny
@@ -34,29 +42,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
         architecture="LlamaForCausalLM"),
     "llama3.2-1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE_1B, max_position_embeddings=131072,
-        tie_word_embeddings=True, architecture="LlamaForCausalLM", bos_token_id=128000,
-        eos_token_id=128001),
+        _LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+        rope_scaling=_LLAMA3_ROPE_1B, tie_word_embeddings=True),
     "llama3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE_8B, max_position_embeddings=131072,
-        tie_word_embeddings=False, architecture="LlamaForCausalLM", bos_token_id=128000,
-        eos_token_id=128001),
+        _LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+        rope_scaling=_LLAMA3_ROPE_8B, tie_word_embeddings=False),
     "qwen2.5-1.5b": dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=True,
-        attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
-        eos_token_id=151645),
+        _QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-7b": dict(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
-        attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
-        eos_token_id=151645),
+        _QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
 
 

@@ -17,11 +17,12 @@ disk. Paths may be local or ``gs://`` buckets (orbax resolves them through etils
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from distfair_jax import fileio
 
 __all__ = ["StageCheckpointer"]
 
@@ -29,7 +30,7 @@ __all__ = ["StageCheckpointer"]
 class StageCheckpointer:
   """Keep-N, every-K-steps checkpoints of one stage."""
 
-  def __init__(self, directory: str, *, keep: int = 2, every_steps: int = 0, async_save: bool = True):
+  def __init__(self, directory, *, keep: int = 2, every_steps: int = 0, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, keep),
         save_interval_steps=1,  # the loop decides when to save (should_save / end of stage / SIGTERM)
@@ -37,9 +38,7 @@ class StageCheckpointer:
         create=True,
     )
     self.every_steps = every_steps
-    if "://" not in directory:
-      directory = os.path.abspath(directory)  # orbax refuses relative paths
-    self._manager = ocp.CheckpointManager(directory, options=options,
+    self._manager = ocp.CheckpointManager(fileio.as_path(directory), options=options,
                                           item_names=("state", "data", "config"))
 
   def latest_step(self) -> int | None:

@@ -23,12 +23,14 @@ convention). Per optimizer step:
   [prompt | chosen | rejected]): the same over the packed tokens, the output projection at the
   labels only.
 
-Token counts are padded tokens (what the device computes), batch x padded length.
+Token counts are padded tokens (what the device computes), batch x padded length. Each stage
+(``train.stages``) adds these up for its batches.
 """
 
 from __future__ import annotations
 
-__all__ = ["forward_flops_per_token", "step_flops", "peak_tflops", "PEAK_TFLOPS"]
+__all__ = ["forward_flops_per_token", "sequence_flops", "packed_flops", "peak_tflops",
+           "PEAK_TFLOPS"]
 
 # Dense bf16 peak TFLOP/s per device, for MFU; unknown devices report no MFU.
 PEAK_TFLOPS = {
@@ -46,35 +48,18 @@ def forward_flops_per_token(cfg, length: int) -> float:
   return 2.0 * n_matmul + 2.0 * d * cfg.vocab_size + 4.0 * cfg.num_hidden_layers * length * h * hd
 
 
-def step_flops(cfg, kind: str, tokens: dict[str, tuple[int, int]], reference: str = "online") -> float:
-  """FLOPs of one step. tokens: {"target": (batch, length), "kl": (...), "chosen": ..., "rejected": ...,
-  or for a packed hybrid batch "packed": (pairs, length), "labels": (2 * pairs, label length)}."""
-  def f(key):
-    b, l = tokens[key]
-    return b * l * forward_flops_per_token(cfg, l)
-  if kind in ("sft", "ift"):
-    return 3 * f("target")
-  if kind == "hybrid" and "packed" in tokens:
-    b, l = tokens["packed"]
-    head = 2.0 * cfg.hidden_size * cfg.vocab_size
-    body = b * l * (forward_flops_per_token(cfg, l) - head)
-    nl, ll = tokens["labels"]  # label groups: half targets, half mismatched
-    labels = nl * ll * head
-    ref = (body + labels) if reference == "online" else 0.0
-    return 3 * body + 3 * labels / 2 + labels / 2 + ref
-  if kind == "hybrid":
-    ref = (f("target") + f("kl")) if reference == "online" else 0.0
-    return 3 * f("target") + f("kl") + ref
-  if kind == "dpo" and "packed" in tokens:
-    b, l = tokens["packed"]
-    head = 2.0 * cfg.hidden_size * cfg.vocab_size
-    nl, ll = tokens["labels"]
-    both = b * l * (forward_flops_per_token(cfg, l) - head) + nl * ll * head
-    return 3 * both + both
-  if kind == "dpo":
-    both = f("chosen") + f("rejected")
-    return 3 * both + both
-  raise ValueError(f"unknown step kind {kind!r}")
+def sequence_flops(cfg, rows: int, length: int) -> float:
+  """Forward FLOPs over ``rows`` padded sequences of ``length`` tokens."""
+  return rows * length * forward_flops_per_token(cfg, length)
+
+
+def packed_flops(cfg, rows: int, length: int, label_rows: int, label_length: int
+                 ) -> tuple[float, float]:
+  """Forward FLOPs of packed rows -> (the transformer over the ``rows x length`` packed tokens,
+  the output projection at the ``label_rows x label_length`` label positions only)."""
+  head = 2.0 * cfg.hidden_size * cfg.vocab_size
+  return (rows * length * (forward_flops_per_token(cfg, length) - head),
+          label_rows * label_length * head)
 
 
 def peak_tflops(device) -> float | None:

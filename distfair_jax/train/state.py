@@ -1,9 +1,6 @@
-"""Train state: which parameters train, the optax optimizer, and the state pytree the step carries.
+"""Train state: the optax optimizer and schedule, and the state pytree the step carries.
 
-A model is split once, at the edge, into
-
-    graphdef, params, rngs, frozen = nnx.split(model, trainable, nnx.RngState, ...)
-
+A model is split once, at the edge (``model.loader``), into ``graphdef, params, rngs, frozen``:
 ``params`` are the trainable variables (all ``nnx.Param`` for full fine-tuning, only the
 ``nnx.LoRAParam`` adapters with LoRA), ``rngs`` the dropout RNG state (empty without dropout) and
 ``frozen`` everything else (the base weights under LoRA). The step carries ``TrainState(step, params,
@@ -18,12 +15,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distfair_jax.config import OptimConfig
 
-__all__ = ["TrainState", "trainable_filter", "split_model", "make_schedule", "make_optimizer",
-           "current_learning_rate", "count_params", "init_train_state"]
+__all__ = ["TrainState", "make_schedule", "make_optimizer", "current_learning_rate",
+           "init_train_state", "abstract_train_state"]
 
 
 @flax.struct.dataclass
@@ -33,16 +30,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rngs: Any
-
-
-def trainable_filter(lora: bool):
-  """The nnx filter of the trained variables: adapters under LoRA, every Param otherwise."""
-  return nnx.LoRAParam if lora else nnx.Param
-
-
-def split_model(model, lora: bool):
-  """-> (graphdef, params, rngs, frozen); see the module docstring."""
-  return nnx.split(model, trainable_filter(lora), nnx.RngState, ...)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -96,25 +83,32 @@ def current_learning_rate(opt_state, shape: optax.Schedule, step) -> jax.Array:
   return lr * shape(step)
 
 
-def count_params(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size")))
-
-
-def zeros_like_tree(tree):
-  return jax.tree.map(jnp.zeros_like, tree)
+def _opt_shardings(tx: optax.GradientTransformation, params, replicated):
+  """(abstract optimizer state, its shardings): moments like their parameters (``params`` carry
+  shardings), counters replicated (``optax.tree_utils.tree_map_params``)."""
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(tx.init, params)
+  return abstract, optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                                    transform_non_params=lambda _: replicated)
 
 
 def init_train_state(tx: optax.GradientTransformation, params, rngs, mesh) -> TrainState:
-  """A step-0 ``TrainState`` placed on ``mesh``: optimizer moments sharded like their parameters
-  (``optax.tree_utils.tree_map_params``), counters and RNG state replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec
+  """A step-0 ``TrainState`` placed on ``mesh``: optimizer moments sharded like their parameters,
+  counters and RNG state replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  abstract = jax.eval_shape(tx.init, params)
-  opt_shardings = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, abstract, param_shardings,
-      transform_non_params=lambda _: replicated)
+  _, opt_shardings = _opt_shardings(tx, params, replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   rngs = jax.device_put(rngs, replicated)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   return TrainState(step=step, params=params, opt_state=opt_state, rngs=rngs)
+
+
+def abstract_train_state(tx: optax.GradientTransformation, params, rngs, mesh) -> TrainState:
+  """The ``TrainState`` of ``init_train_state`` as ShapeDtypeStructs with their shardings, from
+  abstract ``params`` and ``rngs`` that carry theirs (nothing allocated; for ``distfair plan``)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract, opt_shardings = _opt_shardings(tx, params, replicated)
+  sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                    opt_state=jax.tree.map(sds, abstract, opt_shardings),
+                    rngs=jax.tree.map(lambda a: sds(a, replicated), rngs))

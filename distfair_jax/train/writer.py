@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from typing import Mapping
+from typing import Any, Mapping
+
+from distfair_jax import fileio
 
 __all__ = ["MetricsWriter"]
 
@@ -25,20 +26,20 @@ def _scalar(v) -> float:
 class MetricsWriter:
   """Appends to ``<run_dir>/metrics.jsonl`` and, optionally, ``<run_dir>/tensorboard``."""
 
-  def __init__(self, run_dir: str, *, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, run_dir: Any, *, tensorboard: bool = True, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.path = fileio.as_path(run_dir) / "metrics.jsonl"
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter  # lazy: only runs that log need it
-      self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=30)
+      self._tb = SummaryWriter(str(fileio.as_path(run_dir) / "tensorboard"), flush_secs=30)
 
   def write(self, stage: str, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
     if not self.enabled:
       return
     row = {"stage": stage, "step": int(step), "split": split}
     row.update({k: _scalar(v) for k, v in metrics.items()})
-    with open(self.path, "a", encoding="utf-8") as f:
+    with self.path.open("a", encoding="utf-8") as f:
       f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                           for k, v in row.items()}) + "\n")
     if self._tb is not None:
@@ -47,15 +48,12 @@ class MetricsWriter:
 
   def truncate_after(self, stage: str, step: int) -> None:
     """Drop rows of ``stage`` logged after ``step`` (a resumed run logs those steps again)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not self.path.exists():
       return
-    with open(self.path, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if not (r.get("stage") == stage and r.get("step", 0) > step)]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, self.path)
+    rows = [r for _, r in fileio.read_jsonl(self.path)]
+    fileio.write_text(self.path, "".join(
+        json.dumps(r) + "\n" for r in rows
+        if not (r.get("stage") == stage and r.get("step", 0) > step)))
 
   def close(self) -> None:
     if self._tb is not None:

@@ -50,7 +50,7 @@ check_name "$name"
 check_zone "$ZONE"
 check_project "$PROJECT"
 [[ -n "$source_dir" ]] || source_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-[[ -f "$source_dir/setup.py" ]] || die "--source: expected a distfair_jax checkout (with setup.py), got '$source_dir'"
+[[ -f "$source_dir/pyproject.toml" ]] || die "--source: expected a distfair_jax checkout (with pyproject.toml), got '$source_dir'"
 for c in "${ckpts[@]}"; do
   if [[ "$c" == gs://* ]]; then
     [[ "$c" =~ ^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9]/.+$ ]] || die "--ckpt: expected gs://BUCKET/PATH, got '$c'"

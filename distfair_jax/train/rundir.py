@@ -1,0 +1,145 @@
+"""A run directory: where ``distfair train`` writes, and what ``eval`` and ``export`` read back.
+
+    run_dir/
+      config.yaml            the resolved config (a rerun with a config that changes the results
+                             is refused once a stage has started)
+      tokenizer/             the tokenizer used when it is the built-in tiny one
+      metrics.jsonl          one row per logged step and per held-out evaluation
+      tensorboard/           event files
+      <stage>/checkpoints/   orbax checkpoints (state, data iterator, config), keep-N
+      <stage>/final/         trainable params at the end of the stage + summary.json (stage done)
+
+``load_run(run_dir)`` rebuilds the run's model (``model.loader.load_model`` on the saved config)
+with the final parameters of its last finished stage, exactly what training produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import yaml
+from flax import nnx
+
+from distfair_jax import checkpoint_io
+from distfair_jax import fileio
+from distfair_jax.config import Config, config_from_dict, config_to_dict, results_affecting
+from distfair_jax.errors import InputError
+
+__all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY"]
+
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer"
+FINAL = "final"
+SUMMARY = "summary.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class RunDir:
+  """Paths and records of one run directory (local or a bucket URL)."""
+
+  def __init__(self, path: Any):
+    self.path = fileio.as_path(path)
+
+  def __str__(self) -> str:
+    return str(self.path)
+
+  @property
+  def config_path(self) -> fileio.Path:
+    return self.path / CONFIG
+
+  @property
+  def tokenizer_dir(self) -> fileio.Path:
+    return self.path / TOKENIZER
+
+  def stage_dir(self, stage: str) -> fileio.Path:
+    return self.path / stage
+
+  def checkpoints_dir(self, stage: str) -> fileio.Path:
+    return self.stage_dir(stage) / "checkpoints"
+
+  def final_dir(self, stage: str) -> fileio.Path:
+    return self.stage_dir(stage) / FINAL
+
+  def stage_done(self, stage: str) -> bool:
+    return (self.final_dir(stage) / SUMMARY).exists()
+
+  def stage_started(self, stage: str) -> bool:
+    ckpts = self.checkpoints_dir(stage)
+    return self.stage_done(stage) or (ckpts.exists() and any(True for _ in ckpts.iterdir()))
+
+  def read_config(self) -> Config:
+    if not self.config_path.exists():
+      raise InputError(f"{self.config_path}: config: expected a training run directory (with "
+                       f"{CONFIG}), found none")
+    return config_from_dict(yaml.safe_load(fileio.read_text(self.config_path)),
+                            source=str(self.config_path))
+
+  def claim(self, cfg: Config) -> None:
+    """Records ``cfg`` as this run's config. InputError if the directory holds a run whose stages
+    have started with a config that changes the results; a run that never started is replaced."""
+    current = config_to_dict(cfg)
+    if self.config_path.exists():
+      previous = yaml.safe_load(fileio.read_text(self.config_path)) or {}
+      a, b = _flat(results_affecting(previous)), _flat(results_affecting(current))
+      diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+      started = [s for s in previous.get("stages", []) if self.stage_started(s)]
+      if diff and started:
+        raise InputError(f"{self.config_path}: this run directory holds a run with a different "
+                         f"config (differs in {', '.join(diff[:5])}; stages started: "
+                         f"{', '.join(started)}); use another run_dir to start a new run")
+    if jax.process_index() == 0:
+      fileio.write_text(self.config_path, yaml.safe_dump(current, sort_keys=False))
+
+  def finished_stages(self, cfg: Config) -> list[str]:
+    return [s for s in cfg.stages if self.stage_done(s)]
+
+  def summary(self, stage: str) -> dict:
+    return fileio.read_json(self.final_dir(stage) / SUMMARY, "a stage summary")
+
+  def write_final(self, stage: str, params, summary: dict) -> None:
+    """The stage's final trainable parameters, then its summary (which marks the stage done)."""
+    final = self.final_dir(stage)
+    if final.exists():
+      final.rmtree()  # a final dir without summary.json is an interrupted save
+    checkpoint_io.save_params(final / "params", params)
+    if jax.process_index() == 0:
+      fileio.write_json(final / SUMMARY, summary, indent=1)
+
+  def final_params(self, stage: str, target, shardings):
+    """The stage's final trainable parameters restored like ``target`` onto ``shardings``."""
+    pure = checkpoint_io.load_params(self.final_dir(stage) / "params", nnx.to_pure_dict(target),
+                                     sharding=nnx.to_pure_dict(shardings))
+    params = jax.tree.map(lambda x: x, target)
+    nnx.replace_by_pure_dict(params, pure)
+    return params
+
+
+def load_run(run_dir: Any, stage: str | None = None, *, mesh=None):
+  """-> (LoadedModel with the final parameters of ``stage`` (default: the last finished one), run
+  Config, stage name). ``mesh`` places it (default: one device)."""
+  from distfair_jax import sharding as shd
+  from distfair_jax.model.loader import load_model
+  run = RunDir(run_dir)
+  cfg = run.read_config()
+  done = run.finished_stages(cfg)
+  if stage is None:
+    if not done:
+      raise InputError(f"{run}: stages: expected at least one finished stage, found none "
+                       f"(configured: {', '.join(cfg.stages)})")
+    stage = done[-1]
+  elif stage not in done:
+    raise InputError(f"{run}: stage: expected one of the finished stages {done}, got {stage!r}")
+  mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
+  model = load_model(cfg.model, cfg.lora, mesh, seed=cfg.seed, tokenizer_dir=run.tokenizer_dir)
+  params = run.final_params(stage, model.params, model.param_shardings)
+  return model.with_params(params), cfg, stage

@@ -1,0 +1,69 @@
+"""The user's path through the CLI, with relative paths: train (LoRA, both stages), evaluate the run
+with its own eval settings and KEY=VALUE overrides, rebuild the report, export to Hugging Face format
+and reload the export with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """\
+defaults: [{base}]
+model:
+  overrides: {{num_hidden_layers: 1, hidden_size: 64, intermediate_size: 128, num_attention_heads: 2,
+              num_key_value_heads: 1, head_dim: 32}}
+lora: {{enabled: true, rank: 4, dropout: 0.05}}
+data: {{rows_per_occupation: 8, max_length: 64, max_prompt_length: 48}}
+sft: {{epochs: 1, batch_size: 8, max_steps: 3, optim: {{learning_rate: 1.0e-3, warmup_steps: 1}}}}
+hybrid: {{epochs: 1, batch_size: 8, max_steps: 2, optim: {{learning_rate: 1.0e-3, warmup_steps: 1}}}}
+heldout: {{max_batches: 1}}
+logging: {{tensorboard: false, progress: false}}
+eval: {{versions: [v2], rounds: 2, n_bootstrap: 0, plots: false, decode: {{max_new_tokens: 3}}}}
+"""
+
+
+def _distfair(cwd, *args):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  proc = subprocess.run([sys.executable, "-m", "distfair_jax.cli", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"distfair {' '.join(args)}:\n{proc.stderr[-3000:]}"
+  return proc
+
+
+@pytest.mark.slow
+def test_train_eval_report_export_with_relative_paths(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  (tmp_path / "exp.yaml").write_text(CONFIG.format(base=os.path.join(ROOT, "configs", "base.yaml")))
+  _distfair(tmp_path, "train", "exp.yaml", "run_dir=run")
+  assert (tmp_path / "run" / "hybrid" / "final" / "summary.json").is_file()
+
+  # The run's own eval: section (v2, 2 rounds), one override on top.
+  _distfair(tmp_path, "eval", "run", "decode.temperature=0.5")
+  doc = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+  assert list(doc["versions"]) == ["v2"] and doc["meta"]["rounds"] == 2
+  assert doc["meta"]["stage"] == "hybrid" and doc["meta"]["decoding"]["temperature"] == 0.5
+  assert doc["meta"]["decoding"]["max_new_tokens"] == 3 and doc["versions"]["v2"]["n_samples"] == 28
+  (tmp_path / "run" / "eval" / "report.md").unlink()
+  _distfair(tmp_path, "report", "run", "--no-plots")
+  assert (tmp_path / "run" / "eval" / "report.md").is_file()
+
+  # Export (LoRA folded in); transformers' model gives our final model's logits.
+  _distfair(tmp_path, "export", "run", "hf")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+  from distfair_jax.train.rundir import load_run
+  loaded, _, stage = load_run(tmp_path / "run")
+  assert stage == "hybrid"
+  ids = np.arange(5, 29, dtype=np.int64)[None]
+  with torch.no_grad():
+    ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+  model = loaded.merged()
+  got = np.asarray(model.logits(model(ids.astype(np.int32))))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
