@@ -10,8 +10,6 @@ with the target's dtype and, when given, its sharding (each host then reads only
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 __all__ = ["save_params", "load_params", "load_param_subset", "params_metadata", "to_pure_params"]
@@ -34,16 +33,16 @@ def to_pure_params(params: PyTree) -> PyTree:
   return params
 
 
-def save_params(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False) -> Path:
+def save_params(path: str | os.PathLike, params: PyTree, *, overwrite: bool = False):
   """Writes ``params`` (``nnx.State`` or pure dict of numpy/jax arrays) as an orbax checkpoint at
   ``path``. Synchronous: returns once every array is on disk. Orbax writes into a temporary
   directory and renames it into place, so a killed save leaves no half checkpoint at ``path``."""
-  path = Path(path).absolute()
+  path = fileio.as_path(path)
   if path.exists():
     if not overwrite:
       raise InputError(f"{path}: output: expected a path that does not exist, got an existing one "
                        "(pass overwrite=True to replace it)")
-    shutil.rmtree(path)
+    path.rmtree()
   tree = to_pure_params(params)
   # Peak memory: the default settings would hold a second copy of the model while saving, from
   # two sources: orbax's numpy handler deep-copies every host array first (so that an async save
@@ -64,7 +63,7 @@ def save_params(path: str | os.PathLike, params: PyTree, *, overwrite: bool = Fa
 def params_metadata(path: str | os.PathLike) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
   """Flat ``{path tuple: (shape, dtype)}`` of a params checkpoint, read without loading arrays.
   Layer indices in the paths are ints, as in the NNX state."""
-  path = Path(path)
+  path = fileio.as_path(path)
   if not path.is_dir():
     raise InputError(f"{path}: params: expected an orbax checkpoint directory, got nothing there")
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
@@ -106,7 +105,7 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, *, dtype:
   Returns a pure nested dict (int keys for layer indices) of jax arrays, or numpy arrays when
   ``target`` is None.
   """
-  path = Path(path)
+  path = fileio.as_path(path)
   if target is None:
     out: dict = {}
     for key, value in load_param_subset(path, list(params_metadata(path)), dtype=dtype).items():
@@ -144,7 +143,7 @@ def load_param_subset(path: str | os.PathLike, keys: list[tuple], *,
   :func:`params_metadata`), read by an orbax partial restore: the rest is never loaded. Lets a
   caller stream a large checkpoint piece by piece (``flax_to_hf`` reads one output shard at a time).
   """
-  path = Path(path)
+  path = fileio.as_path(path)
   meta = params_metadata(path)
   tree: dict = {}
   for key in keys:

@@ -4,6 +4,9 @@ Each subcommand lives in its own module under ``distfair_jax/commands/`` and exp
 ``add_arguments(parser)`` and ``run(args) -> int``; its docstring's first line is its help text.
 Modules are imported lazily so that ``distfair --help`` stays fast.
 
+Commands whose module sets ``DISTRIBUTED = True`` (train, eval, export, report) run as every process
+of a multi-host job: the JAX distributed runtime is started for them before they run.
+
 Exit codes: 0 success, 1 failure, 2 bad usage or bad input (``InputError``).
 """
 
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    if getattr(args._module, "DISTRIBUTED", False):  # multi-host: before any device is touched
+      from distfair_jax.distributed import maybe_initialize
+      maybe_initialize(f"distfair {args.command}")
     return int(args._module.run(args) or 0)
   except InputError as e:
     print(f"distfair {args.command}: error: {e}", file=sys.stderr)

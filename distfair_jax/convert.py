@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,8 @@ import numpy as np
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
-__all__ = ["hf_to_flax", "flax_to_hf", "save_pretrained", "load_model_config", "check", "hf_name",
-           "MODEL_CONFIG", "PARAMS_DIR"]
+__all__ = ["hf_to_flax", "flax_to_hf", "write_hf", "save_pretrained", "load_model_config", "check",
+           "hf_name", "MODEL_CONFIG", "PARAMS_DIR"]
 
 # Copied unchanged from source to destination, in both directions.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -292,15 +291,18 @@ def _check_dst(dst: Path, overwrite: bool, src: Path | None = None) -> None:
   fileio.check_new_dir(dst, overwrite)
 
 
-def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def _copy_tokenizer_files(src, dst) -> list[str]:
+  """Copies the tokenizer files (and generation_config.json) of ``src`` into ``dst`` unchanged;
+  either may be a bucket URL."""
+  src, dst = fileio.as_path(src), fileio.as_path(dst)
   copied = []
   for name in _TOKENIZER_FILES:
     if (src / name).is_file():
-      shutil.copy2(src / name, dst / name)
+      fileio.copy_file(src / name, dst / name)
       copied.append(name)
   for name in _TOKENIZER_DIRS:
     if (src / name).is_dir():
-      shutil.copytree(src / name, dst / name)
+      fileio.copy_tree(src / name, dst / name)
       copied.append(name)
   return copied
 
@@ -461,47 +463,42 @@ def _plan_shards(names: list[str], expected: dict, dtype: np.dtype, limit: int) 
   return shards
 
 
-def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
-               *, dtype: str | None = None, overwrite: bool = False,
-               progress: bool = False) -> Path:
-  """Writes a converted (or trained) directory ``src`` as a Hugging Face directory ``dst``:
-  config.json, safetensors (``model.safetensors``, or shards of at most ``max_shard_size`` plus
-  ``model.safetensors.index.json``), tokenizer files and generation_config.json when present.
-  ``transformers.AutoModelForCausalLM.from_pretrained(dst)`` loads it (and vLLM serves it).
-  dtype: output dtype (default: the stored one). Returns ``dst``.
+def write_hf(dst: str | os.PathLike, config, read, *, stored_dtype: Any,
+             tokenizer_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
+             dtype: str | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+  """Writes a Hugging Face directory ``dst`` for ``config``'s model: config.json, safetensors
+  (``model.safetensors``, or shards of at most ``max_shard_size`` plus
+  ``model.safetensors.index.json``), and ``tokenizer_dir``'s tokenizer files and
+  generation_config.json copied unchanged.
+
+  read: ``read(paths) -> {path: numpy array}`` of our parameter paths, called once per output
+  shard (so the caller decides how much is in memory). stored_dtype: the parameters' dtype, the
+  output's unless ``dtype`` says otherwise.
   """
   from safetensors.numpy import save_file
-  from distfair_jax.checkpoint_io import load_param_subset
   _check_dtype(dtype)
-  src, dst = Path(src).absolute(), Path(dst).absolute()
   shard_limit = _parse_size(max_shard_size)
-  _check_dst(dst, overwrite, src)
-  config = load_model_config(src)
   expected = _expected_hf(config)
-  stored = _check_stored(src, expected)
-  out_dtype = _np_dtype(dtype) if dtype else np.dtype(next(iter(stored.values()))[1])
-
+  out_dtype = _np_dtype(dtype) if dtype else np.dtype(stored_dtype)
   names = sorted(expected, key=_hf_order)
   shards = _plan_shards(names, expected, out_dtype, shard_limit)
   total = sum(math.prod(expected[n][2]) * out_dtype.itemsize for n in names)
-
-  with fileio.atomic_dir(dst, overwrite=overwrite) as tmp:
+  with fileio.local_dir_for(dst, overwrite=overwrite) as local:  # a bucket URL works too
+    tmp = Path(local)
     weight_map = {}
     bar = _progress(None, len(names), "writing", progress) if progress else None
     for i, shard in enumerate(shards):
       file = ("model.safetensors" if len(shards) == 1
               else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      # Only this shard's parameters are read (orbax partial restore): peak memory is a few
-      # shards, not the model.
-      params = load_param_subset(src / PARAMS_DIR, [expected[n][0] for n in shard])
+      params = read([expected[n][0] for n in shard])
       tensors = {}
       for name in shard:
         path, transposed, _ = expected[name]
         x = params.pop(path)
         tensors[name] = np.ascontiguousarray(x.T if transposed else x, dtype=out_dtype)
-        del x
         weight_map[name] = file
       save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+      os.chmod(tmp / file, 0o666 & ~_umask())  # what a plain file gets, not a private one
       del tensors
       if bar is not None:
         bar.update(len(shard))
@@ -515,8 +512,34 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
     hf["dtype"] = out_dtype.name
     hf["torch_dtype"] = out_dtype.name  # transformers < 5 and the vLLM versions built on it
     fileio.write_text(tmp / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    _copy_tokenizer_files(src, tmp)
-  return dst
+    if tokenizer_dir is not None:
+      _copy_tokenizer_files(tokenizer_dir, tmp)
+  return fileio.as_path(dst)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
+               *, dtype: str | None = None, overwrite: bool = False,
+               progress: bool = False) -> Path:
+  """Writes a converted (or trained) directory ``src`` as a Hugging Face directory ``dst``
+  (``write_hf``), reading one output shard's parameters at a time (orbax partial restore: peak
+  memory is a few shards, not the model). ``transformers.AutoModelForCausalLM.from_pretrained(dst)``
+  loads it (and vLLM serves it). dtype: output dtype (default: the stored one). Returns ``dst``.
+  """
+  from distfair_jax.checkpoint_io import load_param_subset
+  src, dst = Path(src).absolute(), Path(dst).absolute()
+  _check_dst(dst, overwrite, src)
+  config = load_model_config(src)
+  stored = _check_stored(src, _expected_hf(config))
+  return write_hf(dst, config, lambda paths: load_param_subset(src / PARAMS_DIR, paths),
+                  stored_dtype=next(iter(stored.values()))[1], tokenizer_dir=src,
+                  max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+                  progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +562,7 @@ def save_pretrained(path: str | os.PathLike, model_or_state: Any, config: Any,
     checkpoint_io.save_params(tmp / PARAMS_DIR, state)
     _write_model_config(tmp / MODEL_CONFIG, config)
     if isinstance(tokenizer, (str, os.PathLike)):
-      _copy_tokenizer_files(Path(tokenizer), tmp)
+      _copy_tokenizer_files(tokenizer, tmp)
     elif tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
   return path

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import nnx
 
+from distfair_jax import console
 from distfair_jax import fileio
 from distfair_jax import metrics as metrics_lib
 from distfair_jax.config import EvalConfig, config_to_dict
@@ -180,17 +181,20 @@ def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encod
 
 
 def _evaluate_version(version, sampler, state, encoder, attribute, records, config, judge):
-  """-> (metrics, rows, timing) of one test version."""
+  """-> (metrics, rows, timing) of one test version; (None, None, None) on every process but the
+  first (which alone judges and scores; sampling and the exact distributions are collective)."""
   slots, targets = _group_records(records, version, config.prompt_field, config.rounds,
                                   attribute.num_categories)
   start = time.perf_counter()
   rows = sample_version(sampler, state, encoder, attribute, slots, version=version,
                         config=config, targets=targets)
   sampled = time.perf_counter()
-  categorize(rows, attribute, story=version in STORY_VERSIONS, judge=judge)
   exact = None
   if config.steering == "model":
     exact = exact_distributions(sampler, state, slots, encoder)
+  if not console.is_main_process():
+    return None, None, None
+  categorize(rows, attribute, story=version in STORY_VERSIONS, judge=judge)
   metrics = metrics_lib.evaluate_version(
       rows, targets, attribute.num_categories, n_bootstrap=config.n_bootstrap, seed=config.seed,
       exact=exact, categories=attribute.names, source=f"eval/{version}.jsonl")
@@ -210,7 +214,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
              out_dir: Any, *, config: EvalConfig = EvalConfig(), prompt_format: str = "chat",
              judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None,
-             sampler: Sampler | None = None) -> dict[str, Any]:
+             sampler: Sampler | None = None, mesh=None) -> dict[str, Any] | None:
   """Runs the evaluation and writes ``out_dir/eval`` (see the module docstring).
 
   Args:
@@ -227,10 +231,12 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     metadata: extra JSON-serialisable facts recorded in ``meta`` (model path, dataset, ...).
     progress: optional callback receiving one line per finished version.
     sampler: a ``Sampler`` of the model's architecture to reuse (its compiled programs serve every
-      model of that architecture); default: a new one.
+      model of that architecture); default: a new one, on ``mesh``.
+    mesh: the devices to sample on (the model's own mesh, every device of every process for a
+      multi-host evaluation: every process calls ``evaluate``; the first judges, scores and writes).
   Returns:
     the metrics document written to eval/metrics.json: ``{"versions": {version: metrics},
-    "meta": {decoding, steering, rounds, seed, judge, timing, ...}}``.
+    "meta": {decoding, steering, rounds, seed, judge, timing, ...}}``; None on the other processes.
   """
   from distfair_jax import report as report_lib
   final_dir = fileio.as_path(out_dir) / "eval"
@@ -245,13 +251,15 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     from distfair_jax.judges import RulesJudge
     judge = RulesJudge()
   graphdef, state = nnx.split(model)
-  sampler = sampler if sampler is not None else Sampler(graphdef)
+  sampler = sampler if sampler is not None else Sampler(graphdef, mesh)
   results, rows_by_version, timing = {}, {}, {}
   for version in versions:
     results[version], rows_by_version[version], timing[version] = _evaluate_version(
         version, sampler, state, encoder, attribute, test_sets[version], config, judge)
-    if progress is not None:
+    if progress is not None and results[version] is not None:
       progress(_progress_line(version, results[version], timing[version]))
+  if not console.is_main_process():
+    return None
   meta = {
       "attribute": attribute.name, "categories": attribute.names,
       "steering": str(config.steering), "steering_tokens": attribute.steering_tokens,

@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -34,8 +35,8 @@ from etils import epath
 from distfair_jax.errors import InputError
 
 __all__ = ["Path", "as_path", "is_remote", "read_text", "read_json", "read_jsonl", "write_bytes",
-           "write_text",
-           "write_json", "write_jsonl", "atomic_dir", "sweep_leftovers", "check_new_dir",
+           "write_text", "write_json", "write_jsonl", "copy_file", "copy_tree", "atomic_dir",
+           "local_dir_for", "local_copy", "make_dirs", "sweep_leftovers", "check_new_dir",
            "temporary_name"]
 
 Path = epath.Path
@@ -55,6 +56,20 @@ def as_path(p: PathLike) -> epath.Path:
   if is_remote(s):
     return epath.Path(s)
   return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def make_dirs(p: PathLike) -> epath.Path:
+  """``mkdir -p``; for a URL whose bucket does not exist, an InputError naming it (one line)."""
+  p = as_path(p)
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+  except FileNotFoundError as e:
+    if not is_remote(p):
+      raise
+    bucket = "/".join(os.fspath(p).split("/")[:3])
+    raise InputError(f"{p}: bucket: expected an existing bucket you can write to, got "
+                     f"{bucket} missing ({e})") from None
+  return p
 
 
 def _say(msg: str) -> None:
@@ -155,7 +170,7 @@ def sweep_leftovers(dst: PathLike) -> list[epath.Path]:
 def write_bytes(path: PathLike, data: bytes) -> epath.Path:
   """Writes ``data`` to ``path`` atomically (a temporary sibling renamed over it)."""
   p = as_path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
+  make_dirs(p.parent)
   if is_remote(p):  # an object store writes an object whole or not at all
     p.write_bytes(data)
     return p
@@ -189,6 +204,28 @@ def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> epath.Path
   return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def copy_file(src: PathLike, dst: PathLike) -> epath.Path:
+  """Copies a file (either side local or a URL), atomically at the destination."""
+  return write_bytes(dst, as_path(src).read_bytes())
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> epath.Path:
+  """Copies a directory tree file by file (either side local or a URL)."""
+  src, dst = as_path(src), as_path(dst)
+  for path in _files(src):
+    copy_file(path, dst / str(path)[len(str(src)):].lstrip("/"))
+  return dst
+
+
+def _files(root: epath.Path) -> Iterator[epath.Path]:
+  """Every file below ``root`` (``iterdir`` keeps a URL's scheme, which ``walk`` drops)."""
+  for p in root.iterdir():
+    if p.is_dir():
+      yield from _files(p)
+    else:
+      yield p
+
+
 def check_new_dir(dst: PathLike, overwrite: bool, what: str = "output") -> None:
   """InputError unless ``dst`` is absent, an empty directory, or ``overwrite`` is set."""
   dst = as_path(dst)
@@ -205,9 +242,23 @@ def check_new_dir(dst: PathLike, overwrite: bool, what: str = "output") -> None:
 def atomic_dir(dst: PathLike, *, overwrite: bool = False, what: str = "output"
                ) -> Iterator[epath.Path]:
   """Yields a fresh temporary directory next to ``dst``; on success renames it to ``dst``
-  (replacing an old ``dst`` only with ``overwrite``); on failure removes it and leaves ``dst``."""
+  (replacing an old ``dst`` only with ``overwrite``); on failure removes it and leaves ``dst``.
+
+  An object store (a URL) has no directory rename (a "rename" copies every object): there the
+  files are written in place and a failure removes them; a run killed mid-way leaves a partial
+  ``dst``, which the next write refuses to replace without ``overwrite``."""
   dst = as_path(dst)
   check_new_dir(dst, overwrite, what)
+  if is_remote(dst):
+    if dst.exists():
+      dst.rmtree()
+    make_dirs(dst)
+    try:
+      yield dst
+    except BaseException:
+      dst.rmtree(missing_ok=True)
+      raise
+    return
   dst.parent.mkdir(parents=True, exist_ok=True)
   sweep_leftovers(dst)
   tmp = dst.parent / temporary_name(dst.name)
@@ -225,3 +276,31 @@ def atomic_dir(dst: PathLike, *, overwrite: bool = False, what: str = "output"
   except BaseException:
     tmp.rmtree(missing_ok=True)
     raise
+
+
+@contextlib.contextmanager
+def local_dir_for(dst: PathLike, *, overwrite: bool = False, what: str = "output"
+                  ) -> Iterator[str]:
+  """A local directory (a string path) to write ``dst`` with a library that only writes local
+  files (a tokenizer's ``save_pretrained``): ``atomic_dir`` for a local ``dst``; for a URL, a local
+  temporary directory copied to ``dst`` on success."""
+  if not is_remote(dst):
+    with atomic_dir(dst, overwrite=overwrite, what=what) as tmp:
+      yield os.fspath(tmp)
+    return
+  check_new_dir(dst, overwrite, what)
+  with tempfile.TemporaryDirectory(prefix="distfair-") as tmp:
+    yield tmp
+    copy_tree(tmp, dst)
+
+
+@contextlib.contextmanager
+def local_copy(src: PathLike) -> Iterator[str]:
+  """``src`` as a local directory (a string path) for a library that only reads local files: the
+  directory itself, or a temporary local copy of a URL's files."""
+  if not is_remote(src):
+    yield os.fspath(as_path(src))
+    return
+  with tempfile.TemporaryDirectory(prefix="distfair-") as tmp:
+    copy_tree(src, tmp)
+    yield tmp

@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from distfair_jax.fileio import Path
 from typing import Any
 
 from distfair_jax import fileio
@@ -46,7 +46,7 @@ _REQUIRED_OCC = ("occupation", "target", "achieved", "mae", "n", "n_unparsed")
 
 
 def metrics_path(run_dir: str | os.PathLike) -> Path:
-  return Path(run_dir) / "eval" / "metrics.json"
+  return fileio.as_path(run_dir) / "eval" / "metrics.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _write(eval_dir, files: Mapping[str, str | bytes]) -> dict[str, Path]:
       fileio.write_bytes(path, content)
     else:
       fileio.write_text(path, content)
-    out[rel] = Path(str(path))
+    out[rel] = path
   return out
 
 

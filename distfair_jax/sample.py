@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distfair_jax import distributed
+from distfair_jax import sharding as shd
 from distfair_jax.config import DecodeConfig, Steering
 from distfair_jax.data.tokenize import next_pow2, prompt_bucket
 from distfair_jax.errors import InputError
@@ -271,14 +273,14 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
   return tokens, steer_idx
 
 
-def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt, first_round,
+def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt, first_round,
                   steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
                   rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
                   filtering: bool):
   """One chunk, one compiled program: prefill, rounds, per-sample keys, steering and decode loop.
 
   input_ids, attention_mask: [P, L] (prompts first_prompt .. first_prompt + P - 1, left-padded);
-  key: typed key of the seed; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
+  seed: [] int32; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
   Returns tokens [P*rounds, T] int32 and steering index [P*rounds] int32, row p * rounds + r holding
   round first_round + r of prompt first_prompt + p.
   """
@@ -287,10 +289,16 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, key, first_prompt,
   logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
   p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)
   r_idx = first_round + jnp.tile(jnp.arange(rounds, dtype=jnp.int32), batch)
-  keys = _sample_keys(key, p_idx, r_idx)
+  keys = _sample_keys(jax.random.key(seed), p_idx, r_idx)
+  # The rows (prompts x rounds) split over the mesh's batch axes, when there is a mesh: each
+  # device decodes its share (no-ops without one, or when the rows do not divide).
+  rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+  logits, keys = rows(logits), rows(keys)
+  cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
+                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return _decode_rows(model, cache, logits, keys, steering_ids,
-                      jnp.repeat(target_probs, rounds, axis=0), stop_ids, temperature, top_k, top_p,
-                      pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
+                      rows(jnp.repeat(target_probs, rounds, axis=0)), stop_ids, temperature, top_k,
+                      top_p, pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
                       filtering=filtering)
 
 
@@ -358,22 +366,43 @@ def _gather(pending, num_prompts: int, rounds: int):
 
 class Sampler:
   """Sampling programs of one model architecture (``graphdef`` from ``nnx.split``), each compiled
-  once per shape; ``state`` (the weights) is an argument of every call."""
+  once per shape; ``state`` (the weights) is an argument of every call.
+
+  mesh: optional device mesh (every device of every process, e.g. ``{"data": -1}``): each chunk's
+  rows are then split over its batch axes, and the results gathered to every process (multi-host
+  evaluation: every process calls with the same arguments). ``state`` must live on that mesh.
+  """
 
   _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering")
 
-  def __init__(self, graphdef):
+  def __init__(self, graphdef, mesh=None):
     self.graphdef = graphdef
+    self.mesh = mesh
     self._chunk = jax.jit(functools.partial(_sample_chunk, graphdef), static_argnames=self._STATIC)
     self._steer = jax.jit(functools.partial(_steering_distribution, graphdef))
     self.prefill = jax.jit(functools.partial(_prefill, graphdef),
                            static_argnames=("rounds", "cache_length"))
 
   @classmethod
-  def of(cls, model: nnx.Module) -> tuple[Sampler, Any]:
+  def of(cls, model: nnx.Module, mesh=None) -> tuple[Sampler, Any]:
     """A sampler for ``model``'s architecture and ``model``'s state."""
     graphdef, state = nnx.split(model)
-    return cls(graphdef), state
+    return cls(graphdef, mesh), state
+
+  def _call(self, fn, *args, **kwargs):
+    """``fn`` under the mesh (its inputs replicated on it), or plainly without one."""
+    if self.mesh is None:
+      return fn(*args, **kwargs)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    devices = set(self.mesh.devices.flat)
+    on_mesh = lambda x: isinstance(x, jax.Array) and x.sharding.device_set == devices
+    # Host inputs replicated on the mesh (each process places its own devices' copies); arrays
+    # already there (the weights) kept as they are.
+    place = lambda x: jax.make_array_from_callback(np.shape(x), replicated,
+                                                   lambda index: np.asarray(x)[index])
+    args = jax.tree.map(lambda x: x if on_mesh(x) else place(x), args)
+    with jax.set_mesh(self.mesh):
+      return fn(*args, **kwargs)
 
   @property
   def compiled_programs(self) -> int:
@@ -387,9 +416,9 @@ class Sampler:
     used); steering_ids: [K]. Returns [B, K] float32: softmax over the K steering-token logits
     alone (renormalised, temperature 1): exactly what ``model`` steering samples from.
     """
-    return np.asarray(self._steer(state, jnp.asarray(input_ids, jnp.int32),
-                                  jnp.asarray(attention_mask, jnp.int32),
-                                  jnp.asarray(steering_ids, jnp.int32)))
+    out = self._call(self._steer, state, np.asarray(input_ids, np.int32),
+                     np.asarray(attention_mask, np.int32), np.asarray(steering_ids, np.int32))
+    return distributed.gather(out)
 
   def generate(self, state, prompts: Sequence[Sequence[int]], *, rounds: int = 1,
                config: DecodeConfig = DecodeConfig(), max_new_tokens: int | None = None,
@@ -421,20 +450,21 @@ class Sampler:
     static = dict(cache_length=length + max_new + (1 if steering != "none" else 0),
                   mode=str(steering), max_new_tokens=max_new, greedy=greedy,
                   filtering=(config.top_k > 0 or config.top_p < 1.0) and not greedy)
-    scalars = (jnp.float32(config.temperature if config.temperature > 0 else 1.0),
-               jnp.int32(config.top_k), jnp.float32(config.top_p), jnp.int32(pad_id))
+    scalars = (np.float32(config.temperature if config.temperature > 0 else 1.0),
+               np.int32(config.top_k), np.float32(config.top_p), np.int32(pad_id))
     per_call, rounds_per_call = _plan(num_prompts, rounds, batch_size)
-    key, steer_arr, stops_arr = jax.random.key(seed), jnp.asarray(steer), jnp.asarray(stops)
+    seed_arr = np.int32(seed)
     pending = []
     for start in range(0, num_prompts, per_call):
       for round0 in range(0, -(-rounds // rounds_per_call) * rounds_per_call, rounds_per_call):
         idx = np.minimum(np.arange(start, start + per_call), num_prompts - 1)  # pad the chunk
-        tokens, steer_idx = self._chunk(
-            state, ids[idx], mask[idx], key, np.int32(start), np.int32(round0), steer_arr,
-            probs[idx], stops_arr, *scalars, rounds=rounds_per_call, **static)
+        tokens, steer_idx = self._call(
+            self._chunk, state, ids[idx], mask[idx], seed_arr, np.int32(start), np.int32(round0),
+            steer, probs[idx], stops, *scalars, rounds=rounds_per_call, **static)
         pending.append((np.repeat(np.arange(start, start + per_call), rounds_per_call),
                         np.tile(np.arange(round0, round0 + rounds_per_call), per_call), tokens,
                         steer_idx))
+    pending = [(p, r, *distributed.gather((t, i))) for p, r, t, i in pending]
     tokens, steer_index, p_idx, r_idx = _gather(pending, num_prompts, rounds)
     is_stop = np.isin(tokens, stops)
     if steering != "none":

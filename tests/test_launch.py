@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ["tpu/create.sh", "tpu/setup.sh", "tpu/run.sh", "tpu/babysit.sh", "tpu/stop.sh",
-           "gpu/run.sh", "local/demo.sh"]
+           "gpu/run.sh", "local/demo.sh", "local/multihost.sh"]
 CONFIG = "configs/experiments/gender_real_uk/llama3.2-1b.yaml"
 SLICES = {  # type -> zone, runtime version
     "v5litepod-16": ("us-west4-a", "v2-alpha-tpuv5-lite"),
@@ -134,6 +134,19 @@ def test_gpu_and_local_dry_run():
                     "2>&1 | tee -a logs/tiny/process-1.log")
   single = lines(sh("gpu/run.sh", "configs/experiments/tiny.yaml", "--dry-run"))
   assert "JAX_" not in single[1]
+  rehearsal = lines(sh("local/multihost.sh", "--dry-run", "--port", "4321", "--log-dir", "L", "2",
+                       "train", "configs/experiments/tiny.yaml", "run_dir=r"))
+  common = ("env JAX_COORDINATOR_ADDRESS=127.0.0.1:4321 JAX_NUM_PROCESSES=2 "
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1")
+  assert rehearsal[1:] == [
+      f"{common} JAX_PROCESS_ID={i} python3 -m distfair_jax.cli train "
+      f"configs/experiments/tiny.yaml run_dir=r > L/process-{i}.log 2>&1 &" for i in (0, 1)] + ["wait"]
+  for bad, message in ((["0", "train"], "N: expected a positive integer"),
+                       (["2"], "N COMMAND: expected"),
+                       (["--devices-per-process", "x", "2", "train"], "--devices-per-process")):
+    r = sh("local/multihost.sh", *bad)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
   demo = lines(sh("local/demo.sh", "--dry-run", "--out", "a dir"))
   assert demo[0].startswith("JAX_PLATFORMS=cpu ") and demo[0].endswith("demo --out 'a dir'")
 

@@ -18,8 +18,9 @@ metrics.json.
 from __future__ import annotations
 
 import argparse
+
+DISTRIBUTED = True  # runs as every process of a multi-host job (cli.main starts jax.distributed)
 import os
-import sys
 
 from distfair_jax.errors import InputError
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/eval")
 
 
-def _load(path: str, stage: str | None, overrides):
+def _load(path: str, stage: str | None, overrides, mesh):
   """-> (model, tokenizer, dataset name or None, prompt format, EvalConfig, facts for meta)."""
   from distfair_jax import fileio
   from distfair_jax.config import load_eval_config
@@ -46,13 +47,13 @@ def _load(path: str, stage: str | None, overrides):
     raise InputError(f"{p}: model: expected a run or converted model directory, got "
                      f"{'a file' if p.exists() else 'no such directory'}")
   if (p / CONFIG).exists():
-    loaded, cfg, stage = load_run(p, stage)
+    loaded, cfg, stage = load_run(p, stage, mesh=mesh)
     config = load_eval_config(cfg.eval, overrides)
     return (loaded.merged(), loaded.tokenizer, cfg.data.spec or cfg.data.dataset,
             str(cfg.data.prompt_format), config, {"model": str(p), "kind": "run", "stage": stage})
   if (p / MODEL_CONFIG).exists():
     config = load_eval_config(None, overrides)
-    model, tokenizer, _ = load_pretrained(p, dtype=config.dtype and str(config.dtype))
+    model, tokenizer, _ = load_pretrained(p, dtype=config.dtype and str(config.dtype), mesh=mesh)
     return model, tokenizer, None, "chat", config, {"model": str(p), "kind": "converted"}
   raise InputError(f"{p}: model: expected {CONFIG} (a run) or {MODEL_CONFIG} (a converted "
                    f"model), got neither")
@@ -71,13 +72,15 @@ def _judge(config):
 
 
 def run(args: argparse.Namespace) -> int:
-  from distfair_jax import fileio
+  from distfair_jax import console, fileio
+  from distfair_jax import sharding as shd
   from distfair_jax.data.build import build_dataset
   from distfair_jax.evaluate import evaluate
   out = args.out or args.model
   fileio.check_new_dir(fileio.as_path(out) / "eval", args.overwrite, "eval")
+  mesh = shd.make_mesh({"data": -1})  # data parallel over every device; the weights replicated
   model, tokenizer, run_dataset, prompt_format, config, meta = _load(args.model, args.stage,
-                                                                    args.overrides)
+                                                                    args.overrides, mesh)
   dataset_name = config.dataset or run_dataset
   if dataset_name is None:
     raise InputError(f"{args.model}: dataset: expected dataset=NAME for a converted model "
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
   if judge is not None and config.judge.kind == "openai":
     meta["judge_url"], meta["judge_model"] = config.judge.url, config.judge.model
   evaluate(model, tokenizer, dataset.spec.attribute, test_sets, out, config=config,
-           prompt_format=prompt_format, judge=judge, overwrite=args.overwrite, metadata=meta,
-           progress=lambda line: print(line, file=sys.stderr))
-  print(fileio.as_path(out) / "eval" / "metrics.json")
+           prompt_format=prompt_format, judge=judge if console.is_main_process() else None,
+           overwrite=args.overwrite, metadata=meta, progress=console.log, mesh=mesh)
+  if console.is_main_process():
+    print(fileio.as_path(out) / "eval" / "metrics.json")
   return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+DISTRIBUTED = True  # runs as every process of a multi-host job (cli.main starts jax.distributed)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("run_dir", metavar="RUN_DIR",
@@ -18,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  import jax
   from distfair_jax.report import rebuild_report
+  if jax.process_index() != 0:  # multi-host: one writer
+    return 0
   written = rebuild_report(args.run_dir, plots=not args.no_plots)
   for path in written.values():
     print(path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+DISTRIBUTED = True  # runs as every process of a multi-host job (cli.main starts jax.distributed)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("config", help="experiment YAML (composes base, model and dataset configs)")
@@ -21,8 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from distfair_jax.config import load_config
   cfg = load_config(args.config, args.overrides)
-  from distfair_jax.distributed import maybe_initialize
-  maybe_initialize()  # multi-host (TPU pod slice, GPU cluster): before any device is touched
   import sys
   from distfair_jax.train.loop import Preempted, TrainingError
   from distfair_jax.train.trainer import train
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     return 1
   except Preempted:
     return 143
+  from distfair_jax import console
+  if not console.is_main_process():
+    return 0
   for name, s in summaries.items():
     ev = s.get("eval") or {}
     extra = f", held-out steering MAE {ev['steering_mae']:.4f}" if "steering_mae" in ev else ""

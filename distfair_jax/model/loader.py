@@ -74,6 +74,7 @@ class LoadedModel:
   name: str
   source: str  # "checkpoint" | "preset"
   lora: bool
+  tokenizer_dir: Any = None  # where the tokenizer files are (None: built in memory)
 
   @property
   def num_params(self) -> int:
@@ -125,15 +126,14 @@ def _auto_tokenizer(path: fileio.Path):
   if not path.is_dir():
     raise InputError(f"{path}: tokenizer: expected a Hugging Face tokenizer directory, got "
                      f"{'a file' if path.exists() else 'no such directory'}")
-  return AutoTokenizer.from_pretrained(str(path))
+  with fileio.local_copy(path) as local:  # transformers reads local files only
+    return AutoTokenizer.from_pretrained(local)
 
 
-def load_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Any = None, *, required: bool = True):
-  """The tokenizer of a model section: ``model.tokenizer``, else the checkpoint's files, else
-  ``tokenizer_dir``'s (e.g. a run's saved copy), else the built-in tiny tokenizer. A checkpoint
-  without tokenizer files is an error, or gives None when not ``required``."""
+def _tokenizer_dir(model_cfg: ModelConfig, tokenizer_dir: Any, required: bool):
+  """Where the tokenizer of a model section comes from (None: the built-in tiny one)."""
   if model_cfg.tokenizer:
-    return _auto_tokenizer(fileio.as_path(model_cfg.tokenizer))
+    return fileio.as_path(model_cfg.tokenizer)
   has_files = lambda p: any((p / f).exists() for f in _TOKENIZER_FILES)
   ckpt = _checkpoint(model_cfg)
   if ckpt is not None:
@@ -142,9 +142,21 @@ def load_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Any = None, *, require
         return None
       raise InputError(f"{ckpt}: tokenizer: expected the checkpoint's tokenizer files "
                        f"({', '.join(_TOKENIZER_FILES)}) or model.tokenizer, got neither")
-    return _auto_tokenizer(ckpt)
+    return ckpt
   if tokenizer_dir is not None and has_files(fileio.as_path(tokenizer_dir)):
-    return _auto_tokenizer(fileio.as_path(tokenizer_dir))
+    return fileio.as_path(tokenizer_dir)
+  return None
+
+
+def load_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Any = None, *, required: bool = True):
+  """The tokenizer of a model section: ``model.tokenizer``, else the checkpoint's files, else
+  ``tokenizer_dir``'s (e.g. a run's saved copy), else the built-in tiny tokenizer. A checkpoint
+  without tokenizer files is an error, or gives None when not ``required``."""
+  path = _tokenizer_dir(model_cfg, tokenizer_dir, required)
+  if path is not None:
+    return _auto_tokenizer(path)
+  if model_cfg.checkpoint:
+    return None
   from distfair_jax.tokenizer import build_tiny_tokenizer
   return build_tiny_tokenizer()
 
@@ -230,8 +242,9 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh, *, seed: int 
     p, frozen = jax.tree.map(sds, p, p_sh), jax.tree.map(sds, frozen, f_sh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rngs = jax.tree.map(lambda a: sds(a, replicated), rngs)
+  tok_dir = None if abstract else _tokenizer_dir(model_cfg, tokenizer_dir, require_tokenizer)
   return LoadedModel(mcfg, graphdef, graphdef_eval, p, rngs, frozen, p_sh, f_sh,
-                     None if abstract else tokenizer, name, source, lora_cfg.enabled)
+                     None if abstract else tokenizer, name, source, lora_cfg.enabled, tok_dir)
 
 
 def load_pretrained(path: Any, dtype: str | None = None, *, mesh=None):

@@ -1,7 +1,12 @@
 """Exporting a run to Hugging Face format: ``export_run(run_dir, dst)`` writes a Hugging Face
-directory (safetensors + config.json + tokenizer) from the final weights of the run's last finished
-stage (``rundir.load_run``), LoRA adapters folded into the base weights, through
-``distfair_jax.convert``."""
+directory (safetensors + config.json + the tokenizer's files) from the final weights of the run's last
+finished stage (``rundir.load_run``), LoRA adapters folded into the base weights.
+
+The tokenizer files and generation_config.json are the source's, copied unchanged (the checkpoint's,
+``model.tokenizer``'s, or the run's copy of the built-in tiny tokenizer), so the export loads
+wherever the source did (transformers 4.x serving stacks included). Multi-host: every process
+gathers the weights; the first writes.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,33 @@ import tempfile
 
 from flax import nnx
 
+from distfair_jax import console
+from distfair_jax import distributed
 from distfair_jax import fileio
 
 __all__ = ["export_run"]
 
 
 def export_run(run_dir, dst, *, stage: str | None = None, overwrite: bool = False,
-               max_shard_size: str = "5GB") -> str:
+               max_shard_size: str = "5GB", dtype: str | None = None, mesh=None) -> str:
   """Writes ``dst`` as a Hugging Face model directory from the run's final weights; returns the
-  stage exported."""
+  stage exported. dtype: the tensors' dtype (default: the run's parameter dtype)."""
   from distfair_jax import convert
   from distfair_jax.train.rundir import load_run
   fileio.check_new_dir(dst, overwrite)
-  loaded, _, stage = load_run(run_dir, stage)
+  loaded, cfg, stage = load_run(run_dir, stage, mesh=mesh)
   model = loaded.merged()
-  with tempfile.TemporaryDirectory(prefix="distfair-export-") as tmp:
-    flax_dir = f"{tmp}/flax"
-    convert.save_pretrained(flax_dir, nnx.state(model, nnx.Param), loaded.config, loaded.tokenizer)
-    convert.flax_to_hf(flax_dir, dst, max_shard_size=max_shard_size, overwrite=overwrite)
+  flat = {tuple(k): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  host = distributed.gather({k: v.get_value() for k, v in flat.items()})
+  if console.is_main_process():
+    stored = next(iter(host.values())).dtype
+    with tempfile.TemporaryDirectory(prefix="distfair-export-") as tmp:
+      tok_dir = loaded.tokenizer_dir
+      if tok_dir is None:  # built in memory: save it once
+        loaded.tokenizer.save_pretrained(tmp)
+        tok_dir = tmp
+      convert.write_hf(dst, loaded.config, lambda paths: {p: host[p] for p in paths},
+                       stored_dtype=stored, tokenizer_dir=tok_dir, max_shard_size=max_shard_size,
+                       dtype=dtype, overwrite=overwrite)
+  distributed.barrier("export")
   return stage

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distfair_jax import sharding as shd
 from distfair_jax.data import pipeline
@@ -46,8 +47,10 @@ class HeldoutEval:
     self.max_batches = max_batches
     devices = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     self.pipe = self._pipeline(list(records), encoder, devices, packing_pays)
+    replicated = NamedSharding(mesh, PartitionSpec())  # every process reads the metrics
     self._eval = jax.jit(make_eval_fn(loss_fn, model.graphdef_eval,
-                                      steering_ids if stage.steered else None))
+                                      steering_ids if stage.steered else None),
+                         out_shardings=replicated)
     self._ref = (jax.jit(stage.reference_fn(model.graphdef_eval)) if stage.caches_reference
                  else None)
 

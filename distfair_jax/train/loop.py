@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distfair_jax import console
+from distfair_jax import distributed
 from distfair_jax import sharding as shd
 from distfair_jax.config import config_to_dict
 from distfair_jax.data import pipeline
@@ -80,7 +81,7 @@ def _setup(ctx, stage, init_params):
   loss_fn = stage.loss_fn(m.graphdef, m.graphdef_eval, ctx.steering_ids)
   # Copy the initial params: the state is donated to the step, the reference must survive it.
   state = init_train_state(tx, jax.tree.map(jnp.copy, init_params), ctx.rngs, ctx.mesh)
-  step = CompiledStep(make_train_step(loss_fn, tx, schedule, accum), state,
+  step = CompiledStep(make_train_step(loss_fn, tx, schedule, accum), state, ctx.mesh,
                       on_first_compile=lambda c: ctx.report_memory(stage.name, memory_line(
                           stage.name, c)))
   heldout = HeldoutEval(stage, ctx.heldout_records.get(stage.records_kind) or [], model=m,
@@ -106,7 +107,8 @@ def _setup(ctx, stage, init_params):
 
 
 def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, total) -> dict:
-  """Reference log-probs of every remaining step's batch, computed once up front (host arrays)."""
+  """Reference log-probs of every remaining step's batch, computed once up front (they stay on the
+  devices, placed as the step reads them: [rows] per step, tiny next to the reference weights)."""
   ref_fn = jax.jit(stage.reference_fn(ctx.model.graphdef_eval))
   batches = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
                                   stage.records_kind, batch_size, seed=seed,
@@ -117,8 +119,7 @@ def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, to
     batch = next(batches)
     if step < start:
       continue
-    out = ref_fn(ref_params, ctx.rngs, ctx.model.frozen, shd.put_batch(batch, ctx.mesh))
-    cache[step] = jax.tree.map(np.asarray, jax.device_get(out))
+    cache[step] = ref_fn(ref_params, ctx.rngs, ctx.model.frozen, shd.put_batch(batch, ctx.mesh))
   return cache
 
 
@@ -156,7 +157,8 @@ def run_stage(ctx, stage, init_params, sigterm) -> tuple[Any, Any, dict]:
   metrics: dict[str, float] = {}
   try:
     while step < run.total:
-      if sigterm.requested:
+      if distributed.any_process(sigterm.requested):  # every process stops at the same step
+        ctx.writer.flush()
         run.ckpt.save(step, state, batches.get_state(), config)
         run.ckpt.close()
         msg = (f"{run.name}: SIGTERM: checkpoint saved at step {step} in "
@@ -167,7 +169,7 @@ def run_stage(ctx, stage, init_params, sigterm) -> tuple[Any, Any, dict]:
       stage.check_batch(host)
       batch = shd.put_batch(host, ctx.mesh)
       if run.cache is not None:
-        batch = batch.replace(reference=shd.put_batch(run.cache[step], ctx.mesh))
+        batch = batch.replace(reference=run.cache.pop(step))
       t0 = time.perf_counter()
       state, out = run.step(state, frozen, run.reference, batch)
       out = jax.device_get(out)
@@ -183,10 +185,12 @@ def run_stage(ctx, stage, init_params, sigterm) -> tuple[Any, Any, dict]:
           step < run.total:
         ctx.log_heldout(run.name, step, run.heldout(state.params, state.rngs, init_params))
       if run.ckpt.should_save(step):
+        ctx.writer.flush()  # the metrics of every checkpointed step are durable with it
         run.ckpt.save(step, state, batches.get_state(), config)
   finally:
     progress.close()
   heldout = ctx.log_heldout(run.name, step, run.heldout(state.params, state.rngs, init_params))
+  ctx.writer.flush()
   run.ckpt.save(step, state, batches.get_state(), config)
   run.ckpt.close()
   summary = {"stage": run.name, "steps": step, "train": metrics, "eval": heldout}

@@ -22,6 +22,7 @@ import yaml
 from flax import nnx
 
 from distfair_jax import checkpoint_io
+from distfair_jax import distributed
 from distfair_jax import fileio
 from distfair_jax.config import Config, config_from_dict, config_to_dict, results_affecting
 from distfair_jax.errors import InputError
@@ -109,8 +110,9 @@ class RunDir:
   def write_final(self, stage: str, params, summary: dict) -> None:
     """The stage's final trainable parameters, then its summary (which marks the stage done)."""
     final = self.final_dir(stage)
-    if final.exists():
+    if final.exists() and jax.process_index() == 0:
       final.rmtree()  # a final dir without summary.json is an interrupted save
+    distributed.barrier(f"final-{stage}")
     checkpoint_io.save_params(final / "params", params)
     if jax.process_index() == 0:
       fileio.write_json(final / SUMMARY, summary, indent=1)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from distfair_jax.train.stages.common import steering_mae_fn
 from distfair_jax.train.state import TrainState, current_learning_rate
@@ -53,14 +54,16 @@ def make_eval_fn(loss_fn: Callable, graphdef_eval, steering_ids=None) -> Callabl
 
 
 class CompiledStep:
-  """A train step compiled ahead of time per batch shape, the state donated.
+  """A train step compiled ahead of time per batch shape, the state donated, its metrics replicated
+  (every process can read them).
 
   ``on_first_compile(compiled)`` is called once (e.g. to report the memory of the program)."""
 
-  def __init__(self, step_fn: Callable, state: TrainState,
+  def __init__(self, step_fn: Callable, state: TrainState, mesh,
                on_first_compile: Callable[[Any], None] | None = None):
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, None))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self._jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
     self._compiled: dict = {}
     self._on_first = on_first_compile
 

@@ -101,8 +101,8 @@ def _context(cfg: Config, records) -> RunContext:
   model = load_model(cfg.model, cfg.lora, mesh, seed=cfg.seed, tokenizer_dir=run.tokenizer_dir)
   if not (cfg.model.tokenizer or cfg.model.checkpoint) and console.is_main_process() and \
       not run.tokenizer_dir.exists():  # the built-in tiny tokenizer: keep a copy with the run
-    with fileio.atomic_dir(run.tokenizer_dir) as tmp:
-      model.tokenizer.save_pretrained(str(tmp))
+    with fileio.local_dir_for(run.tokenizer_dir) as tmp:
+      model.tokenizer.save_pretrained(tmp)
   d = cfg.data
   encoder = Encoder(model.tokenizer, attribute=spec.attribute, prompt_format=str(d.prompt_format),
                     max_length=d.max_length, max_prompt_length=d.max_prompt_length)
