@@ -12,10 +12,13 @@ Two parts:
 - ``compiled_step_memory(cfg, stage, devices, mesh_axes)``: the stage's jit-compiled train step (the one
   ``distfair train`` runs: same loss, optimizer, shardings and donation) lowered on abstract inputs of
   the config's batch size and a length of ``data.max_length``, compiled by XLA for ``devices``, and its
-  ``memory_analysis()`` per device (arguments, outputs, aliased, temporaries). On a CPU with N simulated
-  devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``distfair plan`` sets) this
+  ``memory_analysis()`` per device (arguments, outputs, aliased, temporaries), with its
+  ``cost_analysis()`` FLOPs per device next to the stage's FLOP formula's. For a TPU slice's
+  compile-only devices (``tpu.compile_devices``; ``plan_tpu`` reads the figures against the chip) this
+  is what the TPU compiler builds for the slice. On a CPU with N simulated devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``distfair plan --devices`` sets) it
   is the partitioned program of an N-device slice; XLA's CPU and TPU backends lay temporaries out
-  differently, so read it as an estimate.
+  differently, so read that as an estimate.
 
 A model whose ``model.checkpoint`` directory exists is sized from its ``model_config.json``; otherwise
 from ``model.preset`` (the experiment configs name a placeholder checkpoint and the matching preset):
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -96,6 +100,9 @@ class StepMemory:
   temp_bytes: int
   code_bytes: int
   layout: str = "rows"
+  flops: float = 0.0             # per device, XLA's cost_analysis() (a loop body counted once)
+  formula_flops: float = 0.0     # per device, the stage's FLOP formula (train.flops) / devices
+  compile_seconds: float = 0.0   # lowering and compiling
 
   @property
   def peak_bytes(self) -> int:
@@ -226,9 +233,19 @@ def _num_categories(cfg: Config) -> int:
   return build_lib.resolve_spec(cfg.data.spec or cfg.data.dataset).attribute.num_categories
 
 
-def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
-                         mesh_axes: Mapping[str, int] | None = None) -> StepMemory:
-  """Lower and compile ``stage_name``'s train step on abstract inputs for ``devices``; its memory."""
+@dataclasses.dataclass(frozen=True)
+class _LoweredStep:
+  lowered: Any            # jax.stages.Lowered
+  stage: Any              # train.stages.StageBase
+  model_config: Any       # LlamaConfig
+  batch: Any              # the abstract global batch
+  layout: str
+  num_devices: int
+
+
+def _lower_step(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
+                mesh_axes: Mapping[str, int] | None) -> _LoweredStep:
+  """``stage_name``'s train step as ``distfair train`` jits it, lowered on abstract inputs."""
   from distfair_jax.train.stages import STAGES, make_stage
   from distfair_jax.train.state import abstract_train_state, make_optimizer
   from distfair_jax.train.step import make_train_step
@@ -259,14 +276,38 @@ def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Dev
   ref = m.params if stage.needs_reference else None
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
-  mem = jitted.lower(state, m.frozen, ref, batch).compile().memory_analysis()
+  return _LoweredStep(jitted.lower(state, m.frozen, ref, batch), stage, m.config, batch, layout,
+                      len(devices))
+
+
+def _compiled_flops(compiled) -> float:
+  """``cost_analysis()["flops"]`` of a compiled program (a dict, or a list of one per program)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0) or 0.0)
+
+
+def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
+                         mesh_axes: Mapping[str, int] | None = None) -> StepMemory:
+  """Lower and compile ``stage_name``'s train step on abstract inputs for ``devices``: its memory
+  and FLOPs per device. A compiler error (e.g. the TPU compiler's out of HBM) propagates."""
+  start = time.perf_counter()
+  step = _lower_step(cfg, stage_name, devices, mesh_axes)
+  compiled = step.lowered.compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
   get = lambda f: int(getattr(mem, f, 0) or 0) if mem is not None else 0
-  return StepMemory(stage=stage_name, batch_size=b, length=length, layout=layout,
+  formula = step.stage.flops(step.model_config, step.batch) / step.num_devices
+  return StepMemory(stage=stage_name, batch_size=step.stage.cfg.batch_size,
+                    length=cfg.data.max_length, layout=step.layout,
                     argument_bytes=get("argument_size_in_bytes"),
                     output_bytes=get("output_size_in_bytes"),
                     alias_bytes=get("alias_size_in_bytes"),
                     temp_bytes=get("temp_size_in_bytes"),
-                    code_bytes=get("generated_code_size_in_bytes"))
+                    code_bytes=get("generated_code_size_in_bytes"),
+                    flops=_compiled_flops(compiled), formula_flops=formula,
+                    compile_seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------------
