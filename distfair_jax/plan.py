@@ -45,7 +45,8 @@ from distfair_jax.config import Config
 from distfair_jax.errors import InputError
 
 __all__ = ["StateLine", "StatePlan", "StepMemory", "state_plan", "compiled_step_memory",
-           "batch_warnings", "parse_mesh", "format_bytes", "format_plan"]
+           "batch_warnings", "parse_mesh", "format_bytes", "format_plan", "STEP_HEADER", "step_row",
+           "layout_note"]
 
 
 
@@ -346,6 +347,29 @@ def format_bytes(n: int) -> str:
   return f"{n} B"
 
 
+STEP_HEADER = (f"{'stage':<8}{'batch x len':>13}{'arguments':>12}{'outputs':>12}{'aliased':>12}"
+               f"{'temporaries':>13}{'peak':>12}")
+
+
+def step_row(s: StepMemory) -> str:
+  """One row under ``STEP_HEADER``."""
+  return (f"{s.stage:<8}{f'{s.batch_size} x {s.length}':>13}{format_bytes(s.argument_bytes):>12}"
+          f"{format_bytes(s.output_bytes):>12}{format_bytes(s.alias_bytes):>12}"
+          f"{format_bytes(s.temp_bytes):>13}{format_bytes(s.peak_bytes):>12}")
+
+
+def layout_note(s: StepMemory) -> str:
+  """What a packed step was sized for ("" for the rows layout)."""
+  if s.layout == "packed" and s.stage == "hybrid":
+    return (f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
+            f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
+            f"sequence <= {s.length}; the demo's pairs pack into 64)")
+  if s.layout == "packed":
+    return (f"{'':<8}packed layout sized for its worst case: {s.batch_size} rows x "
+            f"{2 * s.length} tokens (a prompt, then chosen and rejected)")
+  return ""
+
+
 def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
                 skipped: str = "") -> str:
   """The human-readable tables."""
@@ -363,20 +387,9 @@ def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
              f"{format_bytes(plan.per_device_total):>{w[3]}}")
   if steps:
     out += ["", "compiled train step, per device (XLA memory_analysis; outputs alias the donated state):",
-            f"{'stage':<8}{'batch x len':>13}{'arguments':>12}{'outputs':>12}{'aliased':>12}"
-            f"{'temporaries':>13}{'peak':>12}"]
+            STEP_HEADER]
     for s in steps:
-      out.append(f"{s.stage:<8}{f'{s.batch_size} x {s.length}':>13}"
-                 f"{format_bytes(s.argument_bytes):>12}{format_bytes(s.output_bytes):>12}"
-                 f"{format_bytes(s.alias_bytes):>12}{format_bytes(s.temp_bytes):>13}"
-                 f"{format_bytes(s.peak_bytes):>12}")
-      if s.layout == "packed" and s.stage == "hybrid":
-        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
-                   f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
-                   f"sequence <= {s.length}; the demo's pairs pack into 64)")
-      elif s.layout == "packed":
-        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size} rows x "
-                   f"{2 * s.length} tokens (a prompt, then chosen and rejected)")
+      out += [step_row(s)] + ([layout_note(s)] if layout_note(s) else [])
   elif skipped:
     out += ["", skipped]
   for warning in plan.warnings:

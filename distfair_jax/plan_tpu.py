@@ -124,28 +124,37 @@ def _duration(seconds: float) -> str:
   return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
-def _row(step: ChipStep) -> str:
-  name, compile_time = f"{step.stage:<8}", f"{step.compile_seconds:>9.0f} s"
+def _memory_row(step: ChipStep) -> str:
   if step.memory is None:
     need = (f"needs {_gib(step.required_bytes)} of {_gib(step.available_bytes)} usable "
             f"({_gib(step.over_bytes)} over)" if step.required_bytes else step.compiler_message)
-    return f"{name}{'does not fit: ' + need:<83}{compile_time}"
-  m, fmt = step.memory, plan_lib.format_bytes
-  return (f"{name}{fmt(m.argument_bytes):>12}{fmt(m.temp_bytes):>13}{fmt(m.peak_bytes):>12}"
-          f"{m.peak_bytes / step.hbm_bytes:>8.1%}{m.flops:>13.3g}{m.formula_flops:>13.3g}"
-          f"{_duration(step.step_seconds):>12}{compile_time}")
+    return f"{step.stage:<8}does not fit: {need}; the compiler gave up after {step.compile_seconds:.0f} s"
+  note = plan_lib.layout_note(step.memory)
+  row = f"{plan_lib.step_row(step.memory)}{step.memory.peak_bytes / step.hbm_bytes:>8.1%}"
+  return row + (f"\n{note}" if note else "")
+
+
+def _compute_row(step: ChipStep) -> str:
+  m = step.memory
+  return (f"{step.stage:<8}{m.flops:>13.3g}{m.formula_flops:>13.3g}"
+          f"{_duration(step.step_seconds):>12}{step.compile_seconds:>9.0f} s")
 
 
 def format_chip_steps(steps: Sequence[ChipStep], topology: tpu.Topology) -> str:
-  """The per-chip table of the steps on ``topology``."""
+  """The per-chip tables (memory, then compute) of the steps on ``topology``."""
   chip = topology.chip
-  out = [f"on {topology.name} ({topology.accelerator_type}: {topology.num_chips} chips, "
-         f"{chip.device_kind}, {chip.hbm_gib:g} GiB HBM and {chip.peak_tflops:g} bf16 TFLOP/s per "
-         f"chip), per chip (the TPU compiler's memory_analysis and cost_analysis):",
-         f"{'stage':<8}{'arguments':>12}{'temporaries':>13}{'peak':>12}{'of HBM':>8}"
-         f"{'FLOPs (XLA)':>13}{'(formula)':>13}{'at peak':>12}{'compile':>11}"]
-  out += [_row(s) for s in steps]
-  if any(s.memory is not None for s in steps):
-    out.append("at peak: the XLA FLOPs at the chip's bf16 peak, a lower bound of the step time; XLA "
-               "counts a loop body once (the tiled log-probs: one 64-token tile), remat included")
+  out = [f"compiled train step on {topology.name} ({topology.accelerator_type}: "
+         f"{topology.num_chips} chips, {chip.device_kind}, {chip.hbm_gib:g} GiB HBM and "
+         f"{chip.peak_tflops:g} bf16 TFLOP/s per chip), per chip (the TPU compiler's "
+         f"memory_analysis; outputs alias the donated state):",
+         f"{plan_lib.STEP_HEADER}{'of HBM':>8}"]
+  out += [_memory_row(s) for s in steps]
+  compiled = [s for s in steps if s.memory is not None]
+  if compiled:
+    out += ["", "FLOPs per step and chip (XLA's cost_analysis; our formula's), and the step time "
+            "XLA's take at the bf16 peak (no step runs faster):",
+            f"{'stage':<8}{'FLOPs (XLA)':>13}{'(formula)':>13}{'at peak':>12}{'compile':>11}"]
+    out += [_compute_row(s) for s in compiled]
+    out.append("XLA counts a loop body once (the tiled log-probs: one 64-token tile) and counts "
+               "remat recomputation; the formula counts neither")
   return "\n".join(out)

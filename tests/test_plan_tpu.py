@@ -122,11 +122,14 @@ def test_small_config_compiles_for_v5e_2x2():
 def test_printed_table_on_v6e():
   r = _plan(*SMALL, "--topology", "v6e:2x4", "--mesh", "data=2,fsdp=2,tensor=2", "--stage", "sft")
   assert r.returncode == 0, r.stderr
-  assert "on v6e:2x4 (v6e-8: 8 chips, TPU v6 lite, 32 GiB HBM and 918 bf16 TFLOP/s per chip)" in r.stdout
-  row = re.search(r"^sft +([\d.]+ \w+) +([\d.]+ \w+|0 B) +([\d.]+ \w+) +([\d.]+)% +([\d.e+]+) +"
-                  r"([\d.e+]+) +([\d.]+ \w+) +\d+ s$", r.stdout, re.M)
-  assert row, r.stdout
-  assert float(row[5]) > 0 and 0.5 <= float(row[5]) / float(row[6]) <= 2.0
+  assert "compiled train step on v6e:2x4 (v6e-8: 8 chips, TPU v6 lite, 32 GiB HBM and 918 bf16 " \
+      "TFLOP/s per chip)" in r.stdout, r.stdout
+  size = r"(?:[\d.]+ [KMG]iB|\d+ B)"
+  memory = re.search(rf"^sft +4 x 32 +({size}) +{size} +{size} +({size}) +({size}) +([\d.]+)%$",
+                     r.stdout, re.M)
+  compute = re.search(r"^sft +([\d.e+]+) +([\d.e+]+) +[\d.]+ (?:s|ms|us) +\d+ s$", r.stdout, re.M)
+  assert memory and compute, r.stdout
+  assert float(compute[1]) > 0 and 0.5 <= float(compute[1]) / float(compute[2]) <= 2.0
 
 
 @needs_libtpu

@@ -194,8 +194,7 @@ def _run_topology(args, cfg, stages, topology, sizes) -> int:
     out["steps"] = [plan_tpu.chip_step_json(s) for s in steps]
     print(json.dumps(out, indent=2))
   else:
-    fitting = [s.memory for s in steps if s.memory is not None]
-    print(plan_lib.format_plan(state, fitting, topology.num_chips,
+    print(plan_lib.format_plan(state, [], topology.num_chips,
                                skipped="compiled step: skipped (--no-compile)" if args.no_compile else ""))
     if steps:
       print("\n" + plan_tpu.format_chip_steps(steps, topology))
