@@ -1,11 +1,13 @@
 # The two commands of a fresh clone (Python >= 3.11 and make; everything else goes into .venv):
 #   make demo    the miniature benchmark on the built-in tiny model (`distfair demo`; ARGS="--quick")
-#   make test    the test suite (the test extra and the CPU build of torch for the parity tests)
+#   make test    the test suite (the test extra and the CPU build of torch for the parity tests;
+#                TEST_EXTRAS=test,tpu adds libtpu, for the tests of `distfair plan --topology`, as CI does)
 # Each installs what it needs first, once (again when pyproject.toml changes).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TEST_EXTRAS ?= test
 BIN := $(VENV)/bin
 ARGS ?=
 
@@ -22,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(TEST_EXTRAS)]"
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -12,10 +12,13 @@ Two parts:
 - ``compiled_step_memory(cfg, stage, devices, mesh_axes)``: the stage's jit-compiled train step (the one
   ``distfair train`` runs: same loss, optimizer, shardings and donation) lowered on abstract inputs of
   the config's batch size and a length of ``data.max_length``, compiled by XLA for ``devices``, and its
-  ``memory_analysis()`` per device (arguments, outputs, aliased, temporaries). On a CPU with N simulated
-  devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``distfair plan`` sets) this
+  ``memory_analysis()`` per device (arguments, outputs, aliased, temporaries), with its
+  ``cost_analysis()`` FLOPs per device next to the stage's FLOP formula's. For a TPU slice's
+  compile-only devices (``tpu.compile_devices``; ``plan_tpu`` reads the figures against the chip) this
+  is what the TPU compiler builds for the slice. On a CPU with N simulated devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``distfair plan --devices`` sets) it
   is the partitioned program of an N-device slice; XLA's CPU and TPU backends lay temporaries out
-  differently, so read it as an estimate.
+  differently, so read that as an estimate.
 
 A model whose ``model.checkpoint`` directory exists is sized from its ``model_config.json``; otherwise
 from ``model.preset`` (the experiment configs name a placeholder checkpoint and the matching preset):
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -41,7 +45,8 @@ from distfair_jax.config import Config
 from distfair_jax.errors import InputError
 
 __all__ = ["StateLine", "StatePlan", "StepMemory", "state_plan", "compiled_step_memory",
-           "batch_warnings", "parse_mesh", "format_bytes", "format_plan"]
+           "batch_warnings", "parse_mesh", "format_bytes", "format_plan", "STEP_HEADER", "step_row",
+           "layout_note"]
 
 
 
@@ -96,6 +101,9 @@ class StepMemory:
   temp_bytes: int
   code_bytes: int
   layout: str = "rows"
+  flops: float = 0.0             # per device, XLA's cost_analysis() (a loop body counted once)
+  formula_flops: float = 0.0     # per device, the stage's FLOP formula (train.flops) / devices
+  compile_seconds: float = 0.0   # lowering and compiling
 
   @property
   def peak_bytes(self) -> int:
@@ -226,9 +234,19 @@ def _num_categories(cfg: Config) -> int:
   return build_lib.resolve_spec(cfg.data.spec or cfg.data.dataset).attribute.num_categories
 
 
-def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
-                         mesh_axes: Mapping[str, int] | None = None) -> StepMemory:
-  """Lower and compile ``stage_name``'s train step on abstract inputs for ``devices``; its memory."""
+@dataclasses.dataclass(frozen=True)
+class _LoweredStep:
+  lowered: Any            # jax.stages.Lowered
+  stage: Any              # train.stages.StageBase
+  model_config: Any       # LlamaConfig
+  batch: Any              # the abstract global batch
+  layout: str
+  num_devices: int
+
+
+def _lower_step(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
+                mesh_axes: Mapping[str, int] | None) -> _LoweredStep:
+  """``stage_name``'s train step as ``distfair train`` jits it, lowered on abstract inputs."""
   from distfair_jax.train.stages import STAGES, make_stage
   from distfair_jax.train.state import abstract_train_state, make_optimizer
   from distfair_jax.train.step import make_train_step
@@ -259,14 +277,38 @@ def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Dev
   ref = m.params if stage.needs_reference else None
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
-  mem = jitted.lower(state, m.frozen, ref, batch).compile().memory_analysis()
+  return _LoweredStep(jitted.lower(state, m.frozen, ref, batch), stage, m.config, batch, layout,
+                      len(devices))
+
+
+def _compiled_flops(compiled) -> float:
+  """``cost_analysis()["flops"]`` of a compiled program (a dict, or a list of one per program)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0) or 0.0)
+
+
+def compiled_step_memory(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
+                         mesh_axes: Mapping[str, int] | None = None) -> StepMemory:
+  """Lower and compile ``stage_name``'s train step on abstract inputs for ``devices``: its memory
+  and FLOPs per device. A compiler error (e.g. the TPU compiler's out of HBM) propagates."""
+  start = time.perf_counter()
+  step = _lower_step(cfg, stage_name, devices, mesh_axes)
+  compiled = step.lowered.compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
   get = lambda f: int(getattr(mem, f, 0) or 0) if mem is not None else 0
-  return StepMemory(stage=stage_name, batch_size=b, length=length, layout=layout,
+  formula = step.stage.flops(step.model_config, step.batch) / step.num_devices
+  return StepMemory(stage=stage_name, batch_size=step.stage.cfg.batch_size,
+                    length=cfg.data.max_length, layout=step.layout,
                     argument_bytes=get("argument_size_in_bytes"),
                     output_bytes=get("output_size_in_bytes"),
                     alias_bytes=get("alias_size_in_bytes"),
                     temp_bytes=get("temp_size_in_bytes"),
-                    code_bytes=get("generated_code_size_in_bytes"))
+                    code_bytes=get("generated_code_size_in_bytes"),
+                    flops=_compiled_flops(compiled), formula_flops=formula,
+                    compile_seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +347,29 @@ def format_bytes(n: int) -> str:
   return f"{n} B"
 
 
+STEP_HEADER = (f"{'stage':<8}{'batch x len':>13}{'arguments':>12}{'outputs':>12}{'aliased':>12}"
+               f"{'temporaries':>13}{'peak':>12}")
+
+
+def step_row(s: StepMemory) -> str:
+  """One row under ``STEP_HEADER``."""
+  return (f"{s.stage:<8}{f'{s.batch_size} x {s.length}':>13}{format_bytes(s.argument_bytes):>12}"
+          f"{format_bytes(s.output_bytes):>12}{format_bytes(s.alias_bytes):>12}"
+          f"{format_bytes(s.temp_bytes):>13}{format_bytes(s.peak_bytes):>12}")
+
+
+def layout_note(s: StepMemory) -> str:
+  """What a packed step was sized for ("" for the rows layout)."""
+  if s.layout == "packed" and s.stage == "hybrid":
+    return (f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
+            f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
+            f"sequence <= {s.length}; the demo's pairs pack into 64)")
+  if s.layout == "packed":
+    return (f"{'':<8}packed layout sized for its worst case: {s.batch_size} rows x "
+            f"{2 * s.length} tokens (a prompt, then chosen and rejected)")
+  return ""
+
+
 def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
                 skipped: str = "") -> str:
   """The human-readable tables."""
@@ -322,20 +387,9 @@ def format_plan(plan: StatePlan, steps: Sequence[StepMemory], num_devices: int,
              f"{format_bytes(plan.per_device_total):>{w[3]}}")
   if steps:
     out += ["", "compiled train step, per device (XLA memory_analysis; outputs alias the donated state):",
-            f"{'stage':<8}{'batch x len':>13}{'arguments':>12}{'outputs':>12}{'aliased':>12}"
-            f"{'temporaries':>13}{'peak':>12}"]
+            STEP_HEADER]
     for s in steps:
-      out.append(f"{s.stage:<8}{f'{s.batch_size} x {s.length}':>13}"
-                 f"{format_bytes(s.argument_bytes):>12}{format_bytes(s.output_bytes):>12}"
-                 f"{format_bytes(s.alias_bytes):>12}{format_bytes(s.temp_bytes):>13}"
-                 f"{format_bytes(s.peak_bytes):>12}")
-      if s.layout == "packed" and s.stage == "hybrid":
-        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size // 2} rows x "
-                   f"{4 * s.length} tokens (a row holds a prompt and four completions, each "
-                   f"sequence <= {s.length}; the demo's pairs pack into 64)")
-      elif s.layout == "packed":
-        out.append(f"{'':<8}packed layout sized for its worst case: {s.batch_size} rows x "
-                   f"{2 * s.length} tokens (a prompt, then chosen and rejected)")
+      out += [step_row(s)] + ([layout_note(s)] if layout_note(s) else [])
   elif skipped:
     out += ["", skipped]
   for warning in plan.warnings:

@@ -29,12 +29,15 @@ Token counts are padded tokens (what the device computes), batch x padded length
 
 from __future__ import annotations
 
+from distfair_jax.tpu import CHIPS
+
 __all__ = ["forward_flops_per_token", "sequence_flops", "packed_flops", "peak_tflops",
            "PEAK_TFLOPS"]
 
-# Dense bf16 peak TFLOP/s per device, for MFU; unknown devices report no MFU.
+# Dense bf16 peak TFLOP/s per device kind, for MFU; unknown devices report no MFU. TPUs from the chip
+# table (``distfair_jax.tpu.CHIPS``, with its sources; v5p's device kind is "TPU v5").
 PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
+    **{chip.device_kind: chip.peak_tflops for chip in CHIPS.values()},
     "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
 }
 
@@ -63,8 +66,8 @@ def packed_flops(cfg, rows: int, length: int, label_rows: int, label_length: int
 
 
 def peak_tflops(device) -> float | None:
+  """The peak of the longest device kind in ``PEAK_TFLOPS`` that ``device.device_kind`` starts with
+  ("TPU v5 lite" is v5e, "TPU v5" v5p)."""
   kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_TFLOPS.items():
-    if kind.startswith(name):
-      return peak
-  return None
+  names = [name for name in PEAK_TFLOPS if kind.startswith(name)]
+  return PEAK_TFLOPS[max(names, key=len)] if names else None
