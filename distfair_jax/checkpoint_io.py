@@ -5,6 +5,11 @@ nnx.Param))``): string keys for module attributes, int keys for layer indices, a
 ``hf_to_flax`` writes it with numpy leaves; training writes it with (possibly sharded) jax arrays;
 both read back through :func:`load_params` with an abstract target, so orbax restores every leaf
 with the target's dtype and, when given, its sharding (each host then reads only its own shards).
+
+On disk the decoder layers are always per layer (``layers.<i>.*``): a tree from a model with
+``scan_layers`` (leaves stacked on a leading ``layers`` axis) is unstacked when saved and a
+stacked target is restacked when loaded (``distfair_jax.model.layout``), so every params
+directory reads the same whichever layout wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flax import nnx
 
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
+from distfair_jax.model import layout
 
 __all__ = ["save_params", "load_params", "load_param_subset", "params_metadata", "to_pure_params"]
 
@@ -43,7 +49,7 @@ def save_params(path: str | os.PathLike, params: PyTree, *, overwrite: bool = Fa
       raise InputError(f"{path}: output: expected a path that does not exist, got an existing one "
                        "(pass overwrite=True to replace it)")
     path.rmtree()
-  tree = to_pure_params(params)
+  tree = layout.restack(to_pure_params(params), stacked=False)
   # Peak memory: the default settings would hold a second copy of the model while saving, from
   # two sources: orbax's numpy handler deep-copies every host array first (so that an async save
   # may outlive the caller's arrays; this save is synchronous), and zstd compression of the
@@ -129,12 +135,18 @@ def load_params(path: str | os.PathLike, target: PyTree | None = None, *, dtype:
     abstract.append(jax.ShapeDtypeStruct(leaf.shape, jax.numpy.dtype(dtype or leaf.dtype),
                                          sharding=s))
   abstract_tree = jax.tree_util.tree_unflatten(treedef, abstract)
+  stacked = layout.is_stacked(abstract_tree)
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
     try:
-      return ckptr.restore(path, args=ocp.args.StandardRestore(abstract_tree))
+      out = ckptr.restore(path, args=ocp.args.StandardRestore(
+          layout.unstack_layers(abstract_tree)))
     except (ValueError, KeyError) as e:
       raise InputError(f"{path}: params: expected a checkpoint matching the model's parameter "
                        f"tree, got a mismatch ({' '.join(str(e).split())[:300]})") from None
+  if not stacked:
+    return out
+  return layout.restack(nnx.restore_int_paths(out), stacked=True,
+                        shardings=jax.tree.map(lambda a: a.sharding, abstract_tree))
 
 
 def load_param_subset(path: str | os.PathLike, keys: list[tuple], *,

@@ -118,6 +118,7 @@ class ModelConfig:
   dtype: DType = DType.float32
   param_dtype: DType = DType.float32
   remat: Remat = Remat.none
+  scan_layers: bool = False
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ def _abstract_params(config) -> dict[Path_, Any]:
   """Flat {path: jax.ShapeDtypeStruct} of the model's parameters, built without allocating."""
   from flax import nnx
   Llama, _ = _model_classes()
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  per_layer = config.replace(scan_layers=False)  # the names on disk (model/layout.py)
+  model = nnx.eval_shape(lambda: Llama(per_layer, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
   return {tuple(k): v.get_value() if hasattr(v, "get_value") else v.value
           for k, v in nnx.to_flat_state(state)}

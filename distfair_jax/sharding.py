@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers: every device holds every layer's slice
 )
 
 Rules = Sequence[tuple[str, Any]]

@@ -114,10 +114,14 @@ def _padded_batch(vocab: int):
 # Parity and round trips
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied", "qwen2"])
-def test_logits_match_torch_on_padded_batch(kind, hf_dirs, converted):
+@pytest.mark.parametrize("kind,scan", [("llama_tied", False), ("llama_untied", False),
+                                       ("qwen2", False), ("llama_untied", True), ("qwen2", True)])
+def test_logits_match_torch_on_padded_batch(kind, scan, hf_dirs, converted):
   import jax.numpy as jnp
-  model, tokenizer, config = load_pretrained(converted[kind])
+  model, tokenizer, config = load_pretrained(converted[kind], scan_layers=scan)
+  assert config.scan_layers == scan
+  if scan:  # one stacked module, read from the per-layer names on disk
+    assert model.layers.mlp.up_proj.kernel.shape[0] == config.num_hidden_layers
   assert config.param_dtype == "float32"
   assert config.tie_word_embeddings == (kind == "llama_tied")
   assert tokenizer is not None and tokenizer.pad_token == "[PAD]"
@@ -198,10 +202,15 @@ def test_bfloat16_source_round_trips_bit_exact(hf_dirs, tmp_path):
     np.testing.assert_array_equal(a[name].view(np.uint16), b[name].view(np.uint16), err_msg=name)
 
 
-def test_save_pretrained_then_flax_to_hf(hf_dirs, converted, tmp_path):
-  """What training's final export does: a model in memory -> converted dir -> HF."""
-  model, tokenizer, config = load_pretrained(converted["llama_tied"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_save_pretrained_then_flax_to_hf(scan, hf_dirs, converted, tmp_path):
+  """What training's final export does: a model in memory -> converted dir -> HF; a model with
+  stacked layers is written per layer."""
+  from distfair_jax.checkpoint_io import params_metadata
+  model, tokenizer, config = load_pretrained(converted["llama_tied"], scan_layers=scan)
   mine = save_pretrained(tmp_path / "final", model, config, tokenizer)
+  assert params_metadata(mine / "params").keys() == params_metadata(
+      converted["llama_tied"] / "params").keys()
   out = flax_to_hf(mine, tmp_path / "hf")
   original = _state_dict(transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["llama_tied"]))
   reloaded = _state_dict(transformers.AutoModelForCausalLM.from_pretrained(out))

@@ -12,6 +12,10 @@ The parameter tree mirrors Hugging Face's names so that a converter maps tensors
   norm.scale                                    [hidden]
   lm_head.kernel                                [hidden, vocab]           (absent when tied)
 
+With ``scan_layers`` the layers are one subtree ``layers.*`` whose leaves gain a leading
+``[num_layers]`` axis (logical name ``layers``, never sharded); params directories on disk keep the
+per-layer names above (``distfair_jax.model.layout``).
+
 RoPE uses Hugging Face's half-split layout (rotate_half), so converted q/k weights need no permutation.
 Every parameter carries logical axis names in its ``out_sharding`` metadata (eager sharding off: the
 model never shards itself; ``distfair_jax.sharding`` places it on a mesh from one rules table).
@@ -90,6 +94,11 @@ class LlamaConfig:
   ``{"rope_type": "llama3" | "linear", "factor": ..., ...}``. ``dtype`` is the compute dtype,
   ``param_dtype`` the storage dtype (``"float32"`` or ``"bfloat16"``); softmax and norms always run in
   float32. ``remat`` is the per-decoder-layer rematerialisation policy: none, full or dots.
+  ``scan_layers``: the decoder layers' parameters stacked on a leading ``layers`` axis and run by
+  one ``nnx.scan`` (one compiled layer, so compile time does not grow with depth) instead of a
+  Python loop (one compiled copy per layer); see ``distfair_jax.model.layout``. Not a Hugging
+  Face field: a run-time choice, like ``remat``. Same weights, same outputs; a random
+  initialisation differs from the loop's (the layers draw from split keys).
   """
 
   vocab_size: int
@@ -113,6 +122,7 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     src = "LlamaConfig"
@@ -161,6 +171,7 @@ class LlamaConfig:
       set_("eos_token_id", tuple(self.eos_token_id))
     set_("tie_word_embeddings", bool(self.tie_word_embeddings))
     set_("attention_bias", bool(self.attention_bias))
+    set_("scan_layers", bool(self.scan_layers))
 
   def __hash__(self) -> int:  # rope_scaling is a dict; NNX graph definitions must hash
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
@@ -182,7 +193,8 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, src: str | Path | Mapping[str, Any], *, dtype: str = "float32",
-              param_dtype: str = "float32", remat: str = "none") -> LlamaConfig:
+              param_dtype: str = "float32", remat: str = "none",
+              scan_layers: bool = False) -> LlamaConfig:
     """Reads a Hugging Face config: a model directory, a ``config.json`` path, or a dict.
 
     Accepts both spellings of RoPE settings: ``rope_theta`` + ``rope_scaling`` (transformers 4.x)
@@ -254,7 +266,8 @@ class LlamaConfig:
         attention_bias=True if model_type == "qwen2" else data.get("attention_bias", False),
         initializer_range=data.get("initializer_range", 0.02), architecture=arch,
         bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
-        pad_token_id=data.get("pad_token_id"), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        pad_token_id=data.get("pad_token_id"), dtype=dtype, param_dtype=param_dtype, remat=remat,
+        scan_layers=scan_layers)
     try:
       return cls(**kwargs)
     except InputError as e:
@@ -492,13 +505,14 @@ class KVCache:
   """Decoding state (a pytree of arrays; donate it to jit).
 
   k, v: per layer [B, kv_heads, S, head_dim] (slots contiguous per kv head: a decode step reads them
-  without transposing); mask: [B, S] bool, slots holding a real token (left padding leaves invalid
-  slots); index: [] int32, next slot to write (shared by all rows);
+  without transposing), a tuple of one array per layer, or one array [layers, B, kv_heads, S,
+  head_dim] for a model with ``scan_layers``; mask: [B, S] bool, slots holding a real token (left
+  padding leaves invalid slots); index: [] int32, next slot to write (shared by all rows);
   positions: [B] int32, RoPE position of each row's next token.
   """
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
   mask: jax.Array
   index: jax.Array
   positions: jax.Array
@@ -515,8 +529,30 @@ class KVCache:
     """Same structure with a PartitionSpec of logical axis names per leaf (for sharding)."""
     P = jax.sharding.PartitionSpec
     kv = P("batch", "kv_heads", "cache_length", "head_dim")
-    return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
-                   mask=P("batch", "cache_length"), index=P(), positions=P("batch"))
+    if isinstance(self.k, tuple):
+      k, v = tuple(kv for _ in self.k), tuple(kv for _ in self.v)
+    else:
+      k = v = P("layers", *kv)
+    return KVCache(k=k, v=v, mask=P("batch", "cache_length"), index=P(), positions=P("batch"))
+
+
+_SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
+
+
+def _decoder_layers(cfg: LlamaConfig, rngs: nnx.Rngs):
+  """The decoder layers: an ``nnx.List`` of modules, or with ``scan_layers`` one module whose
+  every parameter is stacked on a leading ``layers`` axis (built by ``nnx.vmap`` over split
+  keys, as Flax's scan-over-layers example does)."""
+  n = cfg.num_hidden_layers
+  if not cfg.scan_layers:
+    return nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(n)])
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
+  def create(rngs: nnx.Rngs):
+    return DecoderLayer(cfg, rngs=rngs)
+
+  return create(rngs)
 
 
 class Llama(nnx.Module):
@@ -529,7 +565,7 @@ class Llama(nnx.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
         embedding_metadata=_param_meta("vocab", "embed"))
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = _decoder_layers(cfg, rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                         param_dtype=cfg.weight_dtype)
     if not cfg.tie_word_embeddings:
@@ -570,15 +606,19 @@ class Llama(nnx.Module):
     mask = (causal & visible) | (idx[:, None] == idx[None, :])[None]
     x = self._embed(input_ids)
 
-    def run_layer(layer: DecoderLayer, x, cos, sin, mask):
+    def run_layer(x, layer: DecoderLayer, cos, sin, mask):
       return layer(x, cos, sin, mask)[0]
 
     if self.config.remat != "none":
       policy = (None if self.config.remat == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       run_layer = nnx.remat(run_layer, policy=policy)
-    for layer in self.layers:
-      x = run_layer(layer, x, cos, sin, mask)
+    if self.config.scan_layers:
+      x = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, None, None, None), out_axes=nnx.Carry,
+                   transform_metadata=_SCAN_METADATA)(x, self.layers, cos, sin, mask)
+    else:
+      for layer in self.layers:
+        x = run_layer(x, layer, cos, sin, mask)
     return self.norm(x)
 
   def _embed(self, input_ids: jax.Array) -> jax.Array:
@@ -611,10 +651,13 @@ class Llama(nnx.Module):
     cfg = self.config
     dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
     shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, dt)
     n = cfg.num_hidden_layers
-    return KVCache(k=tuple(zeros() for _ in range(n)), v=tuple(zeros() for _ in range(n)),
-                   mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+    if cfg.scan_layers:
+      k, v = jnp.zeros((n, *shape), dt), jnp.zeros((n, *shape), dt)
+    else:
+      k = tuple(jnp.zeros(shape, dt) for _ in range(n))
+      v = tuple(jnp.zeros(shape, dt) for _ in range(n))
+    return KVCache(k=k, v=v, mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
                    positions=jnp.zeros((batch,), jnp.int32))
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -643,11 +686,21 @@ class Llama(nnx.Module):
     mask = (slot_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
             ) | (k_slot[None, None, :] == q_slot[None, :, None])
     x = self._embed(input_ids)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      x, (ck, cv) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
-      new_k.append(ck)
-      new_v.append(cv)
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=index + t,
+    if self.config.scan_layers:
+      def run_layer(x, layer, ck, cv, cos, sin, mask, index):
+        x, (ck, cv) = layer(x, cos, sin, mask, (ck, cv), index)
+        return x, ck, cv
+      x, new_k, new_v = nnx.scan(
+          run_layer, in_axes=(nnx.Carry, 0, 0, 0, None, None, None, None),
+          out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA,
+      )(x, self.layers, cache.k, cache.v, cos, sin, mask, index)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        x, (ck, cv) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+        new_k.append(ck)
+        new_v.append(cv)
+      new_k, new_v = tuple(new_k), tuple(new_v)
+    new_cache = KVCache(k=new_k, v=new_v, mask=slot_mask, index=index + t,
                         positions=cache.positions + real.sum(axis=1, dtype=jnp.int32))
     return self.norm(x), new_cache

@@ -118,7 +118,8 @@ def model_config(model_cfg: ModelConfig, *, allow_missing: bool = False
     mcfg = presets.get_preset(model_cfg.preset, **dict(model_cfg.overrides))
     name, source = model_cfg.preset, "preset"
   return mcfg.replace(dtype=str(model_cfg.dtype), param_dtype=str(model_cfg.param_dtype),
-                      remat=str(model_cfg.remat)), name, source
+                      remat=str(model_cfg.remat), scan_layers=bool(model_cfg.scan_layers)
+                      ), name, source
 
 
 def _auto_tokenizer(path: fileio.Path):
@@ -247,14 +248,15 @@ def load_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh, *, seed: int 
                      None if abstract else tokenizer, name, source, lora_cfg.enabled, tok_dir)
 
 
-def load_pretrained(path: Any, dtype: str | None = None, *, mesh=None):
+def load_pretrained(path: Any, dtype: str | None = None, *, mesh=None, scan_layers: bool = False):
   """(model, tokenizer or None, LlamaConfig) of a converted directory, the model in eval mode;
   ``dtype`` overrides the stored compute / parameter dtype; ``mesh`` places it (default: one
-  device)."""
+  device); ``scan_layers`` stacks its layers (``LlamaConfig.scan_layers``)."""
   from distfair_jax import convert
   mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
   stored = convert.load_model_config(fileio.as_path(path))
   dt = dtype or stored.param_dtype
   m = load_model(ModelConfig(checkpoint=str(path), dtype=dtype or stored.dtype, param_dtype=dt,
-                             remat=stored.remat), LoraConfig(), mesh, require_tokenizer=False)
+                             remat=stored.remat, scan_layers=scan_layers), LoraConfig(), mesh,
+                 require_tokenizer=False)
   return m.merged(), m.tokenizer, m.config

@@ -11,7 +11,11 @@ starts equal to the base model). The adapter weights are ``nnx.LoRAParam`` varia
 base kernel's logical axis names on their outer dimension, so they shard like the base.
 
 ``merge_lora(model)`` folds the adapters into the base kernels and restores the plain module tree (the
-Hugging Face layout the converter expects);
+Hugging Face layout the converter expects).
+
+A model with ``scan_layers`` (every layer parameter stacked on a leading ``layers`` axis) gets
+stacked adapters: each is built by ``nnx.vmap`` over split keys, so ``lora_a [layers, in, rank]``,
+``lora_b [layers, rank, out]`` and one dropout stream per layer, scanned with the layer.
 
 flax's own ``nnx.LoRA`` has neither the alpha / rank scaling nor dropout that the paper's recipe (PEFT's
 definition) uses, hence this small module.
@@ -68,17 +72,38 @@ class LoRALinear(nnx.Module):
     return y + delta * jnp.asarray(self.scale, y.dtype)
 
   def merged_kernel(self) -> jax.Array:
-    """base kernel + lora_a @ lora_b * scale, in the base kernel's dtype: [in, out]."""
+    """base kernel + lora_a @ lora_b * scale, in the base kernel's dtype: [in, out] (or
+    [layers, in, out], stacked)."""
     k = self.base.kernel[...]
     delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32)) * self.scale
     return (k.astype(jnp.float32) + delta).astype(k.dtype)
 
 
-def _projection_owners(model) -> Iterable[tuple[str, nnx.Module]]:
-  """(path, module) of every attention and MLP block of a Llama."""
+def _projection_owners(model) -> Iterable[tuple[str, nnx.Module, int]]:
+  """(path, module, stacked layers or 0) of every attention and MLP block of a Llama."""
+  if model.config.scan_layers:
+    n = model.config.num_hidden_layers
+    yield "layers.self_attn", model.layers.self_attn, n
+    yield "layers.mlp", model.layers.mlp, n
+    return
   for i, layer in enumerate(model.layers):
-    yield f"layers.{i}.self_attn", layer.self_attn
-    yield f"layers.{i}.mlp", layer.mlp
+    yield f"layers.{i}.self_attn", layer.self_attn, 0
+    yield f"layers.{i}.mlp", layer.mlp, 0
+
+
+def _adapter(base: nnx.Module, stacked: int, rngs: nnx.Rngs, **kwargs) -> LoRALinear:
+  """``LoRALinear(base)``; over ``stacked`` layers, one per layer, stacked like ``base``."""
+  make = lambda base, rngs: LoRALinear(base, rngs=rngs, param_dtype=base.kernel[...].dtype,
+                                       **kwargs)
+  if not stacked:
+    return make(base, rngs)
+
+  @nnx.split_rngs(splits=stacked)
+  @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def per_layer(base, rngs):
+    return make(base, rngs)
+
+  return per_layer(base, rngs)
 
 
 def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: int = 8,
@@ -89,7 +114,7 @@ def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: in
   """
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
   found = set()
-  for _, owner in _projection_owners(model):
+  for _, owner, stacked in _projection_owners(model):
     for name in targets:
       base = getattr(owner, name, None)
       if base is None:
@@ -97,8 +122,7 @@ def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: in
       if isinstance(base, LoRALinear):
         raise ValueError(f"{name} already carries a LoRA adapter")
       found.add(name)
-      setattr(owner, name, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs,
-                                      param_dtype=base.kernel[...].dtype))
+      setattr(owner, name, _adapter(base, stacked, rngs, rank=rank, alpha=alpha, dropout=dropout))
   missing = sorted(set(targets) - found)
   if missing:
     raise ValueError(f"LoRA targets {missing} are not projections of this model "
@@ -108,7 +132,7 @@ def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: in
 
 def merge_lora(model):
   """Fold every adapter into its base kernel and put the base module back, in place; returns model."""
-  for _, owner in _projection_owners(model):
+  for _, owner, _ in _projection_owners(model):
     for name, mod in list(vars(owner).items()):
       if isinstance(mod, LoRALinear):
         base = mod.base

@@ -15,6 +15,8 @@ with the final parameters of its last finished stage, exactly what training prod
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import jax
@@ -142,6 +144,10 @@ def load_run(run_dir: Any, stage: str | None = None, *, mesh=None):
   elif stage not in done:
     raise InputError(f"{run}: stage: expected one of the finished stages {done}, got {stage!r}")
   mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
-  model = load_model(cfg.model, cfg.lora, mesh, seed=cfg.seed, tokenizer_dir=run.tokenizer_dir)
+  # Per-layer weights whatever trained them (they are per layer on disk): evaluation decodes
+  # token by token, and a Python loop over the layers updates each KV cache in place, where a
+  # scan would write the whole stacked cache again at every step.
+  model_cfg = dataclasses.replace(cfg.model, scan_layers=False)
+  model = load_model(model_cfg, cfg.lora, mesh, seed=cfg.seed, tokenizer_dir=run.tokenizer_dir)
   params = run.final_params(stage, model.params, model.param_shardings)
   return model.with_params(params), cfg, stage
