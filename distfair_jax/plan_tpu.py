@@ -10,10 +10,10 @@ chip's peak, and our FLOP formula's figure (``Stage.flops`` of the global batch 
 compiler refuses a program that does not fit in HBM; the ``ChipStep`` then carries its figures
 (``fits`` False, no memory analysis) and ``does_not_fit()`` says so in one line.
 
-XLA's cost analysis counts a loop body once: the vocabulary-tiled log-probs (``losses``: a
-``lax.scan`` over 64-token tiles) count one tile, so its FLOPs run below the formula by most of
-the output projection; rematerialisation (``model.remat``) counts in the compiler's figure, not in
-the formula's.
+XLA's cost analysis counts a loop body once: with ``model.scan_layers`` the decoder layers count
+as one layer, and the vocabulary-tiled log-probs (``losses``: a ``lax.scan`` over 64-token tiles)
+as one tile, so its FLOPs run below the formula; rematerialisation (``model.remat``) counts in the
+compiler's figure, not in the formula's. The step time at peak takes the larger of the two.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ class ChipStep:
 
   @property
   def step_seconds(self) -> float:
-    """The compiler's FLOPs per chip at the chip's bf16 peak (a lower bound of the step time)."""
-    return tpu.step_seconds(self.memory.flops, self.topology.chip) if self.memory else 0.0
+    """The larger of the compiler's and the formula's FLOPs per chip at the chip's bf16 peak: a
+    lower bound of the step time (each count leaves something out, see the module docstring)."""
+    if not self.memory:
+      return 0.0
+    return tpu.step_seconds(max(self.memory.flops, self.memory.formula_flops), self.topology.chip)
 
   @property
   def formula_step_seconds(self) -> float:
@@ -152,9 +155,9 @@ def format_chip_steps(steps: Sequence[ChipStep], topology: tpu.Topology) -> str:
   compiled = [s for s in steps if s.memory is not None]
   if compiled:
     out += ["", "FLOPs per step and chip (XLA's cost_analysis; our formula's), and the step time "
-            "XLA's take at the bf16 peak (no step runs faster):",
+            "the larger takes at the bf16 peak (no step runs faster):",
             f"{'stage':<8}{'FLOPs (XLA)':>13}{'(formula)':>13}{'at peak':>12}{'compile':>11}"]
     out += [_compute_row(s) for s in compiled]
-    out.append("XLA counts a loop body once (the tiled log-probs: one 64-token tile) and counts "
-               "remat recomputation; the formula counts neither")
+    out.append("XLA counts a loop body once (scanned layers: one layer; the tiled log-probs: one "
+               "64-token tile) and counts remat recomputation; the formula counts neither")
   return "\n".join(out)
