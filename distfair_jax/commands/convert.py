@@ -18,7 +18,8 @@ _DTYPES = ("bfloat16", "float32", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  sub = parser.add_subparsers(dest="convert_command", metavar="{hf-to-flax,gguf-to-flax,flax-to-hf,check}")
+  sub = parser.add_subparsers(dest="convert_command",
+                              metavar="{hf-to-flax,gguf-to-flax,flax-to-hf,check}")
   sub.required = True
 
   p = sub.add_parser("hf-to-flax",
