@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
   except FetchError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  dst = os.path.join(args.out_dir, "smollm2-135m-instruct")
+  dst = os.path.join(args.out_dir, "smollm2")
   print(f"{path}: SmolLM2-135M-Instruct, Q4_1 ({SIZE / 1e6:.0f} MB, SHA-256 checked)")
   print(f"next: distfair convert gguf-to-flax {path} {dst} --dtype float32")
   return 0
