@@ -1,10 +1,12 @@
 """Convert checkpoints between Hugging Face safetensors and distfair (orbax) directories.
 
   distfair convert hf-to-flax SRC DST [--dtype bfloat16|float32] [--overwrite]
+  distfair convert gguf-to-flax FILE.gguf DST [--dtype bfloat16|float32] [--overwrite]
   distfair convert flax-to-hf SRC DST [--max-shard-size 5GB] [--dtype ...] [--overwrite]
   distfair convert check HF_DIR FLAX_DIR [--threshold 1e-3]
 
-Only safetensors are read (pickled PyTorch *.bin files are refused, never loaded). Outputs are
+Only safetensors and GGUF files are read (pickled PyTorch *.bin files are refused, never loaded).
+GGUF (llama.cpp) files of the llama architecture are dequantized (distfair_jax/gguf.py). Outputs are
 written to a temporary directory and renamed into place when complete.
 """
 
@@ -16,7 +18,8 @@ _DTYPES = ("bfloat16", "float32", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  sub = parser.add_subparsers(dest="convert_command", metavar="{hf-to-flax,flax-to-hf,check}")
+  sub = parser.add_subparsers(dest="convert_command",
+                              metavar="{hf-to-flax,gguf-to-flax,flax-to-hf,check}")
   sub.required = True
 
   p = sub.add_parser("hf-to-flax",
@@ -30,6 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="parameter dtype of the output (default: %(default)s)")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
   p.set_defaults(_convert=_hf_to_flax)
+
+  p = sub.add_parser("gguf-to-flax",
+                     help="GGUF file (llama.cpp, llama architecture) -> distfair directory",
+                     description="Dequantize a llama GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                     "Q5_0, Q5_1, Q2_K..Q6_K) into an orbax checkpoint plus model_config.json, and "
+                     "write the tokenizer and chat template its metadata holds (through "
+                     "transformers; needs the gguf package and torch: the gguf extra).")
+  p.add_argument("src", metavar="FILE", help="a .gguf file")
+  p.add_argument("dst", metavar="DST", help="output directory (new or empty)")
+  p.add_argument("--dtype", choices=_DTYPES, default="bfloat16",
+                 help="parameter dtype of the output (default: %(default)s)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+  p.set_defaults(_convert=_gguf_to_flax)
 
   p = sub.add_parser("flax-to-hf",
                      help="distfair directory -> Hugging Face directory (safetensors)",
@@ -65,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
 def _hf_to_flax(args) -> int:
   from distfair_jax.convert import hf_to_flax
   dst = hf_to_flax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+  print(f"wrote {dst}")
+  return 0
+
+
+def _gguf_to_flax(args) -> int:
+  from distfair_jax.gguf import gguf_to_flax
+  dst = gguf_to_flax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
   print(f"wrote {dst}")
   return 0
 

