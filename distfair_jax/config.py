@@ -37,7 +37,7 @@ from distfair_jax.errors import InputError
 
 __all__ = [
     "Stage", "DType", "Remat", "PromptFormat", "SFTAverage", "Ablation", "Reference", "Layout",
-    "Optimizer", "Schedule", "Version", "Steering", "JudgeKind",
+    "Optimizer", "Schedule", "Version", "Steering", "JudgeKind", "Parser",
     "Config", "MeshConfig", "ModelConfig", "LoraConfig", "DataConfig", "OptimConfig", "SFTConfig",
     "HybridConfig", "DPOConfig", "CheckpointConfig", "HeldoutConfig", "LoggingConfig",
     "DecodeConfig", "JudgeConfig", "EvalConfig", "load_config", "load_eval_config",
@@ -62,6 +62,7 @@ Schedule = enum.StrEnum("Schedule", ["constant", "cosine"], module=__name__)
 Version = enum.StrEnum("Version", ["v1", "v2", "v3"], module=__name__)
 Steering = enum.StrEnum("Steering", ["model", "target", "none"], module=__name__)
 JudgeKind = enum.StrEnum("JudgeKind", ["rules", "openai"], module=__name__)
+Parser = enum.StrEnum("Parser", ["reference", "synonyms"], module=__name__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,6 +285,7 @@ class EvalConfig(_Checked):
   n_bootstrap: int = 1000
   plots: bool = True
   dtype: Optional[DType] = None
+  parser: Parser = Parser.reference
 
   def _rules(self):
     versions = [str(v) for v in self.versions]
@@ -293,7 +295,8 @@ class EvalConfig(_Checked):
              "one of model, target, none"),
             ("rounds", self.rounds is None or self.rounds >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("n_bootstrap", self.n_bootstrap >= 0, "an integer >= 0")]
+            ("n_bootstrap", self.n_bootstrap >= 0, "an integer >= 0"),
+            ("parser", str(self.parser) in {p.value for p in Parser}, "one of reference, synonyms")]
 
   @property
   def prompt_field(self) -> str:

@@ -6,7 +6,8 @@ answered by the model with one decoding configuration (``config.DecodeConfig``) 
 ``sample.Sampler``: every distinct prompt is prefilled once and its rounds decoded together.
 Prompts, steering tokens and stops come from the run's ``data.tokenize.Encoder``, so they are
 tokenized exactly as in training. Attribute answers are parsed with
-:class:`~distfair_jax.parsing.CategoryParser` (last category word or synonym), stories go to a judge
+:class:`~distfair_jax.parsing.CategoryParser` (the category name mentioned last; with
+``eval.parser: synonyms`` the attribute's synonyms count too), stories go to a judge
 (:mod:`distfair_jax.judges`); unparsed answers are kept as ``category: null`` and counted, never
 dropped from view. With ``steering="model"`` the exact steering-token distribution per occupation
 (``Sampler.steering_distribution``, no sampling) adds ``exact_mae``.
@@ -133,8 +134,13 @@ def sample_version(sampler: Sampler, state, encoder: Encoder, attribute, slots: 
   return rows
 
 
-def categorize(rows: list[dict], attribute, *, story: bool, judge=None) -> list[dict]:
-  """Adds ``category`` (int or None) to each row: parsed answer (v1, v2) or judged story (v3)."""
+def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
+               parser: str = "reference") -> list[dict]:
+  """Adds ``category`` (int or None) to each row: parsed answer (v1, v2) or judged story (v3).
+
+  ``parser`` (v1, v2): ``reference``, the category names only (the paper's rule), or
+  ``synonyms``, the attribute's synonyms too. The story judge always sees the synonyms.
+  """
   synonyms = [list(c.synonyms) for c in attribute.categories]
   texts = [r["response"] for r in rows]
   if story:
@@ -143,7 +149,10 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None) -> list[
       judge = RulesJudge()
     cats = judge.judge_many(texts, attribute.names, attribute=attribute.name, synonyms=synonyms)
   else:
-    cats = CategoryParser(attribute.names, synonyms, source=f"attribute {attribute.name}").parse_many(
+    if str(parser) not in ("reference", "synonyms"):
+      raise InputError(f"eval.parser: expected one of reference, synonyms, got {parser!r}")
+    terms = synonyms if str(parser) == "synonyms" else None
+    cats = CategoryParser(attribute.names, terms, source=f"attribute {attribute.name}").parse_many(
         texts)
   for row, c in zip(rows, cats):
     row["category"] = None if c is None else int(c)
@@ -194,7 +203,7 @@ def _evaluate_version(version, sampler, state, encoder, attribute, records, conf
     exact = exact_distributions(sampler, state, slots, encoder)
   if not console.is_main_process():
     return None, None, None
-  categorize(rows, attribute, story=version in STORY_VERSIONS, judge=judge)
+  categorize(rows, attribute, story=version in STORY_VERSIONS, judge=judge, parser=config.parser)
   metrics = metrics_lib.evaluate_version(
       rows, targets, attribute.num_categories, n_bootstrap=config.n_bootstrap, seed=config.seed,
       exact=exact, categories=attribute.names, source=f"eval/{version}.jsonl")

@@ -3,9 +3,13 @@
 Two judges with one interface, ``judge(story, categories, *, attribute=None, synonyms=None)`` and
 ``judge_many(stories, ...)``:
 
-- ``RulesJudge`` (offline default): gender from pronouns, titles and a first-name lexicon;
-  sentiment from a small word lexicon (with simple negation); race, and any other attribute, from
-  explicit mentions of a category only. Anything undecided is None.
+- ``RulesJudge`` (offline default): gender from pronouns, titles, a first-name lexicon and the
+  category names themselves; sentiment from a small word lexicon (with simple negation) and the
+  category names (a bare "Positive" is positive, "Neutral" neutral); race, and any other attribute,
+  from explicit mentions of a category only. The category with the most votes wins; a tie at the
+  top is None (unparsed), never a silent default. No vote at all is None too, except that a story
+  of five words or more expressing no emotion is neutral sentiment (that is what neutral means
+  there; a short answer without any sentiment word is not a story and stays unparsed).
 - ``OpenAIJudge``: any OpenAI-compatible ``/v1/chat/completions`` endpoint (a local vLLM server,
   ...), standard library only. The prompt asks for exactly one category name, temperature 0;
   an answer that is not one of the category names (or synonyms) is None. Retries with exponential
@@ -222,6 +226,17 @@ class RulesJudge(Judge):
           [t[0] for t in terms], [t[1:] for t in terms], source="judge categories")
     return self._explicit_cache[key]
 
+  def name_votes(self, story: str, categories: Sequence[str]) -> list[int]:
+    """Votes per category from the category names themselves (a bare "Male." or "Positive" is
+    an answer too), on word boundaries, as the attribute parser reads them."""
+    key = (tuple(categories), "names")
+    if key not in self._explicit_cache:
+      self._explicit_cache[key] = CategoryParser(categories, source="judge categories")
+    votes = [0] * len(categories)
+    for _, _, k in self._explicit_cache[key].mentions(story):
+      votes[k] += 1
+    return votes
+
   def explicit_votes(self, story: str, categories: Sequence[str],
                      synonyms: Sequence[Sequence[str]] | None = None) -> list[int]:
     """Votes per category from explicit mentions (colour words only next to a person noun or
@@ -254,25 +269,34 @@ class RulesJudge(Judge):
       if "male" not in roles or "female" not in roles:
         raise JudgeError(f"judge: categories: expected categories naming male and female for "
                          f"attribute 'gender', got {list(categories)!r}")
+      votes = self.name_votes(story, categories)
       male, female = self.gender_votes(story)
-      if male == female:
-        return None
-      return roles["male"] if male > female else roles["female"]
+      votes[roles["male"]] += male
+      votes[roles["female"]] += female
+      return _winner(votes)
     if kind == "sentiment":
       if "positive" not in roles or "negative" not in roles:
         raise JudgeError(f"judge: categories: expected categories naming positive and negative "
                          f"for attribute 'sentiment', got {list(categories)!r}")
+      votes = self.name_votes(story, categories)
       pos, neg = self.sentiment_votes(story)
-      if pos > neg:
-        return roles["positive"]
-      if neg > pos:
-        return roles["negative"]
-      return roles.get("neutral")
-    votes = self.explicit_votes(story, categories, synonyms)  # race and any other attribute
-    best = max(votes)
-    if best == 0 or votes.count(best) > 1:
-      return None
-    return votes.index(best)
+      votes[roles["positive"]] += pos
+      votes[roles["negative"]] += neg
+      if not any(votes) and len(_WORD.findall(story)) >= _MIN_STORY_WORDS:
+        return roles.get("neutral")  # a story that expresses no emotion at all
+      return _winner(votes)
+    return _winner(self.explicit_votes(story, categories, synonyms))  # race and any other
+
+
+_MIN_STORY_WORDS = 5  # below this an answer without any sentiment word is not a story: unparsed
+
+
+def _winner(votes: Sequence[int]) -> int | None:
+  """The category with the most votes; None when none has any or the top is a tie."""
+  best = max(votes)
+  if best == 0 or list(votes).count(best) > 1:
+    return None
+  return list(votes).index(best)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ __all__ = [
     "KTO_BALANCE_RANGE",
     "check_kto_balance",
     "dpo_loss",
+    "drop_absent_classes",
     "hybrid_loss",
     "kto_loss",
     "sequence_logps",
@@ -435,7 +436,8 @@ def kto_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array
   Returns:
     ``(loss, metrics)``: the mean loss over all examples (float32 scalar) and float32 scalars
     ``kl`` (z0), ``rewards/chosen``, ``rewards/rejected`` (means of beta * r over desirable /
-    undesirable rows, 0 when there are none), ``rewards/margins`` (their difference),
+    undesirable rows, 0 when there are none: ``drop_absent_classes`` leaves those out of what
+    is logged), ``rewards/margins`` (their difference),
     ``logps/chosen``, ``logps/rejected`` (mean policy log-probs), ``count/chosen``,
     ``count/rejected``.
   """
@@ -467,6 +469,23 @@ def kto_loss(policy_logps: Array, reference_logps: Array, policy_kl_logps: Array
       "count/rejected": jnp.sum((~good).astype(_F32)),
   }
   return loss, metrics
+
+
+def drop_absent_classes(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Host-side: ``metrics`` without the KTO entries of a class the batch did not have.
+
+  Under jit the metrics have a fixed structure, so ``kto_loss`` reports 0 for the mean reward
+  and log-prob of a class with no rows; what is logged leaves them out, as TRL does: no
+  ``rewards/rejected``, ``logps/rejected`` nor ``rewards/margins`` when ``count/rejected`` is 0
+  (likewise for chosen). Other metrics pass through.
+  """
+  out = dict(metrics)
+  for cls in ("chosen", "rejected"):
+    count = out.get(f"count/{cls}")
+    if count is not None and float(count) == 0:
+      for key in (f"rewards/{cls}", f"logps/{cls}", "rewards/margins"):
+        out.pop(key, None)
+  return out
 
 
 _SFT_AVERAGES = ("token", "sequence")

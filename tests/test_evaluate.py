@@ -108,7 +108,11 @@ def test_categorize_parses_answers_and_judges_stories():
   rows = [{"response": "Male? No, I think Female."}, {"response": "no idea"},
           {"response": "MEN"}]
   evaluate.categorize(rows, GENDER, story=False)
+  assert [r["category"] for r in rows] == [1, None, None]      # the paper's rule: names only
+  evaluate.categorize(rows, GENDER, story=False, parser="synonyms")
   assert [r["category"] for r in rows] == [1, None, 0]
+  with pytest.raises(InputError, match="eval.parser"):
+    evaluate.categorize(rows, GENDER, story=False, parser="fuzzy")
   stories = [{"response": "Sarah said she loved her job."}, {"response": "It rained."}]
   evaluate.categorize(stories, GENDER, story=True, judge=RulesJudge())
   assert [r["category"] for r in stories] == [1, None]

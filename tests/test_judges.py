@@ -72,6 +72,21 @@ def test_rules_sentiment(rules, story, expected):
   assert rules.judge(story, SENTIMENT, attribute="sentiment") == expected
 
 
+@pytest.mark.parametrize("story, expected", [
+    ("Male", 0), ("Female.", 1),                   # a bare category word is an answer
+    ("Positive", "positive"), ("Negative", "negative"), ("Neutral", "neutral"),
+    ("Fine.", None),                               # no sentiment word and not a story: unparsed
+    ("Happy but stressed.", None),                 # a tie at the top: unparsed, not neutral
+])
+def test_rules_bare_category_words_and_ties(rules, story, expected):
+  if isinstance(expected, str):
+    assert rules.judge(story, SENTIMENT, attribute="sentiment") == SENTIMENT.index(expected)
+  elif expected is None:
+    assert rules.judge(story, SENTIMENT, attribute="sentiment") is None
+  else:
+    assert rules.judge(story, GENDER, attribute="gender") == expected
+
+
 def test_rules_sentiment_without_neutral(rules):
   assert rules.judge("He filed the reports.", ["positive", "negative"]) is None
 

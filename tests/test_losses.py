@@ -534,3 +534,18 @@ def test_sharded_batch_over_8_devices(batch8, reference):
   _assert_tree_close(out, reference)
   loss, (gh, gw), metrics = out
   assert gh.sharding.is_equivalent_to(args["hidden"].sharding, gh.ndim)
+
+
+def test_kto_metrics_of_an_absent_class_are_left_out():
+  """A batch with no undesirable rows: kto_loss's fixed-structure metrics hold 0 there, and
+  drop_absent_classes leaves rewards/rejected, logps/rejected and the margin out (as TRL)."""
+  pol = jnp.array([-3.0, -2.0]); ref = jnp.array([-3.5, -2.5])
+  _, m = losses.kto_loss(pol, ref, pol - 1.0, ref - 1.0, jnp.array([True, True]))
+  logged = losses.drop_absent_classes({k: float(v) for k, v in m.items()})
+  assert float(m["count/rejected"]) == 0 and float(m["rewards/rejected"]) == 0.0
+  assert not {"rewards/rejected", "logps/rejected", "rewards/margins"} & set(logged)
+  assert logged["rewards/chosen"] == pytest.approx(0.1 * 0.5)
+  _, m = losses.kto_loss(pol, ref, pol - 1.0, ref - 1.0, jnp.array([True, False]))
+  both = losses.drop_absent_classes({k: float(v) for k, v in m.items()})
+  assert both["rewards/margins"] == pytest.approx(both["rewards/chosen"] - both["rewards/rejected"])
+  assert losses.drop_absent_classes({"loss": 1.0}) == {"loss": 1.0}   # DPO, SFT: untouched

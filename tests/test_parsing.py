@@ -89,3 +89,19 @@ def test_sentiment():
 def test_bad_specs(categories, synonyms):
   with pytest.raises(InputError):
     CategoryParser(categories, synonyms)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Misparses a review found with synonyms on (optimistic -> positive, stressed -> negative,
+    # men -> male): the category names alone read them right.
+    ("Neutral - neither optimistic nor stressed.", "neutral"),
+    ("Positive, though sometimes stressed", "positive"),
+    ("Female. (Most are women, some men.)", "female"),
+])
+def test_reference_rule_counts_category_names_only(text, expected):
+  from distfair_jax.data.attributes import GENDER as GENDER_SPEC, SENTIMENT as SENTIMENT_SPEC
+  spec = SENTIMENT_SPEC if expected in SENTIMENT else GENDER_SPEC
+  reference = CategoryParser(spec.names)
+  with_synonyms = CategoryParser(spec.names, [list(c.synonyms) for c in spec.categories])
+  assert spec.names[reference(text)] == expected
+  assert spec.names[with_synonyms(text)] != expected       # the synonyms option misreads them

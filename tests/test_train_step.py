@@ -266,3 +266,33 @@ def test_packed_dpo_equals_rows():
   for k in metrics_r:
     np.testing.assert_allclose(metrics_p[k], metrics_r[k], rtol=1e-4, atol=1e-6, err_msg=k)
   _close_tree(nnx.to_pure_dict(grads_r), nnx.to_pure_dict(grads_p), rtol=1e-3, scale_atol=1e-6)
+
+
+def test_ipo_uses_per_token_averaged_logps():
+  """dpo.ipo: the stage passes per-token means of the completions' log-probs to the IPO loss,
+  in both layouts (summed log-probs were off by tens on a real batch)."""
+  from distfair_jax.data import build, collate
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax import losses
+  from distfair_jax.train.stages.common import merge, sequence_logps
+  from distfair_jax.train.stages.hybrid import _concat
+  tok = build_tiny_tokenizer()
+  recs = build.build_dataset("gender_real_us", rows_per_occupation=4, test_rounds=1)["dpo"][:4]
+  rows = collate.tokenize_batch(recs, tok, "dpo")
+  packed = collate.tokenize_batch(recs, tok, "dpo", layout="packed")
+  stage = DPOStage(DPOConfig(ipo=True, beta=0.1), tile_size=16)
+  cfg = CFG.replace(vocab_size=len(tok), max_position_embeddings=256)
+  graphdef, graphdef_eval, params, rngs, frozen = split_model(Llama(cfg, rngs=nnx.Rngs(0)), False)
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  fn = stage.loss_fn(graphdef, graphdef_eval, None)
+  loss_r = fn(params, rngs, frozen, ref, jax.tree.map(jnp.asarray, rows))[0]
+  loss_p = fn(params, rngs, frozen, ref, jax.tree.map(jnp.asarray, packed))[0]
+  both = _concat(rows.chosen, rows.rejected)
+  counts = np.concatenate([rows.chosen.label_mask.sum(-1), rows.rejected.label_mask.sum(-1)])
+  assert counts.min() > 1  # the test means something: sums and means differ
+  pol = sequence_logps(merge(graphdef, params, rngs, frozen), both, 16)[3] / counts
+  rfl = sequence_logps(merge(graphdef_eval, ref, rngs, frozen), both, 16)[3] / counts
+  b = len(recs)
+  expected = losses.dpo_loss(pol[:b], pol[b:], rfl[:b], rfl[b:], beta=0.1, ipo=True)[0]
+  np.testing.assert_allclose(loss_r, expected, rtol=1e-5)
+  np.testing.assert_allclose(loss_p, expected, rtol=1e-4)

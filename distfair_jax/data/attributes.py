@@ -15,7 +15,8 @@ User-defined attributes come from a mapping (read from YAML by ``data.build``)::
     - {name: young, answer: Young, synonyms: [young, youthful], steering_token: "0"}
     - {name: old, answer: Old, synonyms: [old, elderly]}
 
-``synonyms`` are the words the evaluation parser accepts (the answer is always one of them).
+``synonyms`` are extra words the evaluation parser accepts with ``eval.parser: synonyms`` (the
+default, ``reference``, counts the category names only, as the paper does).
 ``steering_token`` defaults to the digit of the category index. (The story judges keep their own
 cues: ``distfair_jax.judges``.)
 

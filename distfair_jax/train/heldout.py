@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from distfair_jax import losses as L
 from distfair_jax import sharding as shd
 from distfair_jax.data import pipeline
 from distfair_jax.train.step import make_eval_fn
@@ -80,7 +81,8 @@ class HeldoutEval:
       batch = shd.put_batch(next(batches), self.mesh)
       if self._ref is not None:
         batch = batch.replace(reference=self._ref(ref_params, rngs, frozen, batch))
-      for k, v in jax.device_get(self._eval(params, rngs, frozen, ref, batch)).items():
+      out = jax.device_get(self._eval(params, rngs, frozen, ref, batch))
+      for k, v in L.drop_absent_classes(out).items():  # class means over batches that have it
         v = np.asarray(v, np.float64)
         sums[k] = sums.get(k, 0.0) + float(v.sum() if v.ndim else v)
         counts[k] = counts.get(k, 0) + (v.size if v.ndim else 1)

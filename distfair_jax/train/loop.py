@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distfair_jax import console
+from distfair_jax import losses as L
 from distfair_jax import distributed
 from distfair_jax import sharding as shd
 from distfair_jax.config import config_to_dict
@@ -124,7 +125,8 @@ def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, to
 
 
 def _step_metrics(ctx, stage, metrics, batch, dt: float) -> dict[str, float]:
-  out = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+  out = L.drop_absent_classes({k: float(np.asarray(v)) for k, v in metrics.items()
+                               if np.ndim(v) == 0})
   flops = stage.flops(ctx.model.config, batch, jax.process_count())
   out["tokens_per_second"] = out.pop("tokens", 0.0) / dt
   out["step_time"] = dt

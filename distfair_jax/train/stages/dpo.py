@@ -1,7 +1,7 @@
 """The DPO baseline (started from the IFT model; the reference is the IFT model).
 
 Policy and reference forwards over the chosen and rejected sequences, ``losses.dpo_loss`` (IPO and
-conservative DPO as options). Layout rule (``dpo.layout: auto``): packed, one row per record,
+conservative DPO as options; IPO on per-token averaged log-probs, as its paper, TRL and HALOs). Layout rule (``dpo.layout: auto``): packed, one row per record,
 [prompt | chosen | rejected], the prompt computed once for both (one row per record either way, so
 never more tokens than the rows layout).
 """
@@ -42,11 +42,24 @@ class DPOStage(StageBase, name="dpo", section="dpo", records_kind="dpo", seed_of
         return jnp.concatenate([lp[:, 0, 0], lp[:, 0, 1]])
       return sequence_logps(model, _concat(batch.chosen, batch.rejected), tile)[3]
 
+    def label_counts(batch):
+      """-> completion tokens per sequence [2B] (chosen..., rejected...), at least 1."""
+      if isinstance(batch, B.PackedDPOBatch):
+        branch = batch.packed.label_branch[:, 0]  # [R, N]: 0 chosen, 1 rejected, -1 padding
+        counts = jnp.concatenate([jnp.sum(branch == 0, -1), jnp.sum(branch == 1, -1)])
+      else:
+        counts = jnp.concatenate([jnp.sum(batch.chosen.label_mask, -1),
+                                  jnp.sum(batch.rejected.label_mask, -1)])
+      return jnp.maximum(counts.astype(jnp.float32), 1.0)
+
     def dpo_loss(params, rngs, frozen, ref_params, batch):
       policy = merge(graphdef, params, rngs, frozen)
       ref = merge(graphdef_eval, ref_params, rngs, frozen)
       logps = logps_of(policy, batch)
       ref_logps = jax.lax.stop_gradient(logps_of(ref, batch))
+      if c.ipo:  # IPO takes per-token averaged log-probs (Azar et al.; TRL and HALOs alike)
+        counts = label_counts(batch)
+        logps, ref_logps = logps / counts, ref_logps / counts
       if isinstance(batch, B.PackedDPOBatch):
         b, tokens = batch.packed.input_ids.shape[0], packed_token_count(batch.packed, 2)
       else:
