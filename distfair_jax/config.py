@@ -271,7 +271,11 @@ class EvalConfig(_Checked):
   steering: model | target | none. prompt_engineering: the target stated in the prompt (the
   baseline's wording). batch_size: about how many rows are decoded together. dataset: what to test
   on (default: the run's own dataset). dtype: a converted model's compute and parameter dtype
-  (default: as stored; a run keeps its training dtypes).
+  (default: as stored; a run keeps its training dtypes). parser: how v1/v2 answers become
+  categories: ``reference`` (the paper's rule: the category name mentioned last, on word
+  boundaries) or ``synonyms`` (the attribute's synonyms count as mentions too). exact_answers:
+  also score v1/v2 by the exact probabilities of the K canonical answers (one forward per
+  prompt, answer and steering token: noise-free, with the mass on non-answers).
   """
   versions: List[Version] = field(default_factory=lambda: [Version.v1, Version.v2, Version.v3])
   rounds: Optional[int] = 100
@@ -286,6 +290,7 @@ class EvalConfig(_Checked):
   plots: bool = True
   dtype: Optional[DType] = None
   parser: Parser = Parser.reference
+  exact_answers: bool = True
 
   def _rules(self):
     versions = [str(v) for v in self.versions]

@@ -34,7 +34,6 @@ import shutil
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 from distfair_jax import config as C
@@ -59,8 +58,10 @@ class DemoSettings:
   sft_epochs: int = 2
   stage2_epochs: int = 2
   batch_size: int = 16                 # SFT / IFT rows; stage 2: 16 rows = 8 (desirable, undesirable) pairs; DPO 8 pairs
-  sft_lrs: tuple[float, ...] = (1e-3, 3e-3)
-  stage2_lrs: tuple[float, ...] = (3e-4, 1e-3)
+  # One grid for every trained method (SFT, IFT, each stage 2, DPO), chosen by one rule
+  # (``Demo.select``): 10x and 100x below the rates that used to be the only ones.
+  sft_lrs: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+  stage2_lrs: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
   beta: float = 0.1
   rounds: int = 100
   versions: tuple[str, ...] = ("v1", "v2", "v3")
@@ -129,39 +130,18 @@ def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupatio
 
 
 # ------------------------------------------------------------------------------------------------
-# Scoring a model's exact distributions
+# Selecting a learning rate
 
 
-@jax.jit(static_argnames="graphdef")
-def _sequence_logps(graphdef, state, ids, mask, labels, lmask):
-  """Sequence log-probs [B] of the labelled tokens (weights as an argument: one compile)."""
-  from flax import nnx
-  from distfair_jax import losses
-  m = nnx.merge(graphdef, state)
-  logits = m.logits(m(ids, mask))
-  return losses.sequence_logps(losses.token_logps(logits, labels, lmask), lmask)
+MAX_NON_ANSWER = 0.2
 
 
-def answer_distribution(model, encoder, attribute, prompts: list[list[int]]) -> np.ndarray:
-  """[P, K]: softmax over k of log p(answer_k + end of turn | prompt), from one batched forward."""
-  from flax import nnx
-  answers = [encoder.completion_ids(c.answer) for c in attribute.categories]
-  rows = [(pi, ki) for pi in range(len(prompts)) for ki in range(len(answers))]
-  length = max(len(prompts[pi]) + len(answers[ki]) for pi, ki in rows)
-  ids = np.full((len(rows), length), encoder.pad_id, np.int32)
-  mask = np.zeros_like(ids)
-  lmask = np.zeros(ids.shape, np.float32)
-  for r, (pi, ki) in enumerate(rows):
-    seq = prompts[pi] + answers[ki]
-    ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
-    lmask[r, len(prompts[pi]) - 1:len(seq) - 1] = 1.0  # positions predicting the answer tokens
-  labels = np.concatenate([ids[:, 1:], np.full((len(rows), 1), encoder.pad_id, np.int32)], axis=1)
-  graphdef, state = nnx.split(model)
-  logp = np.asarray(_sequence_logps(graphdef, state, ids, mask, labels, lmask))
-  logp = logp.reshape(len(prompts), len(answers))
-  logp = logp - logp.max(axis=1, keepdims=True)
-  q = np.exp(logp)
-  return q / q.sum(axis=1, keepdims=True)
+def select(scores: dict[float, float], non_answer: dict[float, float]) -> float:
+  """The demo's one selection rule, for every trained method: the learning rate with the lowest
+  held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
+  mass is at most 20% when there are any (ties: the smaller rate)."""
+  ok = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER] or list(scores)
+  return min(ok, key=lambda lr: (scores[lr], lr))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,7 +243,7 @@ class Demo:
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
-    scores, runs = {}, {}
+    scores, non_answer, runs = {}, {}, {}
     for lr in lrs:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
@@ -273,18 +253,20 @@ class Demo:
       cfg = self.config(run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params())
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr] = self.heldout_mae(run, steered=steered)
+      scores[lr], non_answer[lr] = self.heldout_mae(run, steered=steered)
       runs[lr] = run
-      console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact MAE {scores[lr]:.4f}")
-    best = min(lrs, key=lambda lr: (scores[lr], lr))
-    return best, runs[best], scores
+      console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
+                  f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%})")
+    best = select(scores, non_answer)
+    return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr]} for lr in lrs}
 
-  def heldout_mae(self, run: str, *, steered: bool) -> float:
-    """Mean over held-out training prompts of mean_k |q_k - p_k|, p the prompt's target and q the
-    model's exact distribution over the K categories: of the steering token (steered), or of the K
-    whole answers (answer tokens + end of turn, renormalised over the K) otherwise."""
+  def heldout_mae(self, run: str, *, steered: bool) -> tuple[float, float]:
+    """(exact answer MAE, non-answer mass) over the held-out *training* prompts: the mean over
+    prompts of mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of
+    the K canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens
+    for a steered model), not renormalised, so mass on non-answers counts as error."""
+    from distfair_jax import evaluate as eval_lib
     from distfair_jax.data.tokenize import Encoder
-    from distfair_jax.sample import left_pad
     from distfair_jax.train.heldout import split_heldout
     _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
     prompts = {}
@@ -297,13 +279,9 @@ class Demo:
     model = self.model(run)
     seqs = [enc.prompt_ids(p) for p in prompts]
     p = np.stack(list(prompts.values()))
-    if steered:
-      sampler, state = self.sampler(model)
-      ids_arr, mask = left_pad(seqs, enc.pad_id)
-      q = sampler.steering_distribution(state, ids_arr, mask, [int(i) for i in enc.steering_ids])
-    else:
-      q = answer_distribution(model, enc, self.attribute, seqs)
-    return float(np.mean(np.abs(q - p)))
+    sampler, state = self.sampler(model)
+    q = eval_lib.answer_probabilities(sampler, state, seqs, enc, self.attribute, steered=steered)
+    return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1)))
 
   @staticmethod
   def model(run: str):
@@ -387,7 +365,8 @@ class Demo:
 
 def _summary(m: dict) -> dict:
   out = {"mae": m["mae"], "mae_ci": m.get("mae_ci"), "mae_corrected": m.get("mae_corrected"),
-         "unparsed_rate": m.get("unparsed_rate"),
+         "unparsed_rate": m.get("unparsed_rate"), "exact_answer_mae": m.get("exact_answer_mae"),
+         "non_answer": m.get("non_answer"),
          "exact_mae": m.get("exact_mae")}
   if "mae_floor" in m:
     out["mae_floor"] = m["mae_floor"]
@@ -397,8 +376,9 @@ def _summary(m: dict) -> dict:
 def results_table(results: dict, versions: Sequence[str]) -> str:
   """Markdown: one row per (dataset, method), per version the MAE and, in brackets, the
   bias-corrected estimate with its 95% interval (metrics' docstring); exact MAE, unparsed rate."""
-  head = ["dataset", "method"] + [f"{v} MAE (corrected [95% CI])" for v in versions] + ["v2 exact MAE",
-                                                                            "v2 unparsed"]
+  head = (["dataset", "method"] + [f"{v} MAE (corrected [95% CI])" for v in versions]
+          + ["v2 exact answer MAE", "v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} unparsed" for v in versions])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ds, methods in results.items():
     for method in METHODS:
@@ -415,8 +395,12 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
         cells.append(f"{m['mae']:.3f}" + (f" ({corrected:.3f} [{ci[0]:.3f}, {ci[1]:.3f}])"
                                           if ci and corrected is not None else ""))
       v2 = methods[method].get("v2") or {}
+      cells.append("" if v2.get("exact_answer_mae") is None else f"{v2['exact_answer_mae']:.3f}")
+      cells.append("" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}")
       cells.append("" if v2.get("exact_mae") is None else f"{v2['exact_mae']:.3f}")
-      cells.append("" if v2.get("unparsed_rate") is None else f"{v2['unparsed_rate']:.1%}")
+      for v in versions:
+        rate = (methods[method].get(v) or {}).get("unparsed_rate")
+        cells.append("" if rate is None else f"{rate:.1%}")
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

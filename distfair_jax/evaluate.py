@@ -10,7 +10,9 @@ tokenized exactly as in training. Attribute answers are parsed with
 ``eval.parser: synonyms`` the attribute's synonyms count too), stories go to a judge
 (:mod:`distfair_jax.judges`); unparsed answers are kept as ``category: null`` and counted, never
 dropped from view. With ``steering="model"`` the exact steering-token distribution per occupation
-(``Sampler.steering_distribution``, no sampling) adds ``exact_mae``.
+(``Sampler.steering_distribution``, no sampling) adds ``exact_mae``; for v1/v2 the exact
+probabilities of the K canonical answers (summed over the steering tokens for a steered model)
+add ``exact_answer_mae`` and the ``non_answer`` mass, for every method alike.
 
 Outputs (under ``out_dir``, written into a temporary directory renamed into place):
 
@@ -159,22 +161,29 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   return rows
 
 
-def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encoder: Encoder,
-                        batch_size: int = 64) -> dict[str, list[float]]:
-  """occupation -> exact steering distribution [K], averaged over its slots' prompts (one forward
-  per distinct prompt, weighted by how many slots use it)."""
-  distinct = list(dict.fromkeys(s["prompt"] for s in slots))
-  ids = encoder.encode_prompts(distinct)
+def steering_probabilities(sampler: Sampler, state, ids: Sequence[Sequence[int]],
+                           encoder: Encoder, batch_size: int = 64) -> np.ndarray:
+  """[P, K] float64: the exact steering-token distribution after each prompt (fixed-size chunks,
+  one compile)."""
   length = pow2_bucket(max(len(x) for x in ids))
   probs = []
   batch = min(batch_size, next_pow2(len(ids)))
   steering_ids = [int(i) for i in encoder.steering_ids]
   for start in range(0, len(ids), batch):
-    chunk = ids[start:start + batch]
+    chunk = list(ids[start:start + batch])
     chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # fixed shape: one compile
     input_ids, mask = left_pad(chunk, encoder.pad_id, length)
     probs.append(sampler.steering_distribution(state, input_ids, mask, steering_ids))
-  probs = np.concatenate(probs)[:len(distinct)].astype(np.float64)
+  return np.concatenate(probs)[:len(ids)].astype(np.float64)
+
+
+def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encoder: Encoder,
+                        batch_size: int = 64) -> dict[str, list[float]]:
+  """occupation -> exact steering distribution [K], averaged over its slots' prompts (one forward
+  per distinct prompt, weighted by how many slots use it)."""
+  distinct = list(dict.fromkeys(s["prompt"] for s in slots))
+  probs = steering_probabilities(sampler, state, encoder.encode_prompts(distinct), encoder,
+                                 batch_size)
   row = {p: i for i, p in enumerate(distinct)}
   sums: dict[str, np.ndarray] = {}
   counts: dict[str, int] = {}
@@ -183,6 +192,71 @@ def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encod
     sums[o] = sums.get(o, 0) + probs[row[s["prompt"]]]
     counts[o] = counts.get(o, 0) + 1
   return {o: (sums[o] / counts[o] / (sums[o] / counts[o]).sum()).tolist() for o in sums}
+
+
+def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int]],
+                         encoder: Encoder, attribute, *, steered: bool,
+                         batch_size: int = 16) -> np.ndarray:
+  """The exact probability of each canonical answer, as the model samples it.
+
+  For prompt p and category k: P(answer_k + end of turn | p) (unsteered), or
+  sum_s P(s | p) P(answer_k + end of turn | p, s) over the K steering tokens s, with P(s | p)
+  the softmax over the K steering logits that steered sampling draws from. The mass missing
+  from 1 goes to anything else (other wordings, other lengths, no answer): the non-answers.
+
+  Args:
+    prompts: P prompt id lists (chat template applied); encoder: their Encoder (end of turn,
+      steering ids); attribute: the K categories (their ``answer`` texts).
+  Returns:
+    [P, K] float64, rows summing to at most 1.
+  """
+  answers = [encoder.completion_ids(c.answer) for c in attribute.categories]
+  k = len(answers)
+  steer_ids = [int(i) for i in encoder.steering_ids] if steered else [None]
+  rows = [(pi, si, ki) for pi in range(len(prompts)) for si in range(len(steer_ids))
+          for ki in range(k)]
+  seqs, starts = [], []
+  for pi, si, ki in rows:
+    head = list(prompts[pi]) + ([] if steer_ids[si] is None else [steer_ids[si]])
+    seqs.append(head + answers[ki])
+    starts.append(len(head))
+  length = pow2_bucket(max(len(x) for x in seqs))
+  batch = min(batch_size, next_pow2(len(seqs)))
+  logps = []
+  for start in range(0, len(seqs), batch):
+    chunk = list(range(start, min(start + batch, len(seqs))))
+    chunk += [chunk[-1]] * (batch - len(chunk))  # fixed shape: one compile
+    ids = np.full((batch, length), encoder.pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    lmask = np.zeros(ids.shape, np.float32)
+    for r, j in enumerate(chunk):
+      ids[r, :len(seqs[j])], mask[r, :len(seqs[j])] = seqs[j], 1
+      lmask[r, starts[j] - 1:len(seqs[j]) - 1] = 1.0  # the positions predicting the answer
+    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), encoder.pad_id, np.int32)], axis=1)
+    real = min(batch, len(seqs) - start)
+    logps.append(np.asarray(sampler.label_logps(state, ids, mask, labels, lmask))[:real])
+  answer_p = np.exp(np.concatenate(logps).astype(np.float64)).reshape(len(prompts), -1, k)
+  if not steered:
+    return answer_p[:, 0]
+  weights = steering_probabilities(sampler, state, prompts, encoder)  # [P, K steering tokens]
+  return np.einsum("ps,psk->pk", weights, answer_p)
+
+
+def answer_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encoder: Encoder,
+                         attribute, *, steered: bool) -> dict[str, list[float]]:
+  """occupation -> the exact probabilities [K] of the canonical answers (``answer_probabilities``),
+  averaged over its slots' prompts (one pass per distinct prompt, weighted by its slots)."""
+  distinct = list(dict.fromkeys(s["prompt"] for s in slots))
+  probs = answer_probabilities(sampler, state, encoder.encode_prompts(distinct), encoder,
+                               attribute, steered=steered)
+  row = {p: i for i, p in enumerate(distinct)}
+  sums: dict[str, np.ndarray] = {}
+  counts: dict[str, int] = {}
+  for s in slots:
+    o = s["occupation"]
+    sums[o] = sums.get(o, 0) + probs[row[s["prompt"]]]
+    counts[o] = counts.get(o, 0) + 1
+  return {o: np.clip(sums[o] / counts[o], 0.0, 1.0).tolist() for o in sums}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,15 +272,18 @@ def _evaluate_version(version, sampler, state, encoder, attribute, records, conf
   rows = sample_version(sampler, state, encoder, attribute, slots, version=version,
                         config=config, targets=targets)
   sampled = time.perf_counter()
-  exact = None
+  exact = answers = None
   if config.steering == "model":
     exact = exact_distributions(sampler, state, slots, encoder)
+  if config.exact_answers and version not in STORY_VERSIONS and config.steering != "target":
+    answers = answer_distributions(sampler, state, slots, encoder, attribute,
+                                   steered=config.steering == "model")
   if not console.is_main_process():
     return None, None, None
   categorize(rows, attribute, story=version in STORY_VERSIONS, judge=judge, parser=config.parser)
   metrics = metrics_lib.evaluate_version(
       rows, targets, attribute.num_categories, n_bootstrap=config.n_bootstrap, seed=config.seed,
-      exact=exact, categories=attribute.names, source=f"eval/{version}.jsonl")
+      exact=exact, answers=answers, categories=attribute.names, source=f"eval/{version}.jsonl")
   timing = {"samples": len(rows), "sampling_s": round(sampled - start, 3),
             "samples_per_s": round(len(rows) / max(sampled - start, 1e-9), 2),
             "total_s": round(time.perf_counter() - start, 3)}
@@ -216,7 +293,9 @@ def _evaluate_version(version, sampler, state, encoder, attribute, records, conf
 def _progress_line(version: str, m: Mapping, timing: Mapping) -> str:
   return (f"{version}: {timing['samples']} samples in {timing['sampling_s']:.1f} s, MAE "
           f"{m['mae']:.4f} (std {m['mae_std']:.4f}), unparsed {m['unparsed_rate']:.1%}"
-          + (f", exact MAE {m['exact_mae']:.4f}" if "exact_mae" in m else ""))
+          + (f", exact steering MAE {m['exact_mae']:.4f}" if "exact_mae" in m else "")
+          + (f", exact answer MAE {m['exact_answer_mae']:.4f} (non-answer "
+             f"{m['non_answer']:.1%})" if "exact_answer_mae" in m else ""))
 
 
 def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Sequence[Mapping]],

@@ -261,6 +261,7 @@ def _check_distribution(values: Any, k: int, where: str) -> np.ndarray:
 def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Sequence[float]],
                      num_categories: int, *, n_bootstrap: int = 1000, seed: int = 0,
                      exact: Mapping[str, Sequence[float]] | None = None,
+                     answers: Mapping[str, Sequence[float]] | None = None,
                      categories: Sequence[str] | None = None,
                      source: str = "eval rows") -> dict[str, Any]:
   """Metrics of one test version, as stored under that version in ``eval/metrics.json``.
@@ -275,6 +276,12 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
     seed: seeds the numpy Generator of the bootstrap.
     exact: optional occupation -> exact steering distribution (K floats) from the logits; adds
       ``exact_mae``, ``exact_mae_std`` and per-occupation ``exact`` / ``exact_mae``.
+    answers: optional occupation -> the exact probabilities of the K canonical answers (at most
+      1 in all; ``evaluate.answer_distributions``); adds ``exact_answer_mae`` (against the
+      answers renormalised over the K, the noise-free twin of ``mae``),
+      ``exact_answer_mae_raw`` (not renormalised: the non-answer mass counts as error),
+      ``non_answer`` (mean mass on anything else) and the per-occupation ``answer_probs`` /
+      ``non_answer``.
     categories: optional category names, copied into the output for the report.
     source: names the rows' origin (e.g. the JSONL path) in error messages.
 
@@ -329,7 +336,38 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
   out["per_occupation"] = [
       _occupation_entry(j, o, target, achieved, counts, unparsed, ci, occ_mae, occ_kl, occ_js,
                         exact_arr, per_exact) for j, o in enumerate(names)]
+  if answers is not None:
+    _add_answer_metrics(out, names, target, answers, k, source)
   return out
+
+
+def _check_subdistribution(values: Any, k: int, where: str) -> np.ndarray:
+  try:
+    arr = np.asarray(values, np.float64)
+  except (TypeError, ValueError):
+    arr = None
+  if (arr is None or arr.shape != (k,) or not np.all(np.isfinite(arr)) or np.any(arr < 0)
+      or arr.sum() > 1.0 + 1e-3):
+    raise InputError(f"{where}: expected {k} non-negative probabilities summing to at most 1, "
+                     f"got {values!r}")
+  return arr
+
+
+def _add_answer_metrics(out: dict, names, target: np.ndarray, answers, k: int, source: str):
+  """The exact answer-probability figures of ``evaluate_version`` (``answers`` given)."""
+  missing = [o for o in names if o not in answers]
+  if missing:
+    raise InputError(f"{source}: answers: expected probabilities for every occupation, "
+                     f"missing {missing!r}")
+  q = np.stack([_check_subdistribution(answers[o], k, f"{source}: answers[{o!r}]")
+                for o in names])
+  mass = q.sum(-1)
+  renorm = np.divide(q, mass[:, None], out=np.zeros_like(q), where=mass[:, None] > 0)
+  per, per_raw = mae(target, renorm), mae(target, q)
+  out["exact_answer_mae"], out["exact_answer_mae_raw"] = float(per.mean()), float(per_raw.mean())
+  out["non_answer"] = float((1.0 - mass).mean())
+  for entry, probs, left in zip(out["per_occupation"], q, 1.0 - mass):
+    entry["answer_probs"], entry["non_answer"] = _floats(probs), float(left)
 
 
 def _summary(target, counts, unparsed, ci, occ_mae, occ_kl, occ_js, n_bootstrap: int,

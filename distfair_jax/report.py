@@ -222,8 +222,11 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
       lines.append(f"- **{_cell(key)}**: {_cell(shown)}")
     lines.append("")
   any_exact = any("exact_mae" in v for v in versions.values())
-  header = ["version", "MAE", "MAE std", "corrected MAE [95% CI]", "MAE floor", "KL mean", "KL sum", "KL std",
-            "JS", "unparsed", "samples"] + (["exact MAE"] if any_exact else [])
+  any_answers = any("exact_answer_mae" in v for v in versions.values())
+  header = (["version", "MAE", "MAE std", "corrected MAE [95% CI]", "MAE floor", "KL mean",
+             "KL sum", "KL std", "JS", "unparsed", "samples"]
+            + (["exact steering MAE"] if any_exact else [])
+            + (["exact answer MAE", "non-answer"] if any_answers else []))
   rows = []
   for name, v in versions.items():
     floor = (f"{_f(v['mae_floor'])} {_ci(v.get('mae_floor_ci'))}"
@@ -235,6 +238,9 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
            f"{v.get('n_unparsed', '-')} ({100 * v['unparsed_rate']:.1f}%)", v["n_samples"]]
     if any_exact:
       row.append(_f(v.get("exact_mae")))
+    if any_answers:
+      row += [_f(v.get("exact_answer_mae")),
+              f"{100 * v['non_answer']:.1f}%" if v.get("non_answer") is not None else "-"]
     rows.append(row)
   lines += ["## Summary", "",
             "MAE = mean over categories of |target - achieved|, averaged over occupations (std: "
@@ -258,8 +264,10 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
       lines += [f"![{name}: target vs achieved](plots/{name}.png)", ""]
     lines += [f"Distributions list the categories in this order: {order}.", ""]
     has_exact = any("exact" in o for o in v["per_occupation"])
-    header = ["occupation", "target", "achieved", "achieved 95% CI", "MAE", "KL", "JS", "n",
-              "unparsed"] + (["exact", "exact MAE"] if has_exact else [])
+    has_answers = any("answer_probs" in o for o in v["per_occupation"])
+    header = (["occupation", "target", "achieved", "achieved 95% CI", "MAE", "KL", "JS", "n",
+               "unparsed"] + (["exact steering", "exact steering MAE"] if has_exact else [])
+              + (["exact answers", "non-answer"] if has_answers else []))
     rows = []
     for o in v["per_occupation"]:
       cis = o.get("achieved_ci")
@@ -270,6 +278,9 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
       if has_exact:
         row += [" / ".join(_f(x, 2) for x in o["exact"]) if "exact" in o else "-",
                 _f(o.get("exact_mae"))]
+      if has_answers:
+        row += [" / ".join(_f(x, 2) for x in o["answer_probs"]) if "answer_probs" in o else "-",
+                _f(o.get("non_answer"))]
       rows.append(row)
     lines += _table(header, rows) + [""]
   return "\n".join(lines)

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from distfair_jax import distributed
+from distfair_jax import losses
 from distfair_jax import sharding as shd
 from distfair_jax.config import DecodeConfig, Steering
 from distfair_jax.data.tokenize import next_pow2, prompt_bucket
@@ -309,6 +310,13 @@ def _steering_distribution(graphdef, state, input_ids, attention_mask, steering_
   return jax.nn.softmax(logits, axis=-1)
 
 
+def _label_logps(graphdef, state, input_ids, attention_mask, labels, label_mask):
+  """Sequence log-probs [B]: the sum over positions of log p(labels[:, t] | tokens <= t)."""
+  model = nnx.merge(graphdef, state)
+  logits = model.logits(model(input_ids, attention_mask))
+  return jnp.sum(losses.token_logps(logits, labels, label_mask), axis=-1)
+
+
 def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
   return _prefill_rows(nnx.merge(graphdef, state), input_ids, attention_mask, rounds, cache_length)
 
@@ -380,6 +388,7 @@ class Sampler:
     self.mesh = mesh
     self._chunk = jax.jit(functools.partial(_sample_chunk, graphdef), static_argnames=self._STATIC)
     self._steer = jax.jit(functools.partial(_steering_distribution, graphdef))
+    self._label_logps = jax.jit(functools.partial(_label_logps, graphdef))
     self.prefill = jax.jit(functools.partial(_prefill, graphdef),
                            static_argnames=("rounds", "cache_length"))
 
@@ -418,6 +427,18 @@ class Sampler:
     """
     out = self._call(self._steer, state, np.asarray(input_ids, np.int32),
                      np.asarray(attention_mask, np.int32), np.asarray(steering_ids, np.int32))
+    return distributed.gather(out)
+
+  def label_logps(self, state, input_ids, attention_mask, labels, label_mask) -> np.ndarray:
+    """Exact log-probabilities of given continuations, from one forward pass.
+
+    input_ids, attention_mask: [B, L] right-padded rows; labels: [B, L] (``labels[:, t]`` is the
+    token after position t); label_mask: [B, L] float, 1 where a label counts. Returns [B]
+    float32: the sum of the counted labels' log-probabilities.
+    """
+    out = self._call(self._label_logps, state, np.asarray(input_ids, np.int32),
+                     np.asarray(attention_mask, np.int32), np.asarray(labels, np.int32),
+                     np.asarray(label_mask, np.float32))
     return distributed.gather(out)
 
   def generate(self, state, prompts: Sequence[Sequence[int]], *, rounds: int = 1,

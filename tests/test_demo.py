@@ -34,6 +34,8 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
       assert 0 <= m["unparsed_rate"] <= 1
     if method in demo.STEERED:
       assert math.isfinite(versions["v2"]["exact_mae"])
+    # Every method, steered or not, has its exact answer probabilities and non-answer mass.
+    assert 0 <= versions["v2"]["exact_answer_mae"] <= 1 and 0 <= versions["v2"]["non_answer"] <= 1
   # The stand-in for an off-the-shelf LLM is biased: far from the target, and far behind ours.
   assert table["zero_shot"]["v2"]["mae"] > 0.15
   assert table["zero_shot"]["v2"]["mae"] > table["ours"]["v2"]["mae"] + 0.05
@@ -66,3 +68,13 @@ def test_stereotype_is_skewed_beyond_the_real_figures():
                    and r["response"] in ("Male", "Female")]
   assert nurse_answers.count(1) == 19 and nurse_answers.count(0) == 1
   assert any(len(r["response"].split()) > 10 for r in recs)  # stories too
+
+
+def test_one_selection_rule_avoids_non_answers():
+  """The lowest exact answer MAE wins, but never a rate whose non-answer mass exceeds 20% while
+  one with less exists; with none under 20%, the lowest MAE; ties go to the smaller rate."""
+  from distfair_jax.demo import select
+  assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.35, 1e-4: 0.10}) == 1e-4
+  assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.15, 1e-4: 0.10}) == 1e-3
+  assert select({1e-3: 0.30, 1e-4: 0.20}, {1e-3: 0.50, 1e-4: 0.90}) == 1e-4
+  assert select({1e-3: 0.1, 1e-4: 0.1}, {1e-3: 0.0, 1e-4: 0.0}) == 1e-4

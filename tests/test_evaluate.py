@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from distfair_jax import evaluate
+from distfair_jax import metrics
 from distfair_jax.config import DecodeConfig, EvalConfig, config_to_dict
 from distfair_jax.data.attributes import GENDER
 from distfair_jax.data.build import build_dataset
@@ -150,3 +151,45 @@ def test_eval_command_on_converted_model(tmp_path, model, tokenizer):
   assert meta["decoding"]["top_k"] == 50 and meta["decoding"]["max_new_tokens"] == 3
   with pytest.raises(InputError, match="dataset"):
     eval_cmd.run(parser.parse_args([str(model_dir), "--out", str(tmp_path / "o2")]))
+
+
+def test_answer_probabilities_equal_a_direct_forward(model, tokenizer, dataset):
+  """P(answer_k + end of turn | prompt), and for a steered model its sum over the steering tokens
+  weighted by the steering softmax, equal log-softmax sums from plain full forwards."""
+  import jax
+  from distfair_jax.data.tokenize import Encoder
+  from distfair_jax.sample import Sampler
+  prompts = [r["prompt"] for r in dataset["v2"][:2]]
+  sampler, state = Sampler.of(model)
+  for steered in (False, True):
+    enc = Encoder(tokenizer, attribute=GENDER if steered else None)
+    ids = enc.encode_prompts(prompts)
+    got = evaluate.answer_probabilities(sampler, state, ids, enc, GENDER, steered=steered)
+    steer = [int(i) for i in enc.steering_ids] if steered else [None]
+    want = np.zeros((len(prompts), 2))
+    for p, prompt in enumerate(ids):
+      last = jax.nn.log_softmax(model.logits(model(np.asarray([prompt])))[0, -1])
+      w = jax.nn.softmax(last[np.asarray(steer)]) if steered else [1.0]
+      for s, sid in enumerate(steer):
+        head = prompt + ([] if sid is None else [sid])
+        for k, cat in enumerate(GENDER.categories):
+          ans = enc.completion_ids(cat.answer)
+          seq = np.asarray([head + ans])
+          logp = jax.nn.log_softmax(model.logits(model(seq))[0], axis=-1)
+          total = sum(float(logp[len(head) - 1 + t, tok]) for t, tok in enumerate(ans))
+          want[p, k] += float(w[s]) * np.exp(total)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-9)
+    assert np.all(got.sum(-1) <= 1.0 + 1e-6)
+
+
+def test_answer_metrics_renormalised_raw_and_non_answer():
+  rows = [{"occupation": "a", "category": 0}, {"occupation": "a", "category": 1}]
+  out = metrics.evaluate_version(
+      rows, {"a": [0.5, 0.5]}, 2, n_bootstrap=0, answers={"a": [0.3, 0.1]})
+  assert out["non_answer"] == pytest.approx(0.6)
+  assert out["exact_answer_mae"] == pytest.approx(0.25)           # [0.75, 0.25] vs [0.5, 0.5]
+  assert out["exact_answer_mae_raw"] == pytest.approx(0.3)         # (0.2 + 0.4) / 2
+  assert out["per_occupation"][0]["answer_probs"] == pytest.approx([0.3, 0.1])
+  with pytest.raises(InputError, match="at most 1"):
+    metrics.evaluate_version(
+        rows, {"a": [0.5, 0.5]}, 2, n_bootstrap=0, answers={"a": [0.7, 0.6]})

@@ -56,7 +56,7 @@ def test_files_written(written, versions):
   for name in ("v1", "v2", "summary"):
     assert _is_png(ev / "plots" / f"{name}.png")
   md = (ev / "report.md").read_text()
-  assert "| version | MAE |" in md and "exact MAE" in md
+  assert "| version | MAE |" in md and "exact steering MAE" in md
   assert "## v1" in md and "## v2" in md and "registered nurses" in md
   assert "chefs \\| cooks" in md  # a '|' in a name does not break the table
   assert f"{versions['v1']['mae']:.3f}" in md
