@@ -5,7 +5,7 @@ Public entry points (imported lazily, so ``import distfair_jax`` stays cheap):
     from distfair_jax import losses                 # pure loss functions: steering_kl, kto_loss, ...
     from distfair_jax import load_pretrained        # (model, tokenizer, config) of a converted directory
     from distfair_jax import load_model             # the model split of a config (train, eval, plan)
-    from distfair_jax import Llama, LlamaConfig     # the Flax NNX model
+    from distfair_jax import Llama, LlamaConfig     # the Flax NNX model (Gemma2: the same config)
     from distfair_jax import load_config, train     # configs and the training recipe
 """
 
@@ -19,6 +19,7 @@ _LAZY = {
     "losses": ("distfair_jax.losses", None),
     "Llama": ("distfair_jax.model.llama", "Llama"),
     "LlamaConfig": ("distfair_jax.model.llama", "LlamaConfig"),
+    "Gemma2": ("distfair_jax.model.gemma2", "Gemma2"),
     "get_preset": ("distfair_jax.model.presets", "get_preset"),
     "load_pretrained": ("distfair_jax.model.loader", "load_pretrained"),
     "load_model": ("distfair_jax.model.loader", "load_model"),

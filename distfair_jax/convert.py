@@ -14,7 +14,8 @@ Parameter names map one to one: HF ``model.<module path>.weight`` is our ``<modu
 or ``.embedding`` (embedding table, ``[vocab, hidden]`` in both); ``.bias`` is ``.bias``; HF
 ``lm_head.weight [vocab, hidden]`` is our ``lm_head.kernel [hidden, vocab]`` (absent when
 tie_word_embeddings). The expected tensors, and their shapes, come from the model itself
-(``nnx.eval_shape`` of ``Llama(config)``), so the converter cannot drift from the model.
+(``nnx.eval_shape`` of the config's model, ``model.family.build``), so the converter cannot drift
+from the model.
 
 Memory: ``hf_to_flax`` reads one tensor at a time, in blocks of rows, and keeps only the converted
 copy, which orbax then writes in place; its peak is one model copy in the target dtype plus about
@@ -80,16 +81,17 @@ def hf_name(path: Path_) -> tuple[str, bool]:
 
 
 def _model_classes():
-  from distfair_jax.model.llama import Llama, LlamaConfig  # the model helper's module
-  return Llama, LlamaConfig
+  from distfair_jax.model import family  # the model helper's module
+  from distfair_jax.model.llama import LlamaConfig
+  return family.build, LlamaConfig
 
 
 def _abstract_params(config) -> dict[Path_, Any]:
   """Flat {path: jax.ShapeDtypeStruct} of the model's parameters, built without allocating."""
   from flax import nnx
-  Llama, _ = _model_classes()
+  build, _ = _model_classes()
   per_layer = config.replace(scan_layers=False)  # the names on disk (model/layout.py)
-  model = nnx.eval_shape(lambda: Llama(per_layer, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build(per_layer, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
   return {tuple(k): v.get_value() if hasattr(v, "get_value") else v.value
           for k, v in nnx.to_flat_state(state)}
@@ -141,7 +143,7 @@ def _config_from_hf(hf: dict, where: Path, **dtypes: str):
   except InputError as e:
     raise InputError(str(e).replace("config dict:", f"{where}:", 1)) from None
   except (KeyError, TypeError, ValueError) as e:
-    raise InputError(f"{where}: config: expected a complete Llama/Qwen2 config, got "
+    raise InputError(f"{where}: config: expected a complete Llama/Qwen2/Gemma2 config, got "
                      f"{type(e).__name__}: {e}") from None
 
 

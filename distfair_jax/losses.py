@@ -22,6 +22,10 @@ Typical use in a training step::
   kto = losses.kto_loss(seq, ref_seq, kl_seq, ref_kl_seq, desirable)
   kl = losses.steering_kl(steer, steering_ids, target, weights=desirable)
   loss, metrics = losses.hybrid_loss(kto, kl, ablation="full")
+
+Models with final-logit soft-capping (Gemma 2: logits ``c * tanh(z / c)``) pass
+``softcap=model.logit_softcap`` to ``token_logps_from_hidden`` and ``steering_logits_from_hidden``,
+so that the log-probs (and their gradients, through the cap) are those of the capped logits.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = [
     "kto_loss",
     "sequence_logps",
     "sft_loss",
+    "soft_cap",
     "steering_kl",
     "steering_log_probs",
     "steering_logits_from_hidden",
@@ -74,6 +79,23 @@ _F32 = jnp.float32
 
 def _f32(x: Any) -> Array:
   return jnp.asarray(x).astype(_F32)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping, in x's dtype); x itself when cap is
+  None."""
+  if cap is None:
+    return x
+  c = jnp.asarray(cap, x.dtype)
+  return jnp.tanh(x / c) * c
+
+
+def _check_softcap(softcap: Any) -> float | None:
+  if softcap is None:
+    return None
+  if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+    raise InputError(f"losses.py: softcap: expected a positive number or None, got {softcap!r}")
+  return float(softcap)
 
 
 def _mask_bool(mask: Any, shape: tuple[int, ...], field: str = "mask") -> Array:
@@ -155,15 +177,26 @@ def _tile_geometry(length: int, tile_size: int) -> tuple[int, int]:
   return tile, -(-length // tile)
 
 
-def _tile_forward(h: Array, w: Array, y: Array) -> tuple[Array, Array, Array]:
-  """One tile: ``h [B, T, D]``, ``w [D, V]``, ``y [B, T]`` -> (logits f32, lse, log-prob)."""
-  logits = _matmul_f32(h, w, "btd,dv->btv")
+def _tile_forward(h: Array, w: Array, y: Array, softcap: float | None
+                  ) -> tuple[Array, Array, Array]:
+  """One tile: ``h [B, T, D]``, ``w [D, V]``, ``y [B, T]`` -> (logits f32 (capped), lse,
+  log-prob)."""
+  logits = soft_cap(_matmul_f32(h, w, "btd,dv->btv"), softcap)
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
   return logits, lse, picked - lse
 
 
+def _through_cap(d_logits: Array, logits: Array, softcap: float | None) -> Array:
+  """d loss / d (raw logits) from d loss / d (capped logits): d (c tanh(u / c)) / du = 1 -
+  tanh^2 = 1 - (z / c)^2, z the capped logits."""
+  if softcap is None:
+    return d_logits
+  return d_logits * (1.0 - jnp.square(logits / softcap))
+
+
 def _tiled_logps_impl(hidden: Array, w: Array, labels: Array, tile_size: int,
+                      softcap: float | None,
                       want_jac: bool) -> tuple[Array, Array, Array | None]:
   """Scan over token tiles.
 
@@ -175,13 +208,13 @@ def _tiled_logps_impl(hidden: Array, w: Array, labels: Array, tile_size: int,
 
   def body(_, xs):
     h, y = xs
-    logits, lse, logp = _tile_forward(h, w, y)
+    logits, lse, logp = _tile_forward(h, w, y, softcap)
     if not want_jac:
       return None, (logp, lse)
     # d logp_t / d h_t = w[:, y_t] - w @ softmax_t (one more matmul per tile, no residual of size V)
     probs = jnp.exp(logits - lse[..., None])
     onehot_minus_p = (jnp.arange(vocab) == y[..., None]).astype(_F32) - probs
-    jac = _matmul_f32(onehot_minus_p, w, "btv,dv->btd")
+    jac = _matmul_f32(_through_cap(onehot_minus_p, logits, softcap), w, "btv,dv->btd")
     return None, (logp, lse, jac)
 
   _, outs = jax.lax.scan(body, None, (_to_tiles(hidden, tile, n_tiles),
@@ -191,27 +224,28 @@ def _tiled_logps_impl(hidden: Array, w: Array, labels: Array, tile_size: int,
   return logp, lse, jac
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled_logps(hidden: Array, w: Array, labels: Array, tile_size: int) -> Array:
-  return _tiled_logps_impl(hidden, w, labels, tile_size, want_jac=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tiled_logps(hidden: Array, w: Array, labels: Array, tile_size: int,
+                 softcap: float | None) -> Array:
+  return _tiled_logps_impl(hidden, w, labels, tile_size, softcap, want_jac=False)[0]
 
 
-def _tiled_logps_fwd(hidden, w, labels, tile_size):
+def _tiled_logps_fwd(hidden, w, labels, tile_size, softcap):
   # symbolic_zeros=True: differentiable inputs arrive as CustomVJPPrimal(value, perturbed).
   h_val, w_val, y_val = hidden.value, w.value, labels.value
   dtype_token = jnp.zeros((0,), h_val.dtype)  # carries hidden's dtype to the bwd rule
   if w.perturbed:
     # Full fine-tuning: keep only the per-token logsumexp; the bwd rule recomputes the logits
     # chunk by chunk (one extra matmul).
-    logp, lse, _ = _tiled_logps_impl(h_val, w_val, y_val, tile_size, want_jac=False)
+    logp, lse, _ = _tiled_logps_impl(h_val, w_val, y_val, tile_size, softcap, want_jac=False)
     return logp, (h_val, w_val, y_val, lse, None, dtype_token)
   # Frozen unembedding (LoRA, or only the hidden states need a gradient): the gradient is
   # g * (d logp / d hidden), computed in the forward pass; the bwd rule needs no matmul at all.
-  logp, _, jac = _tiled_logps_impl(h_val, w_val, y_val, tile_size, want_jac=True)
+  logp, _, jac = _tiled_logps_impl(h_val, w_val, y_val, tile_size, softcap, want_jac=True)
   return logp, (None, None, None, None, jac, dtype_token)
 
 
-def _tiled_logps_bwd(tile_size, res, g):
+def _tiled_logps_bwd(tile_size, softcap, res, g):
   hidden, w, labels, lse, jac, dtype_token = res
   if type(g) is jax.custom_derivatives.SymbolicZero:  # output not used in the loss
     g = jnp.zeros(g.shape, _F32)
@@ -232,10 +266,10 @@ def _tiled_logps_bwd(tile_size, res, g):
   n_full = vocab // chunk
 
   def chunk_grads(w_c, start):
-    logits = _matmul_f32(hidden, w_c, "bld,dv->blv")
+    logits = soft_cap(_matmul_f32(hidden, w_c, "bld,dv->blv"), softcap)
     probs = jnp.exp(logits - lse[..., None])
     onehot = (labels - start)[..., None] == jnp.arange(w_c.shape[1])
-    d_logits = g[..., None] * (onehot.astype(_F32) - probs)
+    d_logits = _through_cap(g[..., None] * (onehot.astype(_F32) - probs), logits, softcap)
     d_h = _matmul_f32(d_logits, w_c, "blv,dv->bld")
     d_w = _matmul_f32(hidden, d_logits, "bld,blv->dv").astype(w.dtype)
     return d_h, d_w
@@ -260,11 +294,13 @@ _tiled_logps.defvjp(_tiled_logps_fwd, _tiled_logps_bwd, symbolic_zeros=True)
 
 
 def token_logps_from_hidden(hidden: Array, unembedding: Array, labels: Array, mask: Array | None,
-                            tile_size: int = DEFAULT_TILE_SIZE) -> Array:
+                            tile_size: int = DEFAULT_TILE_SIZE, *,
+                            softcap: float | None = None) -> Array:
   """Per-token log-probs from hidden states in token tiles (never all ``[B, L, V]`` logits at once).
 
   Equal, in value and in gradients with respect to ``hidden`` and ``unembedding``, to
-  ``token_logps(hidden @ unembedding, labels, mask)`` with the matmul accumulated in float32.
+  ``token_logps(soft_cap(hidden @ unembedding, softcap), labels, mask)`` with the matmul
+  accumulated in float32 (``softcap`` None: no cap).
 
   The length axis is cut into tiles of ``tile_size`` positions (the last tile zero-padded, so any
   length works; ``tile_size >= L`` means one tile); a ``lax.scan`` computes one ``[B, tile, V]``
@@ -286,6 +322,7 @@ def token_logps_from_hidden(hidden: Array, unembedding: Array, labels: Array, ma
     labels: ``[B, L]`` int; position t scores ``labels[:, t]``.
     mask: ``[B, L]``; non-zero where the token counts, or None for all positions.
     tile_size: positions per tile (each tile holds ``B * tile_size`` tokens); a positive int.
+    softcap: the model's final-logit soft-cap (``model.logit_softcap``), or None.
 
   Returns:
     ``[B, L]`` float32 log-probs, 0 at masked positions.
@@ -302,21 +339,23 @@ def token_logps_from_hidden(hidden: Array, unembedding: Array, labels: Array, ma
     raise InputError(f"losses.py: tile_size: expected a positive int, got {tile_size!r}")
   valid = _mask_bool(mask, labels.shape)
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  logp = _tiled_logps(hidden, unembedding, safe, int(tile_size))
+  logp = _tiled_logps(hidden, unembedding, safe, int(tile_size), _check_softcap(softcap))
   return jnp.where(valid, logp, 0.0)
 
 
 def steering_logits_from_hidden(hidden: Array, unembedding: Array,
-                                steering_position: Array) -> Array:
+                                steering_position: Array, *,
+                                softcap: float | None = None) -> Array:
   """Logits at the steering position, slicing the hidden state before the output projection.
 
   Args:
     hidden: ``[B, L, D]``.
     unembedding: ``[D, V]``.
     steering_position: ``[B]`` int, the position whose logits predict the steering token.
+    softcap: the model's final-logit soft-cap (``model.logit_softcap``), or None.
 
   Returns:
-    ``[B, V]`` float32 logits.
+    ``[B, V]`` float32 logits (soft-capped when ``softcap`` is given).
   """
   hidden, unembedding = jnp.asarray(hidden), jnp.asarray(unembedding)
   pos = jnp.asarray(steering_position).astype(jnp.int32)
@@ -324,7 +363,7 @@ def steering_logits_from_hidden(hidden: Array, unembedding: Array,
     raise InputError(f"losses.py: steering_position: expected shape [{hidden.shape[0]}] for "
                      f"hidden [batch, length, d], got {pos.shape} for hidden {hidden.shape}")
   h = jnp.take_along_axis(hidden, pos[:, None, None], axis=1)[:, 0]  # [B, D]
-  return _matmul_f32(h, unembedding, "bd,dv->bv")
+  return soft_cap(_matmul_f32(h, unembedding, "bd,dv->bv"), _check_softcap(softcap))
 
 
 def sequence_logps(token_logps: Array, mask: Array | None, average: bool = False) -> Array:

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXP = os.path.join(ROOT, "configs", "experiments")
 DATASETS = ["gender_real_uk", "gender_real_us", "gender_even_uk", "gender_even_us", "race_even_us",
             "sentiment_even_us"]
-MODELS = ["llama3.2-1b", "llama3.1-8b", "qwen2.5-1.5b", "qwen2.5-7b"]
+MODELS = ["llama3.2-1b", "llama3.1-8b", "qwen2.5-1.5b", "qwen2.5-7b", "gemma2-2b", "gemma2-9b"]
+LARGE = ("llama3.1-8b", "qwen2.5-7b", "gemma2-9b")  # LoRA rank 8; the others 32
 ALL = sorted(p for p in glob.glob(os.path.join(EXP, "**", "*.yaml"), recursive=True)
              if "_recipes" not in p)
 
@@ -69,6 +70,19 @@ SPOT = {
     ("gender_even_us", "qwen2.5-7b"): (2, 1e-5, 16, 3, 1e-6),
     ("sentiment_even_us", "qwen2.5-1.5b"): (2, 1e-5, 16, 3, 1e-6),  # not given: Qwen2.5-7B's
     ("sentiment_even_us", "llama3.1-8b"): (2, 1e-5, 16, 3, 1e-6),   # not given: Qwen2.5-7B's
+    # Gemma 2, from the original scripts (issue #15)
+    ("gender_real_uk", "gemma2-2b"): (2, 1e-4, 8, 3, 2e-6),
+    ("gender_real_us", "gemma2-2b"): (2, 1e-4, 16, 3, 1e-6),
+    ("gender_even_uk", "gemma2-2b"): (2, 5e-6, 16, 3, 1e-6),
+    ("gender_even_us", "gemma2-2b"): (2, 1e-4, 8, 3, 1e-6),
+    ("race_even_us", "gemma2-2b"): (2, 5e-4, 16, 3, 1e-6),
+    ("sentiment_even_us", "gemma2-2b"): (2, 1e-4, 16, 3, 1e-6),
+    ("gender_real_uk", "gemma2-9b"): (2, 2e-4, 16, 3, 1e-6),
+    ("gender_real_us", "gemma2-9b"): (2, 1e-4, 8, 3, 1e-4),
+    ("gender_even_uk", "gemma2-9b"): (2, 1e-4, 8, 3, 1e-6),
+    ("gender_even_us", "gemma2-9b"): (2, 5e-4, 8, 3, 1e-6),
+    ("race_even_us", "gemma2-9b"): (2, 1e-4, 8, 3, 1e-6),
+    ("sentiment_even_us", "gemma2-9b"): (2, 1e-4, 8, 3, 1e-6),
 }
 
 
@@ -85,7 +99,7 @@ def test_method_recipe_matches_the_paper(key):
   assert cfg.hybrid.beta == pytest.approx(0.1)
   assert cfg.lora.enabled and cfg.lora.targets == ["q_proj", "v_proj"]
   assert (cfg.lora.alpha, cfg.lora.dropout) == (16.0, 0.05)
-  assert cfg.lora.rank == (8 if model in ("llama3.1-8b", "qwen2.5-7b") else 32)
+  assert cfg.lora.rank == (8 if model in LARGE else 32)
   for optim in (cfg.sft.optim, cfg.hybrid.optim):
     assert (optim.optimizer, optim.b1, optim.b2, optim.eps) == ("adamw", 0.9, 0.999, 1e-8)
     assert (optim.weight_decay, optim.warmup_steps, optim.clip_norm, optim.schedule) == (

@@ -361,8 +361,10 @@ def test_bad_inputs_raise_input_error():
 # ------------------------------------------------------------------------------------------------
 
 
-def _untiled(hidden, w, labels, mask):
+def _untiled(hidden, w, labels, mask, softcap=None):
   logits = jnp.einsum("bld,dv->blv", hidden, w, preferred_element_type=jnp.float32)
+  if softcap is not None:  # Gemma 2's final-logit soft-capping, written out
+    logits = softcap * jnp.tanh(logits / softcap)
   return losses.token_logps(logits, labels, mask)
 
 
@@ -378,10 +380,13 @@ def lm_inputs():
   )
 
 
-@pytest.mark.parametrize("dtype,tile_size", [("float32", 3), ("bfloat16", 3), ("float32", 16)])
-def test_token_logps_from_hidden_matches_untiled(lm_inputs, dtype, tile_size):
+@pytest.mark.parametrize("dtype,tile_size,softcap", [
+    ("float32", 3, None), ("bfloat16", 3, None), ("float32", 16, None), ("float32", 3, 1.5),
+    ("bfloat16", 3, 1.5)])
+def test_token_logps_from_hidden_matches_untiled(lm_inputs, dtype, tile_size, softcap):
   """tile 3 over length 7: 3 tiles, the last one padded, and a short last vocabulary chunk in
-  the backward pass; tile 16 >= length: a single tile."""
+  the backward pass; tile 16 >= length: a single tile; softcap 1.5 (the logits reach ~5): the
+  log-probs of the capped logits, gradients through the cap on all three backward paths."""
   x = lm_inputs
   hidden, w = jnp.asarray(x["hidden"], dtype), jnp.asarray(x["w"], dtype)
   mask = jnp.asarray(x["labels"] >= 0)
@@ -390,15 +395,17 @@ def test_token_logps_from_hidden_matches_untiled(lm_inputs, dtype, tile_size):
   def weighted(fn):
     return lambda h, u: jnp.sum(g * fn(h, u, labels, mask))
 
-  tiled = lambda h, u, y, m: losses.token_logps_from_hidden(h, u, y, m, tile_size)
+  tiled = lambda h, u, y, m: losses.token_logps_from_hidden(h, u, y, m, tile_size,
+                                                            softcap=softcap)
+  untiled = lambda h, u, y, m: _untiled(h, u, y, m, softcap)
 
   @jax.jit
   def run(h, u):
     return dict(
         got=tiled(h, u, labels, mask),
-        want=_untiled(h, u, labels, mask),
+        want=untiled(h, u, labels, mask),
         grads=jax.grad(weighted(tiled), argnums=(0, 1))(h, u),
-        want_grads=jax.grad(weighted(_untiled), argnums=(0, 1))(h, u),
+        want_grads=jax.grad(weighted(untiled), argnums=(0, 1))(h, u),
         # frozen unembedding (as with LoRA) and constant hidden states take other paths
         grad_h_only=jax.grad(weighted(tiled))(h, u),
         grad_w_only=jax.grad(weighted(tiled), argnums=1)(jax.lax.stop_gradient(h), u),
@@ -423,6 +430,36 @@ def test_token_logps_from_hidden_matches_numpy(lm_inputs):
   logits = np.einsum("bld,dv->blv", x["hidden"].astype(np.float64), x["w"])
   got = losses.token_logps_from_hidden(x["hidden"], x["w"], x["labels"], mask, 3)
   close(got, np_token_logps(logits, np.where(mask, x["labels"], 0), mask), rtol=1e-5, atol=1e-5)
+  assert np.abs(logits).max() > 3  # the cap below bites
+  capped = losses.token_logps_from_hidden(x["hidden"], x["w"], x["labels"], mask, 3, softcap=2.0)
+  close(capped, np_token_logps(2.0 * np.tanh(logits / 2.0), np.where(mask, x["labels"], 0), mask),
+        rtol=1e-5, atol=1e-5)
+  with pytest.raises(InputError, match="softcap: expected a positive number"):
+    losses.token_logps_from_hidden(x["hidden"], x["w"], x["labels"], mask, 3, softcap=0.0)
+
+
+def test_steering_kl_through_the_soft_cap(lm_inputs):
+  """Steering logits and the steering KL of capped logits, value and gradient, against the same
+  computed from the full capped logits."""
+  x = lm_inputs
+  h, w = jnp.asarray(x["hidden"]), jnp.asarray(x["w"])
+  pos, ids = jnp.asarray([6, 3]), jnp.asarray([1, 4, 9])
+  target = jnp.asarray([[0.2, 0.5, 0.3], [0.0, 0.5, 0.5]])
+
+  def via_steering(h, u):
+    return losses.steering_kl(losses.steering_logits_from_hidden(h, u, pos, softcap=2.0), ids,
+                              target)[0]
+
+  def via_full(h, u):
+    logits = 2.0 * jnp.tanh(jnp.einsum("bld,dv->blv", h, u) / 2.0)
+    return losses.steering_kl(logits[jnp.arange(2), pos], ids, target)[0]
+
+  close(via_steering(h, w), via_full(h, w), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.grad(via_steering, argnums=(0, 1))(h, w),
+                  jax.grad(via_full, argnums=(0, 1))(h, w)):
+    close(a, b, rtol=1e-5, atol=1e-6)
+  assert abs(float(via_steering(h, w)) - float(losses.steering_kl(
+      losses.steering_logits_from_hidden(h, w, pos), ids, target)[0])) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

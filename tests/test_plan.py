@@ -96,6 +96,21 @@ def test_full_fine_tuning_plan(capsys):
   assert 2 * per_device <= state["optimizer state (adamw)"]["per_device_bytes"] <= 2 * per_device + 64
 
 
+@pytest.mark.parametrize("model, layers, d, q, kv, rank, total", [
+    ("gemma2-2b", 26, 2304, 2048, 1024, 32, 2_614_341_888),
+    ("gemma2-9b", 42, 3584, 4096, 2048, 8, 9_241_705_984)])
+def test_gemma2_plans(capsys, model, layers, d, q, kv, rank, total):
+  """The Gemma 2 recipes size before any checkpoint exists: the published parameter counts plus
+  the LoRA adapters on q and v (rank 32 for 2B, 8 for 9B)."""
+  config = os.path.join(ROOT, "configs", "experiments", "gender_real_uk", f"{model}.yaml")
+  assert cli.main(["plan", config, "--devices", "16", "--no-compile", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  adapters = layers * (d * rank + rank * q + d * rank + rank * kv)
+  assert out["trainable_params"] == adapters
+  assert out["num_params"] == total + adapters
+  assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 4}
+
+
 def test_bad_input_exits_2(capsys):
   assert cli.main(["plan", CONFIG, "--devices", "16", "--mesh", "data=3,fsdp=4", "--no-compile"]) == 2
   assert "--mesh" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""The Flax NNX Llama family and named presets."""
+"""The Flax NNX Llama family (Llama, Qwen2, Gemma 2) and named presets."""
 
 from __future__ import annotations
 
+from distfair_jax.model.family import build, model_class
+from distfair_jax.model.gemma2 import Gemma2
 from distfair_jax.model.llama import (
     KVCache,
     Llama,
@@ -20,6 +22,7 @@ from distfair_jax.model.presets import (
 )
 
 __all__ = [
-    "KVCache", "Llama", "LlamaConfig", "apply_rope", "positions_from_mask", "rope_inv_freq",
+    "Gemma2", "build", "model_class", "KVCache", "Llama", "LlamaConfig", "apply_rope",
+    "positions_from_mask", "rope_inv_freq",
     "PRESETS", "ParamStats", "abstract_state", "get_preset", "param_stats", "preset_names",
 ]

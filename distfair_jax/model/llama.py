@@ -1,4 +1,5 @@
-"""Flax NNX Llama family: Llama 2/3/3.x (RoPE scaling, GQA), Qwen2 (q/k/v biases), tied embeddings.
+"""Flax NNX Llama family: Llama 2/3/3.x (RoPE scaling, GQA), Qwen2 (q/k/v biases), tied embeddings;
+Gemma 2 reuses these modules (``distfair_jax.model.gemma2``).
 
 The parameter tree mirrors Hugging Face's names so that a converter maps tensors one to one:
 
@@ -15,6 +16,12 @@ The parameter tree mirrors Hugging Face's names so that a converter maps tensors
 With ``scan_layers`` the layers are one subtree ``layers.*`` whose leaves gain a leading
 ``[num_layers]`` axis (logical name ``layers``, never sharded); params directories on disk keep the
 per-layer names above (``distfair_jax.model.layout``).
+
+Config-driven features the family shares (Gemma 2 sets them; Llama and Qwen2 leave them off):
+attention-logit and final-logit soft-capping (``c * tanh(x / c)``), an attention scale from
+``query_pre_attn_scalar``, GeGLU (``hidden_act``), and sliding-window attention on the layers that
+``layer_types`` marks ``sliding_attention`` (a key is visible when ``q_pos - k_pos < sliding_window``,
+by RoPE position, in the full forward and in the KV cache alike).
 
 RoPE uses Hugging Face's half-split layout (rotate_half), so converted q/k weights need no permutation.
 Every parameter carries logical axis names in its ``out_sharding`` metadata (eager sharding off: the
@@ -36,10 +43,14 @@ from flax import nnx
 
 from distfair_jax import sharding as shd
 from distfair_jax.errors import InputError
+from distfair_jax.losses import soft_cap
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Gemma2ForCausalLM": "gemma2"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU, GeGLU (tanh-approximate gelu)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
@@ -49,7 +60,17 @@ _REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 _HF_DEFAULTS = {  # Hugging Face's own defaults for optional fields, per model type
     "llama": {"max_position_embeddings": 2048},
     "qwen2": {"max_position_embeddings": 32768},
+    "gemma2": {"max_position_embeddings": 8192, "tie_word_embeddings": True, "head_dim": 256,
+               "num_key_value_heads": 4, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "sliding_window": 4096},
 }
+
+
+def gemma2_layer_types(num_layers: int) -> tuple[str, ...]:
+  """transformers' default for Gemma 2: sliding-window layers first, then alternating."""
+  return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,6 +120,12 @@ class LlamaConfig:
   Python loop (one compiled copy per layer); see ``distfair_jax.model.layout``. Not a Hugging
   Face field: a run-time choice, like ``remat``. Same weights, same outputs; a random
   initialisation differs from the loop's (the layers draw from split keys).
+
+  Gemma 2's fields (None / "silu": off): ``hidden_act`` (``silu`` SwiGLU or ``gelu_pytorch_tanh``
+  GeGLU); ``query_pre_attn_scalar`` (attention scale ``s ** -0.5``, default ``head_dim``);
+  ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``c * tanh(x / c)`` on the attention
+  scores / the output logits); ``sliding_window`` and ``layer_types`` (one of ``LAYER_TYPES`` per
+  layer; a Gemma 2 config without it alternates, sliding first, as transformers does).
   """
 
   vocab_size: int
@@ -123,6 +150,12 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
+  hidden_act: str = "silu"
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
     src = "LlamaConfig"
@@ -172,7 +205,44 @@ class LlamaConfig:
     set_("tie_word_embeddings", bool(self.tie_word_embeddings))
     set_("attention_bias", bool(self.attention_bias))
     set_("scan_layers", bool(self.scan_layers))
+    self._check_gemma_fields(src)
 
+  def _check_gemma_fields(self, src: str) -> None:
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise InputError(f"{src}: hidden_act: expected one of {', '.join(HIDDEN_ACTS)}, "
+                       f"got {self.hidden_act!r}")
+    for f in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+      v = getattr(self, f)
+      if v is None:
+        continue
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise InputError(f"{src}: {f}: expected a positive number or null, got {v!r}")
+      set_(f, float(v))
+    w = self.sliding_window
+    if w is not None:
+      if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w <= 0:
+        raise InputError(f"{src}: sliding_window: expected a positive integer or null, got {w!r}")
+      set_("sliding_window", int(w))
+    types = self.layer_types
+    if types is None and self.model_type == "gemma2":
+      types = gemma2_layer_types(self.num_hidden_layers)
+    if types is not None:
+      if isinstance(types, str) or not isinstance(types, (list, tuple)) or any(
+          t not in LAYER_TYPES for t in types):
+        raise InputError(f"{src}: layer_types: expected a list of {' / '.join(LAYER_TYPES)}, "
+                         f"got {types!r}")
+      if len(types) != self.num_hidden_layers:
+        raise InputError(f"{src}: layer_types: expected one entry per layer "
+                         f"({self.num_hidden_layers}), got {len(types)}")
+      types = tuple(types)
+      if "sliding_attention" in types and self.sliding_window is None:
+        raise InputError(f"{src}: sliding_window: expected a positive integer for the "
+                         f"sliding_attention layers of layer_types, got null")
+    elif self.sliding_window is not None:
+      raise InputError(f"{src}: layer_types: expected which layers use sliding_window "
+                       f"({self.sliding_window}), got none")
+    set_("layer_types", types)
   def __hash__(self) -> int:  # rope_scaling is a dict; NNX graph definitions must hash
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
@@ -187,6 +257,16 @@ class LlamaConfig:
   @property
   def model_type(self) -> str:
     return ARCHITECTURES[self.architecture]
+
+  @property
+  def is_sliding(self) -> tuple[bool, ...]:
+    """Per layer: whether it attends within ``sliding_window`` only."""
+    types = self.layer_types or ()
+    return tuple(t == "sliding_attention" for t in types) or (False,) * self.num_hidden_layers
+
+  @property
+  def attention_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
   def replace(self, **changes: Any) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
@@ -223,13 +303,18 @@ class LlamaConfig:
       by_type = {v: k for k, v in ARCHITECTURES.items()}
       arch = by_type.get(data.get("model_type"), f"model_type={data.get('model_type')!r}")
     if arch not in ARCHITECTURES:
-      raise InputError(f"{source}: architectures: expected LlamaForCausalLM or Qwen2ForCausalLM, "
+      raise InputError(f"{source}: architectures: expected one of {', '.join(ARCHITECTURES)}, "
                        f"got {arch}")
     model_type = ARCHITECTURES[arch]
+    defaults = _HF_DEFAULTS[model_type]
+    get = lambda field, default=None: data.get(field, defaults.get(field, default))
     for field in _REQUIRED_HF_FIELDS:
       if data.get(field) is None:
         raise InputError(f"{source}: {field}: expected a value (required field), got nothing")
-    if data.get("hidden_act", "silu") != "silu":
+    gemma: dict[str, Any] = {}
+    if model_type == "gemma2":
+      gemma = _gemma2_fields(data, get, source)
+    elif data.get("hidden_act", "silu") != "silu":
       raise InputError(f"{source}: hidden_act: expected silu, got {data['hidden_act']!r}")
     if data.get("mlp_bias", False):
       raise InputError(f"{source}: mlp_bias: expected false (MLP biases are not supported), got true")
@@ -253,28 +338,27 @@ class LlamaConfig:
       theta = data.get("rope_theta", 10000.0)
       scaling = _normalize_rope_scaling(data.get("rope_scaling"), source)
 
-    defaults = _HF_DEFAULTS[model_type]
     kwargs = dict(
         vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
         intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
         num_attention_heads=data["num_attention_heads"],
-        num_key_value_heads=data.get("num_key_value_heads"), head_dim=data.get("head_dim"),
+        num_key_value_heads=get("num_key_value_heads"), head_dim=get("head_dim"),
         rms_norm_eps=data.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=data.get("max_position_embeddings",
-                                         defaults["max_position_embeddings"]),
-        tie_word_embeddings=data.get("tie_word_embeddings", False),
+        max_position_embeddings=get("max_position_embeddings"),
+        tie_word_embeddings=get("tie_word_embeddings", False),
         attention_bias=True if model_type == "qwen2" else data.get("attention_bias", False),
         initializer_range=data.get("initializer_range", 0.02), architecture=arch,
-        bos_token_id=data.get("bos_token_id"), eos_token_id=data.get("eos_token_id"),
-        pad_token_id=data.get("pad_token_id"), dtype=dtype, param_dtype=param_dtype, remat=remat,
-        scan_layers=scan_layers)
+        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+        pad_token_id=get("pad_token_id"), dtype=dtype, param_dtype=param_dtype, remat=remat,
+        scan_layers=scan_layers, **gemma)
     try:
       return cls(**kwargs)
     except InputError as e:
       raise InputError(str(e).replace("LlamaConfig:", f"{source}:", 1)) from None
 
   def to_hf(self) -> dict[str, Any]:
-    """A ``config.json`` dict that transformers' LlamaConfig / Qwen2Config accept (4.x and 5.x).
+    """A ``config.json`` dict that transformers' LlamaConfig / Qwen2Config / Gemma2Config accept
+    (4.x and 5.x).
 
     RoPE is written in both spellings: ``rope_theta`` + ``rope_scaling`` and ``rope_parameters``.
     """
@@ -304,13 +388,42 @@ class LlamaConfig:
     }
     if self.model_type == "llama":
       out.update(attention_bias=self.attention_bias, mlp_bias=False)
-    else:
+    elif self.model_type == "qwen2":
       out.update(use_sliding_window=False)
+    else:
+      integral = lambda x: int(x) if x is not None and float(x).is_integer() else x
+      out.update(hidden_act=self.hidden_act, hidden_activation=self.hidden_act,
+                 attention_bias=False,
+                 query_pre_attn_scalar=integral(self.query_pre_attn_scalar or self.head_dim),
+                 attn_logit_softcapping=self.attn_logit_softcapping,
+                 final_logit_softcapping=self.final_logit_softcapping,
+                 sliding_window=self.sliding_window, layer_types=list(self.layer_types))
     for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
       v = getattr(self, f)
       if v is not None:
         out[f] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _gemma2_fields(data: Mapping[str, Any], get, source: str) -> dict[str, Any]:
+  """The Gemma 2 fields of a Hugging Face config (transformers' defaults where absent; an explicit
+  null turns soft-capping off). transformers' Gemma 2 reads ``hidden_activation`` (null: the
+  default, as transformers' Gemma does) and ignores ``hidden_act``."""
+  act = get("hidden_activation") or "gelu_pytorch_tanh"
+  if act != "gelu_pytorch_tanh":
+    raise InputError(f"{source}: hidden_activation: expected gelu_pytorch_tanh, got {act!r}")
+  if data.get("attention_bias", False):
+    raise InputError(f"{source}: attention_bias: expected false (Gemma 2 attention biases are "
+                     f"not supported), got {data['attention_bias']!r}")
+  if data.get("use_bidirectional_attention"):
+    raise InputError(f"{source}: use_bidirectional_attention: expected false or null (causal "
+                     f"attention), got {data['use_bidirectional_attention']!r}")
+  if data.get("attention_dropout") not in (None, 0, 0.0):
+    raise InputError(f"{source}: attention_dropout: expected 0, got {data['attention_dropout']!r}")
+  return dict(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=get("query_pre_attn_scalar"),
+              attn_logit_softcapping=get("attn_logit_softcapping"),
+              final_logit_softcapping=get("final_logit_softcapping"),
+              sliding_window=get("sliding_window"), layer_types=data.get("layer_types"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,6 +518,8 @@ class Attention(nnx.Module):
                           rngs=rngs)
     self.o_proj = _linear(cfg, h * hd, d, ("heads", "embed"), bias=False, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+    self.scale = cfg.attention_scale
+    self.softcap = cfg.attn_logit_softcapping
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                kv_cache: tuple[jax.Array, jax.Array] | None = None,
@@ -422,11 +537,12 @@ class Attention(nnx.Module):
     k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     new_cache = None
-    if kv_cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
-                                         scale=self.head_dim ** -0.5)
-    else:
+    if kv_cache is not None:
       out, new_cache = self._cached_attention(q, k, v, mask, kv_cache, index)
+    elif self.softcap is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=self.scale)
+    else:  # soft-capped scores: dot_product_attention has no such option
+      out = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     out = shd.constrain(out, ("batch", "length", "heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
 
@@ -443,41 +559,52 @@ class Attention(nnx.Module):
     materialised. Same arithmetic as ``jax.nn.dot_product_attention``: f32 logits and softmax,
     probabilities cast to the value dtype.
     """
-    b, t, h, hd = q.shape
-    kvh = self.num_kv_heads
     ck, cv = kv_cache
-    s = ck.shape[2]
     zero = jnp.zeros((), jnp.int32)
     start = (zero, zero, index, zero)
     ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
     cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
-    keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
+    return self._attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
+
+  def _attend(self, q: jax.Array, keys: jax.Array, values: jax.Array,
+              mask: jax.Array) -> jax.Array:
+    """q: [B, T, heads, hd]; keys, values: [B, kv_heads, S, hd]; mask: [B, T, S] bool ->
+    [B, T, heads, hd]. Scores scaled, soft-capped when the config says so (``c * tanh(x / c)``,
+    before the mask, as transformers does), then masked."""
+    b, t, h, hd = q.shape
+    kvh, s = self.num_kv_heads, keys.shape[2]
     g = h // kvh
     # [B, T, heads, hd] -> [B, kv_heads, group * T, hd] (a free reshape when T == 1).
     qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
     logits = jnp.einsum("bkqd,bksd->bkqs", qg, keys,
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-    logits = (logits * jnp.asarray(hd ** -0.5, logits.dtype)).astype(jnp.float32)
+    logits = (logits * jnp.asarray(self.scale, logits.dtype)).astype(jnp.float32)
+    logits = soft_cap(logits, self.softcap)
     logits = jnp.where(mask[:, None, None, :, :], logits.reshape(b, kvh, g, t, s),
                        jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kvh, g * t, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, values)  # [B, kv_heads, group * T, hd]
     out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, t, h, hd), (ck, cv)
+    return out.reshape(b, t, h, hd)
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu,
+                "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-approximate gelu (GeGLU)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = _linear(cfg, d, f, ("embed", "mlp"), bias=False, rngs=rngs)
     self.up_proj = _linear(cfg, d, f, ("embed", "mlp"), bias=False, rngs=rngs)
     self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), bias=False, rngs=rngs)
+    self.activation = cfg.hidden_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]."""
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)
     return self.down_proj(shd.constrain(h, ("batch", "length", "mlp")))
 
 
@@ -539,35 +666,55 @@ class KVCache:
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
 
-def _decoder_layers(cfg: LlamaConfig, rngs: nnx.Rngs):
+def _decoder_layers(cfg: LlamaConfig, rngs: nnx.Rngs, layer_cls: type = DecoderLayer):
   """The decoder layers: an ``nnx.List`` of modules, or with ``scan_layers`` one module whose
   every parameter is stacked on a leading ``layers`` axis (built by ``nnx.vmap`` over split
   keys, as Flax's scan-over-layers example does)."""
   n = cfg.num_hidden_layers
   if not cfg.scan_layers:
-    return nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(n)])
+    return nnx.List([layer_cls(cfg, rngs=rngs) for _ in range(n)])
 
   @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
   def create(rngs: nnx.Rngs):
-    return DecoderLayer(cfg, rngs=rngs)
+    return layer_cls(cfg, rngs=rngs)
 
   return create(rngs)
 
 
+def _layer_mask(masks: tuple[jax.Array, ...], sliding) -> jax.Array:
+  """One layer's attention mask: ``masks`` is (full,) or (full, sliding window); ``sliding`` a
+  Python bool (the layer loop) or a traced one (a scanned layer's flag)."""
+  if len(masks) == 1:
+    return masks[0]
+  if isinstance(sliding, (bool, np.bool_)):
+    return masks[1] if sliding else masks[0]
+  return jnp.where(sliding, masks[1], masks[0])
+
+
 class Llama(nnx.Module):
-  """Llama / Qwen2 decoder-only transformer returning hidden states after the final norm."""
+  """Llama / Qwen2 decoder-only transformer returning hidden states after the final norm.
+
+  Subclasses (``gemma2.Gemma2``) swap the decoder layer and norm classes and the embedding; the
+  forward, the masks, the KV cache and the scan over layers are shared.
+  """
+
+  decoder_layer_cls: type = DecoderLayer
+  norm_cls: type = RMSNorm
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     cfg = config
+    if type(self) is Llama and cfg.model_type != "llama" and cfg.model_type != "qwen2":
+      raise ValueError(f"Llama: a {cfg.architecture} config needs its own module class; build "
+                       f"it with distfair_jax.model.family.build(config, rngs=...)")
     self.config = cfg
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
         embedding_metadata=_param_meta("vocab", "embed"))
-    self.layers = _decoder_layers(cfg, rngs)
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.weight_dtype)
+    self.layers = _decoder_layers(cfg, rngs, self.decoder_layer_cls)
+    self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
                              rngs=rngs)
@@ -603,27 +750,51 @@ class Llama(nnx.Module):
       visible = attention_mask.astype(bool)[:, None, :]
     cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
     # Pad queries may always see themselves, so no softmax row is empty.
-    mask = (causal & visible) | (idx[:, None] == idx[None, :])[None]
+    diagonal = (idx[:, None] == idx[None, :])[None]
+    masks = self._masks(causal & visible, diagonal, positions, positions)
     x = self._embed(input_ids)
 
-    def run_layer(x, layer: DecoderLayer, cos, sin, mask):
-      return layer(x, cos, sin, mask)[0]
+    def run_layer(x, layer: DecoderLayer, sliding, cos, sin, masks):
+      return layer(x, cos, sin, _layer_mask(masks, sliding))[0]
 
     if self.config.remat != "none":
       policy = (None if self.config.remat == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       run_layer = nnx.remat(run_layer, policy=policy)
     if self.config.scan_layers:
-      x = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, None, None, None), out_axes=nnx.Carry,
-                   transform_metadata=_SCAN_METADATA)(x, self.layers, cos, sin, mask)
+      x = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, 0, None, None, None), out_axes=nnx.Carry,
+                   transform_metadata=_SCAN_METADATA)(
+                       x, self.layers, jnp.asarray(self.config.is_sliding), cos, sin, masks)
     else:
-      for layer in self.layers:
-        x = run_layer(x, layer, cos, sin, mask)
+      for layer, sliding in zip(self.layers, self.config.is_sliding):
+        x = run_layer(x, layer, sliding, cos, sin, masks)
     return self.norm(x)
+
+  def _masks(self, visible: jax.Array, diagonal: jax.Array, q_pos: jax.Array,
+             k_pos: jax.Array) -> tuple[jax.Array, ...]:
+    """(full,) or, with sliding-window layers, (full, sliding): [B, T, S] bool each.
+
+    visible: [B, T, S] causal and padding visibility; diagonal: [1 or B, T, S], each query's own
+    slot (always visible, so no softmax row is empty); q_pos [B, T], k_pos [B, S]: RoPE
+    positions. A sliding-window layer also needs ``q_pos - k_pos < sliding_window`` (positions,
+    not slots, so packed branches and left padding count real tokens only).
+    """
+    full = visible | diagonal
+    if not any(self.config.is_sliding):
+      return (full,)
+    window = (q_pos[:, :, None] - k_pos[:, None, :]) < self.config.sliding_window
+    return full, (visible & window) | diagonal
 
   def _embed(self, input_ids: jax.Array) -> jax.Array:
     x = self.embed_tokens(input_ids.astype(jnp.int32))
     return shd.constrain(x, ("batch", "length", "act_embed"))
+
+  @property
+  def logit_softcap(self) -> float | None:
+    """The final-logit soft-cap ``c`` (logits ``c * tanh(z / c)``), or None: what every consumer
+    of ``unembedding()`` passes to the losses (``losses.token_logps_from_hidden(...,
+    softcap=...)``, ``losses.steering_logits_from_hidden``); ``logits()`` applies it itself."""
+    return self.config.final_logit_softcapping
 
   # -- output projection --------------------------------------------------------------------------
 
@@ -636,10 +807,12 @@ class Llama(nnx.Module):
     return w.astype(self.config.compute_dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden: [..., D] -> logits [..., V] float32 (matmul in the compute dtype, f32 accumulate)."""
+    """hidden: [..., D] -> logits [..., V] float32 (matmul in the compute dtype, f32 accumulate;
+    soft-capped when the config has a final_logit_softcapping)."""
     w = self.unembedding()
     out = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w,
                      preferred_element_type=jnp.float32)
+    out = soft_cap(out, self.logit_softcap)
     if out.ndim == 3:
       out = shd.constrain(out, ("batch", "length", "vocab"))
     return out
@@ -683,20 +856,25 @@ class Llama(nnx.Module):
     slot_mask = jax.lax.dynamic_update_slice(cache.mask, real, (jnp.zeros((), jnp.int32), index))
     q_slot = index + jnp.arange(t)
     k_slot = jnp.arange(s)
-    mask = (slot_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
-            ) | (k_slot[None, None, :] == q_slot[None, :, None])
+    # Each row's tokens fill its slots in order from position 0, so a real slot's position is the
+    # number of real slots before it.
+    masks = self._masks(slot_mask[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None]),
+                        (k_slot[None, None, :] == q_slot[None, :, None]), positions,
+                        positions_from_mask(slot_mask))
     x = self._embed(input_ids)
     if self.config.scan_layers:
-      def run_layer(x, layer, ck, cv, cos, sin, mask, index):
-        x, (ck, cv) = layer(x, cos, sin, mask, (ck, cv), index)
+      def run_layer(x, layer, sliding, ck, cv, cos, sin, masks, index):
+        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), (ck, cv), index)
         return x, ck, cv
       x, new_k, new_v = nnx.scan(
-          run_layer, in_axes=(nnx.Carry, 0, 0, 0, None, None, None, None),
+          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, None, None, None, None),
           out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA,
-      )(x, self.layers, cache.k, cache.v, cos, sin, mask, index)
+      )(x, self.layers, jnp.asarray(self.config.is_sliding), cache.k, cache.v, cos, sin, masks,
+        index)
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
+        mask = _layer_mask(masks, self.config.is_sliding[i])
         x, (ck, cv) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
         new_k.append(ck)
         new_v.append(cv)

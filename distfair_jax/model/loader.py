@@ -35,7 +35,8 @@ from distfair_jax.config import LoraConfig, ModelConfig
 from distfair_jax.convert import MODEL_CONFIG, PARAMS_DIR
 from distfair_jax.errors import InputError
 from distfair_jax.model import lora as lora_lib
-from distfair_jax.model.llama import Llama, LlamaConfig
+from distfair_jax.model import family
+from distfair_jax.model.llama import LlamaConfig
 
 __all__ = ["LoadedModel", "load_model", "model_config", "load_tokenizer", "load_pretrained",
            "trainable_filter", "split_model", "PARAMS_DIR", "MODEL_CONFIG"]
@@ -165,7 +166,7 @@ def load_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Any = None, *, require
 def _build(mcfg: LlamaConfig, lora_cfg: LoraConfig, mesh, seed: int, params_dir, abstract: bool):
   """The (abstract or placed) model with LoRA applied."""
   def factory():
-    model = Llama(mcfg, rngs=nnx.Rngs(seed))
+    model = family.build(mcfg, rngs=nnx.Rngs(seed))
     if abstract and lora_cfg.enabled:
       _apply_lora(model, lora_cfg, seed)
     return model

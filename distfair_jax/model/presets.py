@@ -1,4 +1,5 @@
-"""Named model configs: ``tiny`` (the built-in default) and the shapes of common checkpoints.
+"""Named model configs: ``tiny`` (the built-in default) and the shapes of common checkpoints
+(Llama 3.x, Qwen2.5, Gemma 2).
 
 ``param_stats(config, mesh)`` counts parameters and per-device bytes from ``nnx.eval_shape``: no
 weights are allocated, so it works for an 8B model on a laptop and for a mesh given as sizes only.
@@ -16,7 +17,8 @@ from flax import nnx
 
 from distfair_jax import sharding as shd
 from distfair_jax.errors import InputError
-from distfair_jax.model.llama import Llama, LlamaConfig
+from distfair_jax.model import family
+from distfair_jax.model.llama import LlamaConfig
 
 _LLAMA3_ROPE_1B = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -30,6 +32,15 @@ _LLAMA3 = dict(vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
 _QWEN25 = dict(head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                attention_bias=True, architecture="Qwen2ForCausalLM", bos_token_id=151643,
                eos_token_id=151645)
+
+# Gemma 2 (gemma-2-2b / gemma-2-9b config.json): GeGLU, soft-capped attention (50) and output (30)
+# logits, sliding-window (4096) layers alternating with global ones, tied embeddings.
+_GEMMA2 = dict(vocab_size=256000, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+               max_position_embeddings=8192, tie_word_embeddings=True,
+               architecture="Gemma2ForCausalLM", hidden_act="gelu_pytorch_tanh",
+               query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+               final_logit_softcapping=30.0, sliding_window=4096, bos_token_id=2, eos_token_id=1,
+               pad_token_id=0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Built-in default: ~1M parameters, so the whole demo (a base model, seven methods, a learning
@@ -53,6 +64,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(
         _QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "gemma2-2b": dict(
+        _GEMMA2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4),
+    "gemma2-9b": dict(
+        _GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8),
 }
 
 
@@ -92,7 +109,7 @@ class ParamStats:
 
 def abstract_state(config: LlamaConfig) -> Any:
   """The model's nnx.State with ShapeDtypeStruct leaves (nothing allocated)."""
-  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
   return nnx.state(model)
 
 

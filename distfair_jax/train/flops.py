@@ -6,7 +6,9 @@ Forward FLOPs of one token of a decoder-only Llama at context length ``length`` 
 
 where ``N_matmul`` is the number of weights in the attention and MLP projections (no embeddings,
 norms), ``2 * hidden * vocab`` the output projection, and the last term the attention scores and the
-weighted sum over a full (non-causal-halved) ``length`` window, as in the PaLM / MaxText convention.
+weighted sum over a full (non-causal-halved) ``length`` window, as in the PaLM / MaxText convention
+(a sliding-window layer, Gemma 2's, counts ``min(length, sliding_window)``; soft-capping's tanh is
+not counted).
 
 A pass with gradient costs 3 forwards (forward, then activation and weight gradients); under LoRA the
 frozen weights get no weight gradients, and we still count 3 (the usual, conservative for MFU,
@@ -48,7 +50,10 @@ def forward_flops_per_token(cfg, length: int) -> float:
   attn = d * h * hd + 2 * d * kv * hd + h * hd * d
   mlp = 3 * d * cfg.intermediate_size
   n_matmul = cfg.num_hidden_layers * (attn + mlp)
-  return 2.0 * n_matmul + 2.0 * d * cfg.vocab_size + 4.0 * cfg.num_hidden_layers * length * h * hd
+  window = getattr(cfg, "sliding_window", None)
+  sliding = getattr(cfg, "is_sliding", (False,) * cfg.num_hidden_layers)
+  context = sum(min(length, window) if s else length for s in sliding)
+  return 2.0 * n_matmul + 2.0 * d * cfg.vocab_size + 4.0 * context * h * hd
 
 
 def sequence_flops(cfg, rows: int, length: int) -> float:

@@ -5,7 +5,8 @@ Every loss function has the signature ``loss_fn(params, rngs, frozen, ref_params
 inside the traced function (the model object never crosses ``jax.jit``; ``nnx.merge(...,
 copy=True)`` gives fresh Variables at the trace level, which dropout and ``nnx.remat`` write to),
 and computes per-token log-probabilities tiled over the vocabulary
-(``losses.token_logps_from_hidden``: the ``[batch, length, vocab]`` float32 logits never exist).
+(``losses.token_logps_from_hidden``: the ``[batch, length, vocab]`` float32 logits never exist),
+soft-capped as the model's logits are (``model.logit_softcap``, Gemma 2).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def sequence_logps(model, seq: B.Sequences, tile_size: int):
   """-> (hidden [B, L, D], unembedding [D, V], token log-probs [B, L], sequence log-probs [B])."""
   hidden = model(seq.input_ids, seq.attention_mask)
   unemb = model.unembedding()
-  tok = L.token_logps_from_hidden(hidden, unemb, seq.labels, seq.label_mask, tile_size)
+  tok = L.token_logps_from_hidden(hidden, unemb, seq.labels, seq.label_mask, tile_size,
+                                  softcap=model.logit_softcap)
   return hidden, unemb, tok, L.sequence_logps(tok, seq.label_mask)
 
 
@@ -73,7 +75,8 @@ def packed_group_logps(model, packed: B.Packed, tile_size: int, no_grad_groups=(
     if g in no_grad_groups:
       src, w = jax.lax.stop_gradient(src), jax.lax.stop_gradient(unemb)
     mask = (branch[:, g] >= 0).astype(jnp.float32)
-    tok = L.token_logps_from_hidden(src, w, packed.label_ids[:, g], mask, tile_size) * mask
+    tok = L.token_logps_from_hidden(src, w, packed.label_ids[:, g], mask, tile_size,
+                                    softcap=model.logit_softcap) * mask
     first = (branch[:, g] == 2 * g).astype(jnp.float32)
     second = (branch[:, g] == 2 * g + 1).astype(jnp.float32)
     out.append(jnp.stack([jnp.sum(tok * first, axis=-1), jnp.sum(tok * second, axis=-1)], -1))
@@ -102,7 +105,8 @@ def steering_mae_fn(graphdef_eval, steering_ids) -> Callable:
     hidden = forward_hidden(model, batch)
     position = batch.packed.steering_position if hasattr(batch, "packed") else \
         batch.steering_position
-    logits = L.steering_logits_from_hidden(hidden, model.unembedding(), position)
+    logits = L.steering_logits_from_hidden(hidden, model.unembedding(), position,
+                                           softcap=model.logit_softcap)
     q = jnp.exp(L.steering_log_probs(logits, steering_ids, renormalize=True))
     return jnp.mean(jnp.abs(q - batch.target), axis=-1)
 

@@ -119,12 +119,14 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
       kl_logps = jax.lax.stop_gradient(kl_logps)
       pairs = batch.packed.input_ids.shape[0]
       desirable = jnp.arange(2 * pairs) < pairs
-      steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.packed.steering_position)
+      steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.packed.steering_position,
+                                                   softcap=policy.logit_softcap)
       steer = L.steering_kl(steer_logits, steering_ids, batch.target, renormalize=renormalize)
       return policy, logps, kl_logps, desirable, steer, packed_token_count(batch.packed, 4)
     hidden, unemb, _, logps = sequence_logps(policy, batch.seq, tile)
     desirable = batch.desirable.astype(bool)
-    steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.steering_position)
+    steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.steering_position,
+                                                 softcap=policy.logit_softcap)
     steer = L.steering_kl(steer_logits, steering_ids, batch.target,
                           weights=desirable.astype(jnp.float32), renormalize=renormalize)
     # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
