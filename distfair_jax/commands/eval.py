@@ -9,7 +9,10 @@ MODEL is a training run directory (config.yaml; the last finished stage is evalu
 a converted model directory (`distfair convert hf-to-flax`; needs dataset=...). KEY=VALUE overrides
 set fields of the evaluation config (configs/base.yaml, section eval: versions, rounds, steering
 model|target|none, prompt_engineering, dataset, decode.*, judge.*, batch_size, seed, n_bootstrap,
-plots, dtype); a run starts from its own eval: section, a converted model from the defaults. Writes
+plots, dtype, system_prompt, chat_template_kwargs); a run starts from its own eval: section, a
+converted model from the defaults. Prompts are rendered with the run's data.system_prompt and
+data.chat_template_kwargs (a converted model: the template's default; set them with
+system_prompt=none 'chat_template_kwargs={date_string: "26 Jul 2024"}'), as in training. Writes
 OUT/eval/<version>.jsonl (one row per sample), OUT/eval/metrics.json, OUT/eval/report.md and plots;
 OUT defaults to MODEL. One decoding configuration is used for every version and recorded in
 metrics.json.
