@@ -257,6 +257,8 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
   encoder = Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
                     prompt_format=str(prompt_format), system_prompt=str(system_prompt),
                     chat_template_kwargs=dict(chat_template_kwargs or {}))
+  if encoder.chat.date_warning and progress is not None:
+    progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):
     from distfair_jax.judges import RulesJudge
     judge = RulesJudge()
