@@ -42,6 +42,7 @@ __all__ = [
     "HybridConfig", "DPOConfig", "CheckpointConfig", "HeldoutConfig", "LoggingConfig",
     "DecodeConfig", "JudgeConfig", "EvalConfig", "load_config", "load_eval_config",
     "config_to_yaml", "config_to_dict", "config_from_dict", "results_affecting",
+    "with_absolute_paths", "absolute_path", "PATH_FIELDS",
 ]
 
 
@@ -134,7 +135,11 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-  """Dataset built in memory by ``distfair_jax.data`` (or read from ``records_dir``)."""
+  """Dataset built in memory by ``distfair_jax.data`` (or read from ``records_dir``).
+
+  ``system_prompt`` (``default`` | ``none`` | the text of a system message) and
+  ``chat_template_kwargs`` (template variables, e.g. ``{date_string: "26 Jul 2024"}``) shape every
+  prompt of the run, in training and in evaluation alike (``data.chat``)."""
   dataset: str = "gender_real_us"
   spec: Optional[str] = None
   records_dir: Optional[str] = None
@@ -143,6 +148,8 @@ class DataConfig:
   max_length: int = 1024
   max_prompt_length: int = 512
   prompt_format: PromptFormat = PromptFormat.chat
+  system_prompt: str = "default"
+  chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
   stories: bool = False
   seed: int = 0
 
@@ -276,6 +283,9 @@ class EvalConfig(_Checked):
   boundaries) or ``synonyms`` (the attribute's synonyms count as mentions too). exact_answers:
   also score v1/v2 by the exact probabilities of the K canonical answers (one forward per
   prompt, answer and steering token: noise-free, with the mass on non-answers).
+  system_prompt, chat_template_kwargs: the prompts' system message and template variables
+  (``data.chat``; default: a run's own ``data.system_prompt`` / ``data.chat_template_kwargs``, so
+  that it is evaluated on the prompts it was trained on; a converted model: ``default`` and none).
   """
   versions: List[Version] = field(default_factory=lambda: [Version.v1, Version.v2, Version.v3])
   rounds: Optional[int] = 100
@@ -291,6 +301,8 @@ class EvalConfig(_Checked):
   dtype: Optional[DType] = None
   parser: Parser = Parser.reference
   exact_answers: bool = True
+  system_prompt: Optional[str] = None
+  chat_template_kwargs: Optional[Dict[str, Any]] = None
 
   def _rules(self):
     versions = [str(v) for v in self.versions]
@@ -347,6 +359,8 @@ def _first_line(message: str) -> str:
 
 
 def _read_yaml(path: str) -> dict:
+  from distfair_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.check_not_lfs_pointer(path)
   try:
     with open(path, encoding="utf-8") as f:
       data = yaml.safe_load(f)
@@ -478,6 +492,33 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 
 def config_to_yaml(cfg: Config) -> str:
   return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+PATH_FIELDS: tuple[str, ...] = ("run_dir", "model.checkpoint", "model.params", "model.tokenizer",
+                                 "data.spec", "data.records_dir")
+
+
+def absolute_path(value: Optional[str]) -> Optional[str]:
+  """A local path made absolute (``~`` expanded) against the working directory; URLs and empty
+  values unchanged."""
+  if not value or "://" in value:
+    return value
+  return os.path.abspath(os.path.expanduser(value))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+  """``cfg`` with every local path (``PATH_FIELDS``) made absolute against the working directory,
+  as a run records them: ``distfair eval`` / ``export`` then find the run's checkpoint, tokenizer and
+  dataset from any directory. URLs (``gs://...``) stay as they are."""
+  sections = {}
+  for key in PATH_FIELDS:
+    if "." not in key:
+      continue
+    section, name = key.split(".")
+    sections.setdefault(section, {})[name] = absolute_path(getattr(getattr(cfg, section), name))
+  return dataclasses.replace(
+      cfg, run_dir=absolute_path(cfg.run_dir),
+      **{s: dataclasses.replace(getattr(cfg, s), **fields) for s, fields in sections.items()})
 
 
 def results_affecting(cfg_dict: dict) -> dict:

@@ -124,6 +124,7 @@ def _nest(flat: dict[Path_, Any]) -> dict:
 def _read_json(path: Path, what: str) -> dict:
   if not path.is_file():
     raise InputError(f"{path}: file: expected {what}, got no such file")
+  fileio.check_not_lfs_pointer(path)
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
@@ -230,6 +231,7 @@ def _index_safetensors(src: Path) -> dict[str, _TensorInfo]:
   infos: dict[str, _TensorInfo] = {}
   for file in files:
     path = src / file
+    fileio.check_not_lfs_pointer(path)
     try:
       with safe_open(str(path), framework="numpy") as f:
         for name in f.keys():
@@ -301,6 +303,7 @@ def _copy_tokenizer_files(src, dst) -> list[str]:
   copied = []
   for name in _TOKENIZER_FILES:
     if (src / name).is_file():
+      fileio.check_not_lfs_pointer(src / name)  # a stub copied along would fail only when served
       fileio.copy_file(src / name, dst / name)
       copied.append(name)
   for name in _TOKENIZER_DIRS:
@@ -380,6 +383,8 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfl
   config_path = src / "config.json"
   hf = _read_json(config_path, "a Hugging Face config.json")
   config = _with_dtype(_config_from_hf(hf, config_path), dtype)
+  for name in _TOKENIZER_FILES:  # a Git LFS stub is named now, not after the weights are read
+    fileio.check_not_lfs_pointer(src / name)
   infos = _index_safetensors(src)
   plan = _plan(config, infos, src)
   target = _np_dtype(dtype)

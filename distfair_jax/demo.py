@@ -71,6 +71,24 @@ class DemoSettings:
   heldout_fraction: float = 0.15
 
 
+# The sizes above are per occupation for a table of at least this many (gender_real_us has 14): a
+# dataset with fewer occupations (a user's own, say 6) gets proportionally more rows per occupation,
+# so that every model trains for about as many steps as on the built-in datasets.
+REFERENCE_OCCUPATIONS = 14
+
+
+def scaled(settings: DemoSettings, num_occupations: int) -> DemoSettings:
+  """``settings`` with the per-occupation row counts scaled up for a table of fewer than
+  ``REFERENCE_OCCUPATIONS`` occupations (the built-in datasets are unchanged)."""
+  factor = -(-REFERENCE_OCCUPATIONS // max(int(num_occupations), 1))
+  if factor <= 1:
+    return settings
+  return dataclasses.replace(
+      settings, rows_per_occupation=settings.rows_per_occupation * factor,
+      base_rows_per_occupation=settings.base_rows_per_occupation * factor,
+      base_stories_per_occupation=settings.base_stories_per_occupation * factor)
+
+
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(rows_per_occupation=24, base_rows_per_occupation=32, base_stories_per_occupation=0,
                      base_epochs=3, sft_epochs=3, stage2_epochs=1, batch_size=16, sft_lrs=(3e-3,),
@@ -92,11 +110,15 @@ _SECTOR_STEREOTYPE = {  # race / sentiment category index per sector (synthetic 
 def stereotype(spec, occupation: str, share: float) -> np.ndarray:
   """The base model's skewed answer distribution [K] for ``occupation``: ``share`` on the stereotyped
   category (gender: the occupation's majority sex by the real figures; race / sentiment: a fixed
-  category per sector), the rest spread evenly."""
+  category per sector; a user's own attribute: the category its target gives the most, the first on
+  a tie, exaggerated as the gender stereotype exaggerates the majority), the rest spread evenly."""
   attr = spec.attribute
   k = attr.num_categories
-  if attr.name == "gender" and spec.table is not None and occupation in spec.table.names:
+  if (attr.name == "gender" and spec.table is not None and occupation in spec.table.names and
+      spec.table.get(occupation).male is not None):
     major = int(np.argmax(spec.table.real_gender_target(occupation)))
+  elif attr.name not in _SECTOR_STEREOTYPE:
+    major = int(np.argmax(spec.target(occupation)))
   else:
     sector = spec.table.get(occupation).sector if spec.table is not None else ""
     major = _SECTOR_STEREOTYPE.get(attr.name, {}).get(sector, 0)
@@ -153,18 +175,23 @@ class Demo:
 
   def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
                tokenizer_dir: str, progress: bool = True):
-    from transformers import AutoTokenizer
     from distfair_jax.data import build as build_lib
-    self.dataset, self.s, self.seed, self.progress = dataset, settings, seed, progress
-    self.dir = os.path.join(run_dir, dataset)
+    from distfair_jax.tokenizer import load_tokenizer_dir
+    spec = build_lib.resolve_spec(dataset)
+    settings = scaled(settings, len(spec.occupations))
+    # A user's YAML spec: its own name for the directory and the tables, its absolute path for the
+    # runs' configs (data.spec).
+    self.dataset, self.s, self.seed, self.progress = spec.name, settings, seed, progress
+    self.spec_path = None if spec.source == "builtin" else os.path.abspath(spec.source)
+    self.dir = os.path.join(run_dir, self.dataset)
     os.makedirs(self.dir, exist_ok=True)
     self.tokenizer_dir = tokenizer_dir
-    self.data = build_lib.build_dataset(dataset, rows_per_occupation=settings.rows_per_occupation,
+    self.data = build_lib.build_dataset(spec, rows_per_occupation=settings.rows_per_occupation,
                                         test_rounds=settings.rounds, seed=seed)
     self.spec = self.data.spec
     self.attribute = self.spec.attribute
     self.timings: dict[str, float] = self._load_json("timings.json")
-    self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    self.tokenizer = load_tokenizer_dir(tokenizer_dir)
     self._samplers: dict = {}
 
   # -- bookkeeping --------------------------------------------------------------------------------
@@ -203,7 +230,8 @@ class Demo:
     return C.Config(
         run_dir=run_dir, seed=self.seed, stages=stages,
         model=C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir, params=base_params),
-        data=C.DataConfig(dataset=self.dataset, rows_per_occupation=s.rows_per_occupation,
+        data=C.DataConfig(dataset=self.dataset if self.spec_path is None else "gender_real_us",
+                          spec=self.spec_path, rows_per_occupation=s.rows_per_occupation,
                           heldout_fraction=(s.heldout_fraction if heldout_fraction is None
                                             else heldout_fraction),
                           max_length=s.max_length, max_prompt_length=s.max_length - 16,
@@ -438,13 +466,47 @@ def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def _tokenizer(run_dir: str, dataset: str) -> str:
+  """The tiny tokenizer's directory for ``dataset``: one for the built-in datasets (trained on their
+  texts), and for a spec of your own one of its own, trained on the built-in texts plus its
+  prompts and answers (``tokenizer.dataset_texts``), so that its words merge as the built-in
+  ones do."""
+  from distfair_jax.data.build import DATASETS, resolve_spec
+  from distfair_jax.tokenizer import build_tiny_tokenizer, dataset_texts
+  texts = None
+  path = os.path.join(run_dir, "tokenizer")
+  if dataset not in DATASETS:
+    spec = resolve_spec(dataset)
+    path = os.path.join(run_dir, spec.name, "tokenizer")
+    texts = dataset_texts(spec)
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    build_tiny_tokenizer(path, texts=texts, overwrite=True)
+  return path
+
+
+def _any_stage_started(run_dir: str) -> bool:
+  """Whether any training run under ``run_dir`` has a checkpoint or a finished stage (a demo whose
+  first attempt failed before training holds nothing another setting would contradict)."""
+  for root, dirs, files in os.walk(run_dir):
+    name = os.path.basename(root)
+    if (name == "final" and "summary.json" in files) or (name == "checkpoints" and
+                                                           (dirs or files)):
+      return True
+  return False
+
+
 def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
              fresh: bool = False, progress: bool = True) -> dict:
-  """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results."""
-  from distfair_jax.data.build import DATASETS
+  """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results.
+
+  datasets: built-in names (``data.build.DATASETS``) or YAML spec files of your own attribute
+  (``data.build.load_spec``), each checked before anything runs."""
+  from distfair_jax.data.build import DATASETS, resolve_spec
   for ds in datasets:
-    if ds not in DATASETS:
-      raise InputError(f"demo: dataset: expected one of {', '.join(DATASETS)}, got {ds!r}")
+    if ds not in DATASETS and not str(ds).endswith((".yaml", ".yml")):
+      raise InputError(f"demo: dataset: expected one of {', '.join(DATASETS)} or a YAML spec file, "
+                       f"got {ds!r}")
+    resolve_spec(ds)  # a bad spec fails here, in one line, before any training
   settings = QUICK if quick else DEFAULT
   run_dir = os.path.abspath(run_dir)
   if fresh and os.path.exists(run_dir):
@@ -452,21 +514,18 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   os.makedirs(run_dir, exist_ok=True)
   marker = os.path.join(run_dir, "demo.json")
   info = {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)}
-  if os.path.exists(marker) and fileio.read_json(marker) != json.loads(json.dumps(info)):
+  if (os.path.exists(marker) and fileio.read_json(marker) != json.loads(json.dumps(info)) and
+      _any_stage_started(run_dir)):
     raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / seed); "
                      f"use another --run-dir or --fresh")
   fileio.write_json(marker, info, indent=1)
-  tokenizer_dir = os.path.join(run_dir, "tokenizer")
-  if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-    from distfair_jax.tokenizer import build_tiny_tokenizer
-    build_tiny_tokenizer(tokenizer_dir, overwrite=True)
   results, timings = {}, {}
   start = time.perf_counter()
   for ds in datasets:
-    demo = Demo(ds, run_dir, settings=settings, seed=seed, tokenizer_dir=tokenizer_dir,
+    demo = Demo(ds, run_dir, settings=settings, seed=seed, tokenizer_dir=_tokenizer(run_dir, ds),
                 progress=progress)
-    results[ds] = demo.run()
-    timings[ds] = demo.timings
+    results[demo.dataset] = demo.run()
+    timings[demo.dataset] = demo.timings
   total = time.perf_counter() - start
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"),

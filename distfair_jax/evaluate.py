@@ -300,6 +300,7 @@ def _progress_line(version: str, m: Mapping, timing: Mapping) -> str:
 
 def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Sequence[Mapping]],
              out_dir: Any, *, config: EvalConfig = EvalConfig(), prompt_format: str = "chat",
+             system_prompt: str = "default", chat_template_kwargs: Mapping[str, Any] | None = None,
              judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None,
              sampler: Sampler | None = None, mesh=None) -> dict[str, Any] | None:
@@ -314,6 +315,10 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     out_dir: run directory; results go to ``out_dir/eval``.
     config: versions, rounds, steering mode, decoding, seed, bootstrap.
     prompt_format: the run's ``data.prompt_format`` (chat template or the original's wrapping).
+    system_prompt, chat_template_kwargs: the run's ``data.system_prompt`` and
+      ``data.chat_template_kwargs`` (``data.chat.ChatFormat``), so that prompts are the training
+      prompts byte for byte; ``config.system_prompt`` / ``config.chat_template_kwargs`` override
+      them when set.
     judge: story judge for v3 (default: ``judges.RulesJudge()``).
     overwrite: replace an existing ``out_dir/eval``.
     metadata: extra JSON-serialisable facts recorded in ``meta`` (model path, dataset, ...).
@@ -333,8 +338,15 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
   missing = [v for v in versions if v not in test_sets]
   if missing:
     raise InputError(f"eval: test_sets: expected records for {', '.join(missing)}, got none")
+  if config.system_prompt is not None:
+    system_prompt = config.system_prompt
+  if config.chat_template_kwargs is not None:
+    chat_template_kwargs = config.chat_template_kwargs
   encoder = Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
-                    prompt_format=str(prompt_format))
+                    prompt_format=str(prompt_format), system_prompt=str(system_prompt),
+                    chat_template_kwargs=dict(chat_template_kwargs or {}))
+  if encoder.chat.date_warning and progress is not None:
+    progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):
     from distfair_jax.judges import RulesJudge
     judge = RulesJudge()
@@ -355,7 +367,11 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
                              else [int(i) for i in encoder.steering_ids]),
       "stop_token_ids": encoder.stop_ids, "decoding": config_to_dict(config.decode),
       "rounds": config.rounds, "seed": config.seed, "prompt_field": config.prompt_field,
-      "prompt_format": str(prompt_format), "n_bootstrap": config.n_bootstrap,
+      "prompt_format": str(prompt_format), "system_prompt": encoder.chat.system_prompt,
+      "chat_template_kwargs": dict(encoder.chat.template_kwargs),
+      "prompt_example": {**encoder.chat.example(),
+                         "ids": encoder.prompt_ids(encoder.chat.example()["question"])},
+      "n_bootstrap": config.n_bootstrap,
       "batch_size": config.batch_size, "judge": type(judge).__name__ if judge is not None else None,
       "timing": timing, **dict(metadata or {})}
   with fileio.atomic_dir(final_dir, overwrite=overwrite, what="eval") as tmp:

@@ -11,6 +11,10 @@ take the same code. What it provides:
   rename it over the destination; ``atomic_dir(dst)`` yields a temporary directory next to ``dst``
   and renames it into place on success (replacing ``dst`` only with ``overwrite``), removing it on
   failure. A reader never sees a half-written file or directory.
+- Git LFS pointers: a repository cloned without ``git lfs`` holds a ~130-byte text stub
+  (``version https://git-lfs.github.com/spec/v1`` / ``oid sha256:...`` / ``size N``) where a
+  tokenizer, a safetensors file or a records file should be. ``check_not_lfs_pointer(path)`` names
+  such a file ("PATH: a Git LFS pointer, not the file"); every reader here calls it.
 - Leftovers: a process killed with SIGKILL cannot clean up. Temporary names carry the host and the
   process id (``.NAME.tmp-HOST-PID-RANDOM``); before writing ``NAME`` again, ``sweep_leftovers``
   removes those whose process provably died (this host, no such process) and names the others on
@@ -34,7 +38,7 @@ from etils import epath
 
 from distfair_jax.errors import InputError
 
-__all__ = ["Path", "as_path", "is_remote", "read_text", "read_json", "read_jsonl", "write_bytes",
+__all__ = ["Path", "as_path", "is_remote", "is_lfs_pointer", "check_not_lfs_pointer", "read_text", "read_json", "read_jsonl", "write_bytes",
            "write_text", "write_json", "write_jsonl", "copy_file", "copy_tree", "atomic_dir",
            "local_dir_for", "local_copy", "make_dirs", "sweep_leftovers", "check_new_dir",
            "temporary_name"]
@@ -72,6 +76,38 @@ def make_dirs(p: PathLike) -> epath.Path:
   return p
 
 
+# ------------------------------------------------------------------------------------------------
+# Git LFS pointers
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+_LFS_POINTER_MAX_BYTES = 1024  # a pointer is about 130 bytes; the spec caps it at 1024
+
+
+def is_lfs_pointer(head: bytes) -> bool:
+  """Whether ``head`` (a file's first bytes) is a Git LFS pointer stub."""
+  return head.lstrip(b"\xef\xbb\xbf").startswith(LFS_POINTER_PREFIX)
+
+
+def lfs_pointer_error(path: PathLike) -> InputError:
+  return InputError(f"{path}: a Git LFS pointer, not the file (fetch the real file: "
+                    f"`git lfs pull` in its repository, or download it again)")
+
+
+def check_not_lfs_pointer(path: PathLike) -> None:
+  """InputError naming ``path`` if it is a Git LFS pointer in place of the file; a missing path or
+  a directory passes (the caller reports those)."""
+  p = as_path(path)
+  try:
+    if not p.is_file() or (not is_remote(p) and os.path.getsize(p) > _LFS_POINTER_MAX_BYTES):
+      return
+    with p.open("rb") as f:
+      head = f.read(len(LFS_POINTER_PREFIX) + 3)
+  except OSError:
+    return
+  if is_lfs_pointer(head):
+    raise lfs_pointer_error(p)
+
+
 def _say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -84,7 +120,10 @@ def read_text(path: PathLike, what: str = "a text file") -> str:
   """The UTF-8 text of ``path``; InputError naming the file and ``what`` was expected."""
   p = as_path(path)
   try:
-    return p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    if len(data) <= _LFS_POINTER_MAX_BYTES and is_lfs_pointer(data):
+      raise lfs_pointer_error(p)
+    return data.decode("utf-8")
   except FileNotFoundError:
     raise InputError(f"{p}: file: expected {what}, got no such file") from None
   except IsADirectoryError:

@@ -1,7 +1,14 @@
-"""Builds the tiny default tokenizer offline: byte-level BPE + a Llama-3-style chat template.
+"""Tokenizers: the tiny default one, built offline, and a checked loader of Hugging Face directories.
 
     tok = build_tiny_tokenizer()                      # in memory (transformers tokenizer)
     tok = build_tiny_tokenizer("runs/demo/tokenizer") # also saved as a Hugging Face directory
+    tok = load_tokenizer_dir("~/models/Llama-3.2-1B-Instruct")   # any local HF directory
+    generation_eos_ids(tok)                           # its generation_config.json's eos ids, or None
+
+``load_tokenizer_dir`` reads local files only, names a Git LFS pointer in place of any tokenizer file
+(one line: "PATH: a Git LFS pointer, not the file"), and keeps the directory's
+``generation_config.json`` ``eos_token_id`` (an id or a list: Llama 3.x lists ``<|eot_id|>`` and
+``<|eom_id|>``) with the tokenizer, where ``data.tokenize.Encoder`` takes its stop tokens from.
 
 Trained with the ``tokenizers`` library on the prompts, answers and stories of the six built-in
 datasets (plus optional extra texts), so nothing is downloaded. Properties:
@@ -20,7 +27,7 @@ datasets (plus optional extra texts), so nothing is downloaded. Properties:
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
@@ -32,6 +39,14 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOT_TEXT, START_HEADER, END_HEADER, EOT, PAD)
+
+# What transformers may read from a tokenizer directory (config.json: the model type, for some).
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "config.json")
+GENERATION_CONFIG = "generation_config.json"
+_EOS_ATTR = "distfair_generation_eos_ids"
 
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -85,6 +100,24 @@ def training_texts(*, seed: int = 0, rows_per_occupation: int = 12,
   texts = list(dict.fromkeys(texts))  # dedupe, keep order
   # chat-template pieces around the special tokens, so that they merge like real text
   return texts + [f"{role}\n\n" for role in ("system", "user", "assistant") for _ in range(8)]
+
+
+def dataset_texts(name_or_spec, *, seed: int = 0, rows_per_occupation: int = 12) -> list[str]:
+  """Extra training texts for a dataset of your own (a ``data.build`` spec or its YAML path): its
+  prompts, answers, synonyms and test prompts, so that the tiny tokenizer merges its words as it
+  merges the built-in datasets' (``build_tiny_tokenizer(texts=dataset_texts(spec))``)."""
+  from distfair_jax.data import build  # pylint: disable=g-import-not-at-top
+  ds = build.build_dataset(name_or_spec, rows_per_occupation=rows_per_occupation, test_rounds=3,
+                           seed=seed, stories_per_occupation=rows_per_occupation)
+  texts: list[str] = []
+  for rec in ds["kto"]:
+    texts += [rec["prompt"], rec["response"]]
+  for v in build.TEST_VERSIONS:
+    for rec in ds[f"test_{v}"]:
+      texts += [rec["prompt"], rec["pe_prompt"]]
+  for c in ds.spec.attribute.categories:
+    texts += [c.answer, *c.synonyms] * 4
+  return list(dict.fromkeys(texts)) + [c.answer for c in ds.spec.attribute.categories] * 8
 
 
 def _train(texts: Sequence[str], vocab_size: int):
@@ -142,3 +175,62 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike | None = None, *,
     with fileio.atomic_dir(out_dir, overwrite=overwrite, what="out") as tmp:
       hf.save_pretrained(str(tmp))
   return hf
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading Hugging Face tokenizer directories
+
+
+def _eos_list(value: Any, where: str) -> list[int] | None:
+  if value is None:
+    return None
+  values = value if isinstance(value, (list, tuple)) else [value]
+  if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in values):
+    raise InputError(f"{where}: eos_token_id: expected a token id or a list of token ids, "
+                     f"got {value!r}")
+  return [int(v) for v in values]
+
+
+def read_generation_eos(path: str | os.PathLike) -> list[int] | None:
+  """``eos_token_id`` of ``path/generation_config.json`` as a list (None without the file or the
+  field)."""
+  gen = fileio.as_path(path) / GENERATION_CONFIG
+  if not gen.exists():
+    return None
+  data = fileio.read_json(gen, "a generation config (JSON object)")
+  return _eos_list(data.get("eos_token_id"), str(gen))
+
+
+def generation_eos_ids(tokenizer) -> list[int] | None:
+  """The eos ids of the generation_config.json next to the tokenizer's files (None: none known)."""
+  ids = getattr(tokenizer, _EOS_ATTR, None)
+  return None if ids is None else list(ids)
+
+
+def set_generation_eos_ids(tokenizer, ids: Sequence[int] | None) -> None:
+  """Records generation eos ids with a tokenizer (what ``load_tokenizer_dir`` does)."""
+  setattr(tokenizer, _EOS_ATTR, None if ids is None else tuple(int(i) for i in ids))
+
+
+def load_tokenizer_dir(path: str | os.PathLike):
+  """A transformers tokenizer from a local Hugging Face directory, checked (see the module
+  docstring); InputError (one line) for no directory, a Git LFS pointer or an unreadable one."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  p = fileio.as_path(path)
+  if not p.is_dir():
+    raise InputError(f"{p}: tokenizer: expected a Hugging Face tokenizer directory, got "
+                     f"{'a file' if p.exists() else 'no such directory'}")
+  for name in TOKENIZER_FILES:
+    fileio.check_not_lfs_pointer(p / name)
+  if not any((p / name).exists() for name in TOKENIZER_FILES[:5]):
+    raise InputError(f"{p}: tokenizer: expected tokenizer files ({', '.join(TOKENIZER_FILES[:4])}),"
+                     f" got none")
+  try:
+    tok = AutoTokenizer.from_pretrained(os.fspath(p), local_files_only=True)
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise InputError(f"{p}: tokenizer: expected a Hugging Face tokenizer, got "
+                     f"{type(e).__name__}: {first}") from None
+  set_generation_eos_ids(tok, read_generation_eos(p))
+  return tok

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from distfair_jax.config import Config, config_from_dict, config_to_dict, load_config
+from distfair_jax.config import (Config, config_from_dict, config_to_dict, load_config,
+                                 load_eval_config)
 from distfair_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,3 +119,49 @@ def test_yaml_errors(tmp_path):
   loop = _write(tmp_path / "loop.yaml", "defaults: [loop.yaml]\n")
   with pytest.raises(InputError, match=r"circular"):
     load_config(loop)
+
+
+def test_a_run_records_its_paths_absolute(tmp_path, monkeypatch):
+  """Relative paths are relative to where you run; a run records them absolute, so that eval and
+  export find its checkpoint, tokenizer and dataset from any directory. URLs stay."""
+  import yaml
+  from distfair_jax.config import PATH_FIELDS, config_to_dict, with_absolute_paths
+  from distfair_jax.train.rundir import RunDir
+  monkeypatch.chdir(tmp_path)
+  cfg = load_config(None, ["run_dir=runs/r", "model.checkpoint=ckpt/l1b", "model.tokenizer=~/tok",
+                           "model.params=gs://bucket/params", "data.spec=specs/age.yaml",
+                           "data.records_dir=data/age"])
+  assert cfg.model.checkpoint == "ckpt/l1b"  # `config show` prints what you wrote
+  absolute = with_absolute_paths(cfg)
+  assert absolute.run_dir == str(tmp_path / "runs" / "r")
+  assert absolute.model.checkpoint == str(tmp_path / "ckpt" / "l1b")
+  assert absolute.model.tokenizer == os.path.expanduser("~/tok")
+  assert absolute.model.params == "gs://bucket/params"
+  assert absolute.data.spec == str(tmp_path / "specs" / "age.yaml")
+  assert absolute.data.records_dir == str(tmp_path / "data" / "age")
+  assert len(PATH_FIELDS) == 6 and with_absolute_paths(absolute) == absolute
+  # A run recorded with relative paths (before they were recorded absolute) is the same run.
+  run = RunDir(tmp_path / "runs" / "r")
+  run.path.mkdir(parents=True)
+  run.config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+  (run.checkpoints_dir("sft") / "1").mkdir(parents=True)
+  run.claim(absolute)
+  moved = [o.replace("ckpt/l1b", "other") for o in ["run_dir=runs/r", "model.checkpoint=ckpt/l1b",
+            "model.tokenizer=~/tok", "model.params=gs://bucket/params", "data.spec=specs/age.yaml",
+            "data.records_dir=data/age"]]
+  with pytest.raises(InputError, match=r"\(differs in model\.checkpoint; stages started: sft\)"):
+    run.claim(with_absolute_paths(load_config(None, moved)))
+
+
+def test_prompt_settings_are_typed_and_recorded(tmp_path):
+  cfg = load_config(None, ["run_dir=x", "data.system_prompt=none",
+                           "data.chat_template_kwargs={date_string: 26 Jul 2024}"])
+  assert cfg.data.system_prompt == "none"
+  assert cfg.data.chat_template_kwargs == {"date_string": "26 Jul 2024"}
+  from distfair_jax.config import config_from_dict, config_to_dict, results_affecting
+  assert config_from_dict(config_to_dict(cfg)) == cfg
+  assert results_affecting(config_to_dict(cfg))["data"]["system_prompt"] == "none"
+  ev = load_eval_config(cfg.eval, ["system_prompt=Answer tersely."])
+  assert ev.system_prompt == "Answer tersely." and ev.chat_template_kwargs is None
+  with pytest.raises(InputError, match=r"command line: data\.system_prompt"):
+    load_config(None, ["run_dir=x", "data.system_prompt=null"])

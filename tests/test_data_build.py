@@ -286,6 +286,37 @@ def test_bad_record_files(tmp_path):
     build.read_jsonl(_jsonl(tmp_path, [{**GOOD, "steering_token": "7"}]), spec=spec)
 
 
+def test_one_occupation_two_targets_is_refused_naming_both_lines(tmp_path, capsys):
+  other = {**GOOD, "prompt": "Q2?", "target": [0.3, 0.7]}
+  path = _jsonl(tmp_path, [GOOD, {**GOOD, "prompt": "Q1?"}, other])
+  assert cli.main(["data", "validate", path]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == (f"distfair data: error: {path}: line 3: target: expected the target of every "
+                 f"record of 'Registered nurses' to be the same, got [0.3, 0.7] here and "
+                 f"[0.5, 0.5] on {path}: line 1")
+  # Across the files of a dataset directory too, and training on it stops before any stage.
+  ds = build.build_dataset("gender_real_us", tmp_path / "data", rows_per_occupation=2,
+                           test_rounds=1)
+  kto = tmp_path / "data" / "kto.jsonl"
+  rows = [json.loads(l) for l in kto.read_text().splitlines()]
+  occ = rows[0]["occupation"]
+  for r in rows:
+    if r["occupation"] == occ:
+      r["target"] = [0.9, 0.1]
+  kto.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert cli.main(["data", "validate", str(tmp_path / "data")]) == 2
+  err = capsys.readouterr().err
+  assert f"{kto}: line 1: target: expected the target of every record of {occ!r}" in err
+  assert f"{tmp_path / 'data' / 'sft.jsonl'}: line 1" in err
+  assert ds.spec.name == "gender_real_us"
+  exp = tmp_path / "exp.yaml"
+  exp.write_text("logging: {tensorboard: false, progress: false}\n")
+  assert cli.main(["train", str(exp), f"run_dir={tmp_path / 'run'}",
+                   f"data.records_dir={tmp_path / 'data'}"]) == 2
+  assert "target: expected the target of every record" in capsys.readouterr().err
+  assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_bad_specs(tmp_path):
   with pytest.raises(InputError, match=r"dataset: name: expected one of .*got 'gender_fake_us'"):
     build.build_dataset("gender_fake_us")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from distfair_jax import demo
+from distfair_jax.errors import InputError
 
 
 @pytest.mark.slow
@@ -52,6 +53,50 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   assert "done already" in again.stderr
   with open(run_dir / "results.json", encoding="utf-8") as f:
     assert json.load(f) == results
+
+
+@pytest.mark.slow
+def test_quick_demo_on_your_own_attribute(tmp_path):
+  """`distfair demo --quick --dataset configs/datasets/age_groups_us.yaml`: the README's worked
+  example of a user's own attribute (3 age groups, their own targets) steered on the tiny model."""
+  spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "datasets", "age_groups_us.yaml")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  proc = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--dataset",
+                         spec, "--run-dir", "demo", "--no-progress"], env=env, capture_output=True,
+                        text=True, timeout=900, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))
+  assert list(results) == ["age_groups_us"] and "| age_groups_us | ours |" in proc.stdout
+  table = results["age_groups_us"]
+  assert set(table) == set(demo.METHODS)
+  # Its own tokenizer (the built-in texts plus the spec's): the answers are whole tokens.
+  from distfair_jax.tokenizer import load_tokenizer_dir
+  tok = load_tokenizer_dir(tmp_path / "demo" / "age_groups_us" / "tokenizer")
+  assert len(tok("Young", add_special_tokens=False)["input_ids"]) == 1
+  # The biased base is far from the targets; ours steers towards them, calibrated and fluent.
+  zero, ours = table["zero_shot"]["v2"], table["ours"]["v2"]
+  assert zero["mae"] > 0.2 and ours["mae"] < zero["mae"] - 0.1, (zero, ours)
+  assert ours["exact_mae"] < 0.1 and ours["unparsed_rate"] < 0.25, ours
+
+
+def test_user_specs_scale_rows_and_resume_a_demo_that_never_trained(tmp_path):
+  from distfair_jax.data.build import resolve_spec
+  assert demo.scaled(demo.QUICK, 14) == demo.QUICK and demo.scaled(demo.QUICK, 25) == demo.QUICK
+  six = demo.scaled(demo.QUICK, 6)
+  assert six.rows_per_occupation == 3 * demo.QUICK.rows_per_occupation
+  assert len(resolve_spec(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", "datasets", "age_groups_us.yaml")).occupations) == 6
+  # A first attempt that stopped before any training leaves nothing another setting contradicts.
+  run = tmp_path / "d"
+  (run / "gender_real_us" / "base").mkdir(parents=True)
+  (run / "demo.json").write_text(json.dumps({"quick": True, "seed": 0}))
+  assert not demo._any_stage_started(str(run))  # pylint: disable=protected-access
+  (run / "gender_real_us" / "base" / "ift" / "checkpoints" / "3").mkdir(parents=True)
+  assert demo._any_stage_started(str(run))  # pylint: disable=protected-access
+  with pytest.raises(InputError, match=r"demo: dataset: expected one of .* or a YAML spec file, "
+                                       r"got 'ages'"):
+    demo.run_demo(["ages"], str(tmp_path / "x"), quick=True)
 
 
 def test_stereotype_is_skewed_beyond_the_real_figures():

@@ -46,24 +46,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_tokens(records: dict[str, list[dict]], paths: dict[str, str], tokenizer_dir: str,
-                  prompt_format: str) -> None:
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+                  prompt_format: str, spec=None) -> None:
+  """The steering tokens of the records (and of ``spec``'s attribute) for this tokenizer: each one
+  in-vocabulary token, first after the generation prompt, and distinct across categories."""
   from distfair_jax.data import tokenize  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(tokenizer_dir):
-    raise InputError(f"{tokenizer_dir}: tokenizer: expected a tokenizer directory, got none")
-  try:
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise InputError(f"{tokenizer_dir}: tokenizer: expected a Hugging Face tokenizer, "
-                     f"got {str(e).splitlines()[0]}") from None
+  from distfair_jax.tokenizer import load_tokenizer_dir  # pylint: disable=g-import-not-at-top
+  tok = load_tokenizer_dir(tokenizer_dir)
   encoder = tokenize.Encoder(tok, prompt_format=prompt_format)
+  owner: dict[int, tuple[str, str]] = {}  # id -> (token, where)
+
+  def check(token: str, where: str) -> None:
+    try:
+      i = encoder.steering_id(token)
+    except InputError as e:
+      raise InputError(f"{where}: {e}") from None
+    if i in owner and owner[i][0] != token:
+      raise InputError(f"{where}: tokenizer {encoder.name}: steering_token: expected distinct "
+                       f"tokens, got {token!r} and {owner[i][0]!r} ({owner[i][1]}) both id {i}")
+    owner.setdefault(i, (token, where))
+
+  if spec is not None:
+    for k, token in enumerate(spec.attribute.steering_tokens):
+      check(token, f"{spec.source}: attribute.categories[{k}]")
   for kind, recs in records.items():
     for i, rec in enumerate(recs):
       if "steering_token" in rec:
-        try:
-          encoder.steering_id(rec["steering_token"])
-        except InputError as e:
-          raise InputError(f"{paths[kind]}: record {i + 1}: {e}") from None
+        check(rec["steering_token"], f"{paths[kind]}: record {i + 1}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
       records = {"file": build.read_jsonl(args.path, args.kind, spec=spec)}
       paths = {"file": args.path}
     if args.tokenizer:
-      _check_tokens(records, paths, args.tokenizer, args.prompt_format)
+      _check_tokens(records, paths, args.tokenizer, args.prompt_format, spec)
     total = sum(len(r) for r in records.values())
     print(f"{args.path}: ok ({total} records in {len(records)} file(s))")
     return 0

@@ -3,6 +3,7 @@
   distfair demo                               # gender_real_us, under runs/demo, about 6 minutes on 2 CPU cores
   distfair demo --quick                       # a small version for smoke tests (2-3 minutes)
   distfair demo --dataset race_even_us
+  distfair demo --quick --dataset configs/datasets/age_groups_us.yaml   # your own attribute (a YAML spec)
   distfair demo --all                         # the six datasets
 
 Ends with the comparison table (MAE with 95% bootstrap CIs, per method and test version) and writes
@@ -17,7 +18,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_mutually_exclusive_group()
-  group.add_argument("--dataset", default="gender_real_us", help="dataset (default gender_real_us)")
+  group.add_argument("--dataset", default="gender_real_us",
+                     help="a built-in dataset or a YAML spec of your own attribute "
+                          "(default gender_real_us)")
   group.add_argument("--all", action="store_true", help="all six datasets")
   parser.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
   parser.add_argument("--seed", type=int, default=0)

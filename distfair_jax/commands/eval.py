@@ -9,7 +9,10 @@ MODEL is a training run directory (config.yaml; the last finished stage is evalu
 a converted model directory (`distfair convert hf-to-flax`; needs dataset=...). KEY=VALUE overrides
 set fields of the evaluation config (configs/base.yaml, section eval: versions, rounds, steering
 model|target|none, prompt_engineering, dataset, decode.*, judge.*, batch_size, seed, n_bootstrap,
-plots, dtype); a run starts from its own eval: section, a converted model from the defaults. Writes
+plots, dtype, system_prompt, chat_template_kwargs); a run starts from its own eval: section, a
+converted model from the defaults. Prompts are rendered with the run's data.system_prompt and
+data.chat_template_kwargs (a converted model: the template's default; set them with
+system_prompt=none 'chat_template_kwargs={date_string: "26 Jul 2024"}'), as in training. Writes
 OUT/eval/<version>.jsonl (one row per sample), OUT/eval/metrics.json, OUT/eval/report.md and plots;
 OUT defaults to MODEL. One decoding configuration is used for every version and recorded in
 metrics.json.
@@ -37,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str, stage: str | None, overrides, mesh):
-  """-> (model, tokenizer, dataset name or None, prompt format, EvalConfig, facts for meta)."""
+  """-> (model, tokenizer, dataset name or None, prompt settings, EvalConfig, facts for meta)."""
   from distfair_jax import fileio
   from distfair_jax.config import load_eval_config
   from distfair_jax.model.loader import MODEL_CONFIG, load_pretrained
@@ -47,14 +50,17 @@ def _load(path: str, stage: str | None, overrides, mesh):
     raise InputError(f"{p}: model: expected a run or converted model directory, got "
                      f"{'a file' if p.exists() else 'no such directory'}")
   if (p / CONFIG).exists():
+    from distfair_jax.data.build import dataset_of
+    from distfair_jax.data.chat import PromptSpec
     loaded, cfg, stage = load_run(p, stage, mesh=mesh)
     config = load_eval_config(cfg.eval, overrides)
-    return (loaded.merged(), loaded.tokenizer, cfg.data.spec or cfg.data.dataset,
-            str(cfg.data.prompt_format), config, {"model": str(p), "kind": "run", "stage": stage})
+    return (loaded.merged(), loaded.tokenizer, dataset_of(cfg.data), PromptSpec.of(cfg.data),
+            config, {"model": str(p), "kind": "run", "stage": stage})
   if (p / MODEL_CONFIG).exists():
+    from distfair_jax.data.chat import PromptSpec
     config = load_eval_config(None, overrides)
     model, tokenizer, _ = load_pretrained(p, dtype=config.dtype and str(config.dtype), mesh=mesh)
-    return model, tokenizer, None, "chat", config, {"model": str(p), "kind": "converted"}
+    return model, tokenizer, None, PromptSpec(), config, {"model": str(p), "kind": "converted"}
   raise InputError(f"{p}: model: expected {CONFIG} (a run) or {MODEL_CONFIG} (a converted "
                    f"model), got neither")
 
@@ -79,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
   out = args.out or args.model
   fileio.check_new_dir(fileio.as_path(out) / "eval", args.overwrite, "eval")
   mesh = shd.make_mesh({"data": -1})  # data parallel over every device; the weights replicated
-  model, tokenizer, run_dataset, prompt_format, config, meta = _load(args.model, args.stage,
-                                                                    args.overrides, mesh)
+  model, tokenizer, run_dataset, prompt, config, meta = _load(args.model, args.stage,
+                                                             args.overrides, mesh)
   dataset_name = config.dataset or run_dataset
   if dataset_name is None:
     raise InputError(f"{args.model}: dataset: expected dataset=NAME for a converted model "
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
   if judge is not None and config.judge.kind == "openai":
     meta["judge_url"], meta["judge_model"] = config.judge.url, config.judge.model
   evaluate(model, tokenizer, dataset.spec.attribute, test_sets, out, config=config,
-           prompt_format=prompt_format, judge=judge if console.is_main_process() else None,
+           prompt_format=prompt.prompt_format, system_prompt=prompt.system_prompt,
+           chat_template_kwargs=prompt.template_kwargs, judge=judge if console.is_main_process() else None,
            overwrite=args.overwrite, metadata=meta, progress=console.log, mesh=mesh)
   if console.is_main_process():
     print(fileio.as_path(out) / "eval" / "metrics.json")

@@ -357,7 +357,7 @@ def _manifest(spec: DatasetSpec, records: Mapping[str, list], **options) -> dict
   return {
       "format_version": FORMAT_VERSION,
       "dataset": spec.name,
-      "source": spec.source,
+      "source": spec.source if spec.source == "builtin" else os.path.abspath(spec.source),
       "attribute": spec.attribute.name,
       "categories": spec.attribute.names,
       "answers": spec.attribute.answers,
@@ -512,21 +512,34 @@ def validate_record(rec: Any, kind: str, *, where: str, num_categories: int | No
 
 def validate_records(records: Sequence[Any], kind: str, *, source: str = "<records>",
                      spec: DatasetSpec | None = None,
-                     lines: Sequence[int] | None = None) -> list[dict]:
+                     lines: Sequence[int] | None = None,
+                     targets_seen: dict[str, tuple[str, list[float]]] | None = None) -> list[dict]:
   """Validates a list of records and returns it.
 
-  Checks every record, that K is the same throughout, and for KTO that each desirable record is
-  followed by its undesirable partner (same prompt, steering token and category). Errors name
-  ``source`` and the record's line (``lines[i]``; default the 1-based position).
+  Checks every record, that K is the same throughout, that every record of an occupation has the
+  same target (an occupation has one target distribution; two would train the model towards both),
+  and for KTO that each desirable record is followed by its undesirable partner (same prompt,
+  steering token and category). Errors name ``source`` and the record's line (``lines[i]``; default
+  the 1-based position). ``targets_seen`` (occupation -> (where, target)) carries the targets of
+  files read before, so that a dataset directory's files agree with one another.
   """
   if not records:
     raise InputError(f"{source}: records: expected at least one record, got none")
   line = (lambda i: lines[i]) if lines is not None else (lambda i: i + 1)
+  seen = targets_seen if targets_seen is not None else {}
   k0 = None
   for i, rec in enumerate(records):
-    k = validate_record(rec, kind, where=f"{source}: line {line(i)}", num_categories=k0, spec=spec)
+    where = f"{source}: line {line(i)}"
+    k = validate_record(rec, kind, where=where, num_categories=k0, spec=spec)
     if k and k0 is None:
       k0 = k
+    if "target" in rec:
+      target = [float(x) for x in rec["target"]]
+      first = seen.setdefault(rec["occupation"], (where, target))
+      if len(first[1]) != len(target) or any(abs(a - b) > 1e-9 for a, b in zip(first[1], target)):
+        raise InputError(f"{where}: target: expected the target of every record of "
+                         f"{rec['occupation']!r} to be the same, got {target} here and "
+                         f"{first[1]} on {first[0]}")
   if kind == "kto":
     if len(records) % 2:
       raise InputError(f"{source}: line {line(len(records) - 1)}: status: expected "
@@ -547,7 +560,8 @@ def validate_records(records: Sequence[Any], kind: str, *, source: str = "<recor
 
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None, *,
-               spec: DatasetSpec | None = None) -> list[dict]:
+               spec: DatasetSpec | None = None,
+               targets_seen: dict[str, tuple[str, list[float]]] | None = None) -> list[dict]:
   """Reads and validates a JSONL file of records; kind from the file name unless given.
 
   Kinds: sft, kto, ift, dpo, test (file names ``sft.jsonl`` ... ``test_v1.jsonl``); a file with
@@ -571,13 +585,15 @@ def read_jsonl(path: str | os.PathLike, kind: str | None = None, *,
   if kind is None:
     kind = _kind_of(path) or (_guess_kind(records[0]) if isinstance(records[0], Mapping)
                               else "sft")
-  return validate_records(records, kind, source=path, spec=spec, lines=lines)
+  return validate_records(records, kind, source=path, spec=spec, lines=lines,
+                          targets_seen=targets_seen)
 
 
 def read_dataset(path: str | os.PathLike) -> dict[str, list[dict]]:
   """Reads every record file listed in a dataset directory's manifest, validated."""
   path = os.fspath(path)
   mpath = os.path.join(path, "manifest.json")
+  fileio.check_not_lfs_pointer(mpath)
   try:
     with open(mpath, encoding="utf-8") as f:
       manifest = json.load(f)
@@ -589,8 +605,9 @@ def read_dataset(path: str | os.PathLike) -> dict[str, list[dict]]:
   spec = None
   if manifest.get("dataset") in DATASETS and manifest.get("source") == "builtin":
     spec = dataset_spec(manifest["dataset"])
+  seen: dict[str, tuple[str, list[float]]] = {}  # one target per occupation across the files
   return {kind: read_jsonl(os.path.join(path, name), "test" if kind.startswith("test") else kind,
-                           spec=spec)
+                           spec=spec, targets_seen=seen)
           for kind, name in files.items()}
 
 
@@ -602,6 +619,14 @@ def _manifest_dataset(records_dir: str) -> str:
     raise InputError(f"{path}: dataset: expected a manifest naming the dataset, got none")
   source = manifest.get("source", "builtin")
   return manifest["dataset"] if source in (None, "builtin") else source
+
+
+def dataset_of(data_cfg) -> str:
+  """The dataset a run trained on, as ``resolve_spec`` takes it (a built-in name or a spec file):
+  ``data.records_dir``'s manifest, else ``data.spec``, else ``data.dataset``."""
+  if data_cfg.records_dir:
+    return _manifest_dataset(data_cfg.records_dir)
+  return data_cfg.spec or data_cfg.dataset
 
 
 def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None

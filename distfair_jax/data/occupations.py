@@ -71,6 +71,9 @@ def _read_text(path: str) -> str:
       raw = f.read()
   except OSError as e:
     raise InputError(f"{path}: file: expected a readable file, got {e.strerror}") from None
+  from distfair_jax import fileio  # pylint: disable=g-import-not-at-top
+  if fileio.is_lfs_pointer(raw[:64]) and len(raw) <= 1024:
+    raise fileio.lfs_pointer_error(path)
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:

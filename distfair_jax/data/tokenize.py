@@ -4,13 +4,21 @@ One ``Encoder`` per tokenizer serves both training data and sampling, so that ev
 steering tokens and stops are tokenized exactly as in training. Sequence = prompt ids + completion
 ids, tokenized separately and concatenated:
 
-- prompt (``prompt_format="chat"``, default): ``apply_chat_template([user: prompt],
-  add_generation_prompt=True)`` rendered to text, tokenized without extra special tokens;
-  (``"reference"``): the raw text ``<Q>{prompt}<A>`` tokenized with the tokenizer's own
+- prompt (``prompt_format="chat"``, default): the question rendered by the run's
+  ``data.chat.ChatFormat`` (the chat template with ``data.system_prompt`` and
+  ``data.chat_template_kwargs``, generation prompt appended), tokenized without extra special
+  tokens; (``"reference"``): the raw text ``<Q>{prompt}<A>`` tokenized with the tokenizer's own
   specials (BOS).
 - completion: [steering token] + answer tokens + end-of-turn tokens (what the chat template puts
   after an assistant message, e.g. ``<|eot_id|>`` or ``<|im_end|>``; the EOS token for
   ``reference``). IFT / DPO completions have no steering token.
+
+Steering tokens are checked once: each exactly one token, in the vocabulary (not the unknown
+token: a tokenizer directory without its vocabulary file maps every digit to ``<unk>``), distinct
+across categories, and the first assistant token after the generation prompt. Stop tokens: the
+eos ids of the model's generation_config.json, the tokenizer's EOS and the token the template ends
+an assistant turn with, and only special (added) tokens: an ordinary vocabulary token such as
+Qwen2's BPE piece ``</s>`` never stops a sample.
 
 Length policy: prompts are truncated from the left to ``max_prompt_length``, completions to
 ``max_length - len(prompt)`` (``max_prompt_length < max_length``, so the steering token is never
@@ -31,15 +39,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from distfair_jax.data.attributes import AttributeSpec
+from distfair_jax.data.chat import PROMPT_FORMATS, SYSTEM_DEFAULT, ChatFormat
 from distfair_jax.errors import InputError
 
 __all__ = ["Encoder", "steering_token_ids", "bucket_lengths", "bucket_for", "packed_bucket",
-           "pow2_bucket", "prompt_bucket", "next_pow2", "pair_records", "packed_cost_ratio"]
+           "pow2_bucket", "prompt_bucket", "next_pow2", "pair_records", "packed_cost_ratio",
+           "special_ids"]
 
-PROMPT_FORMATS = ("chat", "reference")
 _PROBE_QUESTION = "A person is randomly selected. What is this person's category?"
-# Token strings that end an assistant turn in the chat templates we support (Llama 3, Qwen 2, tiny).
-_STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
+# Token strings that end a turn or a text in the templates we know (Llama 3, Qwen 2, Gemma 2,
+# tiny): stops where the tokenizer has them as special tokens (never as ordinary vocabulary).
+_STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>",
+                       "<|endoftext|>", "<end_of_turn>", "<eos>", "</s>")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +117,15 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def special_ids(tokenizer) -> set[int]:
+  """Ids of the tokenizer's special tokens (its named ones and the added tokens marked special)."""
+  ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+  for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+    if getattr(tok, "special", False):
+      ids.add(int(i))
+  return ids
+
+
 class Encoder:
   """Turns records into token ids for one tokenizer; checks the chat template once.
 
@@ -114,11 +134,14 @@ class Encoder:
     attribute: when given, its steering tokens are checked up front (``steering_ids``: [K]).
     prompt_format: "chat" (default) or "reference" (``<Q>{question}<A>``, no template).
     max_length, max_prompt_length: the length policy (see the module docstring).
+    system_prompt, chat_template_kwargs: the prompt's system message and template variables
+      (``data.chat.ChatFormat``; a run's ``data.system_prompt`` / ``data.chat_template_kwargs``).
   """
 
   def __init__(self, tokenizer, *, attribute: AttributeSpec | None = None,
                prompt_format: str = "chat", max_length: int = 1024,
-               max_prompt_length: int = 512):
+               max_prompt_length: int = 512, system_prompt: str = SYSTEM_DEFAULT,
+               chat_template_kwargs: Mapping[str, Any] | None = None):
     if prompt_format not in PROMPT_FORMATS:
       raise InputError(f"tokenize: prompt_format: expected one of {list(PROMPT_FORMATS)}, "
                        f"got {prompt_format!r}")
@@ -138,9 +161,8 @@ class Encoder:
     if pad is None:
       raise InputError(f"tokenizer {self.name}: pad_token: expected a pad or eos token, got none")
     self.pad_id = int(pad)
-    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-      raise InputError(f"tokenizer {self.name}: chat_template: expected a chat template for "
-                       f"prompt_format 'chat', got none (use prompt_format 'reference')")
+    self.chat = ChatFormat(tokenizer, prompt_format=prompt_format, system_prompt=system_prompt,
+                           template_kwargs=chat_template_kwargs)
     self.end_ids = self._end_of_turn_ids()
     self._prompt_cache: dict[str, list[int]] = {}
     self._text_cache: dict[str, list[int]] = {}
@@ -148,23 +170,27 @@ class Encoder:
     self.stop_ids = self._stop_ids()
     self.steering_ids = None
     if attribute is not None:
-      self.steering_ids = np.asarray(
-          [self.steering_id(c.steering_token, c.answer) for c in attribute.categories], np.int32)
+      self.steering_ids = np.asarray(self.check_steering_tokens(
+          [c.steering_token for c in attribute.categories],
+          [c.answer for c in attribute.categories]), np.int32)
+
+  @classmethod
+  def for_data(cls, tokenizer, data_cfg, *, attribute: AttributeSpec | None = None) -> Encoder:
+    """The Encoder of a run's ``data`` section (``config.DataConfig``): its prompt format, system
+    prompt, template variables and length policy, as training and evaluation both use it."""
+    d = data_cfg
+    return cls(tokenizer, attribute=attribute, prompt_format=str(d.prompt_format),
+               max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+               system_prompt=str(d.system_prompt),
+               chat_template_kwargs=dict(d.chat_template_kwargs or {}))
 
   # -- text rendering --------------------------------------------------------------------------
 
   def prompt_text(self, prompt: str) -> str:
-    if self.prompt_format == "reference":
-      return f"<Q>{prompt}<A>"
-    return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                              add_generation_prompt=True, tokenize=False)
+    return self.chat.prompt_text(prompt)
 
   def _full_text(self, prompt: str, content: str) -> str:
-    if self.prompt_format == "reference":
-      return f"<Q>{prompt}<A>{content}"
-    return self.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": content}],
-        tokenize=False)
+    return self.chat.full_text(prompt, content)
 
   def _end_of_turn_ids(self) -> list[int]:
     eos = self.tokenizer.eos_token_id
@@ -188,9 +214,11 @@ class Encoder:
     return [int(eos)]
 
   def _stop_ids(self) -> list[int]:
-    """End-of-turn and EOS ids: the tokenizer's EOS id(s), the end-of-turn tokens of the templates
-    we support that exist in its vocabulary, and the first token this template ends a turn with."""
-    ids = set()
+    """End-of-turn and EOS ids (see the module docstring): the eos ids of the model's
+    generation_config.json, the tokenizer's EOS id(s), the first token this template ends a turn
+    with, and the end-of-turn tokens of the templates we know; special tokens only."""
+    from distfair_jax.tokenizer import generation_eos_ids  # pylint: disable=g-import-not-at-top
+    ids = set(generation_eos_ids(self.tokenizer) or [])
     eos = self.tokenizer.eos_token_id
     if isinstance(eos, int):
       ids.add(eos)
@@ -200,7 +228,11 @@ class Encoder:
     ids.update(int(vocab[t]) for t in _STOP_TOKEN_STRINGS if t in vocab)
     if self.end_ids:
       ids.add(int(self.end_ids[0]))
-    return sorted(ids)
+    special = special_ids(self.tokenizer)
+    kept = sorted(i for i in ids if i in special)
+    if not kept and isinstance(eos, int):
+      kept = [int(eos)]
+    return kept
 
   # -- ids -------------------------------------------------------------------------------------
 
@@ -213,6 +245,13 @@ class Encoder:
     if len(ids) != 1:
       raise InputError(f"tokenizer {self.name}: steering_token: expected {token!r} to be exactly "
                        f"one token, got {len(ids)} tokens {ids}")
+    unk = getattr(self.tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk:
+      raise InputError(f"tokenizer {self.name}: steering_token: expected {token!r} to be a token "
+                       f"of the vocabulary, got the unknown token "
+                       f"{getattr(self.tokenizer, 'unk_token', None)!r} (id {unk}); this tokenizer "
+                       f"has {len(self.tokenizer)} tokens (a directory without its vocabulary "
+                       f"file, tokenizer.json or tokenizer.model?)")
     special = self.prompt_format == "reference"
     prompt = _ids(self.tokenizer, self.prompt_text(_PROBE_QUESTION), special)
     full = _ids(self.tokenizer, self._full_text(_PROBE_QUESTION, token + answer), special)
@@ -224,6 +263,19 @@ class Encoder:
                        f"(the tokenizer merges it with its neighbours)")
     self._steer_cache[token] = ids[0]
     return ids[0]
+
+  def check_steering_tokens(self, tokens: Sequence[str],
+                            answers: Sequence[str] | None = None) -> list[int]:
+    """The ids of the K steering tokens, each checked (``steering_id``) and distinct."""
+    ids, owner = [], {}
+    for k, token in enumerate(tokens):
+      i = self.steering_id(token, answers[k] if answers is not None else "Answer")
+      if i in owner:
+        raise InputError(f"tokenizer {self.name}: steering_token: expected distinct tokens, got "
+                         f"{owner[i]!r} and {token!r} both id {i}")
+      owner[i] = token
+      ids.append(i)
+    return ids
 
   def prompt_ids(self, prompt: str) -> list[int]:
     """Prompt ids, truncated from the left to ``max_prompt_length``."""

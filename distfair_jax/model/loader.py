@@ -124,12 +124,12 @@ def model_config(model_cfg: ModelConfig, *, allow_missing: bool = False
 
 
 def _auto_tokenizer(path: fileio.Path):
-  from transformers import AutoTokenizer
+  from distfair_jax.tokenizer import load_tokenizer_dir  # LFS pointers named; generation eos ids
   if not path.is_dir():
     raise InputError(f"{path}: tokenizer: expected a Hugging Face tokenizer directory, got "
                      f"{'a file' if path.exists() else 'no such directory'}")
   with fileio.local_copy(path) as local:  # transformers reads local files only
-    return AutoTokenizer.from_pretrained(local)
+    return load_tokenizer_dir(local)
 
 
 def _tokenizer_dir(model_cfg: ModelConfig, tokenizer_dir: Any, required: bool):

@@ -4,6 +4,8 @@
       config.yaml            the resolved config (a rerun with a config that changes the results
                              is refused once a stage has started)
       tokenizer/             the tokenizer used when it is the built-in tiny one
+      prompt.json            the prompt settings (system prompt, template variables) and one
+                             rendered prompt; eval/metrics.json's meta.prompt_example is the same
       metrics.jsonl          one row per logged step and per held-out evaluation
       tensorboard/           event files
       <stage>/checkpoints/   orbax checkpoints (state, data iterator, config), keep-N
@@ -26,7 +28,8 @@ from flax import nnx
 from distfair_jax import checkpoint_io
 from distfair_jax import distributed
 from distfair_jax import fileio
-from distfair_jax.config import Config, config_from_dict, config_to_dict, results_affecting
+from distfair_jax.config import (PATH_FIELDS, Config, absolute_path, config_from_dict,
+                                 config_to_dict, results_affecting)
 from distfair_jax.errors import InputError
 
 __all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY"]
@@ -93,7 +96,10 @@ class RunDir:
     current = config_to_dict(cfg)
     if self.config_path.exists():
       previous = yaml.safe_load(fileio.read_text(self.config_path)) or {}
-      a, b = _flat(results_affecting(previous)), _flat(results_affecting(current))
+      # Paths as this process resolves them (a run recorded before paths were made absolute).
+      a = {k: (absolute_path(v) if k in PATH_FIELDS else v)
+           for k, v in _flat(results_affecting(previous)).items()}
+      b = _flat(results_affecting(current))
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       started = [s for s in previous.get("stages", []) if self.stage_started(s)]
       if diff and started:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from distfair_jax import console
 from distfair_jax import fileio
 from distfair_jax import sharding as shd
-from distfair_jax.config import Config
+from distfair_jax.config import Config, with_absolute_paths
 from distfair_jax.data import build as build_lib
 from distfair_jax.data.tokenize import Encoder
 from distfair_jax.model.loader import LoadedModel, load_model
@@ -33,7 +33,9 @@ from distfair_jax.train.stages import HybridStage, make_stage
 from distfair_jax.train.stages.hybrid import PACKING_PAYS_BELOW
 from distfair_jax.train.writer import MetricsWriter
 
-__all__ = ["train", "RunContext"]
+__all__ = ["train", "RunContext", "PROMPT_EXAMPLE"]
+
+PROMPT_EXAMPLE = "prompt.json"  # the run's prompt settings and one rendered prompt
 
 
 @dataclasses.dataclass
@@ -103,9 +105,13 @@ def _context(cfg: Config, records) -> RunContext:
       not run.tokenizer_dir.exists():  # the built-in tiny tokenizer: keep a copy with the run
     with fileio.local_dir_for(run.tokenizer_dir) as tmp:
       model.tokenizer.save_pretrained(tmp)
-  d = cfg.data
-  encoder = Encoder(model.tokenizer, attribute=spec.attribute, prompt_format=str(d.prompt_format),
-                    max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+  encoder = Encoder.for_data(model.tokenizer, cfg.data, attribute=spec.attribute)
+  if encoder.chat.date_warning:
+    console.log(f"warning: {encoder.chat.date_warning}")
+  if console.is_main_process():  # what the template makes of a question, to compare with eval's
+    example = encoder.chat.example()
+    example["ids"] = encoder.prompt_ids(example["question"])
+    fileio.write_json(run.path / PROMPT_EXAMPLE, example, indent=1)
   frac = shd.replicated_fraction((model.params, model.frozen))
   console.log(f"model: {model.name}, {model.num_params / 1e6:.1f}M params, "
               f"{model.num_trainable / 1e6:.3f}M trainable{' (LoRA)' if model.lora else ''}; mesh "
@@ -120,6 +126,7 @@ def train(cfg: Config, *, records: dict[str, list[dict]] | None = None) -> dict[
   records: optional ``{kind: [record, ...]}`` to train on instead of ``cfg.data``'s dataset (the
   demo's biased base model uses it); kinds sft, kto, ift, dpo.
   """
+  cfg = with_absolute_paths(cfg)  # recorded so: eval and export find everything from anywhere
   ctx = _context(cfg, records)
   summaries: dict[str, Any] = {}
   params = ctx.model.params
