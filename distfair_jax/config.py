@@ -37,7 +37,7 @@ from distfair_jax.errors import InputError
 
 __all__ = [
     "Stage", "DType", "Remat", "PromptFormat", "SFTAverage", "Ablation", "Reference", "Layout",
-    "Optimizer", "Schedule", "Version", "Steering", "JudgeKind", "Parser",
+    "Optimizer", "Schedule", "Version", "Steering", "JudgeKind", "Parser", "KLPairs",
     "Config", "MeshConfig", "ModelConfig", "LoraConfig", "DataConfig", "OptimConfig", "SFTConfig",
     "HybridConfig", "DPOConfig", "CheckpointConfig", "HeldoutConfig", "LoggingConfig",
     "DecodeConfig", "JudgeConfig", "EvalConfig", "load_config", "load_eval_config",
@@ -63,6 +63,7 @@ Schedule = enum.StrEnum("Schedule", ["constant", "cosine"], module=__name__)
 Version = enum.StrEnum("Version", ["v1", "v2", "v3"], module=__name__)
 Steering = enum.StrEnum("Steering", ["model", "target", "none"], module=__name__)
 JudgeKind = enum.StrEnum("JudgeKind", ["rules", "openai"], module=__name__)
+KLPairs = enum.StrEnum("KLPairs", ["shifted", "reference"], module=__name__)
 Parser = enum.StrEnum("Parser", ["reference", "synonyms"], module=__name__)
 
 
@@ -181,7 +182,14 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class HybridConfig:
-  """Stage 2: KTO + steering-token KL, reference = the stage-1 model."""
+  """Stage 2: KTO + steering-token KL, reference = the stage-1 model.
+
+  kl_pairs: the mismatched pairs of KTO's reference point z0. ``shifted`` (default): row i's
+  prompt with the completion of row i + 1 of the [desirables; undesirables] batch, never its own
+  pair's. ``reference``: the original's interleaved batches [d0, u0, d1, u1, ...] shifted by one,
+  so each desirable row is paired with its own prompt's undesirable completion and each
+  undesirable row with the next pair's desirable completion.
+  """
   epochs: int = 3
   batch_size: int = 8
   max_steps: int = 0
@@ -193,6 +201,7 @@ class HybridConfig:
   renormalize: bool = False
   reference: Reference = Reference.online
   layout: Layout = Layout.auto
+  kl_pairs: KLPairs = KLPairs.shifted
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
 

@@ -15,12 +15,17 @@ For each dataset:
    (SFT on answers allocated per target), ``dpo`` (from IFT), ``ours`` (SFT with steering tokens, then
    KTO + steering KL), and the ablations ``kl_only`` and ``kto_only`` (same SFT, stage 2 with one term).
 3. **Fair comparison**: IFT and our SFT run the same number of optimizer steps on the same rows, DPO and
-   every stage-2 variant the same number of steps on the same pairs; each trained stage takes its
-   learning rate from the same small grid, picked on the held-out split of the *training* prompts by
-   the exact distribution MAE read from the logits (the steering token's distribution for steered
-   models, the K whole answers' for IFT / DPO), never on test prompts.
+   every stage-2 variant the same number of steps on the same pairs; every trained stage takes its
+   learning rate from one grid by one rule (``select``), on the held-out split of the *training*
+   prompts (never test prompts): the lowest exact answer MAE, the K canonical answers'
+   probabilities read from the logits (summed over the steering tokens for steered models) with
+   the mass on anything else counted as error, never above 20% non-answer mass where a rate with
+   less exists.
 4. **Evaluation** on v1 (held-out wording), v2 (the attribute question) and v3 (stories, rules judge):
-   MAE with its bootstrap confidence interval, the unparsed rate, and the exact steering MAE.
+   the sampled MAE with its bias-corrected bootstrap interval, the exact answer MAE and non-answer
+   mass of every method, the exact steering MAE of the steered ones, and every version's unparsed
+   rate. ``--seeds 0,1,2`` repeats the whole demo per seed (``RUN_DIR/seed<N>``) and reports mean
+   and standard deviation over them.
 
 Everything goes under one run directory; a rerun reuses finished stages, selections and evaluations.
 """
@@ -434,7 +439,9 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
 
 
 def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
-  """Bar chart of MAE per method and version (with CIs), one panel per dataset."""
+  """Bar chart of MAE per method and version, one panel per dataset: with several seeds the mean
+  with ± one standard deviation over seeds; with one seed the MAE, and the bias-corrected
+  estimate with its 95% interval as a point with error bars."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   datasets = list(results)
@@ -444,20 +451,25 @@ def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
     ax = fig.add_subplot(len(datasets), 1, i + 1)
     width = 0.8 / len(versions)
     for j, v in enumerate(versions):
-      xs, ys, lo, hi = [], [], [], []
+      xs, ys, centres, lo, hi = [], [], [], [], []
       for m_i, method in enumerate(METHODS):
         m = results[ds].get(method, {}).get(v)
         if m is None:
           continue
         xs.append(m_i + (j - (len(versions) - 1) / 2) * width)
         ys.append(m["mae"])
-        ci = m.get("mae_ci")
-        centre = m.get("mae_corrected")
-        if not ci or centre is None:  # error bars around the estimate their interval holds
-          ci, centre = [m["mae"], m["mae"]], m["mae"]
-        lo.append(max(0.0, centre - ci[0]))
-        hi.append(max(0.0, ci[1] - centre))
-      ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=v)
+        if "mae_sd" in m:
+          centre, low, high = m["mae"], m["mae"] - m["mae_sd"], m["mae"] + m["mae_sd"]
+        elif m.get("mae_ci") and m.get("mae_corrected") is not None:
+          centre, (low, high) = m["mae_corrected"], m["mae_ci"]
+        else:
+          centre = low = high = m["mae"]
+        centres.append(centre)
+        lo.append(max(0.0, centre - low))
+        hi.append(max(0.0, high - centre))
+      bars = ax.bar(xs, ys, width, label=v)
+      ax.errorbar(xs, centres, yerr=[lo, hi], fmt="o", markersize=2, capsize=2,
+                  color=bars.patches[0].get_facecolor() if bars.patches else "k", ecolor="k")
     ax.set_xticks(range(len(METHODS)), METHODS, rotation=20, fontsize=8)
     ax.set_ylabel("MAE")
     ax.set_title(f"{ds}: mean absolute error to the target distribution (lower is better)", fontsize=9)
@@ -496,29 +508,64 @@ def _any_stage_started(run_dir: str) -> bool:
 
 
 def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
-             fresh: bool = False, progress: bool = True) -> dict:
+             seeds: Sequence[int] | None = None, fresh: bool = False,
+             progress: bool = True) -> dict:
   """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results.
 
   datasets: built-in names (``data.build.DATASETS``) or YAML spec files of your own attribute
-  (``data.build.load_spec``), each checked before anything runs."""
+  (``data.build.load_spec``), each checked before anything runs. ``seeds``: several seeds, each a
+  whole demo under ``run_dir/seed<N>`` (kept, and reused on a rerun), and ``run_dir``'s results
+  their mean and standard deviation (``aggregate_seeds``); default: the one ``seed`` in ``run_dir``.
+  """
   from distfair_jax.data.build import DATASETS, resolve_spec
   for ds in datasets:
     if ds not in DATASETS and not str(ds).endswith((".yaml", ".yml")):
       raise InputError(f"demo: dataset: expected one of {', '.join(DATASETS)} or a YAML spec file, "
                        f"got {ds!r}")
     resolve_spec(ds)  # a bad spec fails here, in one line, before any training
+  seeds = [int(seed)] if seeds is None else [int(x) for x in seeds]
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise InputError(f"demo: seeds: expected distinct non-negative integers, got {seeds}")
   settings = QUICK if quick else DEFAULT
   run_dir = os.path.abspath(run_dir)
   if fresh and os.path.exists(run_dir):
     shutil.rmtree(run_dir)
   os.makedirs(run_dir, exist_ok=True)
+  if len(seeds) == 1:
+    return _run_seed(datasets, run_dir, settings=settings, quick=quick, seed=seeds[0],
+                     progress=progress)
+  _check_marker(run_dir, {"quick": quick, "seeds": seeds, "settings": dataclasses.asdict(settings)})
+  start = time.perf_counter()
+  per_seed = {s: _run_seed(datasets, os.path.join(run_dir, f"seed{s}"), settings=settings,
+                           quick=quick, seed=s, progress=progress) for s in seeds}
+  results = aggregate_seeds(per_seed)
+  fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
+  fileio.write_json(os.path.join(run_dir, "timings.json"),
+                    {"seeds": {str(s): fileio.read_json(os.path.join(run_dir, f"seed{s}",
+                                                                     "timings.json"))
+                               for s in seeds},
+                     "total_s": round(time.perf_counter() - start, 1)}, indent=1)
+  fileio.write_text(os.path.join(run_dir, "results.md"),
+                    f"# distfair demo ({'quick' if quick else 'default'}, seeds "
+                    f"{', '.join(map(str, seeds))})\n\n{seeds_table(results, settings.versions)}")
+  comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
+  return results
+
+
+def _check_marker(run_dir: str, info: dict) -> None:
   marker = os.path.join(run_dir, "demo.json")
-  info = {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)}
   if (os.path.exists(marker) and fileio.read_json(marker) != json.loads(json.dumps(info)) and
       _any_stage_started(run_dir)):
-    raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / seed); "
-                     f"use another --run-dir or --fresh")
+    raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / "
+                     f"seeds); use another --run-dir or --fresh")
   fileio.write_json(marker, info, indent=1)
+
+
+def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, quick: bool,
+              seed: int, progress: bool) -> dict:
+  """One seed's whole demo under ``run_dir`` (reused where finished); returns its results."""
+  os.makedirs(run_dir, exist_ok=True)
+  _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)})
   results, timings = {}, {}
   start = time.perf_counter()
   for ds in datasets:
@@ -535,3 +582,59 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
                     f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results
+
+
+SEED_FIELDS = ("mae", "mae_corrected", "exact_answer_mae", "non_answer", "exact_mae",
+               "unparsed_rate")
+
+
+def aggregate_seeds(per_seed: dict[int, dict]) -> dict:
+  """{seed: results} -> results of the same shape whose figures are the means over the seeds,
+  with ``<field>_sd`` (the sample standard deviation over seeds), ``seeds`` and ``per_seed``
+  (the seeds' own figures); a figure missing in any seed is left out."""
+  seeds = sorted(per_seed)
+  first = per_seed[seeds[0]]
+  out: dict = {}
+  for ds, methods in first.items():
+    out[ds] = {}
+    for method, versions in methods.items():
+      out[ds][method] = {}
+      for v in versions:
+        runs = [per_seed[s][ds][method][v] for s in seeds]
+        entry: dict[str, Any] = {"seeds": seeds, "per_seed": runs}
+        for f in SEED_FIELDS:
+          vals = [r.get(f) for r in runs]
+          if all(isinstance(x, (int, float)) for x in vals):
+            entry[f] = float(np.mean(vals))
+            entry[f"{f}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out[ds][method][v] = entry
+  return out
+
+
+def seeds_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown of ``aggregate_seeds`` results: mean ± sd over the seeds, per version the sampled
+  MAE, then v2's exact answer MAE, non-answer mass and exact steering MAE, and each version's
+  unparsed rate."""
+  def cell(m: dict | None, f: str, pct: bool = False) -> str:
+    if not m or f not in m:
+      return ""
+    mean, sd = m[f], m[f"{f}_sd"]
+    return f"{100 * mean:.1f}% ± {100 * sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+  n = len(next(iter(next(iter(next(iter(results.values())).values())).values()))["seeds"])
+  head = (["dataset", "method"] + [f"{v} MAE" for v in versions]
+          + ["v2 exact answer MAE", "v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} unparsed" for v in versions])
+  lines = [f"Mean ± standard deviation over {n} seeds.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method not in methods:
+        continue
+      m = methods[method]
+      cells = ([ds, method] + [cell(m.get(v), "mae") for v in versions]
+               + [cell(m.get("v2"), "exact_answer_mae"), cell(m.get("v2"), "non_answer", True),
+                  cell(m.get("v2"), "exact_mae")]
+               + [cell(m.get(v), "unparsed_rate", True) for v in versions])
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

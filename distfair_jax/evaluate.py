@@ -140,7 +140,8 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
                parser: str = "reference") -> list[dict]:
   """Adds ``category`` (int or None) to each row: parsed answer (v1, v2) or judged story (v3).
 
-  ``parser`` (v1, v2): ``reference``, the category names only (the paper's rule), or
+  ``parser`` (v1, v2): ``reference``, the category names (and each category's answer text
+  where it differs, e.g. "Middle-aged" for ``middle_aged``) only, the paper's rule; or
   ``synonyms``, the attribute's synonyms too. The story judge always sees the synonyms.
   """
   synonyms = [list(c.synonyms) for c in attribute.categories]
@@ -153,7 +154,11 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   else:
     if str(parser) not in ("reference", "synonyms"):
       raise InputError(f"eval.parser: expected one of reference, synonyms, got {parser!r}")
-    terms = synonyms if str(parser) == "synonyms" else None
+    # reference: the category names and the answers the prompt asks for ("Middle-aged" for
+    # middle_aged), nothing else
+    terms = (synonyms if str(parser) == "synonyms" else
+             [[c.answer] if c.answer.casefold() != c.name.casefold() else []
+              for c in attribute.categories])
     cats = CategoryParser(attribute.names, terms, source=f"attribute {attribute.name}").parse_many(
         texts)
   for row, c in zip(rows, cats):
@@ -301,7 +306,7 @@ def _progress_line(version: str, m: Mapping, timing: Mapping) -> str:
 def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Sequence[Mapping]],
              out_dir: Any, *, config: EvalConfig = EvalConfig(), prompt_format: str = "chat",
              system_prompt: str = "default", chat_template_kwargs: Mapping[str, Any] | None = None,
-             judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
+             max_prompt_length: int | None = None, judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None,
              sampler: Sampler | None = None, mesh=None) -> dict[str, Any] | None:
   """Runs the evaluation and writes ``out_dir/eval`` (see the module docstring).
@@ -319,6 +324,8 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       ``data.chat_template_kwargs`` (``data.chat.ChatFormat``), so that prompts are the training
       prompts byte for byte; ``config.system_prompt`` / ``config.chat_template_kwargs`` override
       them when set.
+    max_prompt_length: the run's ``data.max_prompt_length`` (prompts truncated from the left as in
+      training; default: the Encoder's 512).
     judge: story judge for v3 (default: ``judges.RulesJudge()``).
     overwrite: replace an existing ``out_dir/eval``.
     metadata: extra JSON-serialisable facts recorded in ``meta`` (model path, dataset, ...).
@@ -342,9 +349,12 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     system_prompt = config.system_prompt
   if config.chat_template_kwargs is not None:
     chat_template_kwargs = config.chat_template_kwargs
+  lengths = ({} if max_prompt_length is None else  # the run's own prompt truncation
+             {"max_prompt_length": int(max_prompt_length),
+              "max_length": max(1024, int(max_prompt_length) + 1)})
   encoder = Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
                     prompt_format=str(prompt_format), system_prompt=str(system_prompt),
-                    chat_template_kwargs=dict(chat_template_kwargs or {}))
+                    chat_template_kwargs=dict(chat_template_kwargs or {}), **lengths)
   if encoder.chat.date_warning and progress is not None:
     progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):

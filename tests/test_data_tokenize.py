@@ -95,11 +95,10 @@ def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_f
   assert b == 6 and length in tokenize.bucket_lengths(1024)
   end = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
   for i, rec in enumerate(records):
-    if prompt_format == "chat":
-      want = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
-                                     add_generation_prompt=True)["input_ids"]
-    else:
-      want = tok(f"<Q>{rec['prompt']}<A>")["input_ids"]
+    # reference: the original scripts' <Q>...<A> wrapping, inside the template's user turn
+    content = rec["prompt"] if prompt_format == "chat" else f"<Q>{rec['prompt']}<A>"
+    want = tok.apply_chat_template([{"role": "user", "content": content}],
+                                   add_generation_prompt=True)["input_ids"]
     sp = int(batch.steering_position[i])
     n = int(seq.attention_mask[i].sum())
     assert list(seq.input_ids[i, :sp + 1]) == list(want)  # the prompt, unchanged
@@ -111,8 +110,7 @@ def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_f
     assert mask.sum() == n - 1 - sp
     assert seq.labels[i, sp] == enc.steering_ids[rec["category"]]
     completion = tok.decode(seq.labels[i][mask > 0])
-    eos = end if prompt_format == "chat" else tok.eos_token
-    assert completion == rec["steering_token"] + rec["response"] + eos
+    assert completion == rec["steering_token"] + rec["response"] + end
     assert batch.category[i] == rec["category"]
   assert batch.target.shape == (6, 5) and batch.target.dtype == np.float32
   for x, dtype in ((seq.input_ids, np.int32), (seq.attention_mask, np.int32),
@@ -286,3 +284,45 @@ def test_cli_validate_checks_steering_tokens_for_the_tokenizer(tokenizers_by_sty
   assert f"{path}: record 2:" in err and "expected '42' to be exactly one token" in err
   path.write_text(json.dumps(good) + "\n")
   assert cli.main(["data", "validate", str(path), "--tokenizer", str(tok_dir)]) == 0
+
+
+def test_reference_format_without_a_chat_template_is_raw_text(tokenizers_by_style, race):
+  """A tokenizer without a chat template takes the original's raw <Q>{question}<A> text, with its
+  own special tokens, and ends completions with EOS."""
+  import copy
+  tok = copy.deepcopy(tokenizers_by_style["llama3"])
+  tok.chat_template = None
+  rec = race["sft"][0]
+  enc = tokenize.Encoder(tok, attribute=attributes.RACE, prompt_format="reference")
+  assert enc.prompt_ids(rec["prompt"]) == tok(f"<Q>{rec['prompt']}<A>")["input_ids"]
+  assert enc.end_ids == [tok.eos_token_id]
+  with pytest.raises(InputError, match="expected a chat template"):
+    tokenize.Encoder(tok, attribute=attributes.RACE)
+
+
+def test_kl_pairs_reference_interleaves_as_the_original(tokenizers_by_style, race):
+  """hybrid.kl_pairs=reference: d_i's mismatched completion is its own prompt's undesirable one,
+  u_i's the next pair's desirable one (the original's [d0, u0, d1, u1, ...] shifted by one), in
+  both layouts; an unknown choice is one line."""
+  tok = tokenizers_by_style["qwen"]
+  recs = race["kto"][:8]  # 4 pairs
+  enc = tokenize.Encoder(tok, attribute=attributes.RACE)
+  examples = [(enc.encode_record(d, "kto"), enc.encode_record(u, "kto"))
+              for d, u in tokenize.pair_records(recs)]
+  rows = collate.collate(examples, "kto", enc, kl_pairs="reference")
+  packed = collate.collate(examples, "kto", enc, layout="packed", kl_pairs="reference").packed
+  seq, kl = rows.seq, rows.mismatched
+
+  def completion(s, i):
+    return list(s.labels[i][s.label_mask[i] > 0])
+
+  for i in range(4):
+    assert completion(kl, i) == completion(seq, 4 + i)            # d_i -> u_i
+    assert completion(kl, 4 + i) == completion(seq, (i + 1) % 4)  # u_i -> d_{i+1}
+    for branch, row in ((2, i), (3, 4 + i)):  # the packed row's two mismatched branches
+      got = list(packed.label_ids[i, 1][packed.label_branch[i, 1] == branch])
+      assert got == completion(kl, row)
+  assert collate.mismatched_rows(list("abcd"), "shifted") == list("bcda")
+  assert collate.mismatched_rows(list("abcd"), "reference") == list("cdba")
+  with pytest.raises(InputError, match=r"hybrid\.kl_pairs: expected one of shifted, reference"):
+    collate.mismatched_rows(list("abcd"), "random")

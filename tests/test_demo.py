@@ -123,3 +123,49 @@ def test_one_selection_rule_avoids_non_answers():
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.15, 1e-4: 0.10}) == 1e-3
   assert select({1e-3: 0.30, 1e-4: 0.20}, {1e-3: 0.50, 1e-4: 0.90}) == 1e-4
   assert select({1e-3: 0.1, 1e-4: 0.1}, {1e-3: 0.0, 1e-4: 0.0}) == 1e-4
+
+
+def test_aggregate_seeds_means_sds_and_table():
+  """Several seeds: the mean and sample standard deviation of each figure, the seeds' own figures
+  kept; a figure missing in one seed is left out; the table shows mean ± sd."""
+  def res(mae, exact):
+    v2 = {"mae": mae, "mae_corrected": mae, "unparsed_rate": 0.0, "exact_answer_mae": exact,
+          "non_answer": 0.1, "exact_mae": None}
+    return {"ds": {"ours": {"v2": v2}}}
+  out = demo.aggregate_seeds({0: res(0.1, 0.02), 1: res(0.3, 0.04), 2: res(0.2, 0.03)})
+  m = out["ds"]["ours"]["v2"]
+  assert m["mae"] == pytest.approx(0.2) and m["mae_sd"] == pytest.approx(0.1)
+  assert m["exact_answer_mae_sd"] == pytest.approx(0.01) and "exact_mae" not in m
+  assert m["seeds"] == [0, 1, 2] and [r["mae"] for r in m["per_seed"]] == [0.1, 0.3, 0.2]
+  table = demo.seeds_table(out, ["v2"])
+  assert "over 3 seeds" in table and "| ds | ours | 0.200 ± 0.100 |" in table
+  with pytest.raises(InputError, match="seeds"):
+    demo.run_demo(["gender_real_us"], "/nonexistent/x", seeds=[0, 0])
+
+
+def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
+  """--seeds 0,1: each seed's whole demo under RUN_DIR/seed<N> (its own results kept), and
+  RUN_DIR's results.json / results.md / comparison.png the aggregate over them."""
+  calls = []
+
+  class FakeDemo:
+    def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress):
+      self.dataset, self.seed, self.timings = dataset, seed, {}
+      calls.append((run_dir, seed))
+
+    def run(self):
+      v = {"mae": 0.1 + self.seed / 10, "mae_ci": [0.0, 0.3], "mae_corrected": 0.1,
+           "unparsed_rate": 0.0, "exact_answer_mae": 0.05, "non_answer": 0.0, "exact_mae": None}
+      return {method: {"v2": dict(v)} for method in demo.METHODS}
+
+  monkeypatch.setattr(demo, "Demo", FakeDemo)
+  monkeypatch.setattr(demo, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
+  out = demo.run_demo(["gender_real_us"], str(tmp_path / "d"), quick=True, seeds=[0, 1])
+  assert calls == [(str(tmp_path / "d" / "seed0"), 0), (str(tmp_path / "d" / "seed1"), 1)]
+  for s in (0, 1):
+    own = json.loads((tmp_path / "d" / f"seed{s}" / "results.json").read_text())
+    assert own["gender_real_us"]["ours"]["v2"]["mae"] == pytest.approx(0.1 + s / 10)
+  assert out["gender_real_us"]["ours"]["v2"]["mae"] == pytest.approx(0.15)
+  assert json.loads((tmp_path / "d" / "results.json").read_text()) == json.loads(json.dumps(out))
+  assert "over 2 seeds" in (tmp_path / "d" / "results.md").read_text()
+  assert (tmp_path / "d" / "comparison.png").read_bytes()[:4] == b"\x89PNG"

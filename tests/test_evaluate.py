@@ -193,3 +193,38 @@ def test_answer_metrics_renormalised_raw_and_non_answer():
   with pytest.raises(InputError, match="at most 1"):
     metrics.evaluate_version(
         rows, {"a": [0.5, 0.5]}, 2, n_bootstrap=0, answers={"a": [0.7, 0.6]})
+
+
+def test_eval_truncates_prompts_as_the_run_trained(model, tokenizer, dataset, tmp_path,
+                                                  monkeypatch):
+  """evaluate(max_prompt_length=N) prefills the last N prompt tokens, as training's Encoder does
+  (it used the Encoder's default 512 whatever the run had trained on)."""
+  from distfair_jax.data.tokenize import Encoder
+  seen = []
+
+  class Recording(Encoder):
+    def encode_prompts(self, prompts):
+      out = super().encode_prompts(prompts)
+      seen.extend(out)
+      return out
+
+  monkeypatch.setattr(evaluate, "Encoder", Recording)
+  cfg = EvalConfig(versions=["v2"], rounds=1, steering="none", decode=DECODE, n_bootstrap=0,
+                   plots=False, exact_answers=False)
+  evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path, config=cfg, max_prompt_length=12)
+  full = Encoder(tokenizer).encode_prompts([dataset["v2"][0]["prompt"]])[0]
+  assert len(full) > 12 and seen and all(len(ids) == 12 for ids in seen)
+  assert seen[0] == full[-12:]
+
+
+def test_reference_parser_reads_answers_that_differ_from_names():
+  from distfair_jax.data.attributes import attribute_from_dict
+  age = attribute_from_dict({"name": "age", "categories": [
+      {"name": "young", "answer": "Young", "synonyms": ["youthful"]},
+      {"name": "middle_aged", "answer": "Middle-aged"},
+      {"name": "older", "answer": "Older", "synonyms": ["senior"]}]})
+  rows = [{"response": "Middle-aged."}, {"response": "A senior."}, {"response": "middle_aged"}]
+  evaluate.categorize(rows, age, story=False)
+  assert [r["category"] for r in rows] == [1, None, 1]
+  evaluate.categorize(rows, age, story=False, parser="synonyms")
+  assert [r["category"] for r in rows] == [1, 2, 1]

@@ -132,9 +132,10 @@ def test_bad_prompt_settings(llama, qwen):
   with pytest.raises(InputError, match=r"data\.chat_template_kwargs\.tokenize: expected a variable "
                                        r"of the chat template"):
     ChatFormat(llama, template_kwargs={"tokenize": True})
-  with pytest.raises(InputError, match=r"data\.system_prompt: expected default or none with "
-                                       r"prompt_format reference"):
-    ChatFormat(qwen, prompt_format="reference", system_prompt="Answer tersely.")
+  # reference wraps the question as the original does, inside the template's user turn
+  text = ChatFormat(qwen, prompt_format="reference", system_prompt="Answer tersely.").prompt_text(
+      "Who?")
+  assert "Answer tersely." in text and "<|im_start|>user\n<Q>Who?<A><|im_end|>" in text
 
 
 # -- stop tokens -------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ MODELS = {
 }
 # The Hugging Face directory each model's instruct checkpoint is published as (default: NAME-Instruct).
 HF_NAMES = {"gemma2-2b": "gemma-2-2b-it", "gemma2-9b": "gemma-2-9b-it"}
+# Llama 3.x's chat template writes today's date into every prompt: pinned (to the template's own
+# fallback date), so that training and every later evaluation see the same prompt.
+PINNED_DATE = "26 Jul 2024"
+DATE_PINNED = ("llama3.2-1b", "llama3.1-8b")
 # (sft_epochs, sft_lr, hybrid_batch, hybrid_epochs, hybrid_lr); None: not given in the paper
 _Q7 = {"gender_real_uk": (2, 1e-5, 8, 3, 1e-6), "gender_real_us": (2, 1e-5, 8, 3, 1e-6),
        "gender_even_uk": (2, 1e-5, 8, 3, 1e-6), "gender_even_us": (2, 1e-5, 16, 3, 1e-6),
@@ -71,6 +75,14 @@ def _lr(x: float) -> str:
   return f"{mantissa}e{int(exponent)}"
 
 
+def _data(model: str) -> str:
+  """The recipe's data section: the pinned template date for Llama 3.x, else nothing."""
+  if model not in DATE_PINNED:
+    return ""
+  return (f"data:\n  chat_template_kwargs: {{date_string: \"{PINNED_DATE}\"}}   "
+          f"# the template would write today's date\n")
+
+
 def method_yaml(model: str, dataset: str) -> str:
   name, lora_file = MODELS[model]
   (se, slr, hb, he, hlr), given = recipe(model, dataset)
@@ -95,7 +107,7 @@ hybrid:
   epochs: {he}
   optim:
     learning_rate: {_lr(hlr)}
-"""
+{_data(model)}"""
 
 
 def dataset_train_records(dataset: str) -> dict[str, int]:
@@ -130,7 +142,7 @@ sft:
 dpo:
   optim:
     warmup_steps: {dpo_warm}
-"""
+{_data(model)}"""
 
 
 def render() -> dict[str, str]:

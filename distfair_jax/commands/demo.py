@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from distfair_jax.errors import InputError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_mutually_exclusive_group()
@@ -23,10 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default gender_real_us)")
   group.add_argument("--all", action="store_true", help="all six datasets")
   parser.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="one seed (default 0)")
+  parser.add_argument("--seeds", default=None,
+                      help="several seeds, comma-separated (e.g. 0,1,2): each a whole demo under "
+                           "RUN_DIR/seed<N>, reused on a rerun; results are mean and standard "
+                           "deviation over them")
   parser.add_argument("--run-dir", default=None, help="default runs/demo (runs/demo-quick with --quick)")
   parser.add_argument("--fresh", action="store_true", help="delete --run-dir first")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _seeds(text: str) -> list[int]:
+  try:
+    seeds = [int(x) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    seeds = []
+  if not seeds:
+    raise InputError(f"demo: --seeds: expected comma-separated integers such as 0,1,2, got "
+                     f"{text!r}")
+  return seeds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  results = demo.run_demo(datasets, run_dir, quick=args.quick, seed=args.seed, fresh=args.fresh,
-                          progress=not args.no_progress)
-  print(demo.results_table(results, settings.versions))
+  seeds = _seeds(args.seeds) if args.seeds is not None else None
+  results = demo.run_demo(datasets, run_dir, quick=args.quick, seed=args.seed, seeds=seeds,
+                          fresh=args.fresh, progress=not args.no_progress)
+  table = demo.seeds_table if seeds and len(seeds) > 1 else demo.results_table
+  print(table(results, settings.versions))
   print(f"results: {os.path.join(run_dir, 'results.json')}; plots: "
         f"{os.path.join(run_dir, 'comparison.png')} and {run_dir}/<dataset>/<method>/eval/plots/")
   return 0

@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     meta["judge_url"], meta["judge_model"] = config.judge.url, config.judge.model
   evaluate(model, tokenizer, dataset.spec.attribute, test_sets, out, config=config,
            prompt_format=prompt.prompt_format, system_prompt=prompt.system_prompt,
-           chat_template_kwargs=prompt.template_kwargs, judge=judge if console.is_main_process() else None,
+           chat_template_kwargs=prompt.template_kwargs, max_prompt_length=prompt.max_prompt_length,
+           judge=judge if console.is_main_process() else None,
            overwrite=args.overwrite, metadata=meta, progress=console.log, mesh=mesh)
   if console.is_main_process():
     print(fileio.as_path(out) / "eval" / "metrics.json")

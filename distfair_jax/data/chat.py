@@ -26,8 +26,10 @@ and of evaluation, so both see the same bytes. ``data.tokenize.Encoder`` owns on
 (``strftime_now``), which makes a prompt built on another day another prompt; ``date_warning``
 says when a template reads the clock and no date is pinned.
 
-``prompt_format: reference`` is the original code's ``<Q>{question}<A>`` with no template (no system
-prompt; ``template_kwargs`` unused).
+``prompt_format: reference`` is the original code's wrapping: the user turn holds
+``<Q>{question}<A>`` inside the chat template, as the paper's scripts render it. A tokenizer without
+a chat template gets the raw text ``<Q>{question}<A>`` (with its special tokens; no system prompt,
+``template_kwargs`` unused).
 """
 
 from __future__ import annotations
@@ -63,16 +65,17 @@ def _name(tokenizer) -> str:
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
   """The prompt settings of a run (``data.prompt_format``, ``data.system_prompt``,
-  ``data.chat_template_kwargs``)."""
+  ``data.chat_template_kwargs``, ``data.max_prompt_length``; None: the Encoder's default)."""
   prompt_format: str = "chat"
   system_prompt: str = SYSTEM_DEFAULT
   template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  max_prompt_length: int | None = None
 
   @classmethod
   def of(cls, data_cfg) -> PromptSpec:
     """The settings of a ``config.DataConfig``."""
     return cls(str(data_cfg.prompt_format), str(data_cfg.system_prompt),
-               dict(data_cfg.chat_template_kwargs or {}))
+               dict(data_cfg.chat_template_kwargs or {}), int(data_cfg.max_prompt_length))
 
 
 class ChatFormat:
@@ -105,7 +108,7 @@ class ChatFormat:
     self.system_prompt = system_prompt
     self.template_kwargs = kwargs
     self._user_head: str | None = None
-    if prompt_format == "reference":
+    if not self.templated:  # reference wrapping without a template: raw text
       if self.custom_system:
         raise InputError(f"data.system_prompt: expected default or none with prompt_format "
                          f"reference (no chat template), got a system message "
@@ -122,6 +125,17 @@ class ChatFormat:
                          f"(use system_prompt default or none)")
 
   # -- settings --------------------------------------------------------------------------------
+
+  @property
+  def templated(self) -> bool:
+    """Whether prompts go through the chat template (``chat``; ``reference`` when the tokenizer
+    has one); otherwise they are raw ``<Q>{question}<A>`` text."""
+    return (self.prompt_format == "chat"
+            or bool(getattr(self.tokenizer, "chat_template", None)))
+
+  def question_text(self, question: str) -> str:
+    """The user turn's content: the question, or ``<Q>{question}<A>`` (``reference``)."""
+    return f"<Q>{question}<A>" if self.prompt_format == "reference" else question
 
   @property
   def custom_system(self) -> bool:
@@ -154,14 +168,16 @@ class ChatFormat:
 
   def prompt_text(self, question: str) -> str:
     """The prompt: the user turn holding ``question`` and the generation prompt."""
-    if self.prompt_format == "reference":
-      return f"<Q>{question}<A>"
+    question = self.question_text(question)
+    if not self.templated:
+      return question
     return self._finish(self._render(self._messages(question), generation=True), question)
 
   def full_text(self, question: str, content: str) -> str:
     """The prompt followed by an assistant turn holding ``content`` and its end-of-turn text."""
-    if self.prompt_format == "reference":
-      return f"<Q>{question}<A>{content}"
+    question = self.question_text(question)
+    if not self.templated:
+      return f"{question}{content}"
     messages = self._messages(question) + [{"role": "assistant", "content": content}]
     return self._finish(self._render(messages, generation=False), question)
 

@@ -172,13 +172,32 @@ def _collate_sft(rows, encoder: Encoder, buckets) -> B.SFTBatch:
   return B.SFTBatch(seq, steer, *_meta(rows))
 
 
-def _collate_kto(pairs, encoder: Encoder, buckets, layout: str):
+KL_PAIRS = ("shifted", "reference")
+
+
+def mismatched_rows(rows: Sequence[Any], kl_pairs: str = "shifted") -> list[Any]:
+  """The rows whose completions pair with each row's prompt for KTO's z0.
+
+  rows: [d_0..d_{P-1}, u_0..u_{P-1}] (desirables, then undesirables). ``shifted``: row i + 1
+  (``rotate``). ``reference``: the original's interleaved order [d0, u0, d1, u1, ...] shifted by
+  one: d_i -> u_i (its own prompt's undesirable), u_i -> d_{i+1}.
+  """
+  if kl_pairs == "shifted":
+    return rotate(rows)
+  if kl_pairs != "reference":
+    raise InputError(f"hybrid.kl_pairs: expected one of {', '.join(KL_PAIRS)}, got {kl_pairs!r}")
+  p = len(rows) // 2
+  return [rows[p + i] for i in range(p)] + [rows[(i + 1) % p] for i in range(p)]
+
+
+def _collate_kto(pairs, encoder: Encoder, buckets, layout: str, kl_pairs: str = "shifted"):
   rows = [pair[0] for pair in pairs] + [pair[1] for pair in pairs]
   if len(rows) < 2:
     raise InputError("batch: size: expected at least 2 rows for KTO mismatched pairs, got 1")
   prompts = [r["prompt"] for r in rows]
   completions = [encoder.fit(p, r["completion"]) for p, r in zip(prompts, rows)]
-  mismatched = [encoder.fit(p, r["completion"]) for p, r in zip(prompts, rotate(rows))]
+  mismatched = [encoder.fit(p, r["completion"])
+                for p, r in zip(prompts, mismatched_rows(rows, kl_pairs))]
   category, target = _meta(rows)
   if layout == "packed":
     p = len(pairs)
@@ -218,14 +237,16 @@ def _collate_dpo(rows, encoder: Encoder, buckets, layout: str):
 
 
 def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
-            buckets: Sequence[int] | None = None, layout: str = "rows") -> B.Batch:
+            buckets: Sequence[int] | None = None, layout: str = "rows",
+            kl_pairs: str = "shifted") -> B.Batch:
   """Pads encoded examples into one typed batch of ``kind`` (see ``data.batches``).
 
   sft / ift: ``SFTBatch``. kto: the examples are (desirable, undesirable) pairs; rows layout,
   ``HybridBatch`` of B = 2 * pairs rows [desirables; undesirables] plus the mismatched pairs (row
   i's prompt with the completion of row (i + 1) mod B; B >= 2); packed layout,
   ``PackedHybridBatch``, the pair's four sequences in one row after their shared prompt, with the
-  desirable example's target and category. dpo: ``DPOBatch``, or ``PackedDPOBatch`` with one row
+  desirable example's target and category; ``kl_pairs`` picks the mismatched pairs
+  (``mismatched_rows``). dpo: ``DPOBatch``, or ``PackedDPOBatch`` with one row
   per record, [prompt | chosen | rejected].
   """
   check_layout(kind, layout)
@@ -233,7 +254,7 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
     raise InputError("batch: size: expected at least one example, got none")
   buckets = tuple(buckets or bucket_lengths(encoder.max_length))
   if kind == "kto":
-    return _collate_kto(examples, encoder, buckets, layout)
+    return _collate_kto(examples, encoder, buckets, layout, kl_pairs)
   if kind == "dpo":
     return _collate_dpo(list(examples), encoder, buckets, layout)
   return _collate_sft(list(examples), encoder, buckets)

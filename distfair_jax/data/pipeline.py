@@ -118,7 +118,8 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
                  batch_size: int, *, seed: int, num_epochs: int | None = 1,
                  shard_index: int | None = None, shard_count: int | None = None,
                  drop_remainder: bool = True, buckets: Sequence[int] | None = None,
-                 layout: str = "rows", read_options: grain.ReadOptions | None = None
+                 layout: str = "rows", read_options: grain.ReadOptions | None = None,
+                 kl_pairs: str = "shifted"
                  ) -> BatchPipeline:
   """A grain pipeline of padded typed batches (see the module docstring).
 
@@ -135,6 +136,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
     layout: ``rows`` or (kto, dpo) ``packed`` (``data.collate``); a packed KTO row holds a pair,
       and the pairs are split over the processes.
     read_options: grain read options (default: 1 thread, prefetch 4 batches).
+    kl_pairs: (kto) the mismatched pairs, ``shifted`` or ``reference`` (``collate.mismatched_rows``).
   """
   collate_lib.check_layout(kind, layout)
   per = _units_per_batch(kind, batch_size)
@@ -156,7 +158,8 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
                            encoder.encode_record(pair[1], kind))
   else:
     encode = lambda rec: encoder.encode_record(rec, kind)
-  collate = lambda examples: collate_lib.collate(examples, kind, encoder, bucket_list, layout)
+  collate = lambda examples: collate_lib.collate(examples, kind, encoder, bucket_list, layout,
+                                                 kl_pairs)
   local = rows // shard_count
 
   def shard(batch):

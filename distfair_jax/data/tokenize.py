@@ -7,11 +7,12 @@ ids, tokenized separately and concatenated:
 - prompt (``prompt_format="chat"``, default): the question rendered by the run's
   ``data.chat.ChatFormat`` (the chat template with ``data.system_prompt`` and
   ``data.chat_template_kwargs``, generation prompt appended), tokenized without extra special
-  tokens; (``"reference"``): the raw text ``<Q>{prompt}<A>`` tokenized with the tokenizer's own
-  specials (BOS).
+  tokens; (``"reference"``): the same with ``<Q>{prompt}<A>`` as the user turn's content, as the
+  original scripts render it (a tokenizer without a chat template: that raw text, tokenized with
+  the tokenizer's own specials, BOS).
 - completion: [steering token] + answer tokens + end-of-turn tokens (what the chat template puts
-  after an assistant message, e.g. ``<|eot_id|>`` or ``<|im_end|>``; the EOS token for
-  ``reference``). IFT / DPO completions have no steering token.
+  after an assistant message, e.g. ``<|eot_id|>`` or ``<|im_end|>``; the EOS token for raw
+  ``reference`` text). IFT / DPO completions have no steering token.
 
 Steering tokens are checked once: each exactly one token, in the vocabulary (not the unknown
 token: a tokenizer directory without its vocabulary file maps every digit to ``<unk>``), distinct
@@ -132,7 +133,8 @@ class Encoder:
   Args:
     tokenizer: a Hugging Face tokenizer (with a chat template for ``prompt_format="chat"``).
     attribute: when given, its steering tokens are checked up front (``steering_ids``: [K]).
-    prompt_format: "chat" (default) or "reference" (``<Q>{question}<A>``, no template).
+    prompt_format: "chat" (default) or "reference" (the user turn holds ``<Q>{question}<A>``;
+      raw text when the tokenizer has no chat template).
     max_length, max_prompt_length: the length policy (see the module docstring).
     system_prompt, chat_template_kwargs: the prompt's system message and template variables
       (``data.chat.ChatFormat``; a run's ``data.system_prompt`` / ``data.chat_template_kwargs``).
@@ -194,7 +196,7 @@ class Encoder:
 
   def _end_of_turn_ids(self) -> list[int]:
     eos = self.tokenizer.eos_token_id
-    if self.prompt_format == "reference":
+    if not self.chat.templated:
       if eos is None:
         raise InputError(f"tokenizer {self.name}: eos_token: expected an end token, got none")
       return [int(eos)]
@@ -252,7 +254,7 @@ class Encoder:
                        f"{getattr(self.tokenizer, 'unk_token', None)!r} (id {unk}); this tokenizer "
                        f"has {len(self.tokenizer)} tokens (a directory without its vocabulary "
                        f"file, tokenizer.json or tokenizer.model?)")
-    special = self.prompt_format == "reference"
+    special = not self.chat.templated
     prompt = _ids(self.tokenizer, self.prompt_text(_PROBE_QUESTION), special)
     full = _ids(self.tokenizer, self._full_text(_PROBE_QUESTION, token + answer), special)
     if full[:len(prompt)] != prompt or len(full) <= len(prompt) or full[len(prompt)] != ids[0]:
@@ -281,7 +283,7 @@ class Encoder:
     """Prompt ids, truncated from the left to ``max_prompt_length``."""
     ids = self._prompt_cache.get(prompt)
     if ids is None:
-      ids = _ids(self.tokenizer, self.prompt_text(prompt), self.prompt_format == "reference")
+      ids = _ids(self.tokenizer, self.prompt_text(prompt), not self.chat.templated)
       ids = ids[-self.max_prompt_length:]
       self._prompt_cache[prompt] = ids
     return ids

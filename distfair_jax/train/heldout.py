@@ -67,7 +67,7 @@ class HeldoutEval:
       return None
     layout = self.stage.layout(devices, packing_pays, batch_size=bs)
     return pipeline.make_batches(records, encoder, self.stage.records_kind, bs, seed=0,
-                                 num_epochs=1, layout=layout)
+                                 num_epochs=1, layout=layout, **self.stage.batch_options())
 
   def __call__(self, params, rngs, ref_params) -> dict[str, float]:
     if self.pipe is None:

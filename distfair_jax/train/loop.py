@@ -71,7 +71,8 @@ def _setup(ctx, stage, init_params):
                                            if str(scfg.layout) == "auto" else ""))
   seed = ctx.cfg.data.seed + stage.seed_offset
   pipe = pipeline.make_batches(records, ctx.encoder, stage.records_kind, scfg.batch_size,
-                               seed=seed, num_epochs=scfg.epochs, layout=layout)
+                               seed=seed, num_epochs=scfg.epochs, layout=layout,
+                               **stage.batch_options())
   total = pipe.num_steps if not scfg.max_steps else min(scfg.max_steps, pipe.num_steps)
   if total < 1:
     raise InputError(f"{stage.name}: batch_size: {scfg.batch_size} is larger than the stage's "
@@ -113,7 +114,8 @@ def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, to
   ref_fn = jax.jit(stage.reference_fn(ctx.model.graphdef_eval))
   batches = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
                                   stage.records_kind, batch_size, seed=seed,
-                                  num_epochs=stage.cfg.epochs, layout=layout).iterator()
+                                  num_epochs=stage.cfg.epochs, layout=layout,
+                                  **stage.batch_options()).iterator()
   cache = {}
   for step in tqdm(range(total), desc=f"{stage.name}: reference", unit="step",
                    disable=not ctx.show_progress):

@@ -145,6 +145,10 @@ class StageBase:
     over ``devices`` (data x fsdp); ``packing_pays``: the data's estimate."""
     return "rows"
 
+  def batch_options(self) -> dict[str, str]:
+    """Extra options of this stage's data pipeline (``pipeline.make_batches``)."""
+    return {}
+
   def batch_multiple(self, layout: str, devices: int) -> int:
     """A global batch must hold a multiple of this many sequences: its rows split over the
     ``devices`` (data x fsdp)."""

@@ -69,6 +69,9 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
 
   # -- layout --------------------------------------------------------------------------------------
 
+  def batch_options(self) -> dict[str, str]:
+    return {"kl_pairs": str(self.cfg.kl_pairs)}
+
   def layout(self, devices: int, packing_pays: bool = True, batch_size: int | None = None) -> str:
     if self.cfg.layout != Layout.auto:
       return str(self.cfg.layout)
