@@ -59,14 +59,15 @@ def _tokenizer():
 
 
 def _hf_model(kind: str):
-  torch.manual_seed({"llama_tied": 0, "llama_untied": 1, "qwen2": 2}[kind])
+  torch.manual_seed({"llama_tied": 0, "llama_untied": 1, "qwen2": 2, "llama_bias": 3}[kind])
   if kind == "qwen2":
     config = transformers.Qwen2Config(**TINY, tie_word_embeddings=False)
     model = transformers.Qwen2ForCausalLM(config)
   else:
     config = transformers.LlamaConfig(**TINY, tie_word_embeddings=(kind == "llama_tied"),
                                       rope_parameters=dict(LLAMA3_ROPE),
-                                      max_position_embeddings=256)
+                                      max_position_embeddings=256,
+                                      attention_bias=kind == "llama_bias")  # q, k, v and o
     model = transformers.LlamaForCausalLM(config)
   with torch.no_grad():  # norms and biases away from their init so a mix-up shows
     for name, p in model.named_parameters():
@@ -81,7 +82,7 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
   root = tmp_path_factory.mktemp("hf")
   tok = _tokenizer()
   out = {}
-  for kind in ("llama_tied", "llama_untied", "qwen2"):
+  for kind in ("llama_tied", "llama_untied", "qwen2", "llama_bias"):
     d = root / kind
     _hf_model(kind).save_pretrained(d, safe_serialization=True)
     tok.save_pretrained(d)
@@ -115,7 +116,8 @@ def _padded_batch(vocab: int):
 
 
 @pytest.mark.parametrize("kind,scan", [("llama_tied", False), ("llama_untied", False),
-                                       ("qwen2", False), ("llama_untied", True), ("qwen2", True)])
+                                       ("qwen2", False), ("llama_untied", True), ("qwen2", True),
+                                       ("llama_bias", False)])
 def test_logits_match_torch_on_padded_batch(kind, scan, hf_dirs, converted):
   import jax.numpy as jnp
   model, tokenizer, config = load_pretrained(converted[kind], scan_layers=scan)
@@ -140,7 +142,7 @@ def test_logits_match_torch_on_padded_batch(kind, scan, hf_dirs, converted):
   assert np.abs(ref[real]).max() > 1e-2  # not trivially zero
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied", "qwen2", "llama_bias"])
 def test_flax_to_hf_round_trip_is_bit_exact(kind, hf_dirs, converted, tmp_path):
   out = flax_to_hf(converted[kind], tmp_path / "hf")
   assert (out / "model.safetensors").is_file()

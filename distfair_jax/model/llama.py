@@ -6,6 +6,7 @@ The parameter tree mirrors Hugging Face's names so that a converter maps tensors
   embed_tokens.embedding                        [vocab, hidden]          (HF model.embed_tokens.weight)
   layers[i].self_attn.{q,k,v}_proj.kernel       [hidden, heads*head_dim]  (HF weight, transposed)
   layers[i].self_attn.{q,k,v}_proj.bias         [heads*head_dim]          (only when attention_bias)
+  layers[i].self_attn.o_proj.bias               [hidden]                  (Llama with attention_bias)
   layers[i].self_attn.o_proj.kernel             [heads*head_dim, hidden]
   layers[i].mlp.{gate,up}_proj.kernel           [hidden, intermediate]
   layers[i].mlp.down_proj.kernel                [intermediate, hidden]
@@ -516,7 +517,9 @@ class Attention(nnx.Module):
                           rngs=rngs)
     self.v_proj = _linear(cfg, d, kv * hd, ("embed", "kv_heads"), bias=cfg.attention_bias,
                           rngs=rngs)
-    self.o_proj = _linear(cfg, h * hd, d, ("heads", "embed"), bias=False, rngs=rngs)
+    # transformers' Llama biases o_proj too when attention_bias is set; Qwen2 never does
+    self.o_proj = _linear(cfg, h * hd, d, ("heads", "embed"),
+                          bias=cfg.attention_bias and cfg.model_type == "llama", rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
     self.scale = cfg.attention_scale
     self.softcap = cfg.attn_logit_softcapping
