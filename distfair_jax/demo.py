@@ -161,6 +161,10 @@ def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupatio
 
 
 MAX_NON_ANSWER = 0.2
+# The paper's out-of-distribution test: models trained on one region, evaluated on another's.
+OUT_OF_DISTRIBUTION = {"gender_real_uk": "gender_real_us"}
+# The decoding configurations ours is also evaluated with (temperature, top_p).
+DECODING_SWEEP = ((0.5, 1.0), (1.0, 1.0), (1.5, 1.0), (1.0, 0.9))
 
 
 def select(scores: dict[float, float], non_answer: dict[float, float]) -> float:
@@ -324,21 +328,28 @@ class Demo:
 
   # -- evaluation ---------------------------------------------------------------------------------
 
-  def evaluate_method(self, method: str, run: str) -> dict:
+  def evaluate_method(self, method: str, run: str, *, name: str | None = None,
+                      tests: dict | None = None, versions: Sequence[str] | None = None,
+                      temperature: float = 1.0, top_p: float = 1.0) -> dict:
+    """Evaluates ``run`` as ``method`` into ``<dataset>/<name or method>/eval`` (reused when
+    there): the dataset's own test sets, or ``tests``; the one decoding configuration unless a
+    sweep asks for another."""
     from distfair_jax import evaluate as eval_lib
-    out_dir = os.path.join(self.dir, method)
+    out_dir = os.path.join(self.dir, name or method)
     path = os.path.join(out_dir, "eval", "metrics.json")
     if os.path.exists(path):
       return fileio.read_json(path)
     s = self.s
+    versions = list(versions or s.versions)
     cfg = C.EvalConfig(
-        versions=list(s.versions), rounds=s.rounds,
+        versions=versions, rounds=s.rounds,
         steering="model" if method in STEERED else "none",
         prompt_engineering=method == "prompt_engineering",
-        decode=C.DecodeConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8,
+        decode=C.DecodeConfig(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=8,
                               story_max_new_tokens=s.story_max_new_tokens),
         seed=self.seed, n_bootstrap=s.n_bootstrap)
-    tests = {v: self.data.records[f"test_{v}"] for v in s.versions}
+    if tests is None:
+      tests = {v: self.data.records[f"test_{v}"] for v in versions}
     model = self.model(run)
     sampler, _ = self.sampler(model)
     return self._timed(f"eval:{method}", lambda: eval_lib.evaluate(
@@ -389,7 +400,39 @@ class Demo:
       console.log(f"[{self.dataset}] evaluating {method}")
       doc = self.evaluate_method(method, trained[method])
       results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
+    self.trained = trained
     return results
+
+  # -- the paper's further analyses ----------------------------------------------------------------
+
+  def out_of_distribution(self) -> dict[str, dict]:
+    """Models trained here, tested on another region's prompts with that region's targets (the
+    paper's OOD test: trained on gender_real_uk, evaluated on gender_real_us); {} where the
+    dataset has no such pair. -> {"<dataset>_on_<other>": {method: {version: summary}}}."""
+    other = OUT_OF_DISTRIBUTION.get(self.dataset)
+    if other is None:
+      return {}
+    from distfair_jax.data import build as build_lib
+    data = build_lib.build_dataset(other, rows_per_occupation=1, test_rounds=self.s.rounds,
+                                   seed=self.seed)
+    tests = {v: data.records[f"test_{v}"] for v in self.s.versions}
+    out = {}
+    for method in METHODS:
+      console.log(f"[{self.dataset}] evaluating {method} on {other} (out of distribution)")
+      doc = self.evaluate_method(method, self.trained[method], name=f"{method}_on_{other}",
+                                 tests=tests)
+      out[method] = {v: _summary(m) for v, m in doc["versions"].items()}
+    return {f"{self.dataset}_on_{other}": out}
+
+  def decoding_sweep(self) -> dict[str, dict]:
+    """Ours on v2 under other decoding configurations: {"T=..., top_p=...": summary}."""
+    out = {}
+    for t, p in DECODING_SWEEP:
+      key = f"T={t:g}, top_p={p:g}"
+      doc = self.evaluate_method("ours", self.trained["ours"], name=f"ours_T{t:g}_p{p:g}",
+                                 versions=["v2"], temperature=t, top_p=p)
+      out[key] = _summary(doc["versions"]["v2"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,6 +443,7 @@ def _summary(m: dict) -> dict:
   out = {"mae": m["mae"], "mae_ci": m.get("mae_ci"), "mae_corrected": m.get("mae_corrected"),
          "unparsed_rate": m.get("unparsed_rate"), "exact_answer_mae": m.get("exact_answer_mae"),
          "non_answer": m.get("non_answer"),
+         "kl": m.get("kl"), "kl_sum": m.get("kl_sum"), "kl_std": m.get("kl_std"),
          "exact_mae": m.get("exact_mae")}
   if "mae_floor" in m:
     out["mae_floor"] = m["mae_floor"]
@@ -435,6 +479,49 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
         rate = (methods[method].get(v) or {}).get("unparsed_rate")
         cells.append("" if rate is None else f"{rate:.1%}")
       lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def sweep_table(sweeps: dict[str, dict]) -> str:
+  """Markdown: ours on v2 under each decoding configuration of ``DECODING_SWEEP``."""
+  def cell(m: dict, f: str, pct: bool = False) -> str:
+    if m.get(f) is None:
+      return ""
+    text = f"{100 * m[f]:.1f}%" if pct else f"{m[f]:.3f}"
+    if f"{f}_sd" in m:  # several seeds: mean ± sd
+      text += f" ± {100 * m[f + '_sd']:.1f}" if pct else f" ± {m[f + '_sd']:.3f}"
+    return text
+
+  lines = ["| dataset | decoding | v2 MAE | exact answer MAE | non-answer | unparsed |",
+           "|---|---|---|---|---|---|"]
+  for ds, rows in sweeps.items():
+    for key, m in rows.items():
+      lines.append(f"| {ds} | {key} | {cell(m, 'mae')} | {cell(m, 'exact_answer_mae')} | "
+                   f"{cell(m, 'non_answer', True)} | {cell(m, 'unparsed_rate', True)} |")
+  return "\n".join(lines) + "\n"
+
+
+def kl_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown: the paper's KL table, KL(target || achieved) in nats per version, the sum and mean
+  over occupations (with their std over occupations for one seed; mean ± sd over seeds for
+  several)."""
+  def cell(m: dict | None) -> str:
+    if not m or m.get("kl") is None:
+      return ""
+    if "kl_sd" in m:
+      return f"{m['kl_sum']:.2f} ± {m['kl_sum_sd']:.2f} / {m['kl']:.3f} ± {m['kl_sd']:.3f}"
+    return f"{m['kl_sum']:.2f} / {m['kl']:.3f} ({m['kl_std']:.3f})"
+
+  several = any("kl_sd" in (v or {}) for ms in results.values() for m in ms.values()
+                for v in m.values())
+  how = "sum / mean, each mean ± sd over seeds" if several else "sum / mean (std over occupations)"
+  head = ["dataset", "method"] + [f"{v} KL {how}" for v in versions]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method in methods:
+        lines.append("| " + " | ".join([ds, method] + [cell(methods[method].get(v))
+                                                       for v in versions]) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -540,6 +627,12 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
                            quick=quick, seed=s, progress=progress) for s in seeds}
   results = aggregate_seeds(per_seed)
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
+  wrapped = {s: {ds: {key: {"v2": m} for key, m in rows.items()} for ds, rows in
+                 fileio.read_json(os.path.join(run_dir, f"seed{s}", "decoding_sweep.json")).items()}
+             for s in seeds}
+  sweeps = {ds: {key: m["v2"] for key, m in rows.items()}
+            for ds, rows in aggregate_seeds(wrapped).items()}
+  fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"),
                     {"seeds": {str(s): fileio.read_json(os.path.join(run_dir, f"seed{s}",
                                                                      "timings.json"))
@@ -547,7 +640,9 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
                      "total_s": round(time.perf_counter() - start, 1)}, indent=1)
   fileio.write_text(os.path.join(run_dir, "results.md"),
                     f"# distfair demo ({'quick' if quick else 'default'}, seeds "
-                    f"{', '.join(map(str, seeds))})\n\n{seeds_table(results, settings.versions)}")
+                    f"{', '.join(map(str, seeds))})\n\n{seeds_table(results, settings.versions)}"
+                    f"\n## KL(target || achieved)\n\n{kl_table(results, settings.versions)}"
+                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results
 
@@ -566,26 +661,32 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
   """One seed's whole demo under ``run_dir`` (reused where finished); returns its results."""
   os.makedirs(run_dir, exist_ok=True)
   _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)})
-  results, timings = {}, {}
+  results, timings, sweeps = {}, {}, {}
   start = time.perf_counter()
   for ds in datasets:
     demo = Demo(ds, run_dir, settings=settings, seed=seed, tokenizer_dir=_tokenizer(run_dir, ds),
                 progress=progress)
     results[demo.dataset] = demo.run()
+    if hasattr(demo, "out_of_distribution"):
+      results.update(demo.out_of_distribution())
+      sweeps[demo.dataset] = demo.decoding_sweep()
     timings[demo.dataset] = demo.timings
   total = time.perf_counter() - start
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
+  fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"),
                     {"datasets": timings, "total_s": round(total, 1)}, indent=1)
   table = results_table(results, settings.versions)
   fileio.write_text(os.path.join(run_dir, "results.md"),
-                    f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}")
+                    f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}"
+                    f"\n## KL(target || achieved)\n\n{kl_table(results, settings.versions)}"
+                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results
 
 
 SEED_FIELDS = ("mae", "mae_corrected", "exact_answer_mae", "non_answer", "exact_mae",
-               "unparsed_rate")
+               "unparsed_rate", "kl", "kl_sum")
 
 
 def aggregate_seeds(per_seed: dict[int, dict]) -> dict:

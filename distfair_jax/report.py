@@ -118,6 +118,9 @@ def _render(doc: Mapping, plots: bool) -> dict[str, str | bytes]:
     for name, v in doc["versions"].items():
       files[f"plots/{name}.png"] = _png(lambda buf: plot_version(name, v, buf))
     files["plots/summary.png"] = _png(lambda buf: plot_summary(doc["versions"], buf))
+    for name, v in doc["versions"].items():
+      if belief_points(v) is not None:
+        files[f"plots/belief_{name}.png"] = _png(lambda buf, n=name, v=v: plot_belief(n, v, buf))
   return files
 
 
@@ -256,6 +259,7 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
   lines += _table(header, rows) + [""]
   if plots and len(versions) > 1:
     lines += ["![MAE per version](plots/summary.png)", ""]
+  lines += _belief_section(versions, plots)
   for name, v in versions.items():
     cats = _categories(v)
     order = " / ".join(cats)
@@ -284,6 +288,49 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
       rows.append(row)
     lines += _table(header, rows) + [""]
   return "\n".join(lines)
+
+
+def belief_points(v: Mapping) -> tuple[Any, Any] | None:
+  """The model's belief (its exact steering distribution) against what its samples achieved, one
+  point per (occupation, category) with parsed answers: (belief [N], achieved [N]), or None when
+  the version has no exact steering distribution."""
+  import numpy as np
+  occs = [o for o in v["per_occupation"] if "exact" in o and o["n"] > o["n_unparsed"]]
+  if not occs:
+    return None
+  return (np.array([x for o in occs for x in o["exact"]], np.float64),
+          np.array([x for o in occs for x in o["achieved"]], np.float64))
+
+
+def belief_correlation(v: Mapping) -> float | None:
+  """Pearson correlation of ``belief_points`` (None without them or without spread)."""
+  import numpy as np
+  points = belief_points(v)
+  if points is None or len(points[0]) < 3 or np.std(points[0]) == 0 or np.std(points[1]) == 0:
+    return None
+  return float(np.corrcoef(*points)[0, 1])
+
+
+def _belief_section(versions: Mapping[str, Mapping], plots: bool) -> list[str]:
+  """The paper's belief-against-generation analysis: how well what the steering token says
+  the model will answer predicts what it answers."""
+  rows = []
+  for name, v in versions.items():
+    points = belief_points(v)
+    if points is None:
+      continue
+    gap = float(abs(points[0] - points[1]).mean())
+    rows.append([name, _f(belief_correlation(v)), _f(gap), len(points[0])])
+  if not rows:
+    return []
+  lines = ["## Belief against generation", "",
+           "Per occupation and category: the model's exact steering distribution (its belief) "
+           "against the frequency its sampled answers achieved (parsed answers only); Pearson "
+           "correlation over the points and their mean absolute gap.", ""]
+  lines += _table(["version", "correlation", "mean gap", "points"], rows) + [""]
+  if plots:
+    lines += [f"![belief {r[0]}](plots/belief_{r[0]}.png)" for r in rows] + [""]
+  return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,5 +414,24 @@ def plot_summary(versions: Mapping[str, Mapping], path: str | os.PathLike) -> No
   ax.set_ylim(bottom=0)
   ax.legend(fontsize="small")
   ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+
+
+def plot_belief(name: str, v: Mapping, path: str | os.PathLike) -> None:
+  """Scatter of ``belief_points``: belief (x) against achieved (y), the diagonal for reference."""
+  belief, achieved = belief_points(v)
+  fig = _figure(4.2, 4.0)
+  ax = fig.subplots()
+  ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--", label="achieved = belief")
+  ax.scatter(belief, achieved, s=14, color="C0", alpha=0.8)
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_xlabel("belief: exact steering probability")
+  ax.set_ylabel("achieved: sampled frequency")
+  r = belief_correlation(v)
+  ax.set_title(f"{name}: belief against generation" + (f" (r = {r:.3f})" if r is not None else ""),
+               fontsize="medium")
+  ax.legend(loc="upper left", fontsize="small", frameon=False)
   fig.tight_layout()
   fig.savefig(path, format="png")

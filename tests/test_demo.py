@@ -18,14 +18,19 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   run_dir = tmp_path / "demo"
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   # A relative --run-dir, as in the README (orbax itself needs absolute paths).
-  proc = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--run-dir",
-                         "demo", "--no-progress"], env=env, capture_output=True, text=True,
-                        timeout=900, cwd=tmp_path)
+  proc = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--dataset",
+                         "gender_real_uk", "--run-dir", "demo", "--no-progress"], env=env,
+                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(run_dir / "results.json", encoding="utf-8") as f:
     results = json.load(f)
-  table = results["gender_real_us"]
+  table = results["gender_real_uk"]
   assert set(table) == set(demo.METHODS)
+  # The paper's out-of-distribution test: the UK-trained models on the US prompts and targets.
+  ood = results["gender_real_uk_on_gender_real_us"]
+  assert set(ood) == set(demo.METHODS) and ood["ours"]["v2"]["mae"] < ood["zero_shot"]["v2"]["mae"]
+  sweep = json.loads((run_dir / "decoding_sweep.json").read_text())["gender_real_uk"]
+  assert list(sweep) == [f"T={t:g}, top_p={p:g}" for t, p in demo.DECODING_SWEEP]
   for method, versions in table.items():
     for version in demo.QUICK.versions:
       m = versions[version]
@@ -43,12 +48,13 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   # Every method's table row and the comparison plot are there, and the stdout table too.
   assert (run_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   text = (run_dir / "results.md").read_text(encoding="utf-8")
+  assert "## KL(target || achieved)" in text and "## Decoding sensitivity (ours, v2)" in text
   for method in demo.METHODS:
     assert f"| {method} |" in text and f"| {method} |" in proc.stdout
   # A rerun reuses every finished stage and evaluation.
-  again = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--run-dir",
-                          str(run_dir), "--no-progress"], env=env, capture_output=True, text=True,
-                         timeout=600)
+  again = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--dataset",
+                          "gender_real_uk", "--run-dir", str(run_dir), "--no-progress"], env=env,
+                         capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "done already" in again.stderr
   with open(run_dir / "results.json", encoding="utf-8") as f:
@@ -130,7 +136,7 @@ def test_aggregate_seeds_means_sds_and_table():
   kept; a figure missing in one seed is left out; the table shows mean ± sd."""
   def res(mae, exact):
     v2 = {"mae": mae, "mae_corrected": mae, "unparsed_rate": 0.0, "exact_answer_mae": exact,
-          "non_answer": 0.1, "exact_mae": None}
+          "non_answer": 0.1, "exact_mae": None, "kl": mae / 10, "kl_sum": mae}
     return {"ds": {"ours": {"v2": v2}}}
   out = demo.aggregate_seeds({0: res(0.1, 0.02), 1: res(0.3, 0.04), 2: res(0.2, 0.03)})
   m = out["ds"]["ours"]["v2"]
@@ -138,7 +144,10 @@ def test_aggregate_seeds_means_sds_and_table():
   assert m["exact_answer_mae_sd"] == pytest.approx(0.01) and "exact_mae" not in m
   assert m["seeds"] == [0, 1, 2] and [r["mae"] for r in m["per_seed"]] == [0.1, 0.3, 0.2]
   table = demo.seeds_table(out, ["v2"])
+  one = {"ds": {"ours": {"v2": {"kl": 0.02, "kl_sum": 0.28, "kl_std": 0.01}}}}
+  assert "| ds | ours | 0.28 / 0.020 (0.010) |" in demo.kl_table(one, ["v2"])
   assert "over 3 seeds" in table and "| ds | ours | 0.200 ± 0.100 |" in table
+  assert "| ds | ours | 0.20 ± 0.10 / 0.020 ± 0.010 |" in demo.kl_table(out, ["v2"])
   with pytest.raises(InputError, match="seeds"):
     demo.run_demo(["gender_real_us"], "/nonexistent/x", seeds=[0, 0])
 

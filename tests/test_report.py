@@ -49,7 +49,7 @@ def test_files_written(written, versions):
   run, files = written
   ev = run / "eval"
   assert set(files) == {"metrics.json", "report.md", "plots/v1.png", "plots/v2.png",
-                        "plots/summary.png"}
+                        "plots/summary.png", "plots/belief_v1.png"}   # v2 has no belief
   doc = json.loads((ev / "metrics.json").read_text())
   assert doc["format"] == "distfair-metrics" and doc["meta"]["steering"] == "model"
   assert doc["versions"] == json.loads(json.dumps(versions))
@@ -115,3 +115,22 @@ def test_bad_metrics_file(tmp_path, content, match):
     (tmp_path / "eval" / "metrics.json").write_text(content)
   with pytest.raises(InputError, match=match):
     report.rebuild_report(tmp_path)
+
+
+def test_belief_against_generation():
+  """Belief (exact steering distribution) against achieved frequencies, per occupation and
+  category: the correlation and mean gap the report shows, from the points themselves."""
+  rows = [{"occupation": o, "category": c} for o, cats in
+          (("registered nurses", [1] * 9 + [0]), ("software developers", [0] * 7 + [1] * 3),
+           ("chefs | cooks", [0] * 5 + [1] * 5)) for c in cats]
+  exact = {"registered nurses": [0.15, 0.85], "software developers": [0.75, 0.25],
+           "chefs | cooks": [0.5, 0.5]}
+  v = metrics.evaluate_version(rows, TARGETS, 2, n_bootstrap=0, exact=exact)
+  belief, achieved = report.belief_points(v)
+  np.testing.assert_allclose(belief, [0.15, 0.85, 0.75, 0.25, 0.5, 0.5])
+  np.testing.assert_allclose(achieved, [0.1, 0.9, 0.7, 0.3, 0.5, 0.5])
+  assert report.belief_correlation(v) == pytest.approx(np.corrcoef(belief, achieved)[0, 1])
+  md = report.render_markdown({"versions": {"v2": v}, "meta": {}}, plots=False)
+  r = report.belief_correlation(v)
+  assert r > 0.98 and "## Belief against generation" in md and f"| v2 | {r:.3f} | 0.033 | 6 |" in md
+  assert report.belief_points(metrics.evaluate_version(rows, TARGETS, 2, n_bootstrap=0)) is None
