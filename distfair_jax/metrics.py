@@ -186,7 +186,9 @@ def basic_interval(estimate: np.ndarray, replicates: np.ndarray) -> tuple[np.nda
   lo, hi = _interval(replicates)
   interval = np.maximum(0.0, np.stack([2 * est - hi, 2 * est - lo]))
   corrected = np.maximum(0.0, 2 * est - np.asarray(replicates, np.float64).mean(0))
-  return interval, corrected
+  # inside by construction (q_lo <= mean <= q_hi); clipped against float rounding when every
+  # replicate is the same value (e.g. all answers unparsed)
+  return interval, np.clip(corrected, interval[0], interval[1])
 
 
 def bootstrap_intervals(target: np.ndarray, counts: np.ndarray, unparsed: np.ndarray, *,

@@ -401,7 +401,8 @@ def plot_summary(versions: Mapping[str, Mapping], path: str | os.PathLike) -> No
          for n in names):
     ci = np.array([versions[n]["mae_ci"] for n in names], np.float64)
     corrected = np.array([versions[n]["mae_corrected"] for n in names], np.float64)
-    ax.errorbar(x, corrected, yerr=np.stack([corrected - ci[:, 0], ci[:, 1] - corrected]),
+    ax.errorbar(x, corrected, yerr=np.clip(np.stack([corrected - ci[:, 0], ci[:, 1] - corrected]),
+                                           0.0, None),
                 fmt="o", color="k", capsize=4, label="bias-corrected MAE (95% CI)")
   exact = [versions[n].get("exact_mae") for n in names]
   if any(e is not None for e in exact):

@@ -253,7 +253,10 @@ def test_tied_model_has_no_lm_head_and_unembedding_shapes():
   assert untied.unembedding().shape == (64, 96)
   bias = Llama(small_config(attention_bias=True, num_hidden_layers=1), rngs=nnx.Rngs(0))
   assert bias.layers[0].self_attn.k_proj.bias[...].shape == (32,)
-  assert bias.layers[0].self_attn.o_proj.bias is None
+  assert bias.layers[0].self_attn.o_proj.bias[...].shape == (64,)  # Llama: o_proj too, as HF
+  qwen = Llama(small_config(attention_bias=True, num_hidden_layers=1,
+                            architecture="Qwen2ForCausalLM"), rngs=nnx.Rngs(0))
+  assert qwen.layers[0].self_attn.o_proj.bias is None  # Qwen2: q, k, v only
 
 
 def test_every_parameter_has_logical_axes():
