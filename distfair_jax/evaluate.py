@@ -189,6 +189,13 @@ def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encod
   distinct = list(dict.fromkeys(s["prompt"] for s in slots))
   probs = steering_probabilities(sampler, state, encoder.encode_prompts(distinct), encoder,
                                  batch_size)
+  return {o: (p / p.sum()).tolist() for o, p in _occupation_means(slots, distinct, probs).items()}
+
+
+def _occupation_means(slots: Sequence[Mapping], distinct: Sequence[str],
+                      probs: np.ndarray) -> dict[str, np.ndarray]:
+  """occupation -> the mean of ``probs`` ([len(distinct), K], a row per distinct prompt) over its
+  slots (a prompt counts as often as its slots use it)."""
   row = {p: i for i, p in enumerate(distinct)}
   sums: dict[str, np.ndarray] = {}
   counts: dict[str, int] = {}
@@ -196,7 +203,7 @@ def exact_distributions(sampler: Sampler, state, slots: Sequence[Mapping], encod
     o = s["occupation"]
     sums[o] = sums.get(o, 0) + probs[row[s["prompt"]]]
     counts[o] = counts.get(o, 0) + 1
-  return {o: (sums[o] / counts[o] / (sums[o] / counts[o]).sum()).tolist() for o in sums}
+  return {o: sums[o] / counts[o] for o in sums}
 
 
 def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int]],
@@ -254,14 +261,8 @@ def answer_distributions(sampler: Sampler, state, slots: Sequence[Mapping], enco
   distinct = list(dict.fromkeys(s["prompt"] for s in slots))
   probs = answer_probabilities(sampler, state, encoder.encode_prompts(distinct), encoder,
                                attribute, steered=steered)
-  row = {p: i for i, p in enumerate(distinct)}
-  sums: dict[str, np.ndarray] = {}
-  counts: dict[str, int] = {}
-  for s in slots:
-    o = s["occupation"]
-    sums[o] = sums.get(o, 0) + probs[row[s["prompt"]]]
-    counts[o] = counts.get(o, 0) + 1
-  return {o: np.clip(sums[o] / counts[o], 0.0, 1.0).tolist() for o in sums}
+  return {o: np.clip(p, 0.0, 1.0).tolist()
+          for o, p in _occupation_means(slots, distinct, probs).items()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -249,14 +249,17 @@ def _floats(x: np.ndarray) -> list:
   return np.asarray(x, np.float64).tolist()
 
 
-def _check_distribution(values: Any, k: int, where: str) -> np.ndarray:
+def _check_distribution(values: Any, k: int, where: str, *, at_most: bool = False) -> np.ndarray:
+  """[k] non-negative probabilities summing to 1 (``at_most``: to at most 1), else InputError."""
   try:
     arr = np.asarray(values, np.float64)
   except (TypeError, ValueError):
     arr = None
-  if (arr is None or arr.shape != (k,) or not np.all(np.isfinite(arr)) or np.any(arr < 0)
-      or abs(arr.sum() - 1.0) > 1e-3):
-    raise InputError(f"{where}: expected {k} non-negative probabilities summing to 1, got {values!r}")
+  total_ok = (arr.sum() <= 1.0 + 1e-3 if at_most else abs(arr.sum() - 1.0) <= 1e-3
+              ) if arr is not None and arr.shape == (k,) else False
+  if not total_ok or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+    raise InputError(f"{where}: expected {k} non-negative probabilities summing to "
+                     f"{'at most ' if at_most else ''}1, got {values!r}")
   return arr
 
 
@@ -343,25 +346,13 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
   return out
 
 
-def _check_subdistribution(values: Any, k: int, where: str) -> np.ndarray:
-  try:
-    arr = np.asarray(values, np.float64)
-  except (TypeError, ValueError):
-    arr = None
-  if (arr is None or arr.shape != (k,) or not np.all(np.isfinite(arr)) or np.any(arr < 0)
-      or arr.sum() > 1.0 + 1e-3):
-    raise InputError(f"{where}: expected {k} non-negative probabilities summing to at most 1, "
-                     f"got {values!r}")
-  return arr
-
-
 def _add_answer_metrics(out: dict, names, target: np.ndarray, answers, k: int, source: str):
   """The exact answer-probability figures of ``evaluate_version`` (``answers`` given)."""
   missing = [o for o in names if o not in answers]
   if missing:
     raise InputError(f"{source}: answers: expected probabilities for every occupation, "
                      f"missing {missing!r}")
-  q = np.stack([_check_subdistribution(answers[o], k, f"{source}: answers[{o!r}]")
+  q = np.stack([_check_distribution(answers[o], k, f"{source}: answers[{o!r}]", at_most=True)
                 for o in names])
   mass = q.sum(-1)
   renorm = np.divide(q, mass[:, None], out=np.zeros_like(q), where=mass[:, None] > 0)

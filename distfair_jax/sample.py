@@ -311,10 +311,13 @@ def _steering_distribution(graphdef, state, input_ids, attention_mask, steering_
 
 
 def _label_logps(graphdef, state, input_ids, attention_mask, labels, label_mask):
-  """Sequence log-probs [B]: the sum over positions of log p(labels[:, t] | tokens <= t)."""
+  """Sequence log-probs [B]: the sum over positions of log p(labels[:, t] | tokens <= t), from
+  token tiles (never the [B, L, V] float32 logits), soft-capped as the model's logits are."""
   model = nnx.merge(graphdef, state)
-  logits = model.logits(model(input_ids, attention_mask))
-  return jnp.sum(losses.token_logps(logits, labels, label_mask), axis=-1)
+  hidden = model(input_ids, attention_mask)
+  tok = losses.token_logps_from_hidden(hidden, model.unembedding(), labels, label_mask,
+                                       softcap=model.logit_softcap)
+  return jnp.sum(tok, axis=-1)
 
 
 def _prefill(graphdef, state, input_ids, attention_mask, *, rounds: int, cache_length: int):
