@@ -152,6 +152,7 @@ class DataConfig:
   system_prompt: str = "default"
   chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
   stories: bool = False
+  story_rows_per_occupation: Optional[int] = None
   seed: int = 0
 
 
@@ -176,6 +177,7 @@ class SFTConfig:
   epochs: int = 2
   batch_size: int = 4
   max_steps: int = 0
+  group_by_length: bool = False
   average: SFTAverage = SFTAverage.sequence
   optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -202,6 +204,7 @@ class HybridConfig:
   reference: Reference = Reference.online
   layout: Layout = Layout.auto
   kl_pairs: KLPairs = KLPairs.shifted
+  group_by_length: bool = False
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
 
@@ -215,6 +218,7 @@ class DPOConfig:
   label_smoothing: float = 0.0
   ipo: bool = False
   layout: Layout = Layout.auto
+  group_by_length: bool = False
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
 

@@ -55,6 +55,11 @@ ABLATION = {"ours": "full", "kl_only": "kl_only", "kto_only": "kto_only"}
 class DemoSettings:
   """Sizes of the miniature benchmark (``DEFAULT`` and ``QUICK`` below)."""
   rows_per_occupation: int = 60        # fine-tuning rows per occupation (SFT / IFT / KTO / DPO)
+  # Story rows per occupation in every method's fine-tuning data (``data.stories``; v3-style
+  # prompts, templated stories of the allocated category): without them a model this small,
+  # fine-tuned on one-word answers only, forgets how to write a story and answers v3 with a bare
+  # category word (all unparsed), so v3 would measure nothing.
+  story_rows_per_occupation: int = 20
   base_rows_per_occupation: int = 80   # stereotyped attribute answers per occupation
   base_stories_per_occupation: int = 24
   stereotype_share: float = 0.95       # the base model's majority share
@@ -73,7 +78,14 @@ class DemoSettings:
   max_length: int = 160
   n_bootstrap: int = 1000
   story_max_new_tokens: int = 80
+  answer_max_new_tokens: int = 8       # v1 / v2 answers
   heldout_fraction: float = 0.15
+  # Fine-tuning: full (lora_rank 0, the tiny model) or LoRA adapters on q and v.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.05
+  # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
+  analyses: bool = True
 
 
 # The sizes above are per occupation for a table of at least this many (gender_real_us has 14): a
@@ -90,14 +102,38 @@ def scaled(settings: DemoSettings, num_occupations: int) -> DemoSettings:
     return settings
   return dataclasses.replace(
       settings, rows_per_occupation=settings.rows_per_occupation * factor,
+      story_rows_per_occupation=settings.story_rows_per_occupation * factor,
       base_rows_per_occupation=settings.base_rows_per_occupation * factor,
       base_stories_per_occupation=settings.base_stories_per_occupation * factor)
 
 
 DEFAULT = DemoSettings()
-QUICK = DemoSettings(rows_per_occupation=24, base_rows_per_occupation=32, base_stories_per_occupation=0,
+QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
+                     base_rows_per_occupation=32, base_stories_per_occupation=0,
                      base_epochs=3, sft_epochs=3, stage2_epochs=1, batch_size=16, sft_lrs=(3e-3,),
                      stage2_lrs=(1e-3,), rounds=20, versions=("v2",), n_bootstrap=200, max_length=96)
+# A given instruct model (``distfair demo --model CKPT``): no base training, the paper's 1-2B recipe
+# (LoRA on q and v, rank 32, alpha 16, dropout 0.05), the test protocol unchanged (v1-v3, 100
+# rounds), and training cut so that one dataset of a 135M-parameter model (SmolLM2-135M-Instruct)
+# fits in about 90 minutes on a 2-core CPU: 16 attribute rows + 4 story rows per occupation
+# (the paper: 100), SFT 2 epochs and stage 2 one (the paper: 3), a two-point grid, stories of at
+# most 64 new tokens, and no further analyses.
+REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=4, sft_epochs=2,
+                    stage2_epochs=1, batch_size=16, sft_lrs=(1e-4, 1e-3), stage2_lrs=(1e-4, 1e-3),
+                    rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
+                    lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, analyses=False)
+
+
+def settings_for(*, quick: bool, model: str | None) -> DemoSettings:
+  """The sizes ``distfair demo`` runs with: ``DEFAULT`` / ``QUICK`` on the tiny model, ``REAL``
+  from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``."""
+  if model is None:
+    return QUICK if quick else DEFAULT
+  if not quick:
+    return REAL
+  return dataclasses.replace(QUICK, lora_rank=REAL.lora_rank, lora_alpha=REAL.lora_alpha,
+                             lora_dropout=REAL.lora_dropout, max_length=REAL.max_length,
+                             answer_max_new_tokens=REAL.answer_max_new_tokens, analyses=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +219,7 @@ class Demo:
   """One dataset's miniature benchmark under ``run_dir/<dataset>``."""
 
   def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
-               tokenizer_dir: str, progress: bool = True):
+               tokenizer_dir: str, progress: bool = True, base_model: str | None = None):
     from distfair_jax.data import build as build_lib
     from distfair_jax.tokenizer import load_tokenizer_dir
     spec = build_lib.resolve_spec(dataset)
@@ -195,8 +231,11 @@ class Demo:
     self.dir = os.path.join(run_dir, self.dataset)
     os.makedirs(self.dir, exist_ok=True)
     self.tokenizer_dir = tokenizer_dir
-    self.data = build_lib.build_dataset(spec, rows_per_occupation=settings.rows_per_occupation,
-                                        test_rounds=settings.rounds, seed=seed)
+    # A given model (a ``distfair convert`` directory) instead of the biased base trained here.
+    self.base_model = None if base_model is None else os.path.abspath(base_model)
+    self.data = build_lib.build_dataset(
+        spec, rows_per_occupation=settings.rows_per_occupation, test_rounds=settings.rounds,
+        seed=seed, stories_per_occupation=settings.story_rows_per_occupation)
     self.spec = self.data.spec
     self.attribute = self.spec.attribute
     self.timings: dict[str, float] = self._load_json("timings.json")
@@ -233,32 +272,47 @@ class Demo:
 
   def config(self, run_dir: str, stages: list[str], *, lr: float = 1e-3, ablation: str = "full",
              sft_lr: float | None = None, sft_epochs: int | None = None,
-             base_params: str | None = None, heldout_fraction: float | None = None) -> C.Config:
+             base_params: str | None = None, heldout_fraction: float | None = None,
+             kl_pairs: str = "shifted") -> C.Config:
     s = self.s
     optim = lambda lr_, warm: C.OptimConfig(learning_rate=lr_, warmup_steps=warm, weight_decay=0.0)
+    # Stage 2 and DPO on length-grouped batches when stories are trained: a packed pair row holds
+    # four completions, so one story pair would pad a whole batch of one-word pairs to ~5x their
+    # length. Stage 1 (and the base) keep the plain shuffle, every batch a mix of answers and
+    # stories: with every stage grouped, base included, the selected SFT's held-out exact answer
+    # MAE was 0.19 against 0.07 with the plain shuffle (gender_real_us, seed 0).
+    grouped = s.story_rows_per_occupation > 0
     return C.Config(
         run_dir=run_dir, seed=self.seed, stages=stages,
-        model=C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir, params=base_params),
+        model=(C.ModelConfig(checkpoint=self.base_model) if self.base_model else
+               C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir, params=base_params)),
+        lora=C.LoraConfig(enabled=s.lora_rank > 0, rank=max(s.lora_rank, 1), alpha=s.lora_alpha,
+                          dropout=s.lora_dropout if s.lora_rank > 0 else 0.0),
         data=C.DataConfig(dataset=self.dataset if self.spec_path is None else "gender_real_us",
                           spec=self.spec_path, rows_per_occupation=s.rows_per_occupation,
                           heldout_fraction=(s.heldout_fraction if heldout_fraction is None
                                             else heldout_fraction),
                           max_length=s.max_length, max_prompt_length=s.max_length - 16,
+                          stories=s.story_rows_per_occupation > 0,
+                          story_rows_per_occupation=s.story_rows_per_occupation or None,
                           seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
                         batch_size=s.batch_size, optim=optim(lr if sft_lr is None else sft_lr, 10)),
         hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
-                              ablation=ablation, optim=optim(lr, 5)),
+                              ablation=ablation, kl_pairs=C.KLPairs(kl_pairs),
+                              group_by_length=grouped, optim=optim(lr, 5)),
         dpo=C.DPOConfig(epochs=s.stage2_epochs, batch_size=s.batch_size // 2, beta=s.beta,
-                        optim=optim(lr, 5)),
+                        group_by_length=grouped, optim=optim(lr, 5)),
         checkpoint=C.CheckpointConfig(every_steps=0, keep=1, async_save=False),
         heldout=C.HeldoutConfig(every_steps=0, max_batches=0),
         logging=C.LoggingConfig(every_steps=10, tensorboard=False, progress=self.progress))
 
   def train_base(self) -> str:
     """The biased base model (stage ``ift`` on stereotyped records, from random weights); returns
-    its run directory."""
+    its run directory (a given ``base_model``: that directory, nothing trained)."""
     from distfair_jax.train.trainer import train
+    if self.base_model:
+      return self.base_model
     s = self.s
     records = stereotyped_records(self.spec, rows_per_occupation=s.base_rows_per_occupation,
                                   stories_per_occupation=s.base_stories_per_occupation,
@@ -268,11 +322,14 @@ class Demo:
     self._timed("base", lambda: train(cfg, records={"ift": records}))
     return run
 
-  def _base_params(self) -> str:
+  def _base_params(self) -> str | None:
+    if self.base_model:
+      return None  # the model config's checkpoint
     return os.path.join(self.dir, "base", "ift", "final", "params")
 
   def train_candidates(self, name: str, stages: list[str], lrs: Sequence[float], *,
-                       ablation: str = "full", init_from: str | None = None, steered: bool):
+                       ablation: str = "full", init_from: str | None = None, steered: bool,
+                       kl_pairs: str = "shifted"):
     """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
     copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
     from distfair_jax.train.trainer import train
@@ -288,7 +345,7 @@ class Demo:
           if not os.path.exists(os.path.join(run, prev)):
             shutil.copytree(os.path.join(init_from, prev), os.path.join(run, prev))
       cfg = self.config(run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
-                        base_params=self._base_params())
+                        base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
       scores[lr], non_answer[lr] = self.heldout_mae(run, steered=steered)
       runs[lr] = run
@@ -306,9 +363,11 @@ class Demo:
     from distfair_jax.data.tokenize import Encoder
     from distfair_jax.train.heldout import split_heldout
     _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
+    answers = set(self.attribute.answers)
     prompts = {}
-    for r in held:
-      prompts.setdefault(r["prompt"], np.asarray(r["target"], np.float64))
+    for r in held:  # the attribute questions (a story row's response is no canonical answer)
+      if r["response"] in answers:
+        prompts.setdefault(r["prompt"], np.asarray(r["target"], np.float64))
     if not prompts:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
@@ -320,10 +379,13 @@ class Demo:
     q = eval_lib.answer_probabilities(sampler, state, seqs, enc, self.attribute, steered=steered)
     return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1)))
 
-  @staticmethod
-  def model(run: str):
-    """The final model of a run (what ``distfair eval RUN`` evaluates)."""
+  def model(self, run: str):
+    """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
+    given base model itself for ``run == base_model``."""
+    from distfair_jax.model.loader import load_pretrained
     from distfair_jax.train.rundir import load_run
+    if self.base_model and os.path.abspath(run) == self.base_model:
+      return load_pretrained(run)[0]
     return load_run(run)[0].merged()
 
   # -- evaluation ---------------------------------------------------------------------------------
@@ -345,16 +407,19 @@ class Demo:
         versions=versions, rounds=s.rounds,
         steering="model" if method in STEERED else "none",
         prompt_engineering=method == "prompt_engineering",
-        decode=C.DecodeConfig(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=8,
+        decode=C.DecodeConfig(temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=s.answer_max_new_tokens,
                               story_max_new_tokens=s.story_max_new_tokens),
         seed=self.seed, n_bootstrap=s.n_bootstrap)
     if tests is None:
       tests = {v: self.data.records[f"test_{v}"] for v in versions}
     model = self.model(run)
     sampler, _ = self.sampler(model)
-    return self._timed(f"eval:{method}", lambda: eval_lib.evaluate(
+    return self._timed(f"eval:{name or method}", lambda: eval_lib.evaluate(
         model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
-        metadata={"dataset": self.dataset, "method": method}, sampler=sampler))
+        metadata={"dataset": self.dataset, "method": method,
+                  **({"base_model": self.base_model} if self.base_model else {})},
+        max_prompt_length=s.max_length - 16, sampler=sampler))
 
   def _stage2(self, selection: dict, sft_lr: float, ift_lr: float) -> dict[str, str]:
     """The stage-2 methods (ours, the ablations, DPO) trained and selected; {method: run}."""
@@ -400,7 +465,7 @@ class Demo:
       console.log(f"[{self.dataset}] evaluating {method}")
       doc = self.evaluate_method(method, trained[method])
       results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
-    self.trained = trained
+    self.trained, self.selection = trained, selection
     return results
 
   # -- the paper's further analyses ----------------------------------------------------------------
@@ -423,6 +488,22 @@ class Demo:
                                  tests=tests)
       out[method] = {v: _summary(m) for v, m in doc["versions"].items()}
     return {f"{self.dataset}_on_{other}": out}
+
+  def kl_pairs_variant(self) -> dict[str, dict]:
+    """How much ``hybrid.kl_pairs`` moves ours: stage 2 retrained with ``kl_pairs: reference``
+    (the original's interleaved pairs) at ours' selected rate, from the same SFT, evaluated on v2
+    beside ours (``shifted``): {"kl_pairs: shifted" | "kl_pairs: reference": v2 summary}."""
+    lr = self.selection["ours"]["lr"]
+    sft_dir = os.path.join(self.dir, "runs", f"sft_lr{self.selection['sft']['lr']:g}")
+    console.log(f"[{self.dataset}] ours with hybrid.kl_pairs: reference, lr {lr:g}")
+    _, run, _ = self.train_candidates("ours_klref", ["sft", "hybrid"], [lr], init_from=sft_dir,
+                                      steered=True, kl_pairs="reference")
+    out = {}
+    for key, name, trained in (("kl_pairs: shifted", "ours", self.trained["ours"]),
+                               ("kl_pairs: reference", "ours_kl_pairs_reference", run)):
+      doc = self.evaluate_method("ours", trained, name=name, versions=["v2"])
+      out[key] = _summary(doc["versions"]["v2"])
+    return out
 
   def decoding_sweep(self) -> dict[str, dict]:
     """Ours on v2 under other decoding configurations: {"T=..., top_p=...": summary}."""
@@ -482,8 +563,9 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def sweep_table(sweeps: dict[str, dict]) -> str:
-  """Markdown: ours on v2 under each decoding configuration of ``DECODING_SWEEP``."""
+def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
+  """Markdown: ours on v2 under each decoding configuration of ``DECODING_SWEEP`` (or each
+  variant of ``Demo.kl_pairs_variant``, ``label`` naming the column)."""
   def cell(m: dict, f: str, pct: bool = False) -> str:
     if m.get(f) is None:
       return ""
@@ -492,7 +574,7 @@ def sweep_table(sweeps: dict[str, dict]) -> str:
       text += f" ± {100 * m[f + '_sd']:.1f}" if pct else f" ± {m[f + '_sd']:.3f}"
     return text
 
-  lines = ["| dataset | decoding | v2 MAE | exact answer MAE | non-answer | unparsed |",
+  lines = [f"| dataset | {label} | v2 MAE | exact answer MAE | non-answer | unparsed |",
            "|---|---|---|---|---|---|"]
   for ds, rows in sweeps.items():
     for key, m in rows.items():
@@ -596,13 +678,18 @@ def _any_stage_started(run_dir: str) -> bool:
 
 def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
              seeds: Sequence[int] | None = None, fresh: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, model: str | None = None,
+             settings: DemoSettings | None = None) -> dict:
   """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results.
 
   datasets: built-in names (``data.build.DATASETS``) or YAML spec files of your own attribute
   (``data.build.load_spec``), each checked before anything runs. ``seeds``: several seeds, each a
   whole demo under ``run_dir/seed<N>`` (kept, and reused on a rerun), and ``run_dir``'s results
   their mean and standard deviation (``aggregate_seeds``); default: the one ``seed`` in ``run_dir``.
+  ``model``: a converted model directory (``distfair convert gguf-to-flax`` / ``hf-to-flax``) to
+  start every method from instead of the biased base trained here, with ``REAL``'s sizes and its
+  own tokenizer and chat template; ``settings`` overrides the sizes (``DEFAULT``, ``QUICK``,
+  ``REAL``).
   """
   from distfair_jax.data.build import DATASETS, resolve_spec
   for ds in datasets:
@@ -613,26 +700,26 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   seeds = [int(seed)] if seeds is None else [int(x) for x in seeds]
   if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
     raise InputError(f"demo: seeds: expected distinct non-negative integers, got {seeds}")
-  settings = QUICK if quick else DEFAULT
+  if model is not None:
+    _check_model_dir(model)
+  if settings is None:
+    settings = settings_for(quick=quick, model=model)
   run_dir = os.path.abspath(run_dir)
   if fresh and os.path.exists(run_dir):
     shutil.rmtree(run_dir)
   os.makedirs(run_dir, exist_ok=True)
   if len(seeds) == 1:
     return _run_seed(datasets, run_dir, settings=settings, quick=quick, seed=seeds[0],
-                     progress=progress)
-  _check_marker(run_dir, {"quick": quick, "seeds": seeds, "settings": dataclasses.asdict(settings)})
+                     progress=progress, model=model)
+  _check_marker(run_dir, {"quick": quick, "seeds": seeds, "settings": dataclasses.asdict(settings),
+                          **_model_info(model)})
   start = time.perf_counter()
   per_seed = {s: _run_seed(datasets, os.path.join(run_dir, f"seed{s}"), settings=settings,
-                           quick=quick, seed=s, progress=progress) for s in seeds}
+                           quick=quick, seed=s, progress=progress, model=model) for s in seeds}
   results = aggregate_seeds(per_seed)
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
-  wrapped = {s: {ds: {key: {"v2": m} for key, m in rows.items()} for ds, rows in
-                 fileio.read_json(os.path.join(run_dir, f"seed{s}", "decoding_sweep.json")).items()}
-             for s in seeds}
-  sweeps = {ds: {key: m["v2"] for key, m in rows.items()}
-            for ds, rows in aggregate_seeds(wrapped).items()}
-  fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
+  sweeps = _aggregate_v2(run_dir, seeds, "decoding_sweep.json")
+  pairs = _aggregate_v2(run_dir, seeds, "kl_pairs.json")
   fileio.write_json(os.path.join(run_dir, "timings.json"),
                     {"seeds": {str(s): fileio.read_json(os.path.join(run_dir, f"seed{s}",
                                                                      "timings.json"))
@@ -642,9 +729,22 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
                     f"# distfair demo ({'quick' if quick else 'default'}, seeds "
                     f"{', '.join(map(str, seeds))})\n\n{seeds_table(results, settings.versions)}"
                     f"\n## KL(target || achieved)\n\n{kl_table(results, settings.versions)}"
-                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}")
+                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}"
+                    f"\n## KTO's mismatched pairs (ours, v2)\n\n{sweep_table(pairs, 'hybrid')}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results
+
+
+def _aggregate_v2(run_dir: str, seeds: Sequence[int], name: str) -> dict:
+  """A per-seed {dataset: {variant: v2 summary}} file (``decoding_sweep.json``,
+  ``kl_pairs.json``) averaged over the seeds (``aggregate_seeds``), written under ``run_dir``."""
+  wrapped = {s: {ds: {key: {"v2": m} for key, m in rows.items()} for ds, rows in
+                 fileio.read_json(os.path.join(run_dir, f"seed{s}", name)).items()}
+             for s in seeds}
+  out = {ds: {key: m["v2"] for key, m in rows.items()}
+         for ds, rows in aggregate_seeds(wrapped).items()}
+  fileio.write_json(os.path.join(run_dir, name), out, indent=1)
+  return out
 
 
 def _check_marker(run_dir: str, info: dict) -> None:
@@ -656,31 +756,50 @@ def _check_marker(run_dir: str, info: dict) -> None:
   fileio.write_json(marker, info, indent=1)
 
 
+def _check_model_dir(model: str) -> None:
+  """A one-line error, before anything runs, for a ``--model`` that is no converted directory."""
+  from distfair_jax import convert
+  path = fileio.as_path(model)
+  if not path.is_dir():
+    raise InputError(f"{model}: demo --model: expected a directory from `distfair convert "
+                     f"hf-to-flax` or `gguf-to-flax`, got {'a file' if path.exists() else 'none'}")
+  convert.load_model_config(path)  # names the file and field when it is not one
+
+
+def _model_info(model: str | None) -> dict:
+  return {} if model is None else {"model": os.path.abspath(model)}
+
+
 def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, quick: bool,
-              seed: int, progress: bool) -> dict:
+              seed: int, progress: bool, model: str | None = None) -> dict:
   """One seed's whole demo under ``run_dir`` (reused where finished); returns its results."""
   os.makedirs(run_dir, exist_ok=True)
-  _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings)})
-  results, timings, sweeps = {}, {}, {}
+  _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings),
+                          **_model_info(model)})
+  results, timings, sweeps, pairs = {}, {}, {}, {}
   start = time.perf_counter()
   for ds in datasets:
-    demo = Demo(ds, run_dir, settings=settings, seed=seed, tokenizer_dir=_tokenizer(run_dir, ds),
-                progress=progress)
+    demo = Demo(ds, run_dir, settings=settings, seed=seed,
+                tokenizer_dir=model if model is not None else _tokenizer(run_dir, ds),
+                progress=progress, base_model=model)
     results[demo.dataset] = demo.run()
-    if hasattr(demo, "out_of_distribution"):
+    if settings.analyses:
       results.update(demo.out_of_distribution())
       sweeps[demo.dataset] = demo.decoding_sweep()
+      pairs[demo.dataset] = demo.kl_pairs_variant()
     timings[demo.dataset] = demo.timings
   total = time.perf_counter() - start
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
   fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
+  fileio.write_json(os.path.join(run_dir, "kl_pairs.json"), pairs, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"),
                     {"datasets": timings, "total_s": round(total, 1)}, indent=1)
   table = results_table(results, settings.versions)
   fileio.write_text(os.path.join(run_dir, "results.md"),
                     f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})\n\n{table}"
                     f"\n## KL(target || achieved)\n\n{kl_table(results, settings.versions)}"
-                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}")
+                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}"
+                    f"\n## KTO's mismatched pairs (ours, v2)\n\n{sweep_table(pairs, 'hybrid')}")
   comparison_plot(results, settings.versions, os.path.join(run_dir, "comparison.png"))
   return results
 

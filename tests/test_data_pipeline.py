@@ -185,3 +185,56 @@ def test_default_shard_is_the_jax_process(tok, ds, monkeypatch):
   for a, g in zip(mine, whole):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(g)):
       np.testing.assert_array_equal(x, y[2:])
+
+
+def test_length_grouped_batches_cover_each_unit_once_in_similar_lengths():
+  lengths = [3] * 90 + [60] * 30  # one-word answers and a quarter of stories
+  for epoch in (0, 1):
+    batches = pipeline.length_grouped_batches(lengths, 8, seed=1, epoch=epoch,
+                                              drop_remainder=False)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(120))
+    mixed = [b for b in batches if len({lengths[i] for i in b}) > 1]
+    assert len(mixed) <= 1  # at most one batch straddles the two lengths per window
+  again = pipeline.length_grouped_batches(lengths, 8, seed=1, epoch=0)
+  other = pipeline.length_grouped_batches(lengths, 8, seed=1, epoch=1)
+  assert [b.tolist() for b in again] == [b.tolist() for b in pipeline.length_grouped_batches(
+      lengths, 8, seed=1, epoch=0)]
+  assert [b.tolist() for b in again] != [b.tolist() for b in other]
+  # The batches' order is shuffled, not longest first.
+  assert [lengths[b[0]] for b in again] != sorted([lengths[b[0]] for b in again], reverse=True)
+  # With a remainder: one partial batch dropped, every other unit kept.
+  dropped = pipeline.length_grouped_batches(lengths[:-3], 8, seed=1, epoch=0)
+  assert len(dropped) == 14 and all(len(b) == 8 for b in dropped)
+
+
+@pytest.mark.parametrize("kind", ["sft", "kto"])
+def test_group_by_length_pads_few_batches_to_the_stories(tok, kind):
+  """Story rows among one-word answers: grouped, only about the stories' share of the batches
+  is padded to a story's length (plain shuffle: nearly all); one pass per epoch; exact resume."""
+  data = build.build_dataset("gender_real_us", rows_per_occupation=6, test_rounds=1,
+                             stories_per_occupation=2)
+  recs = data[kind]
+
+  def lengths(p):
+    return [(b.packed if hasattr(b, "packed") else b.seq).input_ids.shape[1] for b in _all(p)]
+
+  kw = dict(seed=3, num_epochs=2, shard_index=0, shard_count=1)
+  grouped = pipeline.make_batches(recs, tok, kind, 8, group_by_length=True, **kw)
+  plain = pipeline.make_batches(recs, tok, kind, 8, **kw)
+  assert grouped.num_steps == plain.num_steps
+  long_g = sum(n > 64 for n in lengths(grouped)) / grouped.num_steps
+  long_p = sum(n > 64 for n in lengths(plain)) / plain.num_steps
+  assert long_g < 0.4 < 0.6 < long_p, (long_g, long_p)  # stories: 2 of every 8 rows
+  # Each epoch sees every unit once (kto: every pair).
+  one = pipeline.make_batches(recs, tok, kind, 2, group_by_length=True, seed=3, num_epochs=1,
+                              shard_index=0, shard_count=1)
+  rows = collections.Counter(r for b in _all(one) for r in _rows(b.seq))
+  plain_rows = collections.Counter(r for b in _all(pipeline.make_batches(
+      recs, tok, kind, 2, seed=3, num_epochs=1, shard_index=0, shard_count=1)) for r in _rows(b.seq))
+  assert rows == plain_rows
+  # Resume: the iterator's state restarts at the same batch.
+  it = grouped.iterator()
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  assert _equal(next(it), next(grouped.iterator(state)))

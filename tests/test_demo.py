@@ -49,6 +49,10 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   assert (run_dir / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   text = (run_dir / "results.md").read_text(encoding="utf-8")
   assert "## KL(target || achieved)" in text and "## Decoding sensitivity (ours, v2)" in text
+  # How much KTO's mismatched pairing moves ours: the original's pairs beside the default.
+  pairs = json.loads((run_dir / "kl_pairs.json").read_text())["gender_real_uk"]
+  assert list(pairs) == ["kl_pairs: shifted", "kl_pairs: reference"]
+  assert "## KTO's mismatched pairs (ours, v2)" in text
   for method in demo.METHODS:
     assert f"| {method} |" in text and f"| {method} |" in proc.stdout
   # A rerun reuses every finished stage and evaluation.
@@ -158,9 +162,19 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
   calls = []
 
   class FakeDemo:
-    def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress):
+    def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
+                 base_model=None):
       self.dataset, self.seed, self.timings = dataset, seed, {}
       calls.append((run_dir, seed))
+
+    def out_of_distribution(self):
+      return {}
+
+    def decoding_sweep(self):
+      return {"T=1, top_p=1": {"mae": 0.1 + self.seed / 10}}
+
+    def kl_pairs_variant(self):
+      return {"kl_pairs: reference": {"mae": 0.2 + self.seed / 10}}
 
     def run(self):
       v = {"mae": 0.1 + self.seed / 10, "mae_ci": [0.0, 0.3], "mae_corrected": 0.1,
@@ -176,5 +190,51 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
     assert own["gender_real_us"]["ours"]["v2"]["mae"] == pytest.approx(0.1 + s / 10)
   assert out["gender_real_us"]["ours"]["v2"]["mae"] == pytest.approx(0.15)
   assert json.loads((tmp_path / "d" / "results.json").read_text()) == json.loads(json.dumps(out))
-  assert "over 2 seeds" in (tmp_path / "d" / "results.md").read_text()
+  md = (tmp_path / "d" / "results.md").read_text()
+  assert "over 2 seeds" in md and "| gender_real_us | kl_pairs: reference | 0.250 ± 0.071 |" in md
   assert (tmp_path / "d" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
+  """`distfair demo --model CKPT`: every method from the given converted model (zero-shot is that
+  model), LoRA fine-tuning on q and v with the paper's 1-2B recipe, its own tokenizer."""
+  import dataclasses
+  from flax import nnx
+  from distfair_jax import convert
+  from distfair_jax.model.llama import Llama
+  from distfair_jax.model.presets import get_preset
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.train.rundir import RunDir
+  config = get_preset("tiny")
+  ckpt = tmp_path / "my model"
+  convert.save_pretrained(str(ckpt), Llama(config, rngs=nnx.Rngs(3)), config,
+                          build_tiny_tokenizer())
+  settings = dataclasses.replace(demo.settings_for(quick=True, model=str(ckpt)),
+                                 rows_per_occupation=4, story_rows_per_occupation=1,
+                                 rounds=4, versions=("v2", "v3"), story_max_new_tokens=8,
+                                 n_bootstrap=20, sft_epochs=1)
+  assert settings.lora_rank == 32 and not settings.analyses
+  run_dir = tmp_path / "run"
+  results = demo.run_demo(["gender_real_us"], str(run_dir), model=str(ckpt), settings=settings,
+                          progress=False)
+  table = results["gender_real_us"]
+  assert set(table) == set(demo.METHODS)
+  for method, versions in table.items():
+    assert set(versions) == {"v2", "v3"}
+    assert 0 <= versions["v3"]["unparsed_rate"] <= 1 and versions["v2"]["exact_answer_mae"] >= 0
+  ds = run_dir / "gender_real_us"
+  assert not (ds / "base").exists()  # nothing trained before the methods
+  meta = json.loads((ds / "zero_shot" / "eval" / "metrics.json").read_text())["meta"]
+  assert meta["base_model"] == str(ckpt)
+  selection = json.loads((ds / "selection.json").read_text())
+  for method in ("ift", "ours", "dpo"):
+    cfg = RunDir(str(ds / "runs" / f"{method}_lr{selection[method]['lr']:g}")).read_config()
+    assert cfg.model.checkpoint == str(ckpt) and cfg.model.params is None
+    assert (cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (True, 32, 16.0,
+                                                                                    0.05)
+    assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
+  marker = json.loads((run_dir / "demo.json").read_text())
+  assert marker["model"] == str(ckpt)
+  with pytest.raises(InputError, match="demo --model"):
+    demo.run_demo(["gender_real_us"], str(tmp_path / "x"), model=str(tmp_path / "nothing"))

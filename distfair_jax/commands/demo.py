@@ -5,6 +5,8 @@
   distfair demo --dataset race_even_us
   distfair demo --quick --dataset configs/datasets/age_groups_us.yaml   # your own attribute (a YAML spec)
   distfair demo --all                         # the six datasets
+  distfair demo --model models/smollm2 --dataset gender_real_us --dataset gender_even_us
+                                              # from a real instruct model (LoRA), no base training
 
 Ends with the comparison table (MAE with 95% bootstrap CIs, per method and test version) and writes
 results.json, results.md and comparison.png under --run-dir, plus each method's eval/ directory.
@@ -20,11 +22,17 @@ from distfair_jax.errors import InputError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_mutually_exclusive_group()
-  group.add_argument("--dataset", default="gender_real_us",
-                     help="a built-in dataset or a YAML spec of your own attribute "
-                          "(default gender_real_us)")
+  group.add_argument("--dataset", action="append", default=None,
+                     help="a built-in dataset or a YAML spec of your own attribute; repeat for "
+                          "several (default gender_real_us)")
   group.add_argument("--all", action="store_true", help="all six datasets")
   parser.add_argument("--quick", action="store_true", help="small sizes, for CI and smoke tests")
+  parser.add_argument("--model", default=None,
+                      help="start every method from this converted model directory (`distfair "
+                           "convert gguf-to-flax` / `hf-to-flax`) instead of the biased base "
+                           "trained here: LoRA fine-tuning (q, v; rank 32, alpha 16, dropout "
+                           "0.05), the model's own tokenizer and chat template, the sizes of "
+                           "demo.REAL")
   parser.add_argument("--seed", type=int, default=0, help="one seed (default 0)")
   parser.add_argument("--seeds", default=None,
                       help="several seeds, comma-separated (e.g. 0,1,2): each a whole demo under "
@@ -51,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
   import jax
   from distfair_jax import demo
   from distfair_jax.data.build import DATASETS
-  datasets = list(DATASETS) if args.all else [args.dataset]
-  run_dir = args.run_dir or ("runs/demo-quick" if args.quick else "runs/demo")
-  settings = demo.QUICK if args.quick else demo.DEFAULT
+  datasets = list(DATASETS) if args.all else (args.dataset or ["gender_real_us"])
+  if args.run_dir:
+    run_dir = args.run_dir
+  elif args.model:
+    run_dir = f"runs/demo-{os.path.basename(os.path.normpath(args.model))}"
+  else:
+    run_dir = "runs/demo-quick" if args.quick else "runs/demo"
+  settings = demo.settings_for(quick=args.quick, model=args.model)
   # This process's compilation cache (it runs the demo and nothing else): identical programs
   # (learning-rate grid points, datasets of one attribute) compile once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))
@@ -61,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   seeds = _seeds(args.seeds) if args.seeds is not None else None
   results = demo.run_demo(datasets, run_dir, quick=args.quick, seed=args.seed, seeds=seeds,
-                          fresh=args.fresh, progress=not args.no_progress)
+                          fresh=args.fresh, progress=not args.no_progress, model=args.model,
+                          settings=settings)
   table = demo.seeds_table if seeds and len(seeds) > 1 else demo.results_table
   print(table(results, settings.versions))
   print(f"results: {os.path.join(run_dir, 'results.json')}; plots: "

@@ -629,11 +629,26 @@ def dataset_of(data_cfg) -> str:
   return data_cfg.spec or data_cfg.dataset
 
 
+def story_rows(data_cfg) -> int:
+  """Story rows per occupation a ``config.DataConfig`` asks for: 0 without ``data.stories``, else
+  ``data.story_rows_per_occupation`` (default: ``data.rows_per_occupation``)."""
+  if not data_cfg.stories:
+    return 0
+  n = data_cfg.story_rows_per_occupation
+  n = data_cfg.rows_per_occupation if n is None else n
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise InputError(f"data.story_rows_per_occupation: expected an integer >= 1 (or null for "
+                     f"rows_per_occupation), got {n!r}")
+  return n
+
+
 def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None
                      ) -> tuple[dict[str, list[dict]], DatasetSpec]:
   """A run's records and their dataset spec, from a ``config.DataConfig``: ``records`` when given
   (with the spec of ``data.spec`` or ``data.dataset``), else read from ``data.records_dir``, else
-  built in memory (``data.rows_per_occupation``, ``data.stories``, ``data.seed``; no test sets)."""
+  built in memory (``data.rows_per_occupation``, ``data.stories`` with
+  ``data.story_rows_per_occupation`` story rows per occupation, default as many as
+  ``rows_per_occupation``, ``data.seed``; no test sets)."""
   d = data_cfg
   if records is not None:
     return dict(records), resolve_spec(d.spec or d.dataset)
@@ -641,5 +656,5 @@ def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None
     return read_dataset(d.records_dir), resolve_spec(_manifest_dataset(d.records_dir))
   spec = resolve_spec(d.spec or d.dataset)
   ds = build_dataset(spec, rows_per_occupation=d.rows_per_occupation, test_rounds=0, seed=d.seed,
-                     stories_per_occupation=d.rows_per_occupation if d.stories else 0)
+                     stories_per_occupation=story_rows(d))
   return ds.records, spec

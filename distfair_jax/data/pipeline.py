@@ -24,17 +24,24 @@ Batches are the typed structs of ``data.batches`` (``data.collate.collate``), wi
 ``collate.batch_rows(kind, batch_size, layout) / shard_count`` rows on each process (a packed KTO
 row holds a pair).
 
+``group_by_length=True`` (``data.group_by_length``) replaces the plain shuffle with a
+length-grouped one (``length_grouped_batches``, as Hugging Face's ``group_by_length``): each batch
+holds units of similar length, so a few long rows (stories among one-word answers) do not pad every
+batch to their length; the batches' order stays random and a function of (seed, epoch).
+
 ``steps_per_epoch(num_records, kind, batch_size)`` is computable without a tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
 import grain
 import jax
+import numpy as np
 
 from distfair_jax.data import collate as collate_lib
 from distfair_jax.data import tokenize as tokenize_lib
@@ -56,6 +63,40 @@ def _units_per_batch(kind: str, batch_size: int) -> int:
 def num_units(num_records: int, kind: str) -> int:
   """Shuffle units: records, or (desirable, undesirable) pairs for kto."""
   return num_records // 2 if kind == "kto" else num_records
+
+
+def unit_length(unit, kind: str) -> int:
+  """Tokens of one encoded unit (``Encoder.encode_record``; kto: the pair): prompt and every
+  completion, what its padded row has to hold."""
+  if kind == "kto":
+    return sum(len(u["prompt"]) + len(u["completion"]) for u in unit)
+  if kind == "dpo":
+    return len(unit["prompt"]) + len(unit["chosen"]) + len(unit["rejected"])
+  return len(unit["prompt"]) + len(unit["completion"])
+
+
+def length_grouped_batches(lengths: Sequence[int], per: int, *, seed: int, epoch: int,
+                           drop_remainder: bool = True, window: int = 50) -> list[np.ndarray]:
+  """One epoch's batches of unit indices, grouped by length.
+
+  lengths: [units] token counts; per: units per batch. The units are shuffled (seeded by
+  ``(seed, epoch)``), every ``window`` batches' worth is sorted by length (longest first) and cut
+  into batches, and the batches are shuffled: each batch holds units of similar length while
+  which units share a batch, and the batches' order, stay random. ``drop_remainder`` drops the
+  epoch's one partial batch (the shortest units of the last window). -> [steps] arrays of
+  ``per`` (the last possibly fewer) indices.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  lengths = np.asarray(lengths)
+  batches = []
+  for lo in range(0, len(order), per * window):
+    chunk = order[lo:lo + per * window]
+    chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+    batches.extend(chunk[i:i + per] for i in range(0, len(chunk), per))
+  if batches and len(batches[-1]) < per and drop_remainder:
+    batches.pop()
+  return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def steps_per_epoch(num_records: int, kind: str, batch_size: int, *,
@@ -119,7 +160,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
                  shard_index: int | None = None, shard_count: int | None = None,
                  drop_remainder: bool = True, buckets: Sequence[int] | None = None,
                  layout: str = "rows", read_options: grain.ReadOptions | None = None,
-                 kl_pairs: str = "shifted"
+                 kl_pairs: str = "shifted", group_by_length: bool = False
                  ) -> BatchPipeline:
   """A grain pipeline of padded typed batches (see the module docstring).
 
@@ -137,6 +178,8 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
       and the pairs are split over the processes.
     read_options: grain read options (default: 1 thread, prefetch 4 batches).
     kl_pairs: (kto) the mismatched pairs, ``shifted`` or ``reference`` (``collate.mismatched_rows``).
+    group_by_length: batches of units of similar length (``length_grouped_batches``; the units
+      are tokenized once up front to know their lengths) instead of the plain shuffle.
   """
   collate_lib.check_layout(kind, layout)
   per = _units_per_batch(kind, batch_size)
@@ -168,9 +211,23 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
     lo = shard_index * local
     return jax.tree.map(lambda v: v[lo:lo + local], batch)
 
-  ds = (grain.MapDataset.source(units).map(encode).shuffle(seed=seed)
-        .batch(per, drop_remainder=drop_remainder, batch_fn=collate))
-  epoch_steps = len(ds)
-  ds = ds.repeat(num_epochs).map(shard)
+  if group_by_length:
+    encoded = [encode(u) for u in units]
+    lengths = [unit_length(u, kind) for u in encoded]
+    epoch_steps = len(units) // per if drop_remainder else math.ceil(len(units) / per)
+
+    @functools.lru_cache(maxsize=2)
+    def plan(epoch: int) -> list[np.ndarray]:
+      return length_grouped_batches(lengths, per, seed=seed, epoch=epoch,
+                                    drop_remainder=drop_remainder)
+
+    ds = (grain.MapDataset.range(epoch_steps).repeat(num_epochs)
+          .map_with_index(lambda i, b: collate([encoded[j] for j in plan(i // epoch_steps)[b]])))
+  else:
+    ds = (grain.MapDataset.source(units).map(encode).shuffle(seed=seed)
+          .batch(per, drop_remainder=drop_remainder, batch_fn=collate))
+    epoch_steps = len(ds)
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(shard)
   return BatchPipeline(ds, epoch_steps, num_epochs, batch_size, shard_index, shard_count, encoder,
                        read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

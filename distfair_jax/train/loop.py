@@ -72,6 +72,7 @@ def _setup(ctx, stage, init_params):
   seed = ctx.cfg.data.seed + stage.seed_offset
   pipe = pipeline.make_batches(records, ctx.encoder, stage.records_kind, scfg.batch_size,
                                seed=seed, num_epochs=scfg.epochs, layout=layout,
+                               group_by_length=scfg.group_by_length,
                                **stage.batch_options())
   total = pipe.num_steps if not scfg.max_steps else min(scfg.max_steps, pipe.num_steps)
   if total < 1:
@@ -115,6 +116,7 @@ def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, to
   batches = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
                                   stage.records_kind, batch_size, seed=seed,
                                   num_epochs=stage.cfg.epochs, layout=layout,
+                                  group_by_length=stage.cfg.group_by_length,
                                   **stage.batch_options()).iterator()
   cache = {}
   for step in tqdm(range(total), desc=f"{stage.name}: reference", unit="step",
