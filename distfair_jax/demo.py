@@ -14,6 +14,10 @@ For each dataset:
    ``zero_shot`` (the base model), ``prompt_engineering`` (the target stated in the prompt), ``ift``
    (SFT on answers allocated per target), ``dpo`` (from IFT), ``ours`` (SFT with steering tokens, then
    KTO + steering KL), and the ablations ``kl_only`` and ``kto_only`` (same SFT, stage 2 with one term).
+   Every method's fine-tuning data holds story rows besides the attribute answers
+   (``story_rows_per_occupation``: v3-style prompts of the training wordings, templated stories of
+   the allocated category), so that the fine-tuned models keep writing stories and v3 measures
+   something; a model this small does not carry an answer-only fine-tuning over to stories.
 3. **Fair comparison**: IFT and our SFT run the same number of optimizer steps on the same rows, DPO and
    every stage-2 variant the same number of steps on the same pairs; every trained stage takes its
    learning rate from one grid by one rule (``select``), on the held-out split of the *training*
@@ -26,6 +30,9 @@ For each dataset:
    mass of every method, the exact steering MAE of the steered ones, and every version's unparsed
    rate. ``--seeds 0,1,2`` repeats the whole demo per seed (``RUN_DIR/seed<N>``) and reports mean
    and standard deviation over them.
+
+``--model DIR`` starts every method from a given converted model instead of step 1 (``REAL``: LoRA,
+the model's own tokenizer and chat template, smaller training sets; the test protocol unchanged).
 
 Everything goes under one run directory; a rerun reuses finished stages, selections and evaluations.
 """
@@ -114,8 +121,8 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
                      stage2_lrs=(1e-3,), rounds=20, versions=("v2",), n_bootstrap=200, max_length=96)
 # A given instruct model (``distfair demo --model CKPT``): no base training, the paper's 1-2B recipe
 # (LoRA on q and v, rank 32, alpha 16, dropout 0.05), the test protocol unchanged (v1-v3, 100
-# rounds), and training cut so that one dataset of a 135M-parameter model (SmolLM2-135M-Instruct)
-# fits in about 90 minutes on a 2-core CPU: 16 attribute rows + 4 story rows per occupation
+# rounds), and training cut towards about 90 minutes per dataset for a 135M-parameter model
+# (SmolLM2-135M-Instruct) on a 2-core CPU: 16 attribute rows + 4 story rows per occupation
 # (the paper: 100), SFT 2 epochs and stage 2 one (the paper: 3), a two-point grid, stories of at
 # most 64 new tokens, and no further analyses.
 REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=4, sft_epochs=2,
@@ -445,7 +452,8 @@ class Demo:
   def run(self) -> dict[str, dict]:
     """Trains and evaluates every method; returns ``{method: {version: summary}}``."""
     s = self.s
-    console.log(f"[{self.dataset}] biased base model")
+    console.log(f"[{self.dataset}] " + (f"base model {self.base_model} (given: nothing trained)"
+                                        if self.base_model else "biased base model"))
     base = self.train_base()
     selection: dict[str, Any] = self._load_json("selection.json")
     console.log(f"[{self.dataset}] ours: stage 1 (SFT with steering tokens), lr grid "
@@ -502,7 +510,7 @@ class Demo:
     for key, name, trained in (("kl_pairs: shifted", "ours", self.trained["ours"]),
                                ("kl_pairs: reference", "ours_kl_pairs_reference", run)):
       doc = self.evaluate_method("ours", trained, name=name, versions=["v2"])
-      out[key] = _summary(doc["versions"]["v2"])
+      out[key] = {**_summary(doc["versions"]["v2"]), "z0_mean": _mean_z0(trained)}
     return out
 
   def decoding_sweep(self) -> dict[str, dict]:
@@ -514,6 +522,18 @@ class Demo:
                                  versions=["v2"], temperature=t, top_p=p)
       out[key] = _summary(doc["versions"]["v2"])
     return out
+
+
+def _mean_z0(run: str) -> float | None:
+  """The mean over logged training steps of KTO's reference point z0 (the ``kl`` metric) in a
+  run's hybrid stage: where it is 0 throughout (clamped: max(0, mismatched reward)), the
+  mismatched pairs, hence ``kl_pairs``, cannot change the training."""
+  path = os.path.join(run, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  z0 = [row["kl"] for _, row in fileio.read_jsonl(path)
+        if row.get("stage") == "hybrid" and row.get("split", "train") == "train" and "kl" in row]
+  return float(np.mean(z0)) if z0 else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -574,12 +594,14 @@ def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
       text += f" ± {100 * m[f + '_sd']:.1f}" if pct else f" ± {m[f + '_sd']:.3f}"
     return text
 
-  lines = [f"| dataset | {label} | v2 MAE | exact answer MAE | non-answer | unparsed |",
-           "|---|---|---|---|---|---|"]
+  z0 = any("z0_mean" in m for rows in sweeps.values() for m in rows.values())
+  lines = [f"| dataset | {label} | v2 MAE | exact answer MAE | non-answer | unparsed |"
+           + (" mean z0 in training |" if z0 else ""), "|---|---|---|---|---|---|" + "---|" * z0]
   for ds, rows in sweeps.items():
     for key, m in rows.items():
       lines.append(f"| {ds} | {key} | {cell(m, 'mae')} | {cell(m, 'exact_answer_mae')} | "
-                   f"{cell(m, 'non_answer', True)} | {cell(m, 'unparsed_rate', True)} |")
+                   f"{cell(m, 'non_answer', True)} | {cell(m, 'unparsed_rate', True)} |"
+                   + (f" {cell(m, 'z0_mean')} |" if z0 else ""))
   return "\n".join(lines) + "\n"
 
 
@@ -805,7 +827,7 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
 
 
 SEED_FIELDS = ("mae", "mae_corrected", "exact_answer_mae", "non_answer", "exact_mae",
-               "unparsed_rate", "kl", "kl_sum")
+               "unparsed_rate", "kl", "kl_sum", "z0_mean")
 
 
 def aggregate_seeds(per_seed: dict[int, dict]) -> dict:
