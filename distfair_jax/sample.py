@@ -222,6 +222,17 @@ def _prefill_rows(model, input_ids, attention_mask, rounds: int, cache_length: i
   return jnp.repeat(logits, rounds, axis=0), cache
 
 
+def _prefill_shared(model, input_ids, attention_mask, rounds: int, new_length: int):
+  """input_ids, attention_mask: [P, L] left-padded -> (logits [P*rounds, V] f32, a
+  ``SharedPrefixCache``: each prompt's L slots kept once, ``new_length`` slots per row for the
+  rounds' new tokens). Nothing of size L is repeated."""
+  batch, length = input_ids.shape
+  cache = model.init_cache(batch, length)
+  hidden, cache = model.prefill(input_ids, attention_mask, cache)
+  logits = _last_logits(model, hidden, attention_mask)
+  return jnp.repeat(logits, rounds, axis=0), model.shared_prefix_cache(cache, rounds, new_length)
+
+
 def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
                  temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
                  filtering: bool):
@@ -233,6 +244,9 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
   """
   rows = first_logits.shape[0]
   steered = mode != "none"
+  # The loop body merges its own model: a scanned model (``scan_layers``) cannot run
+  # ``nnx.scan`` on Variables created at the enclosing trace level.
+  graphdef, state = nnx.split(model)
   total = max_new_tokens + (1 if steered else 0)
   tokens = jnp.full((rows, total), pad_id, jnp.int32)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -261,8 +275,9 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
 
   def body(carry):
     t, prev, cache, tokens, done = carry
-    hidden, cache = model.decode_step(prev[:, None], cache)
-    logits = model.logits(hidden)[:, 0].astype(jnp.float32)
+    step_model = nnx.merge(graphdef, state, copy=True)
+    hidden, cache = step_model.decode_step(prev[:, None], cache)
+    logits = step_model.logits(hidden)[:, 0].astype(jnp.float32)
     tok = sample(logits, step_keys(t))
     tok = jnp.where(done, pad_id, tok)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
@@ -277,8 +292,11 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
 def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt, first_round,
                   steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
                   rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
-                  filtering: bool):
+                  filtering: bool, shared_prefix: bool):
   """One chunk, one compiled program: prefill, rounds, per-sample keys, steering and decode loop.
+
+  ``shared_prefix``: decode from a ``SharedPrefixCache`` (each prompt's cache once, the rounds'
+  new tokens per row) instead of a plain cache with every prompt slot repeated ``rounds`` times.
 
   input_ids, attention_mask: [P, L] (prompts first_prompt .. first_prompt + P - 1, left-padded);
   seed: [] int32; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
@@ -286,8 +304,12 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   round first_round + r of prompt first_prompt + p.
   """
   model = nnx.merge(graphdef, state)
-  batch = input_ids.shape[0]
-  logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
+  batch, length = input_ids.shape
+  if shared_prefix:
+    logits, cache = _prefill_shared(model, input_ids, attention_mask, rounds,
+                                    max(cache_length - length - 1, 1))
+  else:
+    logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
   p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)
   r_idx = first_round + jnp.tile(jnp.arange(rounds, dtype=jnp.int32), batch)
   keys = _sample_keys(jax.random.key(seed), p_idx, r_idx)
@@ -295,8 +317,9 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   # device decodes its share (no-ops without one, or when the rows do not divide).
   rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
   logits, keys = rows(logits), rows(keys)
-  cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
-                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  if not shared_prefix:  # (the shared-prefix path runs without a mesh)
+    cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return _decode_rows(model, cache, logits, keys, steering_ids,
                       rows(jnp.repeat(target_probs, rounds, axis=0)), stop_ids, temperature, top_k,
                       top_p, pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
@@ -382,13 +405,28 @@ class Sampler:
   mesh: optional device mesh (every device of every process, e.g. ``{"data": -1}``): each chunk's
   rows are then split over its batch axes, and the results gathered to every process (multi-host
   evaluation: every process calls with the same arguments). ``state`` must live on that mesh.
+
+  shared_prefix: how ``generate`` decodes the rounds of a prompt. ``None`` (the default) picks
+  shared-prefix decoding whenever a chunk holds more than one round per prompt and there is no
+  mesh; ``True`` asks for it (still only without a mesh), ``False`` keeps the plain path. Shared
+  prefix: each prompt's prefilled cache is kept once ([P, kv_heads, L, head_dim]) and the queries of
+  all its rounds attend to it in one batched matmul, while the rounds' new tokens go to a small
+  per-row cache ([P * rounds, kv_heads, new tokens, head_dim]); one softmax over both parts
+  (``llama.Attention._attend_shared``). Plain: the prompt cache rows are repeated ``rounds`` times
+  (``repeat_cache``) and every row attends over its own copy. Same samples up to float summation
+  order (the attention output is summed in two parts); every model of the family (Llama, Qwen2,
+  Gemma 2 with its soft-caps and sliding windows, ``scan_layers`` or not) supports both. A sharded
+  mesh always uses the plain path: the shared prompt part has P rows, not the N rows that the
+  mesh's batch axes split.
   """
 
-  _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering")
+  _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering",
+             "shared_prefix")
 
-  def __init__(self, graphdef, mesh=None):
+  def __init__(self, graphdef, mesh=None, shared_prefix: bool | None = None):
     self.graphdef = graphdef
     self.mesh = mesh
+    self.shared_prefix = shared_prefix
     self._chunk = jax.jit(functools.partial(_sample_chunk, graphdef), static_argnames=self._STATIC)
     self._steer = jax.jit(functools.partial(_steering_distribution, graphdef))
     self._label_logps = jax.jit(functools.partial(_label_logps, graphdef))
@@ -396,10 +434,17 @@ class Sampler:
                            static_argnames=("rounds", "cache_length"))
 
   @classmethod
-  def of(cls, model: nnx.Module, mesh=None) -> tuple[Sampler, Any]:
+  def of(cls, model: nnx.Module, mesh=None,
+         shared_prefix: bool | None = None) -> tuple[Sampler, Any]:
     """A sampler for ``model``'s architecture and ``model``'s state."""
     graphdef, state = nnx.split(model)
-    return cls(graphdef, mesh), state
+    return cls(graphdef, mesh, shared_prefix), state
+
+  def uses_shared_prefix(self, rounds_per_call: int) -> bool:
+    """Whether chunks of ``rounds_per_call`` rounds per prompt decode with a shared prefix."""
+    if self.mesh is not None or self.shared_prefix is False:
+      return False
+    return bool(self.shared_prefix) or rounds_per_call > 1
 
   def _call(self, fn, *args, **kwargs):
     """``fn`` under the mesh (its inputs replicated on it), or plainly without one."""
@@ -477,6 +522,7 @@ class Sampler:
     scalars = (np.float32(config.temperature if config.temperature > 0 else 1.0),
                np.int32(config.top_k), np.float32(config.top_p), np.int32(pad_id))
     per_call, rounds_per_call = _plan(num_prompts, rounds, batch_size)
+    static["shared_prefix"] = self.uses_shared_prefix(rounds_per_call)
     seed_arr = np.int32(seed)
     pending = []
     for start in range(0, num_prompts, per_call):
