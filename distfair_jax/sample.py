@@ -51,9 +51,10 @@ from distfair_jax import sharding as shd
 from distfair_jax.config import DecodeConfig, Steering
 from distfair_jax.data.tokenize import next_pow2, prompt_bucket
 from distfair_jax.errors import InputError
+from distfair_jax.model.llama import SharedPrefixCache
 
 __all__ = ["Sampler", "Samples", "STEERING_MODES", "left_pad", "filter_logits", "categorical_icdf",
-           "sample_logits", "repeat_cache", "decode_text"]
+           "sample_logits", "repeat_cache", "suffix_segments", "decode_text"]
 
 STEERING_MODES = tuple(m.value for m in Steering)
 
@@ -233,6 +234,17 @@ def _prefill_shared(model, input_ids, attention_mask, rounds: int, new_length: i
   return jnp.repeat(logits, rounds, axis=0), model.shared_prefix_cache(cache, rounds, new_length)
 
 
+def suffix_segments(new_slots: int, first: int = 32) -> list[int]:
+  """Per-row cache lengths of the decode loop's segments with a shared prefix: ``first``, doubling,
+  capped at ``new_slots`` (96 -> [32, 64, 96]; 16 -> [16]). Each segment's loop attends over its
+  own length only, so early steps do not read the empty slots of later ones (the rows' new-token
+  cache is the part of a step that every row reads in full)."""
+  lengths = [min(first, new_slots)]
+  while lengths[-1] < new_slots:
+    lengths.append(min(2 * lengths[-1], new_slots))
+  return lengths
+
+
 def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
                  temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
                  filtering: bool):
@@ -284,9 +296,19 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
     done = done | jnp.isin(tok, stop_ids)
     return t + 1, tok, cache, tokens, done
 
+  # Step t feeds token t - 1, written at new slot t - 1: a segment of L slots runs while t <= L.
+  if isinstance(cache, SharedPrefixCache):
+    segments = [(n + 1, n) for n in suffix_segments(max(total - 1, 1))]
+    segments[-1] = (total, segments[-1][1])
+  else:
+    segments = [(total, None)]
   carry = (jnp.asarray(1, jnp.int32), first, cache, tokens, done)
-  _, _, _, tokens, _ = jax.lax.while_loop(cond, body, carry)
-  return tokens, steer_idx
+  for end, slots in segments:
+    t, prev, cache, tokens, done = carry
+    cache = cache if slots is None else cache.grow(slots)
+    carry = jax.lax.while_loop(lambda c, end=end: cond(c) & (c[0] < end), body,
+                               (t, prev, cache, tokens, done))
+  return carry[3], steer_idx
 
 
 def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt, first_round,
@@ -307,7 +329,7 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   batch, length = input_ids.shape
   if shared_prefix:
     logits, cache = _prefill_shared(model, input_ids, attention_mask, rounds,
-                                    max(cache_length - length - 1, 1))
+                                    suffix_segments(max(cache_length - length - 1, 1))[0])
   else:
     logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
   p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)

@@ -73,8 +73,15 @@ def test_decode_step_logits_match_plain_path(model):
   np.testing.assert_allclose(shared, plain, atol=1e-5, rtol=0)
 
 
+def test_suffix_segments():
+  assert sample.suffix_segments(96) == [32, 64, 96]
+  assert sample.suffix_segments(16) == [16]
+  assert sample.suffix_segments(200, first=8) == [8, 16, 32, 64, 128, 200]
+
+
 def test_generate_gives_the_plain_paths_samples(model):
-  kw = dict(rounds=4, config=DecodeConfig(max_new_tokens=10), steering="model",
+  # 40 new tokens: two segments of the per-row cache (32, then grown to 40)
+  kw = dict(rounds=4, config=DecodeConfig(max_new_tokens=40), steering="model",
             steering_ids=[10, 11], seed=3)
   plain_sampler, state = sample.Sampler.of(model, shared_prefix=False)
   shared_sampler, _ = sample.Sampler.of(model, shared_prefix=True)

@@ -769,6 +769,16 @@ class SharedPrefixCache:
   def new_length(self) -> int:
     return self.k.shape[-2] if not isinstance(self.k, tuple) else self.k[0].shape[2]
 
+  def grow(self, new_length: int) -> SharedPrefixCache:
+    """The same cache with ``new_length`` (>= the current) per-row slots, the new ones empty."""
+    extra = new_length - self.new_length
+    if extra < 0:
+      raise ValueError(f"grow: expected at least {self.new_length} slots, got {new_length}")
+    if extra == 0:
+      return self
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+    return dataclasses.replace(self, k=jax.tree.map(pad, self.k), v=jax.tree.map(pad, self.v))
+
 
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
