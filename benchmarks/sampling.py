@@ -361,9 +361,11 @@ def main(argv=None) -> int:
         f"{flops / 1e6:.2f} MFLOP per new token")
   rows = []
   for name, s in summaries.items():
-    if name.startswith("hf_single_") and len(threads) == 1:
+    if (name.startswith("hf_single_") and len(threads) == 1) or (
+        name == "hf_single" and len(threads) > 1):
       continue
-    rows.append([name, s["samples"], s["samples_per_s_min"], s["samples_per_s_median"],
+    label_ = f"hf_single, {name.rsplit('_', 1)[1]} thread(s)" if name.startswith("hf_single_") else name
+    rows.append([label_, s["samples"], s["samples_per_s_min"], s["samples_per_s_median"],
                  s["samples_per_s_max"], s["tokens_per_s_min"], s["tokens_per_s_median"],
                  s["tokens_per_s_max"], s["mean_new_tokens"], f"{100 * s['peak_fraction_median']:.1f}%"])
   print(_common.table(rows, ["side", "samples", "samples/s min", "median", "max", "tokens/s min",
@@ -375,7 +377,8 @@ def main(argv=None) -> int:
     if name in sides:
       print(f"{name}: first call incl. compile {sides[name].first_call_s:.1f} s")
   if "hf_single" in summaries:
-    print(f"hf_single measured on {summaries['hf_single']['samples']} samples per run "
+    print(f"hf_single: the fastest thread count ({summaries['hf_single']['torch_threads']}) counts; "
+          f"measured on {summaries['hf_single']['samples']} samples per run "
           f"({args.torch_rounds} per prompt), its rate extrapolated to the workload")
   result = {"benchmark": "sampling", "workload": workload, "model": label,
             "num_params": num_params, "max_new_tokens": args.max_new_tokens,

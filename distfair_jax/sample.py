@@ -11,15 +11,24 @@ compiled program per shape. The model object only appears inside the traced func
 program and one dispatch; the host fetches the tokens once, after every chunk is queued:
 
 1. **Prefill**: the distinct prompts of a chunk, left-padded to a common bucketed length
-   (``tokenize.prompt_bucket``), go through ``model.prefill`` once; the cache rows and the logits at
-   the last prompt position are then repeated ``rounds`` times on the batch axis, so every round of
-   a prompt shares its single prefill.
+   (``tokenize.prompt_bucket``), go through ``model.prefill`` once, so every round of a prompt
+   shares its single prefill. By default (``Sampler(shared_prefix=None)``: whenever a chunk holds
+   several rounds per prompt and there is no mesh) the prompt cache is then kept ONCE per prompt
+   (``llama.SharedPrefixCache``): the queries of all its rounds attend to it in one batched matmul,
+   and the rounds' new tokens go to a small per-row cache that grows in segments
+   (:func:`suffix_segments`). The plain path (``shared_prefix=False``, and always on a mesh) repeats
+   the cache rows ``rounds`` times on the batch axis (:func:`repeat_cache`). The logits at the last
+   prompt position are repeated ``rounds`` times either way.
 2. **Steering**: ``model`` mode draws the steering token from the softmax over the K steering-token
    logits alone (renormalised, temperature 1) at the first assistant position; ``target`` mode draws it
    from a caller-given distribution; ``none`` skips it. The steering token is written as the first
    assistant token and decoding continues after it (where training put it).
 3. **Decode**: a ``lax.while_loop`` over ``model.decode_step``, with temperature / top-k / top-p /
    greedy, a per-row stop at end-of-turn or EOS ids, and an early exit once every row has stopped.
+   The loop carries the logits of the next token (iteration t draws token t, then runs the model on
+   it), so the output matmul is never fused with the sampler's reductions over the vocabulary
+   (XLA:CPU's fused kernel ran at half the matmul's speed). Top-k / top-p filtering (a sort) is
+   compiled in only when ``top_k > 0`` or ``top_p < 1``.
    Tokens are drawn by inverting the cumulative distribution with one uniform number per row and step
    (:func:`categorical_icdf`), not by Gumbel-max, whose V random numbers per row cost more than the
    model itself on CPU.
