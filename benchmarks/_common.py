@@ -16,6 +16,13 @@ from typing import Any, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
+# The ~56M-parameter model of the CPU benchmarks (``LlamaConfig`` fields; untied output layer):
+# train_step.py's "50m" size and sampling.py's ``--preset 50m``.
+MODEL_50M: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False)
+
 
 # ------------------------------------------------------------------------------------------------
 # Environment

@@ -55,9 +55,7 @@ import _common  # noqa: E402
 SIZES: dict[str, tuple[dict[str, Any], int, int]] = {
     "tiny": ({"preset": "tiny"}, 8, 128),
     # ~56M parameters (untied output layer).
-    "50m": (dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-5,
-                 rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False), 8, 128),
+    "50m": (_common.MODEL_50M, 8, 128),
     # --smoke only.
     "micro": (dict(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -11,15 +11,24 @@ compiled program per shape. The model object only appears inside the traced func
 program and one dispatch; the host fetches the tokens once, after every chunk is queued:
 
 1. **Prefill**: the distinct prompts of a chunk, left-padded to a common bucketed length
-   (``tokenize.prompt_bucket``), go through ``model.prefill`` once; the cache rows and the logits at
-   the last prompt position are then repeated ``rounds`` times on the batch axis, so every round of
-   a prompt shares its single prefill.
+   (``tokenize.prompt_bucket``), go through ``model.prefill`` once, so every round of a prompt
+   shares its single prefill. By default (``Sampler(shared_prefix=None)``: whenever a chunk holds
+   several rounds per prompt and there is no mesh) the prompt cache is then kept ONCE per prompt
+   (``llama.SharedPrefixCache``): the queries of all its rounds attend to it in one batched matmul,
+   and the rounds' new tokens go to a small per-row cache that grows in segments
+   (:func:`suffix_segments`). The plain path (``shared_prefix=False``, and always on a mesh) repeats
+   the cache rows ``rounds`` times on the batch axis (:func:`repeat_cache`). The logits at the last
+   prompt position are repeated ``rounds`` times either way.
 2. **Steering**: ``model`` mode draws the steering token from the softmax over the K steering-token
    logits alone (renormalised, temperature 1) at the first assistant position; ``target`` mode draws it
    from a caller-given distribution; ``none`` skips it. The steering token is written as the first
    assistant token and decoding continues after it (where training put it).
 3. **Decode**: a ``lax.while_loop`` over ``model.decode_step``, with temperature / top-k / top-p /
    greedy, a per-row stop at end-of-turn or EOS ids, and an early exit once every row has stopped.
+   The loop carries the logits of the next token (iteration t draws token t, then runs the model on
+   it), so the output matmul is never fused with the sampler's reductions over the vocabulary
+   (XLA:CPU's fused kernel ran at half the matmul's speed). Top-k / top-p filtering (a sort) is
+   compiled in only when ``top_k > 0`` or ``top_p < 1``.
    Tokens are drawn by inverting the cumulative distribution with one uniform number per row and step
    (:func:`categorical_icdf`), not by Gumbel-max, whose V random numbers per row cost more than the
    model itself on CPU.
@@ -51,9 +60,10 @@ from distfair_jax import sharding as shd
 from distfair_jax.config import DecodeConfig, Steering
 from distfair_jax.data.tokenize import next_pow2, prompt_bucket
 from distfair_jax.errors import InputError
+from distfair_jax.model.llama import SharedPrefixCache
 
 __all__ = ["Sampler", "Samples", "STEERING_MODES", "left_pad", "filter_logits", "categorical_icdf",
-           "sample_logits", "repeat_cache", "decode_text"]
+           "sample_logits", "repeat_cache", "suffix_segments", "decode_text"]
 
 STEERING_MODES = tuple(m.value for m in Steering)
 
@@ -222,6 +232,28 @@ def _prefill_rows(model, input_ids, attention_mask, rounds: int, cache_length: i
   return jnp.repeat(logits, rounds, axis=0), cache
 
 
+def _prefill_shared(model, input_ids, attention_mask, rounds: int, new_length: int):
+  """input_ids, attention_mask: [P, L] left-padded -> (logits [P*rounds, V] f32, a
+  ``SharedPrefixCache``: each prompt's L slots kept once, ``new_length`` slots per row for the
+  rounds' new tokens). Nothing of size L is repeated."""
+  batch, length = input_ids.shape
+  cache = model.init_cache(batch, length)
+  hidden, cache = model.prefill(input_ids, attention_mask, cache)
+  logits = _last_logits(model, hidden, attention_mask)
+  return jnp.repeat(logits, rounds, axis=0), model.shared_prefix_cache(cache, rounds, new_length)
+
+
+def suffix_segments(new_slots: int, first: int = 32) -> list[int]:
+  """Per-row cache lengths of the decode loop's segments with a shared prefix: ``first``, doubling,
+  capped at ``new_slots`` (96 -> [32, 64, 96]; 16 -> [16]). Each segment's loop attends over its
+  own length only, so early steps do not read the empty slots of later ones (the rows' new-token
+  cache is the part of a step that every row reads in full)."""
+  lengths = [min(first, new_slots)]
+  while lengths[-1] < new_slots:
+    lengths.append(min(2 * lengths[-1], new_slots))
+  return lengths
+
+
 def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
                  temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
                  filtering: bool):
@@ -233,6 +265,9 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
   """
   rows = first_logits.shape[0]
   steered = mode != "none"
+  # The loop body merges its own model: a scanned model (``scan_layers``) cannot run
+  # ``nnx.scan`` on Variables created at the enclosing trace level.
+  graphdef, state = nnx.split(model)
   total = max_new_tokens + (1 if steered else 0)
   tokens = jnp.full((rows, total), pad_id, jnp.int32)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -253,32 +288,52 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
     steer_idx = jnp.full((rows,), -1, jnp.int32)
     first = sample(first_logits, step_keys(0))
     done = jnp.isin(first, stop_ids)
-  tokens = tokens.at[:, 0].set(first)
 
-  def cond(carry):
-    t, _, _, _, done = carry
-    return (t < total) & ~jnp.all(done)
-
-  def body(carry):
-    t, prev, cache, tokens, done = carry
-    hidden, cache = model.decode_step(prev[:, None], cache)
-    logits = model.logits(hidden)[:, 0].astype(jnp.float32)
-    tok = sample(logits, step_keys(t))
-    tok = jnp.where(done, pad_id, tok)
+  def pick(t, logits, tokens, done):
+    """Token t of every row (the first token at t = 0; pad after a stop), written to tokens."""
+    drawn = jnp.where(done, pad_id, sample(logits, step_keys(t)))
+    tok = jnp.where(t == 0, first, drawn)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
-    done = done | jnp.isin(tok, stop_ids)
-    return t + 1, tok, cache, tokens, done
+    return tok, tokens, done | jnp.isin(tok, stop_ids)
 
-  carry = (jnp.asarray(1, jnp.int32), first, cache, tokens, done)
-  _, _, _, tokens, _ = jax.lax.while_loop(cond, body, carry)
+  # The loop carries the logits of the token it draws next: iteration t draws token t, then runs
+  # the model on it for the logits of token t + 1. The [N, V] logits thus leave each iteration in
+  # memory; computed and consumed in one iteration instead, XLA:CPU fused the output matmul with the
+  # sampler's max / exp over the vocabulary into one kernel that ran at half the matmul's speed.
+  def body(carry):
+    t, logits, cache, tokens, done = carry
+    tok, tokens, done = pick(t, logits, tokens, done)
+    step_model = nnx.merge(graphdef, state, copy=True)
+    hidden, cache = step_model.decode_step(tok[:, None], cache)
+    logits = step_model.logits(hidden)[:, 0].astype(jnp.float32)
+    return t + 1, logits, cache, tokens, done
+
+  # Token t goes to new slot t: a segment of n slots runs while t < n (the last token, total - 1,
+  # is drawn after the loop and never fed).
+  last = total - 1
+  if isinstance(cache, SharedPrefixCache):
+    segments = [(min(n, last), n) for n in suffix_segments(max(last, 1))]
+  else:
+    segments = [(last, None)]
+  carry = (jnp.asarray(0, jnp.int32), first_logits, cache, tokens, done)
+  for end, slots in segments:
+    t, logits, cache, tokens, done = carry
+    cache = cache if slots is None else cache.grow(slots)
+    carry = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[4]), body,
+                               (t, logits, cache, tokens, done))
+  t, logits, _, tokens, done = carry
+  _, tokens, _ = pick(t, logits, tokens, done)
   return tokens, steer_idx
 
 
 def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt, first_round,
                   steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
                   rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
-                  filtering: bool):
+                  filtering: bool, shared_prefix: bool):
   """One chunk, one compiled program: prefill, rounds, per-sample keys, steering and decode loop.
+
+  ``shared_prefix``: decode from a ``SharedPrefixCache`` (each prompt's cache once, the rounds'
+  new tokens per row) instead of a plain cache with every prompt slot repeated ``rounds`` times.
 
   input_ids, attention_mask: [P, L] (prompts first_prompt .. first_prompt + P - 1, left-padded);
   seed: [] int32; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
@@ -286,8 +341,12 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   round first_round + r of prompt first_prompt + p.
   """
   model = nnx.merge(graphdef, state)
-  batch = input_ids.shape[0]
-  logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
+  batch, length = input_ids.shape
+  if shared_prefix:
+    logits, cache = _prefill_shared(model, input_ids, attention_mask, rounds,
+                                    suffix_segments(max(cache_length - length - 1, 1))[0])
+  else:
+    logits, cache = _prefill_rows(model, input_ids, attention_mask, rounds, cache_length)
   p_idx = first_prompt + jnp.repeat(jnp.arange(batch, dtype=jnp.int32), rounds)
   r_idx = first_round + jnp.tile(jnp.arange(rounds, dtype=jnp.int32), batch)
   keys = _sample_keys(jax.random.key(seed), p_idx, r_idx)
@@ -295,8 +354,9 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   # device decodes its share (no-ops without one, or when the rows do not divide).
   rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
   logits, keys = rows(logits), rows(keys)
-  cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
-                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  if not shared_prefix:  # (the shared-prefix path runs without a mesh)
+    cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return _decode_rows(model, cache, logits, keys, steering_ids,
                       rows(jnp.repeat(target_probs, rounds, axis=0)), stop_ids, temperature, top_k,
                       top_p, pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
@@ -382,13 +442,28 @@ class Sampler:
   mesh: optional device mesh (every device of every process, e.g. ``{"data": -1}``): each chunk's
   rows are then split over its batch axes, and the results gathered to every process (multi-host
   evaluation: every process calls with the same arguments). ``state`` must live on that mesh.
+
+  shared_prefix: how ``generate`` decodes the rounds of a prompt. ``None`` (the default) picks
+  shared-prefix decoding whenever a chunk holds more than one round per prompt and there is no
+  mesh; ``True`` asks for it (still only without a mesh), ``False`` keeps the plain path. Shared
+  prefix: each prompt's prefilled cache is kept once ([P, kv_heads, L, head_dim]) and the queries of
+  all its rounds attend to it in one batched matmul, while the rounds' new tokens go to a small
+  per-row cache ([P * rounds, kv_heads, new tokens, head_dim]); one softmax over both parts
+  (``llama.Attention._attend_shared``). Plain: the prompt cache rows are repeated ``rounds`` times
+  (``repeat_cache``) and every row attends over its own copy. Same samples up to float summation
+  order (the attention output is summed in two parts); every model of the family (Llama, Qwen2,
+  Gemma 2 with its soft-caps and sliding windows, ``scan_layers`` or not) supports both. A sharded
+  mesh always uses the plain path: the shared prompt part has P rows, not the N rows that the
+  mesh's batch axes split.
   """
 
-  _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering")
+  _STATIC = ("rounds", "cache_length", "mode", "max_new_tokens", "greedy", "filtering",
+             "shared_prefix")
 
-  def __init__(self, graphdef, mesh=None):
+  def __init__(self, graphdef, mesh=None, shared_prefix: bool | None = None):
     self.graphdef = graphdef
     self.mesh = mesh
+    self.shared_prefix = shared_prefix
     self._chunk = jax.jit(functools.partial(_sample_chunk, graphdef), static_argnames=self._STATIC)
     self._steer = jax.jit(functools.partial(_steering_distribution, graphdef))
     self._label_logps = jax.jit(functools.partial(_label_logps, graphdef))
@@ -396,10 +471,17 @@ class Sampler:
                            static_argnames=("rounds", "cache_length"))
 
   @classmethod
-  def of(cls, model: nnx.Module, mesh=None) -> tuple[Sampler, Any]:
+  def of(cls, model: nnx.Module, mesh=None,
+         shared_prefix: bool | None = None) -> tuple[Sampler, Any]:
     """A sampler for ``model``'s architecture and ``model``'s state."""
     graphdef, state = nnx.split(model)
-    return cls(graphdef, mesh), state
+    return cls(graphdef, mesh, shared_prefix), state
+
+  def uses_shared_prefix(self, rounds_per_call: int) -> bool:
+    """Whether chunks of ``rounds_per_call`` rounds per prompt decode with a shared prefix."""
+    if self.mesh is not None or self.shared_prefix is False:
+      return False
+    return bool(self.shared_prefix) or rounds_per_call > 1
 
   def _call(self, fn, *args, **kwargs):
     """``fn`` under the mesh (its inputs replicated on it), or plainly without one."""
@@ -477,6 +559,7 @@ class Sampler:
     scalars = (np.float32(config.temperature if config.temperature > 0 else 1.0),
                np.int32(config.top_k), np.float32(config.top_p), np.int32(pad_id))
     per_call, rounds_per_call = _plan(num_prompts, rounds, batch_size)
+    static["shared_prefix"] = self.uses_shared_prefix(rounds_per_call)
     seed_arr = np.int32(seed)
     pending = []
     for start in range(0, num_prompts, per_call):

@@ -8,6 +8,7 @@ from distfair_jax.model.llama import (
     KVCache,
     Llama,
     LlamaConfig,
+    SharedPrefixCache,
     apply_rope,
     positions_from_mask,
     rope_inv_freq,
@@ -22,7 +23,7 @@ from distfair_jax.model.presets import (
 )
 
 __all__ = [
-    "Gemma2", "build", "model_class", "KVCache", "Llama", "LlamaConfig", "apply_rope",
+    "Gemma2", "build", "model_class", "KVCache", "Llama", "LlamaConfig", "SharedPrefixCache", "apply_rope",
     "positions_from_mask", "rope_inv_freq",
     "PRESETS", "ParamStats", "abstract_state", "get_preset", "param_stats", "preset_names",
 ]

@@ -540,7 +540,9 @@ class Attention(nnx.Module):
     k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     new_cache = None
-    if kv_cache is not None:
+    if isinstance(kv_cache, SharedKV):
+      out, new_cache = self._shared_prefix_attention(q, k, v, mask, kv_cache, index)
+    elif kv_cache is not None:
       out, new_cache = self._cached_attention(q, k, v, mask, kv_cache, index)
     elif self.softcap is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=self.scale)
@@ -568,6 +570,58 @@ class Attention(nnx.Module):
     ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), start)
     cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), start)
     return self._attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
+
+  def _shared_prefix_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                               mask: tuple[jax.Array, jax.Array], kv: SharedKV, index: jax.Array):
+    """One decode step over a shared prompt cache plus a per-row cache of the new tokens.
+
+    q: [N, 1, heads, head_dim]; k, v: [N, 1, kv_heads, head_dim] (N = P * rounds, rows in
+    prompt-major order); mask: (prefix [P, L] bool, new [N or 1, T] bool); kv: ``SharedKV``. The new
+    k/v are written at slot ``index`` of the per-row part. Returns (out [N, 1, heads, head_dim],
+    the per-row (k, v) [N, kv_heads, T, head_dim] each).
+    """
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, index, zero)
+    ck = jax.lax.dynamic_update_slice(kv.k, k.transpose(0, 2, 1, 3).astype(kv.k.dtype), start)
+    cv = jax.lax.dynamic_update_slice(kv.v, v.transpose(0, 2, 1, 3).astype(kv.v.dtype), start)
+    out = self._attend_shared(q[:, 0], kv.prefix_k.astype(q.dtype), kv.prefix_v.astype(q.dtype),
+                              ck.astype(q.dtype), cv.astype(q.dtype), *mask)
+    return out[:, None], (ck, cv)
+
+  def _attend_shared(self, q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array,
+                     new_k: jax.Array, new_v: jax.Array, prefix_mask: jax.Array,
+                     new_mask: jax.Array) -> jax.Array:
+    """Attention of one query per row over [prompt slots | new slots], one softmax.
+
+    q: [N, heads, hd]; prefix_k, prefix_v: [P, kv_heads, L, hd] (each prompt's slots, stored once);
+    new_k, new_v: [N, kv_heads, T, hd]; prefix_mask: [P, L] bool; new_mask: [N or 1, T] bool.
+    Returns [N, heads, hd]. The queries of a prompt's R = N / P rounds and its G query heads per kv
+    head form one [R * G, hd] block per (prompt, kv head), so the prompt's keys and values are read
+    once per prompt in one batched matmul, not once per row. The scores of both parts are
+    concatenated (the plain cache's slot order: prompt, then new tokens) and scaled, soft-capped,
+    masked and normalised exactly as ``_attend`` does.
+    """
+    n, h, hd = q.shape
+    p, kvh, length, _ = prefix_k.shape
+    r, g, t = n // p, h // kvh, new_k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q_rows = q.reshape(n, kvh, g, hd)
+    to_prompt = lambda a: a.reshape(p, r, kvh, g, -1).transpose(0, 2, 1, 3, 4).reshape(p, kvh, r * g, -1)
+    to_rows = lambda a: a.reshape(p, kvh, r, g, -1).transpose(0, 2, 1, 3, 4).reshape(n, kvh, g, -1)
+    s_prefix = jnp.einsum("pkqd,pksd->pkqs", to_prompt(q_rows), prefix_k,
+                          preferred_element_type=acc)  # [P, kv_heads, R * G, L]
+    s_new = jnp.einsum("nkgd,nksd->nkgs", q_rows, new_k, preferred_element_type=acc)  # [N, kvh, G, T]
+    logits = jnp.concatenate([to_rows(s_prefix), s_new], axis=-1)  # [N, kv_heads, G, L + T]
+    logits = (logits * jnp.asarray(self.scale, logits.dtype)).astype(jnp.float32)
+    logits = soft_cap(logits, self.softcap)
+    visible = jnp.concatenate([jnp.repeat(prefix_mask, r, axis=0),
+                               jnp.broadcast_to(new_mask, (n, t))], axis=-1)  # [N, L + T]
+    logits = jnp.where(visible[:, None, None, :], logits,
+                       jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    probs = jax.nn.softmax(logits, axis=-1).astype(new_v.dtype)
+    out_prefix = jnp.einsum("pkqs,pksd->pkqd", to_prompt(probs[..., :length]), prefix_v)
+    out_new = jnp.einsum("nkgs,nksd->nkgd", probs[..., length:], new_v)  # [N, kv_heads, G, hd]
+    return (to_rows(out_prefix) + out_new).reshape(n, h, hd)
 
   def _attend(self, q: jax.Array, keys: jax.Array, values: jax.Array,
               mask: jax.Array) -> jax.Array:
@@ -666,6 +720,66 @@ class KVCache:
     return KVCache(k=k, v=v, mask=P("batch", "cache_length"), index=P(), positions=P("batch"))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedKV:
+  """One layer's keys/values for shared-prefix decoding (what ``Attention`` gets as ``kv_cache``).
+
+  prefix_k, prefix_v: [P, kv_heads, L, head_dim], each prompt's slots once; k, v: [N, kv_heads, T,
+  head_dim], the new tokens of each of the N = P * rounds rows (prompt-major: row p * rounds + r).
+  """
+
+  prefix_k: jax.Array
+  prefix_v: jax.Array
+  k: jax.Array
+  v: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedPrefixCache:
+  """Decoding state when every prompt is continued ``rounds`` times (``Llama.shared_prefix_cache``).
+
+  prefix_k, prefix_v: per layer [P, kv_heads, L, head_dim] (a tuple, or one array with a leading
+  [layers] axis under ``scan_layers``), written by the prefill and only read afterwards;
+  prefix_mask: [P, L] bool, slots holding a real prompt token; prefix_positions: [P, L] int32, their
+  RoPE positions; k, v: per layer [N, kv_heads, T, head_dim], the rows' new tokens (N = P *
+  rounds); index: [] int32, next new slot to write (shared by all rows); positions: [N] int32, RoPE
+  position of each row's next token. Rounds of a prompt stay at one position (they advance together).
+  """
+
+  prefix_k: tuple[jax.Array, ...] | jax.Array
+  prefix_v: tuple[jax.Array, ...] | jax.Array
+  prefix_mask: jax.Array
+  prefix_positions: jax.Array
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
+  index: jax.Array
+  positions: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.positions.shape[0]
+
+  @property
+  def rounds(self) -> int:
+    return self.positions.shape[0] // self.prefix_mask.shape[0]
+
+  @property
+  def new_length(self) -> int:
+    return self.k.shape[-2] if not isinstance(self.k, tuple) else self.k[0].shape[2]
+
+  def grow(self, new_length: int) -> SharedPrefixCache:
+    """The same cache with ``new_length`` (>= the current) per-row slots, the new ones empty."""
+    extra = new_length - self.new_length
+    if extra < 0:
+      raise ValueError(f"grow: expected at least {self.new_length} slots, got {new_length}")
+    if extra == 0:
+      return self
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+    return dataclasses.replace(self, k=jax.tree.map(pad, self.k), v=jax.tree.map(pad, self.v))
+
+
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
 
 
@@ -686,13 +800,14 @@ def _decoder_layers(cfg: LlamaConfig, rngs: nnx.Rngs, layer_cls: type = DecoderL
 
 
 def _layer_mask(masks: tuple[jax.Array, ...], sliding) -> jax.Array:
-  """One layer's attention mask: ``masks`` is (full,) or (full, sliding window); ``sliding`` a
-  Python bool (the layer loop) or a traced one (a scanned layer's flag)."""
+  """One layer's attention mask: ``masks`` is (full,) or (full, sliding window), each an array or
+  (shared-prefix decoding) a pair of arrays; ``sliding`` a Python bool (the layer loop) or a traced
+  one (a scanned layer's flag)."""
   if len(masks) == 1:
     return masks[0]
   if isinstance(sliding, (bool, np.bool_)):
     return masks[1] if sliding else masks[0]
-  return jnp.where(sliding, masks[1], masks[0])
+  return jax.tree.map(lambda full, window: jnp.where(sliding, window, full), masks[0], masks[1])
 
 
 class Llama(nnx.Module):
@@ -845,9 +960,73 @@ class Llama(nnx.Module):
     """
     return self._extend(input_ids, attention_mask, cache)
 
-  def decode_step(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """token_ids: [B, 1] -> (hidden [B, 1, D], cache advanced by one slot)."""
+  def decode_step(self, token_ids: jax.Array, cache: KVCache | SharedPrefixCache):
+    """token_ids: [B, 1] -> (hidden [B, 1, D], cache advanced by one slot); ``cache`` a ``KVCache``
+    or a ``SharedPrefixCache`` (same hidden states, up to float summation order)."""
+    if isinstance(cache, SharedPrefixCache):
+      return self._decode_shared(token_ids, cache)
     return self._extend(token_ids, jnp.ones(token_ids.shape, jnp.int32), cache)
+
+  def shared_prefix_cache(self, cache: KVCache, rounds: int, new_length: int,
+                          dtype: Any = None) -> SharedPrefixCache:
+    """The prefilled prompt cache ``cache`` (P rows, every slot a prompt slot or left padding) kept
+    once per prompt, with an empty per-row part for ``rounds`` continuations of each prompt of up
+    to ``new_length`` tokens: rows [P] -> [P * rounds], prompt-major. Nothing is repeated but the
+    [P] positions."""
+    cfg = self.config
+    rows = cache.batch_size * rounds
+    dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    shape = (rows, cfg.num_key_value_heads, new_length, cfg.head_dim)
+    if cfg.scan_layers:
+      k = v = jnp.zeros((cfg.num_hidden_layers, *shape), dt)
+    else:
+      k = v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+    return SharedPrefixCache(prefix_k=cache.k, prefix_v=cache.v, prefix_mask=cache.mask,
+                             prefix_positions=positions_from_mask(cache.mask), k=k, v=v,
+                             index=jnp.zeros((), jnp.int32),
+                             positions=jnp.repeat(cache.positions, rounds))
+
+  def _shared_masks(self, cache: SharedPrefixCache) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """((prefix [P, L], new [1, T]),) or, with sliding-window layers, also the windowed pair; the
+    query of every round of prompt p sits at position ``positions[p * rounds]``."""
+    index = cache.index
+    slot = jnp.arange(cache.new_length)
+    written = (slot <= index)[None, :]
+    full = (cache.prefix_mask, written)
+    if not any(self.config.is_sliding):
+      return (full,)
+    w = self.config.sliding_window
+    q_pos = cache.positions[::cache.rounds]  # [P]
+    prefix = cache.prefix_mask & ((q_pos[:, None] - cache.prefix_positions) < w)
+    return full, (prefix, written & ((index - slot) < w)[None, :])
+
+  def _decode_shared(self, token_ids: jax.Array, cache: SharedPrefixCache):
+    """token_ids: [N, 1] -> (hidden [N, 1, D], cache advanced by one new slot)."""
+    cos, sin = rope_cos_sin(cache.positions[:, None], rope_inv_freq(self.config))
+    index = cache.index.astype(jnp.int32)
+    masks = self._shared_masks(cache)
+    x = self._embed(token_ids)
+    if self.config.scan_layers:
+      def run_layer(x, layer, sliding, pk, pv, ck, cv, cos, sin, masks, index):
+        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), SharedKV(pk, pv, ck, cv),
+                            index)
+        return x, ck, cv
+      x, new_k, new_v = nnx.scan(
+          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, 0, 0, None, None, None, None),
+          out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA,
+      )(x, self.layers, jnp.asarray(self.config.is_sliding), cache.prefix_k, cache.prefix_v,
+        cache.k, cache.v, cos, sin, masks, index)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        kv = SharedKV(cache.prefix_k[i], cache.prefix_v[i], cache.k[i], cache.v[i])
+        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, self.config.is_sliding[i]), kv, index)
+        new_k.append(ck)
+        new_v.append(cv)
+      new_k, new_v = tuple(new_k), tuple(new_v)
+    new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + 1,
+                                    positions=cache.positions + 1)
+    return self.norm(x), new_cache
 
   def _extend(self, input_ids, attention_mask, cache: KVCache):
     t = input_ids.shape[1]
