@@ -75,6 +75,7 @@ class DemoSettings:
   sft_epochs: int = 2
   stage2_epochs: int = 2
   batch_size: int = 16                 # SFT / IFT rows; stage 2: 16 rows = 8 (desirable, undesirable) pairs; DPO 8 pairs
+  sft_batch_size: int | None = None    # SFT / IFT rows when not batch_size
   # One grid for every trained method (SFT, IFT, each stage 2, DPO), chosen by one rule
   # (``Demo.select``): 10x and 100x below the rates that used to be the only ones.
   sft_lrs: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -124,9 +125,12 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
 # rounds), and training cut towards about 90 minutes per dataset for a 135M-parameter model
 # (SmolLM2-135M-Instruct) on a 2-core CPU: 16 attribute rows + 4 story rows per occupation
 # (the paper: 100), SFT 2 epochs and stage 2 one (the paper: 3), a two-point grid, stories of at
-# most 64 new tokens, and no further analyses.
+# most 64 new tokens, and no further analyses. Batches as the paper's: SFT 4 rows, stage 2 8 rows
+# (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps at 1e-4 left SmolLM2's steered
+# answers 99.4% non-answer on the held-out prompts.
 REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=4, sft_epochs=2,
-                    stage2_epochs=1, batch_size=16, sft_lrs=(1e-4, 1e-3), stage2_lrs=(1e-4, 1e-3),
+                    stage2_epochs=1, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
+                    stage2_lrs=(1e-4, 1e-3),
                     rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
                     lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, analyses=False)
 
@@ -304,7 +308,8 @@ class Demo:
                           story_rows_per_occupation=s.story_rows_per_occupation or None,
                           seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
-                        batch_size=s.batch_size, optim=optim(lr if sft_lr is None else sft_lr, 10)),
+                        batch_size=s.sft_batch_size or s.batch_size,
+                        optim=optim(lr if sft_lr is None else sft_lr, 10)),
         hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
                               ablation=ablation, kl_pairs=C.KLPairs(kl_pairs),
                               group_by_length=grouped, optim=optim(lr, 5)),
