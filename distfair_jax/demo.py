@@ -61,12 +61,12 @@ ABLATION = {"ours": "full", "kl_only": "kl_only", "kto_only": "kto_only"}
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
   """Sizes of the miniature benchmark (``DEFAULT`` and ``QUICK`` below)."""
-  rows_per_occupation: int = 60        # fine-tuning rows per occupation (SFT / IFT / KTO / DPO)
+  rows_per_occupation: int = 48        # fine-tuning rows per occupation (SFT / IFT / KTO / DPO)
   # Story rows per occupation in every method's fine-tuning data (``data.stories``; v3-style
   # prompts, templated stories of the allocated category): without them a model this small,
   # fine-tuned on one-word answers only, forgets how to write a story and answers v3 with a bare
   # category word (all unparsed), so v3 would measure nothing.
-  story_rows_per_occupation: int = 20
+  story_rows_per_occupation: int = 16
   base_rows_per_occupation: int = 80   # stereotyped attribute answers per occupation
   base_stories_per_occupation: int = 24
   stereotype_share: float = 0.95       # the base model's majority share
@@ -214,11 +214,16 @@ OUT_OF_DISTRIBUTION = {"gender_real_uk": "gender_real_us"}
 DECODING_SWEEP = ((0.5, 1.0), (1.0, 1.0), (1.5, 1.0), (1.0, 0.9))
 
 
-def select(scores: dict[float, float], non_answer: dict[float, float]) -> float:
+def select(scores: dict[float, float], non_answer: dict[float, float],
+           story_bare: dict[float, float] | None = None) -> float:
   """The demo's one selection rule, for every trained method: the learning rate with the lowest
   held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
-  mass is at most 20% when there are any (ties: the smaller rate)."""
-  ok = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER] or list(scores)
+  mass is at most 20% and, with ``story_bare``, whose bare-answer mass on held-out story prompts
+  (the probability of answering a story request with a bare category word: a model that lost
+  its stories) is at most 20%, when there are any (ties: the smaller rate)."""
+  story_bare = story_bare or {}
+  ok = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER and
+        story_bare.get(lr, 0.0) <= MAX_NON_ANSWER] or list(scores)
   return min(ok, key=lambda lr: (scores[lr], lr))
 
 
@@ -349,7 +354,7 @@ class Demo:
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
-    scores, non_answer, runs = {}, {}, {}
+    scores, non_answer, bare, runs = {}, {}, {}, {}
     for lr in lrs:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
@@ -359,27 +364,33 @@ class Demo:
       cfg = self.config(run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr], non_answer[lr] = self.heldout_mae(run, steered=steered)
+      scores[lr], non_answer[lr], bare[lr] = self.heldout_mae(run, steered=steered)
       runs[lr] = run
       console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
-                  f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%})")
-    best = select(scores, non_answer)
-    return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr]} for lr in lrs}
+                  f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
+                  + ("" if bare[lr] is None else f"; bare answers to story prompts "
+                     f"{bare[lr]:.1%}") + ")")
+    best = select(scores, non_answer, {lr: b for lr, b in bare.items() if b is not None})
+    return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
+                                   "story_bare_answer": bare[lr]} for lr in lrs}
 
-  def heldout_mae(self, run: str, *, steered: bool) -> tuple[float, float]:
-    """(exact answer MAE, non-answer mass) over the held-out *training* prompts: the mean over
-    prompts of mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of
-    the K canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens
-    for a steered model), not renormalised, so mass on non-answers counts as error."""
+  def heldout_mae(self, run: str, *, steered: bool) -> tuple[float, float, float | None]:
+    """(exact answer MAE, non-answer mass, bare-answer mass on stories) over the held-out
+    *training* prompts. The first two on the attribute questions: the mean over prompts of
+    mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of the K
+    canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens for a
+    steered model), not renormalised, so mass on non-answers counts as error; and 1 - sum_k q_k.
+    The third on the held-out story prompts (None without story rows): sum_k q_k there, the mass
+    on answering a story request with a bare category word."""
     from distfair_jax import evaluate as eval_lib
     from distfair_jax.data.tokenize import Encoder
     from distfair_jax.train.heldout import split_heldout
     _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
     answers = set(self.attribute.answers)
-    prompts = {}
+    prompts, stories = {}, {}
     for r in held:  # the attribute questions (a story row's response is no canonical answer)
-      if r["response"] in answers:
-        prompts.setdefault(r["prompt"], np.asarray(r["target"], np.float64))
+      (prompts if r["response"] in answers else stories).setdefault(
+          r["prompt"], np.asarray(r["target"], np.float64))
     if not prompts:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
@@ -389,7 +400,12 @@ class Demo:
     p = np.stack(list(prompts.values()))
     sampler, state = self.sampler(model)
     q = eval_lib.answer_probabilities(sampler, state, seqs, enc, self.attribute, steered=steered)
-    return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1)))
+    bare = None
+    if stories:
+      qs = eval_lib.answer_probabilities(sampler, state, [enc.prompt_ids(x) for x in stories],
+                                         enc, self.attribute, steered=steered)
+      bare = float(np.mean(qs.sum(-1)))
+    return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
@@ -411,8 +427,10 @@ class Demo:
     from distfair_jax import evaluate as eval_lib
     out_dir = os.path.join(self.dir, name or method)
     path = os.path.join(out_dir, "eval", "metrics.json")
-    if os.path.exists(path):
-      return fileio.read_json(path)
+    if os.path.exists(path):  # reused when it evaluated this run (a new selection re-evaluates)
+      doc = fileio.read_json(path)
+      if doc.get("meta", {}).get("run") == os.path.abspath(run):
+        return doc
     s = self.s
     versions = list(versions or s.versions)
     cfg = C.EvalConfig(
@@ -429,7 +447,7 @@ class Demo:
     sampler, _ = self.sampler(model)
     return self._timed(f"eval:{name or method}", lambda: eval_lib.evaluate(
         model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
-        metadata={"dataset": self.dataset, "method": method,
+        metadata={"dataset": self.dataset, "method": method, "run": os.path.abspath(run),
                   **({"base_model": self.base_model} if self.base_model else {})},
         max_prompt_length=s.max_length - 16, sampler=sampler))
 
@@ -559,8 +577,9 @@ def _summary(m: dict) -> dict:
 def results_table(results: dict, versions: Sequence[str]) -> str:
   """Markdown: one row per (dataset, method), per version the MAE and, in brackets, the
   bias-corrected estimate with its 95% interval (metrics' docstring); exact MAE, unparsed rate."""
+  exact = [v for v in versions if v != "v3"]  # stories have no canonical answers
   head = (["dataset", "method"] + [f"{v} MAE (corrected [95% CI])" for v in versions]
-          + ["v2 exact answer MAE", "v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
           + [f"{v} unparsed" for v in versions])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for ds, methods in results.items():
@@ -577,8 +596,10 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
         corrected = m.get("mae_corrected")
         cells.append(f"{m['mae']:.3f}" + (f" ({corrected:.3f} [{ci[0]:.3f}, {ci[1]:.3f}])"
                                           if ci and corrected is not None else ""))
+      for v in exact:
+        e = (methods[method].get(v) or {}).get("exact_answer_mae")
+        cells.append("" if e is None else f"{e:.3f}")
       v2 = methods[method].get("v2") or {}
-      cells.append("" if v2.get("exact_answer_mae") is None else f"{v2['exact_answer_mae']:.3f}")
       cells.append("" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}")
       cells.append("" if v2.get("exact_mae") is None else f"{v2['exact_mae']:.3f}")
       for v in versions:
@@ -869,8 +890,9 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
     return f"{100 * mean:.1f}% ± {100 * sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
   n = len(next(iter(next(iter(next(iter(results.values())).values())).values()))["seeds"])
+  exact = [v for v in versions if v != "v3"]
   head = (["dataset", "method"] + [f"{v} MAE" for v in versions]
-          + ["v2 exact answer MAE", "v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
           + [f"{v} unparsed" for v in versions])
   lines = [f"Mean ± standard deviation over {n} seeds.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -880,8 +902,8 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
         continue
       m = methods[method]
       cells = ([ds, method] + [cell(m.get(v), "mae") for v in versions]
-               + [cell(m.get("v2"), "exact_answer_mae"), cell(m.get("v2"), "non_answer", True),
-                  cell(m.get("v2"), "exact_mae")]
+               + [cell(m.get(v), "exact_answer_mae") for v in exact]
+               + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
                + [cell(m.get(v), "unparsed_rate", True) for v in versions])
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
