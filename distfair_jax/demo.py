@@ -208,6 +208,10 @@ def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupatio
 
 
 MAX_NON_ANSWER = 0.2
+# A model that still writes stories answers a story request with a bare category word almost
+# never (0-3% of the exact mass on held-out story prompts over the grids of three seeds); the
+# rates that broke v3 had 16-100% (one at 16% answered 93% of v3 with "FemaleMale" and the like).
+MAX_STORY_BARE = 0.05
 # The paper's out-of-distribution test: models trained on one region, evaluated on another's.
 OUT_OF_DISTRIBUTION = {"gender_real_uk": "gender_real_us"}
 # The decoding configurations ours is also evaluated with (temperature, top_p).
@@ -220,10 +224,10 @@ def select(scores: dict[float, float], non_answer: dict[float, float],
   held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
   mass is at most 20% and, with ``story_bare``, whose bare-answer mass on held-out story prompts
   (the probability of answering a story request with a bare category word: a model that lost
-  its stories) is at most 20%, when there are any (ties: the smaller rate)."""
+  its stories) is at most 5%, when there are any (ties: the smaller rate)."""
   story_bare = story_bare or {}
   ok = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER and
-        story_bare.get(lr, 0.0) <= MAX_NON_ANSWER] or list(scores)
+        story_bare.get(lr, 0.0) <= MAX_STORY_BARE] or list(scores)
   return min(ok, key=lambda lr: (scores[lr], lr))
 
 

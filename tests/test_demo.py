@@ -135,7 +135,8 @@ def test_one_selection_rule_avoids_non_answers():
   assert select({1e-3: 0.1, 1e-4: 0.1}, {1e-3: 0.0, 1e-4: 0.0}) == 1e-4
   # A rate that lost the stories (bare answers to story prompts) is passed over like non-answers.
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.9, 1e-4: 0.01}) == 1e-4
-  assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.1, 1e-4: 0.01}) == 1e-3
+  assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.16, 1e-4: 0.01}) == 1e-4
+  assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.04, 1e-4: 0.01}) == 1e-3
 
 
 def test_aggregate_seeds_means_sds_and_table():
