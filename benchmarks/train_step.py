@@ -10,6 +10,13 @@ Sides (same weights, same sequences):
   that pass is not timed).
 - ours_rows: our step on the rows layout (the torch side's tensors): a policy pass over the targets
   with gradient, one over the mismatched pairs without, the reference over both.
+- ours_rows_pooled: what ``hybrid.reference: auto`` runs on the rows layout (``train.reference_cache``):
+  the step reading its reference log-probs from the batch, plus the reference pass over the step's
+  sequences timed separately (side ``reference_pass``) and charged at the share of them that a
+  stage of ``--epochs`` epochs has to compute (each distinct sequence once): synthetic, (1 + E) /
+  (2 E) (random tokens: every target recurs once per epoch, every mismatched pair is new); real,
+  the share measured by pooling a whole stage of gender_real_us pairs (48 rows per occupation).
+  Its examples/s per run: batch / (cached step time + share x reference pass time).
 - torch: the reference implementation's formulation with Hugging Face's ``LlamaForCausalLM`` on the
   same config and weights (copied from ours) and sequences: a policy forward on the targets for the
   steering KL; policy forwards on the targets (with gradient) and on the mismatched pairs (under
@@ -75,6 +82,8 @@ def _parse(argv):
   p.add_argument("--runs", type=int, default=7, help="alternating timed runs per side")
   p.add_argument("--min-run-s", type=float, default=1.0, help="each run repeats steps this long")
   p.add_argument("--pause-s", type=float, default=0.3, help="idle pause between runs")
+  p.add_argument("--epochs", type=int, default=3,
+                 help="ours_rows_pooled: the stage's epochs (hybrid.epochs; default 3)")
   p.add_argument("--tile-size", type=int, default=None,
                  help="ours: positions per log-prob tile (default: losses.DEFAULT_TILE_SIZE)")
   p.add_argument("--scaling-size", default="50m", help="size used for the scaling table")
@@ -240,7 +249,22 @@ def _timed_run(step_once, min_s: float) -> tuple[float, int]:
       return elapsed, steps
 
 
-SIDES = ("ours", "ours_cached", "ours_rows", "torch")
+SIDES = ("ours", "ours_cached", "ours_rows", "ours_rows_pooled", "torch")
+TIMED = ("ours", "ours_cached", "ours_rows", "ours_rows_cached", "reference_pass", "torch")
+
+
+def _pooled_share(workload: str, batch_size: int, epochs: int) -> float:
+  """The share of a stage's reference sequences that the pooled cache computes (see the docstring)."""
+  if workload == "synthetic":
+    return (1 + epochs) / (2 * epochs)
+  from distfair_jax.data import build, pipeline, tokenize
+  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.train.reference_cache import SequencePool
+  ds = build.build_dataset("gender_real_us", rows_per_occupation=48, test_rounds=1, seed=0)
+  encoder = tokenize.Encoder(build_tiny_tokenizer(), attribute=ds.spec.attribute)
+  pipe = pipeline.make_batches(ds["kto"], encoder, "kto", batch_size, seed=0, num_epochs=epochs,
+                               layout="rows", shard_index=0, shard_count=1)
+  return SequencePool.from_batches(enumerate(pipe)).distinct_share
 
 
 def _workload(name: str, cfg, batch_size: int, length: int):
@@ -285,8 +309,13 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
                                          tile_size=tile), packed),
       "ours_rows": (_common.HybridStep(_jax_model(cfg, seed=0), steering, reference="online",
                                        tile_size=tile), rows),
+      "ours_rows_cached": (_common.HybridStep(_jax_model(cfg, seed=0), steering,
+                                              reference="cached", tile_size=tile), rows),
   }
   device_batches = {k: h.put(b) for k, (h, b) in steps.items()}
+  share = _pooled_share(workload, batch_size, args.epochs)
+  ref_side = steps["ours_rows_cached"][0]
+  ref_batch = device_batches["ours_rows"]
   first = {}
   for key, (h, _) in steps.items():
     m = h.run(device_batches[key])
@@ -303,7 +332,13 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
       h.block(h.run(b))
     return f
 
+  def reference_once():  # the reference over the step's targets + mismatched pairs (2B rows)
+    import jax
+    jax.block_until_ready(ref_side.reference_fn(ref_side.ref_params, ref_side.rngs,
+                                                ref_side.frozen, ref_batch))
+
   runners = {k: ours_once(h, device_batches[k]) for k, (h, _) in steps.items()}
+  runners["reference_pass"] = reference_once
   runners["torch"] = torch_side.step
   for key, fn in runners.items():  # one untimed warm-up step each (allocator, caches)
     fn()
@@ -313,6 +348,9 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
       time.sleep(args.pause_s)
       secs, n = _timed_run(fn, args.min_run_s)
       times[key].append(batch_size * n / secs)
+    # ours_rows_pooled: the cached step plus the reference passes a pooled stage computes.
+    step_s, ref_s = batch_size / times["ours_rows_cached"][-1], batch_size / times["reference_pass"][-1]
+    times.setdefault("ours_rows_pooled", []).append(batch_size / (step_s + share * ref_s))
     print(f"run {i + 1}/{args.runs}: " + "  ".join(f"{k} {v[-1]:.2f} ex/s" for k, v in times.items())
           + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
@@ -323,7 +361,7 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
     out["per_run"] = per_run
     return out
 
-  sides = {k: {"examples_per_s": _common.spread(times[k]), "per_run": times[k]} for k in runners}
+  sides = {k: {"examples_per_s": _common.spread(v), "per_run": v} for k, v in times.items()}
   if workload == "synthetic":
     keep[name] = steps["ours_rows"][0]  # reused by the scaling table (same rows program)
   return {
@@ -335,6 +373,8 @@ def _bench_size(name: str, workload: str, args, keep: dict[str, Any]) -> dict[st
                  if k not in ("architectures", "rope_parameters")},
       **sides,
       "ratio": ratio("ours"), "ratio_cached": ratio("ours_cached"), "ratio_rows": ratio("ours_rows"),
+      "ratio_rows_pooled": ratio("ours_rows_pooled"), "pooled_share": share,
+      "pooled_epochs": args.epochs,
       "first_step_loss": first,
       "loss_abs_diff": {k: abs(first[k] - first["torch"]) for k in steps},
       "compiles": {k: h.compiles() for k, (h, _) in steps.items()},
@@ -409,9 +449,9 @@ def main(argv=None) -> int:
         f"{cores} threads each; min / median / max over {args.runs} alternating runs)")
   rows = []
   for s in results["sizes"]:
-    for key in SIDES:
+    for key in TIMED[:3] + ("ours_rows_pooled",) + TIMED[3:]:
       e = s[key]["examples_per_s"]
-      shape = s["rows_shape"] if key in ("ours_rows", "torch") else s["packed_shape"]
+      shape = s["packed_shape"] if key in ("ours", "ours_cached") else s["rows_shape"]
       rows.append([s["name"], f"{s['params'] / 1e6:.1f}M", s["workload"], key,
                    "x".join(map(str, shape)), e["min"], e["median"], e["max"]])
   print(_common.table(rows, ["size", "params", "data", "side", "arrays", "min", "median", "max"]))
@@ -421,7 +461,8 @@ def main(argv=None) -> int:
   for s in results["sizes"]:
     for key, label in (("ratio", "packed, reference online"),
                        ("ratio_cached", "packed, reference cached"),
-                       ("ratio_rows", "rows, reference online")):
+                       ("ratio_rows", "rows, reference online"),
+                       ("ratio_rows_pooled", "rows, pooled reference (auto)")):
       r = s[key]
       rows.append([s["name"], s["workload"], label, r["min"], r["median"], r["max"],
                    r["of_medians"]])

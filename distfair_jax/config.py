@@ -56,7 +56,7 @@ Remat = enum.StrEnum("Remat", ["none", "full", "dots"], module=__name__)
 PromptFormat = enum.StrEnum("PromptFormat", ["chat", "reference"], module=__name__)
 SFTAverage = enum.StrEnum("SFTAverage", ["sequence", "token"], module=__name__)
 Ablation = enum.StrEnum("Ablation", ["full", "kl_only", "kto_only"], module=__name__)
-Reference = enum.StrEnum("Reference", ["online", "cached"], module=__name__)
+Reference = enum.StrEnum("Reference", ["online", "cached", "auto"], module=__name__)
 Layout = enum.StrEnum("Layout", ["auto", "packed", "rows"], module=__name__)
 Optimizer = enum.StrEnum("Optimizer", ["adamw", "rmsprop", "sgd"], module=__name__)
 Schedule = enum.StrEnum("Schedule", ["constant", "cosine"], module=__name__)
@@ -191,6 +191,13 @@ class HybridConfig:
   pair's. ``reference``: the original's interleaved batches [d0, u0, d1, u1, ...] shifted by one,
   so each desirable row is paired with its own prompt's undesirable completion and each
   undesirable row with the next pair's desirable completion.
+
+  reference: where the frozen reference model's log-probs come from. ``online``: its forward in
+  every step. ``cached``: computed before the stage (``train.reference_cache``): on the rows
+  layout once per distinct sequence of the whole stage (every target recurs each epoch, and the
+  method's data repeats (wording, answer) pairs), on the packed layout once per step. ``auto``
+  (default): cached on the rows layout when the distinct sequences are at most
+  ``CACHE_PAYS_BELOW`` (90%) of those the steps hold, online otherwise; the choice is logged.
   """
   epochs: int = 3
   batch_size: int = 8
@@ -201,7 +208,7 @@ class HybridConfig:
   kl_weight: float = 1.0
   ablation: Ablation = Ablation.full
   renormalize: bool = False
-  reference: Reference = Reference.online
+  reference: Reference = Reference.auto
   layout: Layout = Layout.auto
   kl_pairs: KLPairs = KLPairs.shifted
   group_by_length: bool = False
@@ -534,11 +541,17 @@ def with_absolute_paths(cfg: Config) -> Config:
       **{s: dataclasses.replace(getattr(cfg, s), **fields) for s, fields in sections.items()})
 
 
+_STAGE_SECTION = {"sft": "sft", "ift": "sft", "hybrid": "hybrid", "dpo": "dpo"}
+
+
 def results_affecting(cfg_dict: dict) -> dict:
   """The parts of a config dict that change a run's trained weights (not where it lives, how it
-  logs, checkpoints or evaluates): what a rerun in the same run directory must match."""
+  logs, checkpoints or evaluates, nor the sections of stages it does not run): what a rerun in
+  the same run directory must match."""
+  run = {_STAGE_SECTION.get(str(s), str(s)) for s in cfg_dict.get("stages") or ()}
   d = {k: v for k, v in cfg_dict.items()
-       if k not in ("logging", "checkpoint", "run_dir", "eval")}
+       if k not in ("logging", "checkpoint", "run_dir", "eval")
+       and not (k in _STAGE_SECTION.values() and k not in run)}
   if "heldout" in d:
     d["heldout"] = {k: v for k, v in d["heldout"].items() if k != "every_steps"}
   return d

@@ -319,8 +319,12 @@ class Demo:
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
                         batch_size=s.sft_batch_size or s.batch_size,
                         optim=optim(lr if sft_lr is None else sft_lr, 10)),
+        # The miniature keeps the reference online, as its README figures were measured (its
+        # stage 2 is a few percent of its time); from a given model ``auto`` pools it.
         hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
                               ablation=ablation, kl_pairs=C.KLPairs(kl_pairs),
+                              reference=(C.Reference.auto if self.base_model
+                                         else C.Reference.online),
                               group_by_length=grouped, optim=optim(lr, 5)),
         dpo=C.DPOConfig(epochs=s.stage2_epochs, batch_size=s.batch_size // 2, beta=s.beta,
                         group_by_length=grouped, optim=optim(lr, 5)),

@@ -33,17 +33,25 @@ def test_train_step_smoke(tmp_path):
   assert [(s["name"], s["workload"]) for s in res["sizes"]] == [("micro", "real"),
                                                                 ("micro", "synthetic")]
   for size in res["sizes"]:
-    for side in ("ours", "ours_cached", "ours_rows", "torch"):
+    for side in ("ours", "ours_cached", "ours_rows", "ours_rows_cached", "reference_pass",
+                 "ours_rows_pooled", "torch"):
       e = size[side]["examples_per_s"]
       assert 0 < e["min"] <= e["median"] <= e["max"]
-    for key in ("ratio", "ratio_cached", "ratio_rows"):
+    # pooled = batch / (cached step + share x reference pass), per run
+    b, share = size["batch"], size["pooled_share"]
+    for run, pooled in enumerate(size["ours_rows_pooled"]["per_run"]):
+      t = (b / size["ours_rows_cached"]["per_run"][run] +
+           share * b / size["reference_pass"]["per_run"][run])
+      assert pooled == pytest.approx(b / t)
+    assert 0 < share < 1 and size["pooled_epochs"] == 3
+    for key in ("ratio", "ratio_cached", "ratio_rows", "ratio_rows_pooled"):
       r = size[key]
       assert 0 < r["min"] <= r["median"] <= r["max"] and r["of_medians"] > 0
       assert len(r["per_run"]) == 2
     # Same weights and sequences on every side (packed or rows): the first step's loss agrees.
     for side, diff in size["loss_abs_diff"].items():
       assert diff < 1e-4 * max(1.0, abs(size["first_step_loss"]["torch"])), side
-    assert size["compiles"] == {"ours": 1, "ours_cached": 1, "ours_rows": 1}
+    assert size["compiles"] == {"ours": 1, "ours_cached": 1, "ours_rows": 1, "ours_rows_cached": 1}
     assert size["packed_shape"][0] * 2 == size["rows_shape"][0]  # one packed row per pair
   points = [r for r in res["scaling"] if "tokens" in r]
   assert [(r["batch"], r["length"]) for r in points] == [(4, 16), (4, 32)]

@@ -147,6 +147,27 @@ def test_evaluation_and_export_are_the_same_with_two_processes(work):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["rows", "packed"])
+def test_a_pooled_reference_cache_with_two_processes_trains_like_one(work, layout):
+  # Every process pools the global batches; the chunks' rows and each step's reference split over
+  # the processes (reference_cache), in the rows layout's order for both layouts.
+  args = ["train", "exp.yaml", "stages=[hybrid]", "hybrid.reference=cached",
+          f"hybrid.layout={layout}", "hybrid.epochs=2", "hybrid.max_steps=0",
+          "hybrid.batch_size=16"]
+  r, logs = _rehearsal(2, [*args, f"run_dir=cache2-{layout}"], work, logs=f"logs-cache-{layout}")
+  assert r.returncode == 0, logs[-3000:]
+  assert "hybrid: reference log-probs computed before the stage, once per distinct" in logs
+  work_one, work_two = work / f"cache1-{layout}", work / f"cache2-{layout}"
+  r = _single([*args, f"run_dir=cache1-{layout}"], work)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _max_diff(work_one, work_two) <= 1e-5
+  a, b = _losses(work_one), _losses(work_two)
+  assert sorted(a) == sorted(b) and len(a) >= 4
+  for key in a:
+    assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+@pytest.mark.slow
 def test_sigkill_then_restart_reaches_the_uninterrupted_result(work):
   args = ["train", "exp.yaml", "run_dir=killed"]
   procs = _processes(2, args, work, "logs-kill")

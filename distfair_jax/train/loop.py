@@ -27,13 +27,15 @@ from distfair_jax import console
 from distfair_jax import losses as L
 from distfair_jax import distributed
 from distfair_jax import sharding as shd
-from distfair_jax.config import config_to_dict
-from distfair_jax.data import pipeline
+from distfair_jax.config import Reference, config_to_dict
+from distfair_jax.data import pipeline, tokenize
 from distfair_jax.errors import InputError
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.checkpoint import StageCheckpointer, abstract_like
 from distfair_jax.train.heldout import HeldoutEval
+from distfair_jax.train import reference_cache as RC
 from distfair_jax.train.preemption import Preempted
+from distfair_jax.train.stages.common import merge, sequence_logps
 from distfair_jax.train.state import init_train_state, make_optimizer
 from distfair_jax.train.step import CompiledStep, make_train_step, memory_line
 
@@ -48,13 +50,14 @@ class TrainingError(RuntimeError):
 class _Stage:
   """One stage's run: what the step loop needs besides the state."""
   name: str
+  stage: Any  # with ``hybrid.reference`` resolved
   pipe: Any
   total: int
   step: CompiledStep
   heldout: HeldoutEval
   ckpt: StageCheckpointer
   reference: Any
-  cache: dict | None
+  cache: Any  # reference_cache.PooledCache | None
 
 
 def _setup(ctx, stage, init_params):
@@ -78,6 +81,7 @@ def _setup(ctx, stage, init_params):
   if total < 1:
     raise InputError(f"{stage.name}: batch_size: {scfg.batch_size} is larger than the stage's "
                      f"{len(records)} training records")
+  stage, make_cache = _reference_plan(ctx, stage, layout, seed, total)
   accum = scfg.optim.grad_accum
   tx, schedule = make_optimizer(scfg.optim, max(1, total // accum))
   m = ctx.model
@@ -102,30 +106,52 @@ def _setup(ctx, stage, init_params):
     ctx.writer.truncate_after(stage.name, start)
     console.log(f"{stage.name}: resuming from step {start} of {total}")
   reference = init_params if stage.needs_reference else None
-  cache = None
-  if stage.caches_reference:
-    cache = _reference_cache(ctx, stage, init_params, scfg.batch_size, layout, seed, start, total)
-  return _Stage(stage.name, pipe, total, step, heldout, ckpt, reference, cache), state, start, \
-      data_state
+  cache = make_cache(init_params) if make_cache is not None else None
+  return _Stage(stage.name, stage, pipe, total, step, heldout, ckpt, reference, cache), state, \
+      start, data_state
 
 
-def _reference_cache(ctx, stage, ref_params, batch_size, layout, seed, start, total) -> dict:
-  """Reference log-probs of every remaining step's batch, computed once up front (they stay on the
-  devices, placed as the step reads them: [rows] per step, tiny next to the reference weights)."""
-  ref_fn = jax.jit(stage.reference_fn(ctx.model.graphdef_eval))
-  batches = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
-                                  stage.records_kind, batch_size, seed=seed,
-                                  num_epochs=stage.cfg.epochs, layout=layout,
-                                  group_by_length=stage.cfg.group_by_length,
-                                  **stage.batch_options()).iterator()
-  cache = {}
-  for step in tqdm(range(total), desc=f"{stage.name}: reference", unit="step",
-                   disable=not ctx.show_progress):
-    batch = next(batches)
-    if step < start:
-      continue
-    cache[step] = ref_fn(ref_params, ctx.rngs, ctx.model.frozen, shd.put_batch(batch, ctx.mesh))
-  return cache
+def _pool(ctx, stage, seed, total) -> RC.SequencePool:
+  """The stage's distinct sequences: its global batches in the rows layout (the same units per
+  step as the training pipeline in either layout), on every process."""
+  pipe = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
+                               stage.records_kind, stage.cfg.batch_size, seed=seed,
+                               num_epochs=stage.cfg.epochs, layout="rows",
+                               group_by_length=stage.cfg.group_by_length, shard_index=0,
+                               shard_count=1, **stage.batch_options()).iterator()
+  return RC.SequencePool.from_batches((step, next(pipe)) for step in range(total))
+
+
+def _reference_plan(ctx, stage, layout, seed, total):
+  """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params) ->
+  ``reference_cache.PooledCache``). ``cached``: the pool. ``auto``: the pool where its compute (the
+  distinct share of the stage's sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own
+  reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
+  online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
+  mode = getattr(stage.cfg, "reference", None)
+  if mode is None or mode == Reference.online:
+    return stage, None
+  name, m = stage.name, ctx.model
+  pool = _pool(ctx, stage, seed, total)
+  step_cost = 1.0 if layout == "rows" else ctx.packing_ratio(ctx.train_records[stage.records_kind])
+  what = (f"{len(pool.entries)} distinct sequences of the {pool.seen} its {total} steps hold "
+          f"({100 * pool.distinct_share:.1f}%; the {layout} layout's own pass costs "
+          f"{100 * step_cost:.0f}% of theirs)")
+  if mode == Reference.auto and not RC.pays(pool.distinct_share, step_cost):
+    console.log(f"{name}: reference online (auto: {what})")
+    return stage.with_reference(Reference.online), None
+  console.log(f"{name}: reference log-probs computed before the stage, once per distinct "
+              f"sequence: {what}")
+  tile, buckets = stage.tile_size, tokenize.bucket_lengths(ctx.encoder.max_length)
+  fn = jax.jit(lambda params, rngs, frozen, seqs: sequence_logps(
+      merge(m.graphdef_eval, params, rngs, frozen), seqs, tile)[3])
+
+  def pooled_cache(ref_params):
+    return RC.PooledCache.compute(pool, lambda seqs: fn(ref_params, ctx.rngs, m.frozen, seqs),
+                                  rows=RC.chunk_rows(stage.cfg.batch_size), buckets=buckets,
+                                  mesh=ctx.mesh, progress=ctx.show_progress,
+                                  desc=f"{name}: reference")
+  return stage.with_reference(Reference.cached), pooled_cache
 
 
 def _step_metrics(ctx, stage, metrics, batch, dt: float) -> dict[str, float]:
@@ -155,6 +181,7 @@ def _check_finite(run: _Stage, loss: float, step: int, where) -> None:
 def run_stage(ctx, stage, init_params, sigterm) -> tuple[Any, Any, dict]:
   """Trains ``stage`` from ``init_params``; returns (final params, RNG state, summary)."""
   run, state, step, data_state = _setup(ctx, stage, init_params)
+  stage = run.stage
   batches = run.pipe.iterator(data_state)
   config = config_to_dict(ctx.cfg)
   frozen, every = ctx.model.frozen, ctx.cfg.logging.every_steps
@@ -173,9 +200,8 @@ def run_stage(ctx, stage, init_params, sigterm) -> tuple[Any, Any, dict]:
         raise Preempted(msg)
       host = next(batches)
       stage.check_batch(host)
-      batch = shd.put_batch(host, ctx.mesh)
-      if run.cache is not None:
-        batch = batch.replace(reference=run.cache.pop(step))
+      batch = (shd.put_batch(host, ctx.mesh) if run.cache is None
+               else run.cache.attach(step, host, ctx.mesh))
       t0 = time.perf_counter()
       state, out = run.step(state, frozen, run.reference, batch)
       out = jax.device_get(out)

@@ -61,11 +61,15 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
 
   @property
   def needs_reference(self) -> bool:  # type: ignore[override]
-    return self.cfg.reference == Reference.online
+    """``auto`` counts as online until the loop resolves it (``with_reference``): the larger step."""
+    return self.cfg.reference != Reference.cached
 
   @property
   def caches_reference(self) -> bool:  # type: ignore[override]
     return self.cfg.reference == Reference.cached
+
+  def with_reference(self, mode: Reference) -> HybridStage:
+    return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, reference=mode))
 
   # -- layout --------------------------------------------------------------------------------------
 
