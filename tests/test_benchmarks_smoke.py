@@ -33,18 +33,20 @@ def test_train_step_smoke(tmp_path):
   assert [(s["name"], s["workload"]) for s in res["sizes"]] == [("micro", "real"),
                                                                 ("micro", "synthetic")]
   for size in res["sizes"]:
-    for side in ("ours", "ours_cached", "ours_rows", "ours_rows_cached", "reference_pass",
-                 "ours_rows_pooled", "torch"):
+    for side in ("ours", "ours_cached", "ours_pooled", "ours_rows", "ours_rows_cached",
+                 "reference_pass", "ours_rows_pooled", "torch"):
       e = size[side]["examples_per_s"]
       assert 0 < e["min"] <= e["median"] <= e["max"]
     # pooled = batch / (cached step + share x reference pass), per run
     b, share = size["batch"], size["pooled_share"]
-    for run, pooled in enumerate(size["ours_rows_pooled"]["per_run"]):
-      t = (b / size["ours_rows_cached"]["per_run"][run] +
-           share * b / size["reference_pass"]["per_run"][run])
-      assert pooled == pytest.approx(b / t)
+    for pooled_side, cached_side in (("ours_pooled", "ours_cached"),
+                                     ("ours_rows_pooled", "ours_rows_cached")):
+      for run, pooled in enumerate(size[pooled_side]["per_run"]):
+        t = (b / size[cached_side]["per_run"][run] +
+             share * b / size["reference_pass"]["per_run"][run])
+        assert pooled == pytest.approx(b / t)
     assert 0 < share < 1 and size["pooled_epochs"] == 3
-    for key in ("ratio", "ratio_cached", "ratio_rows", "ratio_rows_pooled"):
+    for key in ("ratio", "ratio_cached", "ratio_pooled", "ratio_rows", "ratio_rows_pooled"):
       r = size[key]
       assert 0 < r["min"] <= r["median"] <= r["max"] and r["of_medians"] > 0
       assert len(r["per_run"]) == 2
