@@ -193,11 +193,12 @@ class HybridConfig:
   undesirable row with the next pair's desirable completion.
 
   reference: where the frozen reference model's log-probs come from. ``online``: its forward in
-  every step. ``cached``: computed before the stage (``train.reference_cache``): on the rows
-  layout once per distinct sequence of the whole stage (every target recurs each epoch, and the
-  method's data repeats (wording, answer) pairs), on the packed layout once per step. ``auto``
-  (default): cached on the rows layout when the distinct sequences are at most
-  ``CACHE_PAYS_BELOW`` (90%) of those the steps hold, online otherwise; the choice is logged.
+  every step. ``cached``: computed before the stage, once per distinct sequence of the whole stage
+  (``train.reference_cache``: every target recurs each epoch, and the method's data repeats its
+  (wording, answer) pairs), for either layout. ``auto`` (default): cached where that costs at most
+  ``CACHE_PAYS_BELOW`` (90%) of the steps' own reference passes (the distinct share of the
+  stage's sequences against 1 on the rows layout, against the packed / rows compute ratio on the
+  packed layout), online otherwise; the choice is logged.
   """
   epochs: int = 3
   batch_size: int = 8

@@ -145,3 +145,24 @@ def test_a_pooled_reference_trains_as_the_online_one(setup, capsys, layout, mode
   if layout == "packed":  # here the pool (43% of the sequences) costs more than packed passes (40%)
     _train(setup, "auto-packed", "hybrid.reference=auto", *common)
     assert "hybrid: reference online (auto: " in capsys.readouterr().err
+
+
+def test_a_stage_resumed_with_a_pooled_reference_ends_as_an_uninterrupted_one(setup):
+  """The pool covers every step whatever the resume point, so the resumed steps read the same
+  reference log-probs as an uninterrupted run's."""
+  import shutil
+  d, _ = setup
+  common = ("hybrid.reference=cached", "hybrid.layout=rows", "mesh.data=2", "mesh.tensor=-1",
+            "logging.every_steps=1", "checkpoint.every_steps=3", "checkpoint.keep=100",
+            "checkpoint.async_save=false")
+  whole, l_whole = _train(setup, "resume", *common)
+  ckpts = d / "resume" / "hybrid" / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert steps[0] == 3 and len(steps) > 2
+  for step in steps[1:]:  # back to the first checkpoint, as if killed after it
+    shutil.rmtree(ckpts / str(step))
+  resumed, l_resumed = _train(setup, "resume", *common)
+  assert sorted(l_resumed) == sorted(l_whole)
+  for step in l_whole:
+    assert l_resumed[step] == pytest.approx(l_whole[step], rel=1e-6, abs=1e-7), step
+  assert max(float(np.abs(a - b).max()) for a, b in zip(whole, resumed)) <= 1e-6
