@@ -208,9 +208,11 @@ def stereotyped_records(spec, *, rows_per_occupation: int, stories_per_occupatio
 
 
 MAX_NON_ANSWER = 0.2
-# A model that still writes stories answers a story request with a bare category word almost
-# never (0-3% of the exact mass on held-out story prompts over the grids of three seeds); the
-# rates that broke v3 had 16-100% (one at 16% answered 93% of v3 with "FemaleMale" and the like).
+# A model that still writes stories opens a story with a bare category word almost never (0-3% of
+# the exact mass on held-out story prompts over the grids of three seeds); the rates that broke v3
+# had 16-100% (one at 16% answered 93% of v3 with "FemaleMale" and the like). The mass counts every
+# completion that starts with the category word, ended there or not: a bare answer followed by
+# end of turn measured 0.3% for a model that answered 99% of v3 with "FemaleMale0Male1Female...".
 MAX_STORY_BARE = 0.05
 # The paper's out-of-distribution test: models trained on one region, evaluated on another's.
 OUT_OF_DISTRIBUTION = {"gender_real_uk": "gender_real_us"}
@@ -223,12 +225,17 @@ def select(scores: dict[float, float], non_answer: dict[float, float],
   """The demo's one selection rule, for every trained method: the learning rate with the lowest
   held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
   mass is at most 20% and, with ``story_bare``, whose bare-answer mass on held-out story prompts
-  (the probability of answering a story request with a bare category word: a model that lost
-  its stories) is at most 5%, when there are any (ties: the smaller rate)."""
+  (the probability of opening a story with a bare category word: a model that lost its stories)
+  is at most 5% (ties: the smaller rate). Where no rate passes both: among the rates within the
+  non-answer bound, the one that loses its stories least; where none is within it, the lowest MAE."""
   story_bare = story_bare or {}
-  ok = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER and
-        story_bare.get(lr, 0.0) <= MAX_STORY_BARE] or list(scores)
-  return min(ok, key=lambda lr: (scores[lr], lr))
+  answers = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER]
+  ok = [lr for lr in answers if story_bare.get(lr, 0.0) <= MAX_STORY_BARE]
+  if ok:
+    return min(ok, key=lambda lr: (scores[lr], lr))
+  if answers:
+    return min(answers, key=lambda lr: (story_bare.get(lr, 0.0), scores[lr], lr))
+  return min(scores, key=lambda lr: (scores[lr], lr))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,8 +395,9 @@ class Demo:
     mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of the K
     canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens for a
     steered model), not renormalised, so mass on non-answers counts as error; and 1 - sum_k q_k.
-    The third on the held-out story prompts (None without story rows): sum_k q_k there, the mass
-    on answering a story request with a bare category word."""
+    The third on the held-out story prompts (None without story rows): sum_k of the probability
+    that the completion starts with answer k (``end_of_turn=False``), the mass on opening a story
+    with a bare category word."""
     from distfair_jax import evaluate as eval_lib
     from distfair_jax.data.tokenize import Encoder
     from distfair_jax.train.heldout import split_heldout
@@ -411,7 +419,7 @@ class Demo:
     bare = None
     if stories:
       qs = eval_lib.answer_probabilities(sampler, state, [enc.prompt_ids(x) for x in stories],
-                                         enc, self.attribute, steered=steered)
+                                         enc, self.attribute, steered=steered, end_of_turn=False)
       bare = float(np.mean(qs.sum(-1)))
     return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare
 

@@ -207,14 +207,16 @@ def _occupation_means(slots: Sequence[Mapping], distinct: Sequence[str],
 
 
 def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int]],
-                         encoder: Encoder, attribute, *, steered: bool,
-                         batch_size: int = 16) -> np.ndarray:
+                         encoder: Encoder, attribute, *, steered: bool, batch_size: int = 16,
+                         end_of_turn: bool = True) -> np.ndarray:
   """The exact probability of each canonical answer, as the model samples it.
 
   For prompt p and category k: P(answer_k + end of turn | p) (unsteered), or
   sum_s P(s | p) P(answer_k + end of turn | p, s) over the K steering tokens s, with P(s | p)
   the softmax over the K steering logits that steered sampling draws from. The mass missing
   from 1 goes to anything else (other wordings, other lengths, no answer): the non-answers.
+  ``end_of_turn=False`` leaves the end of turn out: the probability that the completion *starts*
+  with answer_k, whatever follows (a story that opens with a bare category word).
 
   Args:
     prompts: P prompt id lists (chat template applied); encoder: their Encoder (end of turn,
@@ -223,6 +225,8 @@ def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int
     [P, K] float64, rows summing to at most 1.
   """
   answers = [encoder.completion_ids(c.answer) for c in attribute.categories]
+  if not end_of_turn:
+    answers = [a[:len(a) - len(encoder.end_ids)] for a in answers]
   k = len(answers)
   steer_ids = [int(i) for i in encoder.steering_ids] if steered else [None]
   rows = [(pi, si, ki) for pi in range(len(prompts)) for si in range(len(steer_ids))

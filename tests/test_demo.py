@@ -127,7 +127,9 @@ def test_stereotype_is_skewed_beyond_the_real_figures():
 
 def test_one_selection_rule_avoids_non_answers():
   """The lowest exact answer MAE wins, but never a rate whose non-answer mass exceeds 20% while
-  one with less exists; with none under 20%, the lowest MAE; ties go to the smaller rate."""
+  one with less exists, nor one that opens over 5% of held-out stories with a bare category word
+  where another within both bounds exists; with none under 20%, the lowest MAE; ties go to the
+  smaller rate."""
   from distfair_jax.demo import select
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.35, 1e-4: 0.10}) == 1e-4
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.15, 1e-4: 0.10}) == 1e-3
@@ -137,6 +139,11 @@ def test_one_selection_rule_avoids_non_answers():
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.9, 1e-4: 0.01}) == 1e-4
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.16, 1e-4: 0.01}) == 1e-4
   assert select({1e-3: 0.05, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.04, 1e-4: 0.01}) == 1e-3
+  # No rate passes both: within the non-answer bound, the one that loses its stories least ...
+  assert select({1e-3: 0.01, 3e-4: 0.02, 1e-5: 0.2}, {1e-3: 0.0, 3e-4: 0.0, 1e-5: 0.4},
+                {1e-3: 0.9, 3e-4: 0.06, 1e-5: 0.01}) == 3e-4
+  # ... and with none within it, the lowest MAE.
+  assert select({1e-3: 0.01, 1e-5: 0.2}, {1e-3: 0.3, 1e-5: 0.4}, {1e-3: 0.9, 1e-5: 0.0}) == 1e-3
 
 
 def test_aggregate_seeds_means_sds_and_table():

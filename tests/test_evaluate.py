@@ -164,22 +164,30 @@ def test_answer_probabilities_equal_a_direct_forward(model, tokenizer, dataset):
   for steered in (False, True):
     enc = Encoder(tokenizer, attribute=GENDER if steered else None)
     ids = enc.encode_prompts(prompts)
-    got = evaluate.answer_probabilities(sampler, state, ids, enc, GENDER, steered=steered)
     steer = [int(i) for i in enc.steering_ids] if steered else [None]
-    want = np.zeros((len(prompts), 2))
-    for p, prompt in enumerate(ids):
-      last = jax.nn.log_softmax(model.logits(model(np.asarray([prompt])))[0, -1])
-      w = jax.nn.softmax(last[np.asarray(steer)]) if steered else [1.0]
-      for s, sid in enumerate(steer):
-        head = prompt + ([] if sid is None else [sid])
-        for k, cat in enumerate(GENDER.categories):
-          ans = enc.completion_ids(cat.answer)
-          seq = np.asarray([head + ans])
-          logp = jax.nn.log_softmax(model.logits(model(seq))[0], axis=-1)
-          total = sum(float(logp[len(head) - 1 + t, tok]) for t, tok in enumerate(ans))
-          want[p, k] += float(w[s]) * np.exp(total)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-9)
-    assert np.all(got.sum(-1) <= 1.0 + 1e-6)
+    # end_of_turn=False: the completion starts with the answer, whatever follows
+    for end_of_turn in (True, False):
+      got = evaluate.answer_probabilities(sampler, state, ids, enc, GENDER, steered=steered,
+                                          end_of_turn=end_of_turn)
+      want = np.zeros((len(prompts), 2))
+      for p, prompt in enumerate(ids):
+        last = jax.nn.log_softmax(model.logits(model(np.asarray([prompt])))[0, -1])
+        w = jax.nn.softmax(last[np.asarray(steer)]) if steered else [1.0]
+        for s, sid in enumerate(steer):
+          head = prompt + ([] if sid is None else [sid])
+          for k, cat in enumerate(GENDER.categories):
+            ans = enc.completion_ids(cat.answer)
+            if not end_of_turn:
+              ans = ans[:len(ans) - len(enc.end_ids)]
+            seq = np.asarray([head + ans])
+            logp = jax.nn.log_softmax(model.logits(model(seq))[0], axis=-1)
+            total = sum(float(logp[len(head) - 1 + t, tok]) for t, tok in enumerate(ans))
+            want[p, k] += float(w[s]) * np.exp(total)
+      np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-9)
+      assert np.all(got.sum(-1) <= 1.0 + 1e-6)
+      if end_of_turn:
+        ended = got
+    assert np.all(got >= ended - 1e-9)  # ending there is one way of starting so
 
 
 def test_answer_metrics_renormalised_raw_and_non_answer():
