@@ -279,10 +279,22 @@ class Demo:
     fileio.write_json(os.path.join(self.dir, name), data, indent=1)
 
   def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` and records its wall time under ``key`` the first time it completes. A training
+    stage stopped by SIGTERM (``Preempted``: its checkpoint holds the steps so far) keeps its time
+    under ``"<key> (before resuming)"``, added to the resumed attempt's when that completes."""
+    from distfair_jax.train.preemption import Preempted
     start = time.perf_counter()
-    out = fn()
+    earlier = f"{key} (before resuming)"
+    try:
+      out = fn()
+    except Preempted:
+      if key not in self.timings:
+        self.timings[earlier] = round(self.timings.get(earlier, 0.0) +
+                                      time.perf_counter() - start, 1)
+        self._save_json("timings.json", self.timings)
+      raise
     if key not in self.timings:
-      self.timings[key] = round(time.perf_counter() - start, 1)
+      self.timings[key] = round(time.perf_counter() - start + self.timings.pop(earlier, 0.0), 1)
       self._save_json("timings.json", self.timings)
     return out
 

@@ -249,3 +249,24 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
   assert marker["model"] == str(ckpt)
   with pytest.raises(InputError, match="demo --model"):
     demo.run_demo(["gender_real_us"], str(tmp_path / "x"), model=str(tmp_path / "nothing"))
+
+
+def test_a_preempted_stage_keeps_its_time_for_the_resumed_attempt(monkeypatch):
+  """timings.json: a training stage stopped by SIGTERM (resumed later from its checkpoint) counts
+  the time before the stop with the resumed attempt's; a completed key is not overwritten."""
+  from types import SimpleNamespace
+  from distfair_jax.train.preemption import Preempted
+  me = SimpleNamespace(timings={}, _save_json=lambda name, doc: None)
+  clock = iter([0.0, 5.0, 10.0, 13.0, 20.0, 30.0])
+  monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+
+  def stopped():
+    raise Preempted("sft: SIGTERM")
+
+  with pytest.raises(Preempted):
+    demo.Demo._timed(me, "sft@0.001", stopped)
+  assert me.timings == {"sft@0.001 (before resuming)": 5.0}
+  assert demo.Demo._timed(me, "sft@0.001", lambda: "done") == "done"
+  assert me.timings == {"sft@0.001": 8.0}
+  demo.Demo._timed(me, "sft@0.001", lambda: None)  # reused: the first completion's time stays
+  assert me.timings == {"sft@0.001": 8.0}
