@@ -578,12 +578,13 @@ class Attention(nnx.Module):
     q: [N, 1, heads, head_dim]; k, v: [N, 1, kv_heads, head_dim] (N = P * rounds, rows in
     prompt-major order); mask: (prefix [P, L] bool, new [N or 1, T] bool); kv: ``SharedKV``. The new
     k/v are written at slot ``index`` of the per-row part. Returns (out [N, 1, heads, head_dim],
-    the per-row (k, v) [N, kv_heads, T, head_dim] each).
+    the per-row keys [N, kv_heads, head_dim, T] and values [N, kv_heads, T, head_dim]).
     """
     zero = jnp.zeros((), jnp.int32)
-    start = (zero, zero, index, zero)
-    ck = jax.lax.dynamic_update_slice(kv.k, k.transpose(0, 2, 1, 3).astype(kv.k.dtype), start)
-    cv = jax.lax.dynamic_update_slice(kv.v, v.transpose(0, 2, 1, 3).astype(kv.v.dtype), start)
+    ck = jax.lax.dynamic_update_slice(kv.k, k.transpose(0, 2, 3, 1).astype(kv.k.dtype),
+                                      (zero, zero, zero, index))
+    cv = jax.lax.dynamic_update_slice(kv.v, v.transpose(0, 2, 1, 3).astype(kv.v.dtype),
+                                      (zero, zero, index, zero))
     out = self._attend_shared(q[:, 0], kv.prefix_k.astype(q.dtype), kv.prefix_v.astype(q.dtype),
                               ck.astype(q.dtype), cv.astype(q.dtype), *mask)
     return out[:, None], (ck, cv)
@@ -594,7 +595,9 @@ class Attention(nnx.Module):
     """Attention of one query per row over [prompt slots | new slots], one softmax.
 
     q: [N, heads, hd]; prefix_k, prefix_v: [P, kv_heads, L, hd] (each prompt's slots, stored once);
-    new_k, new_v: [N, kv_heads, T, hd]; prefix_mask: [P, L] bool; new_mask: [N or 1, T] bool.
+    new_k: [N, kv_heads, hd, T] (keys transposed: each row's scores are then a plain [G, hd] x
+    [hd, T] product, which XLA:CPU runs ~4x faster than the same contraction over [T, hd] keys);
+    new_v: [N, kv_heads, T, hd]; prefix_mask: [P, L] bool; new_mask: [N or 1, T] bool.
     Returns [N, heads, hd]. The queries of a prompt's R = N / P rounds and its G query heads per kv
     head form one [R * G, hd] block per (prompt, kv head), so the prompt's keys and values are read
     once per prompt in one batched matmul, not once per row. The scores of both parts are
@@ -603,14 +606,14 @@ class Attention(nnx.Module):
     """
     n, h, hd = q.shape
     p, kvh, length, _ = prefix_k.shape
-    r, g, t = n // p, h // kvh, new_k.shape[2]
+    r, g, t = n // p, h // kvh, new_v.shape[2]
     acc = jnp.promote_types(q.dtype, jnp.float32)
     q_rows = q.reshape(n, kvh, g, hd)
     to_prompt = lambda a: a.reshape(p, r, kvh, g, -1).transpose(0, 2, 1, 3, 4).reshape(p, kvh, r * g, -1)
     to_rows = lambda a: a.reshape(p, kvh, r, g, -1).transpose(0, 2, 1, 3, 4).reshape(n, kvh, g, -1)
     s_prefix = jnp.einsum("pkqd,pksd->pkqs", to_prompt(q_rows), prefix_k,
                           preferred_element_type=acc)  # [P, kv_heads, R * G, L]
-    s_new = jnp.einsum("nkgd,nksd->nkgs", q_rows, new_k, preferred_element_type=acc)  # [N, kvh, G, T]
+    s_new = jnp.einsum("nkgd,nkds->nkgs", q_rows, new_k, preferred_element_type=acc)  # [N, kvh, G, T]
     logits = jnp.concatenate([to_rows(s_prefix), s_new], axis=-1)  # [N, kv_heads, G, L + T]
     logits = (logits * jnp.asarray(self.scale, logits.dtype)).astype(jnp.float32)
     logits = soft_cap(logits, self.softcap)
@@ -661,8 +664,23 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]."""
-    h = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)
+    if x.shape[1] == 1 and type(self.gate_proj) is type(self.up_proj) is nnx.Linear:
+      gate, up = self._gate_up(x)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    h = _ACTIVATIONS[self.activation](gate) * up
     return self.down_proj(shd.constrain(h, ("batch", "length", "mlp")))
+
+  def _gate_up(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A decode step's gate and up projections as ONE matmul against the kernels stacked to
+    [D, 2, F] (F keeps its sharding): with one token per row XLA:CPU runs the [B, D] x [D, 2F]
+    product ~1.5x faster than two [B, D] x [D, F] ones. Inside the decode loop the stacking is
+    loop-invariant (hoisted); each output element is the same dot product as ``nnx.Linear``'s."""
+    g, u = self.gate_proj, self.up_proj
+    x, kernel = nnx.nn.dtypes.promote_dtype(
+        (x, jnp.stack([g.kernel[...], u.kernel[...]], axis=1)), dtype=g.dtype)
+    y = jnp.einsum("btd,dcf->btcf", x, kernel, precision=g.precision)  # [B, 1, 2, F]
+    return y[:, :, 0], y[:, :, 1]
 
 
 class DecoderLayer(nnx.Module):
@@ -725,8 +743,9 @@ class KVCache:
 class SharedKV:
   """One layer's keys/values for shared-prefix decoding (what ``Attention`` gets as ``kv_cache``).
 
-  prefix_k, prefix_v: [P, kv_heads, L, head_dim], each prompt's slots once; k, v: [N, kv_heads, T,
-  head_dim], the new tokens of each of the N = P * rounds rows (prompt-major: row p * rounds + r).
+  prefix_k, prefix_v: [P, kv_heads, L, head_dim], each prompt's slots once; the new tokens of each
+  of the N = P * rounds rows (prompt-major: row p * rounds + r): k [N, kv_heads, head_dim, T] (keys
+  transposed), v [N, kv_heads, T, head_dim].
   """
 
   prefix_k: jax.Array
@@ -743,9 +762,10 @@ class SharedPrefixCache:
   prefix_k, prefix_v: per layer [P, kv_heads, L, head_dim] (a tuple, or one array with a leading
   [layers] axis under ``scan_layers``), written by the prefill and only read afterwards;
   prefix_mask: [P, L] bool, slots holding a real prompt token; prefix_positions: [P, L] int32, their
-  RoPE positions; k, v: per layer [N, kv_heads, T, head_dim], the rows' new tokens (N = P *
-  rounds); index: [] int32, next new slot to write (shared by all rows); positions: [N] int32, RoPE
-  position of each row's next token. Rounds of a prompt stay at one position (they advance together).
+  RoPE positions; k, v: per layer [N, kv_heads, head_dim, T] (keys transposed) and [N, kv_heads,
+  T, head_dim], the rows' new tokens (N = P * rounds); index: [] int32, next new slot to write
+  (shared by all rows); positions: [N] int32, RoPE position of each row's next token. Rounds of a
+  prompt stay at one position (they advance together).
   """
 
   prefix_k: tuple[jax.Array, ...] | jax.Array
@@ -767,7 +787,7 @@ class SharedPrefixCache:
 
   @property
   def new_length(self) -> int:
-    return self.k.shape[-2] if not isinstance(self.k, tuple) else self.k[0].shape[2]
+    return self.k.shape[-1] if not isinstance(self.k, tuple) else self.k[0].shape[-1]
 
   def grow(self, new_length: int) -> SharedPrefixCache:
     """The same cache with ``new_length`` (>= the current) per-row slots, the new ones empty."""
@@ -776,8 +796,9 @@ class SharedPrefixCache:
       raise ValueError(f"grow: expected at least {self.new_length} slots, got {new_length}")
     if extra == 0:
       return self
-    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
-    return dataclasses.replace(self, k=jax.tree.map(pad, self.k), v=jax.tree.map(pad, self.v))
+    pad_k = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+    pad_v = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
+    return dataclasses.replace(self, k=jax.tree.map(pad_k, self.k), v=jax.tree.map(pad_v, self.v))
 
 
 _SCAN_METADATA = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name
@@ -976,11 +997,14 @@ class Llama(nnx.Module):
     cfg = self.config
     rows = cache.batch_size * rounds
     dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
-    shape = (rows, cfg.num_key_value_heads, new_length, cfg.head_dim)
+    v_shape = (rows, cfg.num_key_value_heads, new_length, cfg.head_dim)
+    k_shape = (rows, cfg.num_key_value_heads, cfg.head_dim, new_length)  # keys transposed
     if cfg.scan_layers:
-      k = v = jnp.zeros((cfg.num_hidden_layers, *shape), dt)
+      k = jnp.zeros((cfg.num_hidden_layers, *k_shape), dt)
+      v = jnp.zeros((cfg.num_hidden_layers, *v_shape), dt)
     else:
-      k = v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers))
+      k = tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.num_hidden_layers))
+      v = tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.num_hidden_layers))
     return SharedPrefixCache(prefix_k=cache.k, prefix_v=cache.v, prefix_mask=cache.mask,
                              prefix_positions=positions_from_mask(cache.mask), k=k, v=v,
                              index=jnp.zeros((), jnp.int32),
