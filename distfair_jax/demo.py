@@ -456,8 +456,9 @@ class Demo:
     out_dir = os.path.join(self.dir, name or method)
     path = os.path.join(out_dir, "eval", "metrics.json")
     if os.path.exists(path):  # reused when it evaluated this run (a new selection re-evaluates)
-      doc = fileio.read_json(path)
-      if doc.get("meta", {}).get("run") == os.path.abspath(run):
+      doc = fileio.read_json(path)  # the same run reached through another path (a symlink) too
+      recorded = doc.get("meta", {}).get("run")
+      if recorded and os.path.realpath(recorded) == os.path.realpath(run):
         return doc
     s = self.s
     versions = list(versions or s.versions)

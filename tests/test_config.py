@@ -146,6 +146,15 @@ def test_a_run_records_its_paths_absolute(tmp_path, monkeypatch):
   run.config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
   (run.checkpoints_dir("sft") / "1").mkdir(parents=True)
   run.claim(absolute)
+  # ... and so is the same run reached through a symlink (its directory, its checkpoint's).
+  (tmp_path / "ckpt" / "l1b").mkdir(parents=True)
+  (tmp_path / "runs_link").symlink_to(tmp_path / "runs", target_is_directory=True)
+  (tmp_path / "ckpt_link").symlink_to(tmp_path / "ckpt", target_is_directory=True)
+  linked = with_absolute_paths(dataclasses.replace(
+      absolute, run_dir="runs_link/r",
+      model=dataclasses.replace(absolute.model, checkpoint="ckpt_link/l1b")))
+  RunDir(tmp_path / "runs_link" / "r").claim(linked)
+  run.claim(absolute)
   moved = [o.replace("ckpt/l1b", "other") for o in ["run_dir=runs/r", "model.checkpoint=ckpt/l1b",
             "model.tokenizer=~/tok", "model.params=gs://bucket/params", "data.spec=specs/age.yaml",
             "data.records_dir=data/age"]]

@@ -55,12 +55,19 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   assert "## KTO's mismatched pairs (ours, v2)" in text
   for method in demo.METHODS:
     assert f"| {method} |" in text and f"| {method} |" in proc.stdout
-  # A rerun reuses every finished stage and evaluation.
+  # A rerun reuses every finished stage and evaluation, also through another path to the same
+  # directory (a symlink): no evaluation is redone.
+  evals = sorted(run_dir.glob("gender_real_uk/*/eval/metrics.json"))
+  assert len(evals) >= len(demo.METHODS)
+  written = {p: p.stat().st_mtime_ns for p in evals}
+  link = tmp_path / "link"
+  link.symlink_to(run_dir, target_is_directory=True)
   again = subprocess.run([sys.executable, "-m", "distfair_jax.cli", "demo", "--quick", "--dataset",
-                          "gender_real_uk", "--run-dir", str(run_dir), "--no-progress"], env=env,
+                          "gender_real_uk", "--run-dir", str(link), "--no-progress"], env=env,
                          capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "done already" in again.stderr
+  assert {p: p.stat().st_mtime_ns for p in evals} == written
   with open(run_dir / "results.json", encoding="utf-8") as f:
     assert json.load(f) == results
 

@@ -18,6 +18,7 @@ with the final parameters of its last finished stage, exactly what training prod
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from typing import Any
 
@@ -48,6 +49,13 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def _place(value):
+  """A path field's value as the place it names: a local path absolute with its symlinks
+  resolved; URLs and empty values unchanged."""
+  value = absolute_path(value)
+  return value if not value or "://" in value else os.path.realpath(value)
 
 
 class RunDir:
@@ -96,10 +104,12 @@ class RunDir:
     current = config_to_dict(cfg)
     if self.config_path.exists():
       previous = yaml.safe_load(fileio.read_text(self.config_path)) or {}
-      # Paths as this process resolves them (a run recorded before paths were made absolute).
-      a = {k: (absolute_path(v) if k in PATH_FIELDS else v)
+      # Paths compared by where they lead: as this process resolves them (a run recorded before
+      # paths were made absolute) and through symlinks (a run directory reached by another path).
+      a = {k: (_place(v) if k in PATH_FIELDS else v)
            for k, v in _flat(results_affecting(previous)).items()}
-      b = _flat(results_affecting(current))
+      b = {k: (_place(v) if k in PATH_FIELDS else v)
+           for k, v in _flat(results_affecting(current)).items()}
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       started = [s for s in previous.get("stages", []) if self.stage_started(s)]
       if diff and started:
