@@ -7,6 +7,9 @@ Modules are imported lazily so that ``distfair --help`` stays fast.
 Commands whose module sets ``DISTRIBUTED = True`` (train, eval, export, report) run as every process
 of a multi-host job: the JAX distributed runtime is started for them before they run.
 
+Options and ``KEY=VALUE`` overrides may come in either order (``distfair eval RUN --overwrite
+rounds=1`` as ``distfair eval RUN rounds=1 --overwrite``).
+
 Exit codes: 0 success, 1 failure, 2 bad usage or bad input (``InputError``).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from distfair_jax.errors import InputError
@@ -36,10 +40,24 @@ def _load(name: str):
   return importlib.import_module(COMMANDS[name])
 
 
+def version_line() -> str:
+  """``distfair VERSION (jax ..., flax ..., orbax-checkpoint ...)``: what a bug report needs."""
+  from distfair_jax import __version__
+
+  def installed(dist: str) -> str:
+    try:
+      return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      return "not installed"
+  libs = ", ".join(f"{d} {installed(d)}" for d in ("jax", "flax", "orbax-checkpoint"))
+  return f"distfair {__version__} ({libs})"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="distfair",
       description="Distribution-aligned fine-tuning of LLMs in JAX (arXiv 2604.05756).")
+  parser.add_argument("--version", action="version", version=version_line())
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name in COMMANDS:
@@ -48,13 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=doc, description=(module.__doc__ or doc).strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
-    p.set_defaults(_module=module)
+    p.set_defaults(_module=module, _parser=p)
   return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+  """``parser.parse_args``, with ``KEY=VALUE`` overrides accepted after options too (argparse
+  leaves those unparsed: its positionals are matched before the first option)."""
+  args, extra = parser.parse_known_args(argv)
+  if extra:
+    if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+      args.overrides = [*(args.overrides or []), *extra]
+    else:
+      getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+  return args
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = parse(parser, argv)
   try:
     if getattr(args._module, "DISTRIBUTED", False):  # multi-host: before any device is touched
       from distfair_jax.distributed import maybe_initialize

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -69,6 +70,74 @@ Parser = enum.StrEnum("Parser", ["reference", "synonyms"], module=__name__)
 
 # ------------------------------------------------------------------------------------------------
 # Range rules
+#
+# A numeric field declares its range once, next to it: ``lr: float = _ranged(1e-5, POSITIVE)`` (a
+# ``dataclasses.field`` whose metadata holds a ``Range``). ``_rules`` of a section adds the rules
+# that tie fields together or check choices given as plain strings. Both are checked when a
+# config is loaded (``_check_tree``: before anything runs, naming the file or "command line" that
+# set the key) and when a section is constructed in code (``_Checked``).
+
+
+def _number(x: float) -> str:
+  return "2**32" if x == 2**32 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+  """The values a numeric field takes: within [low, high] (either bound open or absent), an integer
+  where ``integer``, finite always; ``also``: values allowed besides (``-1`` of a mesh axis);
+  ``none``: None allowed (an optional field)."""
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+  also: tuple = ()
+  none: bool = False
+
+  def ok(self, value: Any) -> bool:
+    if value is None:
+      return self.none
+    if isinstance(value, bool):
+      return False
+    if value in self.also:
+      return True
+    kind = numbers.Integral if self.integer else numbers.Real
+    if not isinstance(value, kind) or not math.isfinite(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+      return False
+    return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+  def __str__(self) -> str:
+    what = "an integer" if self.integer else "a number" if self.high is not None else \
+        "a finite number"
+    if self.low is not None and self.high is not None:
+      text = (f"{what} in {'(' if self.low_open else '['}{_number(self.low)}, "
+              f"{_number(self.high)}{')' if self.high_open else ']'}")
+    elif self.low is not None:
+      text = f"{what} {'>' if self.low_open else '>='} {_number(self.low)}"
+    elif self.high is not None:
+      text = f"{what} {'<' if self.high_open else '<='} {_number(self.high)}"
+    else:
+      text = what
+    text += "".join(f", or {a}" for a in self.also)
+    return text + (", or null" if self.none else "")
+
+
+COUNT = Range(low=1, integer=True)                 # batch sizes, epochs, grad_accum, keep, ...
+COUNT_OR_ZERO = Range(low=0, integer=True)         # steps where 0 means "off" / "all"
+POSITIVE = Range(low=0, low_open=True)             # learning rates, beta, timeouts
+NON_NEGATIVE = Range(low=0)                        # weights, weight decay, clip norm
+FRACTION = Range(low=0, high=1, high_open=True)    # a share held out
+PROBABILITY = Range(low=0, high=1)                 # dropout
+SEED = Range(low=0, high=2**32, high_open=True, integer=True)  # what jax and grain take
+MESH_AXIS = Range(low=1, integer=True, also=(-1,))
+
+
+def _ranged(default: Any, rng: Range) -> Any:
+  """A dataclass field with ``default`` whose values must lie in ``rng``."""
+  return field(default=default, metadata={"range": rng})
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -77,11 +146,22 @@ def _get(cfg: Any, key: str) -> Any:
   return cfg
 
 
+def _schema(cfg: Any) -> type:
+  return OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else type(cfg)
+
+
+def _all_rules(cfg: Any) -> list[tuple[str, bool, str]]:
+  """(key, ok, expected) of every rule of one section: its fields' ranges, then its ``_rules``."""
+  cls = _schema(cfg)
+  rules = [(f.name, f.metadata["range"].ok(getattr(cfg, f.name)), str(f.metadata["range"]))
+           for f in dataclasses.fields(cls) if "range" in f.metadata]
+  return rules + (list(cls._rules(cfg)) if hasattr(cls, "_rules") else [])
+
+
 def _check(cfg: Any, where: str = "") -> None:
   """Raises InputError for the first rule of ``cfg`` (a dataclass, or an OmegaConf node of one)
   that fails, naming the key below ``where``."""
-  for key, ok, expected in type(cfg)._rules(cfg) if not isinstance(cfg, DictConfig) else \
-      OmegaConf.get_type(cfg)._rules(cfg):
+  for key, ok, expected in _all_rules(cfg):
     if not ok:
       value = _get(cfg, key)
       value = list(value) if isinstance(value, ListConfig) else value
@@ -89,11 +169,10 @@ def _check(cfg: Any, where: str = "") -> None:
 
 
 class _Checked:
-  """Dataclasses with range rules (``_rules``) check them when constructed."""
+  """Dataclasses with range rules check them when constructed."""
 
   def __post_init__(self):
     _check(self)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,11 +180,11 @@ class _Checked:
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Checked):
   """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 fills with the remaining devices."""
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
+  data: int = _ranged(-1, MESH_AXIS)
+  fsdp: int = _ranged(1, MESH_AXIS)
+  tensor: int = _ranged(1, MESH_AXIS)
 
 
 @dataclass(frozen=True)
@@ -125,17 +204,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters (the paper: q and v projections, alpha 16, rank 8-32, dropout 0.05)."""
+class LoraConfig(_Checked):
+  """Low-rank adapters (the paper: q and v projections, alpha 16, rank 8-32, dropout 0.05).
+
+  ``targets``: projection names of the family (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+  down_proj) or ``all-linear`` (PEFT's convention: every one of them; a bare string is a list of
+  one)."""
   enabled: bool = False
-  rank: int = 8
-  alpha: float = 16.0
-  dropout: float = 0.0
+  rank: int = _ranged(8, COUNT)
+  alpha: float = _ranged(16.0, POSITIVE)
+  dropout: float = _ranged(0.0, PROBABILITY)
   targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
   """Dataset built in memory by ``distfair_jax.data`` (or read from ``records_dir``).
 
   ``system_prompt`` (``default`` | ``none`` | the text of a system message) and
@@ -144,46 +227,47 @@ class DataConfig:
   dataset: str = "gender_real_us"
   spec: Optional[str] = None
   records_dir: Optional[str] = None
-  rows_per_occupation: int = 100
-  heldout_fraction: float = 0.1
-  max_length: int = 1024
-  max_prompt_length: int = 512
+  rows_per_occupation: int = _ranged(100, COUNT)
+  heldout_fraction: float = _ranged(0.1, FRACTION)
+  max_length: int = _ranged(1024, COUNT)
+  max_prompt_length: int = _ranged(512, COUNT)
   prompt_format: PromptFormat = PromptFormat.chat
   system_prompt: str = "default"
   chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
   stories: bool = False
-  story_rows_per_occupation: Optional[int] = None
-  seed: int = 0
+  story_rows_per_occupation: Optional[int] = _ranged(None, dataclasses.replace(COUNT, none=True))
+  seed: int = _ranged(0, SEED)
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-  """optax optimizer and schedule."""
+class OptimConfig(_Checked):
+  """optax optimizer and schedule (``clip_norm`` 0: no clipping)."""
   optimizer: Optimizer = Optimizer.adamw
-  learning_rate: float = 1e-5
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.01
+  learning_rate: float = _ranged(1e-5, POSITIVE)
+  b1: float = _ranged(0.9, FRACTION)
+  b2: float = _ranged(0.999, FRACTION)
+  eps: float = _ranged(1e-8, NON_NEGATIVE)
+  weight_decay: float = _ranged(0.01, NON_NEGATIVE)
   schedule: Schedule = Schedule.constant
-  warmup_steps: int = 150
-  clip_norm: float = 1.0
-  grad_accum: int = 1
+  warmup_steps: int = _ranged(150, COUNT_OR_ZERO)
+  clip_norm: float = _ranged(1.0, NON_NEGATIVE)
+  grad_accum: int = _ranged(1, COUNT)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-  """Stage 1: supervised fine-tuning on the desirable records (also the IFT baseline)."""
-  epochs: int = 2
-  batch_size: int = 4
-  max_steps: int = 0
+class SFTConfig(_Checked):
+  """Stage 1: supervised fine-tuning on the desirable records (also the IFT baseline).
+  ``max_steps`` 0: every step of ``epochs``."""
+  epochs: int = _ranged(2, COUNT)
+  batch_size: int = _ranged(4, COUNT)
+  max_steps: int = _ranged(0, COUNT_OR_ZERO)
   group_by_length: bool = False
   average: SFTAverage = SFTAverage.sequence
   optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass(frozen=True)
-class HybridConfig:
+class HybridConfig(_Checked):
   """Stage 2: KTO + steering-token KL, reference = the stage-1 model.
 
   kl_pairs: the mismatched pairs of KTO's reference point z0. ``shifted`` (default): row i's
@@ -200,13 +284,13 @@ class HybridConfig:
   stage's sequences against 1 on the rows layout, against the packed / rows compute ratio on the
   packed layout), online otherwise; the choice is logged.
   """
-  epochs: int = 3
-  batch_size: int = 8
-  max_steps: int = 0
-  beta: float = 0.1
-  desirable_weight: float = 1.0
-  undesirable_weight: float = 1.0
-  kl_weight: float = 1.0
+  epochs: int = _ranged(3, COUNT)
+  batch_size: int = _ranged(8, COUNT)
+  max_steps: int = _ranged(0, COUNT_OR_ZERO)
+  beta: float = _ranged(0.1, POSITIVE)
+  desirable_weight: float = _ranged(1.0, NON_NEGATIVE)
+  undesirable_weight: float = _ranged(1.0, NON_NEGATIVE)
+  kl_weight: float = _ranged(1.0, NON_NEGATIVE)
   ablation: Ablation = Ablation.full
   renormalize: bool = False
   reference: Reference = Reference.auto
@@ -215,15 +299,22 @@ class HybridConfig:
   group_by_length: bool = False
   optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
 
+  def _rules(self):
+    b = self.batch_size
+    return [("batch_size", b >= 2 and b % 2 == 0,
+             "an even number >= 2 (each row's desirable and undesirable examples sit side by "
+             "side, and the KTO reference point needs mismatched pairs from other rows)")]
+
 
 @dataclass(frozen=True)
-class DPOConfig:
-  """The DPO baseline (started from the IFT model)."""
-  epochs: int = 3
-  batch_size: int = 4
-  max_steps: int = 0
-  beta: float = 0.1
-  label_smoothing: float = 0.0
+class DPOConfig(_Checked):
+  """The DPO baseline (started from the IFT model). ``label_smoothing``: conservative DPO's
+  share of flipped preference labels."""
+  epochs: int = _ranged(3, COUNT)
+  batch_size: int = _ranged(4, COUNT)
+  max_steps: int = _ranged(0, COUNT_OR_ZERO)
+  beta: float = _ranged(0.1, POSITIVE)
+  label_smoothing: float = _ranged(0.0, Range(low=0, high=0.5, high_open=True))
   ipo: bool = False
   layout: Layout = Layout.auto
   group_by_length: bool = False
@@ -231,23 +322,25 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Checked):
   """orbax checkpointing: every ``every_steps`` steps (0: only at the end of a stage)."""
-  every_steps: int = 0
-  keep: int = 2
+  every_steps: int = _ranged(0, COUNT_OR_ZERO)
+  keep: int = _ranged(2, COUNT)
   async_save: bool = True
 
 
 @dataclass(frozen=True)
-class HeldoutConfig:
-  """Held-out evaluation during training (the stage's losses and the exact steering MAE)."""
-  every_steps: int = 0
-  max_batches: int = 8
+class HeldoutConfig(_Checked):
+  """Held-out evaluation during training (the stage's losses and the exact steering MAE):
+  every ``every_steps`` steps (0: at the end of a stage only) on at most ``max_batches``
+  batches (0: none)."""
+  every_steps: int = _ranged(0, COUNT_OR_ZERO)
+  max_batches: int = _ranged(8, COUNT_OR_ZERO)
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-  every_steps: int = 1
+class LoggingConfig(_Checked):
+  every_steps: int = _ranged(1, COUNT)
   tensorboard: bool = True
   progress: bool = True
 
@@ -260,20 +353,12 @@ class DecodeConfig(_Checked):
   filters. ``max_new_tokens`` bounds attribute answers (v1, v2); ``story_max_new_tokens`` bounds stories
   (v3). Neither counts the steering token.
   """
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
+  temperature: float = _ranged(1.0, NON_NEGATIVE)
+  top_p: float = _ranged(1.0, Range(low=0, high=1, low_open=True))
+  top_k: int = _ranged(0, COUNT_OR_ZERO)
   greedy: bool = False
-  max_new_tokens: int = 16
-  story_max_new_tokens: int = 96
-
-  def _rules(self):
-    return [("temperature", self.temperature >= 0 and math.isfinite(self.temperature),
-             "a number >= 0"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
-            ("top_k", self.top_k >= 0, "an integer >= 0"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
-            ("story_max_new_tokens", self.story_max_new_tokens >= 1, "an integer >= 1")]
+  max_new_tokens: int = _ranged(16, COUNT)
+  story_max_new_tokens: int = _ranged(96, COUNT)
 
   @property
   def is_greedy(self) -> bool:
@@ -281,14 +366,21 @@ class DecodeConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(_Checked):
   """The v3 story judge: ``rules`` (offline lexicons) or an OpenAI-compatible server."""
   kind: JudgeKind = JudgeKind.rules
   url: Optional[str] = None
   model: Optional[str] = None
   api_key_env: str = "OPENAI_API_KEY"
-  timeout: float = 60.0
-  workers: int = 8
+  timeout: float = _ranged(60.0, POSITIVE)
+  workers: int = _ranged(8, COUNT)
+
+  def _rules(self):
+    server = str(self.kind) == JudgeKind.openai.value
+    return [("model", not server or bool(self.model),
+             "the served model name for judge.kind=openai (judge.model=NAME)"),
+            ("url", not server or bool(self.url),
+             "the server's URL for judge.kind=openai (judge.url=http://HOST:PORT/v1)")]
 
 
 @dataclass(frozen=True)
@@ -309,15 +401,15 @@ class EvalConfig(_Checked):
   that it is evaluated on the prompts it was trained on; a converted model: ``default`` and none).
   """
   versions: List[Version] = field(default_factory=lambda: [Version.v1, Version.v2, Version.v3])
-  rounds: Optional[int] = 100
+  rounds: Optional[int] = _ranged(100, dataclasses.replace(COUNT, none=True))
   steering: Steering = Steering.model
   prompt_engineering: bool = False
   dataset: Optional[str] = None
   decode: DecodeConfig = field(default_factory=DecodeConfig)
   judge: JudgeConfig = field(default_factory=JudgeConfig)
-  batch_size: int = 256
-  seed: int = 0
-  n_bootstrap: int = 1000
+  batch_size: int = _ranged(256, COUNT)
+  seed: int = _ranged(0, SEED)
+  n_bootstrap: int = _ranged(1000, COUNT_OR_ZERO)
   plots: bool = True
   dtype: Optional[DType] = None
   parser: Parser = Parser.reference
@@ -331,9 +423,6 @@ class EvalConfig(_Checked):
              "a non-empty subset of v1, v2, v3"),
             ("steering", str(self.steering) in {s.value for s in Steering},
              "one of model, target, none"),
-            ("rounds", self.rounds is None or self.rounds >= 1, "an integer >= 1"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("n_bootstrap", self.n_bootstrap >= 0, "an integer >= 0"),
             ("parser", str(self.parser) in {p.value for p in Parser}, "one of reference, synonyms")]
 
   @property
@@ -346,7 +435,7 @@ class EvalConfig(_Checked):
 class Config(_Checked):
   """The whole run. ``stages`` lists what ``distfair train`` runs, in order: sft, hybrid, ift, dpo."""
   run_dir: str = MISSING
-  seed: int = 0
+  seed: int = _ranged(0, SEED)
   stages: List[Stage] = field(default_factory=lambda: [Stage.sft, Stage.hybrid])
   mesh: MeshConfig = field(default_factory=MeshConfig)
   model: ModelConfig = field(default_factory=ModelConfig)
@@ -361,14 +450,7 @@ class Config(_Checked):
   eval: EvalConfig = field(default_factory=EvalConfig)
 
   def _rules(self):
-    rules = [("stages", len(self.stages) > 0, "at least one of sft, hybrid, ift, dpo")]
-    rules += [(key, _get(self, key) >= 1, "a positive integer")
-              for key in ("sft.batch_size", "hybrid.batch_size", "dpo.batch_size", "lora.rank")]
-    b = self.hybrid.batch_size
-    rules.append(("hybrid.batch_size", b >= 2 and b % 2 == 0,
-                  "an even number >= 2 (each row's desirable and undesirable examples sit side by "
-                  "side, and the KTO reference point needs mismatched pairs from other rows)"))
-    return rules
+    return [("stages", len(self.stages) > 0, "at least one of sft, hybrid, ift, dpo")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,7 +504,25 @@ def _layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
 _ENUM_ERROR = re.compile(r"Invalid value '(?P<got>.*)', expected one of \[(?P<names>.*)\]")
 
 
+# List fields that also take one string, as their libraries do (PEFT's ``target_modules:
+# all-linear``): ``lora.targets: all-linear`` is ``lora.targets: [all-linear]``.
+_LIST_OR_STRING = (("lora", "targets"),)
+
+
+def _lists_from_strings(layer):
+  """``layer`` (a mapping or an OmegaConf node) with a string under a ``_LIST_OR_STRING`` key
+  made a one-element list."""
+  for section, key in _LIST_OR_STRING:
+    node = layer.get(section) if hasattr(layer, "get") else None
+    if hasattr(node, "get") and isinstance(node.get(key), str):
+      if isinstance(layer, DictConfig):
+        layer = OmegaConf.to_container(layer)
+      layer = {**layer, section: {**layer[section], key: [layer[section][key]]}}
+  return layer
+
+
 def _merge(base, layer, source: str):
+  layer = _lists_from_strings(layer)
   try:
     return OmegaConf.merge(base, layer)
   except OmegaConfBaseException as e:
@@ -444,26 +544,46 @@ def _dotlist(overrides: Sequence[str]):
     raise InputError(f"command line: {_first_line(e)}") from None
 
 
-def _check_tree(node, source: str, path: str = "") -> None:
-  """The range rules of every checked section of an OmegaConf tree, with the keys' full paths."""
-  if hasattr(OmegaConf.get_type(node), "_rules"):
-    try:
-      _check(node, f"{path}." if path else "")
-    except InputError as e:
-      raise InputError(f"{source}: {e}") from None
+def _sets(layer: Any, key: str) -> bool:
+  """Whether ``layer`` (a mapping or an OmegaConf node) holds the dotted ``key``."""
+  for part in key.split("."):
+    if not hasattr(layer, "get") or part not in layer:
+      return False
+    layer = layer[part]
+  return True
+
+
+def _source_of(key: str, layers: Sequence[tuple[str, Any]], default: str) -> str:
+  """The source of the last layer that sets ``key`` (a value that fails a rule came from it)."""
+  return next((source for source, layer in reversed(layers) if _sets(layer, key)), default)
+
+
+def _check_tree(node, layers: Sequence[tuple[str, Any]], default: str, path: str = "") -> None:
+  """The rules of every section of an OmegaConf tree, with the keys' full paths; an error names
+  the layer (file or "command line") that set the failing key."""
+  cls = OmegaConf.get_type(node)
+  if dataclasses.is_dataclass(cls):
+    where = f"{path}." if path else ""
+    for key, ok, expected in _all_rules(node):
+      if not ok:
+        value = _get(node, key)
+        value = list(value) if isinstance(value, ListConfig) else value
+        raise InputError(f"{_source_of(where + key, layers, default)}: {where}{key}: expected "
+                         f"{expected}, got {value!r}")
   for key in node:
     child = node._get_node(key)  # noqa: SLF001
     if isinstance(child, DictConfig):
-      _check_tree(child, source, f"{path}.{key}" if path else str(key))
+      _check_tree(child, layers, default, f"{path}.{key}" if path else str(key))
 
 
-def _to_object(cfg, source: str):
-  """The checked dataclass of a merged OmegaConf node; errors name ``source`` and the key."""
+def _to_object(cfg, source: str, layers: Sequence[tuple[str, Any]] = ()):
+  """The checked dataclass of a merged OmegaConf node; errors name the layer that set the key
+  (``layers``: (source, mapping) in merge order), else ``source``."""
   missing = sorted(OmegaConf.missing_keys(cfg))
   if missing:
     raise InputError(f"{source}: {missing[0]}: missing value (set it in the file or as "
                      f"{missing[0]}=... on the command line)")
-  _check_tree(cfg, source)
+  _check_tree(cfg, layers, source)
   return OmegaConf.to_object(cfg)
 
 
@@ -471,14 +591,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] =
   """Compose ``path`` (and its defaults) with ``key=value`` overrides into a checked ``Config``."""
   cfg = OmegaConf.structured(Config)
   last_source = "defaults"
+  layers: list[tuple[str, Any]] = []
   if path is not None:
     for source, data in _layers(path):
       cfg = _merge(cfg, data, source)
+      layers.append((source, data))
       last_source = source
   if overrides:
-    cfg = _merge(cfg, _dotlist(overrides), "command line")
+    dotlist = _dotlist(overrides)
+    cfg = _merge(cfg, dotlist, "command line")
+    layers.append(("command line", dotlist))
     last_source = "command line"
-  return _to_object(cfg, last_source)
+  return _to_object(cfg, last_source, layers)
 
 
 def load_eval_config(base: EvalConfig | None = None,
@@ -486,9 +610,10 @@ def load_eval_config(base: EvalConfig | None = None,
   """``base`` (default: the defaults) with ``key=value`` overrides of its fields
   (``rounds=50 decode.temperature=0.7 versions=[v2]``), checked like a config file."""
   cfg = OmegaConf.structured(base if base is not None else EvalConfig)
-  if overrides:
-    cfg = _merge(cfg, _dotlist(overrides), "command line")
-  return _to_object(cfg, "command line" if overrides else "eval config")
+  layers = [("command line", _dotlist(overrides))] if overrides else []
+  for source, layer in layers:
+    cfg = _merge(cfg, layer, source)
+  return _to_object(cfg, "command line" if overrides else "eval config", layers)
 
 
 def _plain(value: Any) -> Any:

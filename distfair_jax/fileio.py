@@ -41,7 +41,7 @@ from distfair_jax.errors import InputError
 __all__ = ["Path", "as_path", "is_remote", "is_lfs_pointer", "check_not_lfs_pointer", "read_text", "read_json", "read_jsonl", "write_bytes",
            "write_text", "write_json", "write_jsonl", "copy_file", "copy_tree", "atomic_dir",
            "local_dir_for", "local_copy", "make_dirs", "sweep_leftovers", "check_new_dir",
-           "temporary_name"]
+           "temporary_name", "writable_dir"]
 
 Path = epath.Path
 PathLike = str | os.PathLike
@@ -73,6 +73,41 @@ def make_dirs(p: PathLike) -> epath.Path:
     bucket = "/".join(os.fspath(p).split("/")[:3])
     raise InputError(f"{p}: bucket: expected an existing bucket you can write to, got "
                      f"{bucket} missing ({e})") from None
+  return p
+
+
+def _file_above(p: epath.Path) -> epath.Path | None:
+  """The nearest existing non-directory at or above local ``p`` (None: there is none)."""
+  for q in (p, *p.parents):
+    if q.exists():
+      return None if q.is_dir() else q
+  return None
+
+
+def _probe_write(d: epath.Path) -> None:
+  """Creates and removes a file in ``d`` (OSError if that cannot be done)."""
+  probe = d / temporary_name("write-probe")
+  probe.write_bytes(b"")
+  probe.unlink()
+
+
+def writable_dir(path: PathLike, what: str = "run_dir") -> epath.Path:
+  """``path`` as a directory this process can write (created if absent); InputError in one line
+  naming ``what`` if it is a file, lies under a file, or cannot be created or written. A URL is
+  created (``make_dirs``); its first write shows whether it is writable."""
+  p = as_path(path)
+  if is_remote(p):
+    return make_dirs(p)
+  blocker = _file_above(p)
+  if blocker is not None:
+    got = "a file" if blocker == p else f"a path under the file {blocker}"
+    raise InputError(f"{p}: {what}: expected a directory, got {got}")
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+    _probe_write(p)
+  except OSError as e:
+    raise InputError(f"{p}: {what}: expected a directory this user can write, got "
+                     f"{e.strerror or type(e).__name__} ({e.filename or p})") from None
   return p
 
 

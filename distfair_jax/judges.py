@@ -467,8 +467,8 @@ def make_judge(kind: str, **kwargs) -> Judge:
   if kind == "rules":
     return RulesJudge(**kwargs)
   if kind == "openai":
-    if not kwargs.get("base_url") or not kwargs.get("model"):
-      raise JudgeError("judge: expected base_url and model for the 'openai' judge, got "
-                       f"{sorted(k for k, v in kwargs.items() if v)}")
+    for key, what in (("model", "the served model name"), ("base_url", "the server's URL")):
+      if not kwargs.get(key):
+        raise JudgeError(f"judge: {key}: expected {what} for the 'openai' judge, got none")
     return OpenAIJudge(**kwargs)
   raise JudgeError(f"judge: kind: expected 'rules' or 'openai', got {kind!r}")

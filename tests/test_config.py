@@ -82,6 +82,148 @@ def test_bad_choices_and_batch(tmp_path):
     load_config(None, ["run_dir=r", "eval.decode.top_p=0"])
 
 
+# Every numeric setting's range: (override, expected text). Declared with the field
+# (``_ranged``), checked before anything runs.
+RANGES = [
+    ("sft.optim.learning_rate=-1e-3", "a finite number > 0, got -0.001"),
+    ("sft.optim.learning_rate=0", "a finite number > 0, got 0.0"),
+    ("hybrid.optim.learning_rate=1e400", "a finite number > 0, got inf"),
+    ("dpo.optim.learning_rate=nan", "a finite number > 0, got nan"),
+    ("sft.optim.grad_accum=0", "an integer >= 1, got 0"),
+    ("sft.optim.warmup_steps=-10", "an integer >= 0, got -10"),
+    ("sft.optim.b1=1", r"a number in \[0, 1\), got 1.0"),
+    ("sft.optim.weight_decay=-0.1", "a finite number >= 0, got -0.1"),
+    ("sft.optim.clip_norm=-1", "a finite number >= 0, got -1.0"),
+    ("sft.epochs=0", "an integer >= 1, got 0"),
+    ("sft.batch_size=0", "an integer >= 1, got 0"),
+    ("sft.max_steps=-1", "an integer >= 0, got -1"),
+    ("dpo.batch_size=0", "an integer >= 1, got 0"),
+    ("hybrid.epochs=0", "an integer >= 1, got 0"),
+    ("hybrid.beta=-1", "a finite number > 0, got -1.0"),
+    ("dpo.beta=0", "a finite number > 0, got 0.0"),
+    ("hybrid.kl_weight=-1", "a finite number >= 0, got -1.0"),
+    ("dpo.label_smoothing=0.5", r"a number in \[0, 0.5\), got 0.5"),
+    ("checkpoint.keep=0", "an integer >= 1, got 0"),
+    ("checkpoint.every_steps=-5", "an integer >= 0, got -5"),
+    ("heldout.max_batches=-1", "an integer >= 0, got -1"),
+    ("logging.every_steps=0", "an integer >= 1, got 0"),
+    ("lora.dropout=2", r"a number in \[0, 1\], got 2.0"),
+    ("lora.rank=0", "an integer >= 1, got 0"),
+    ("lora.alpha=0", "a finite number > 0, got 0.0"),
+    ("data.heldout_fraction=1.5", r"a number in \[0, 1\), got 1.5"),
+    ("data.heldout_fraction=1", r"a number in \[0, 1\), got 1.0"),
+    ("data.rows_per_occupation=0", "an integer >= 1, got 0"),
+    ("data.max_length=0", "an integer >= 1, got 0"),
+    ("data.story_rows_per_occupation=0", "an integer >= 1, or null, got 0"),
+    ("mesh.fsdp=0", "an integer >= 1, or -1, got 0"),
+    ("seed=99999999999999999999999", r"an integer in \[0, 2\*\*32\), got 99999999999999999999999"),
+    ("seed=-1", r"an integer in \[0, 2\*\*32\), got -1"),
+    ("data.seed=4294967296", r"an integer in \[0, 2\*\*32\), got 4294967296"),
+    ("eval.seed=4294967296", r"an integer in \[0, 2\*\*32\), got 4294967296"),
+    ("eval.batch_size=0", "an integer >= 1, got 0"),
+    ("eval.n_bootstrap=-1", "an integer >= 0, got -1"),
+    ("eval.decode.temperature=-1", "a finite number >= 0, got -1.0"),
+    ("eval.decode.max_new_tokens=0", "an integer >= 1, got 0"),
+    ("eval.judge.workers=0", "an integer >= 1, got 0"),
+    ("eval.judge.timeout=0", "a finite number > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("override, expected", RANGES)
+def test_every_numeric_setting_is_checked_with_its_range(override, expected):
+  key = override.split("=")[0]
+  with pytest.raises(InputError, match=rf"^command line: {key}: expected {expected}$"):
+    load_config(None, ["run_dir=r", override])
+
+
+def test_every_numeric_field_declares_a_range():
+  from distfair_jax import config as C
+  unranged = [f"{cls.__name__}.{f.name}" for cls in (
+      C.MeshConfig, C.LoraConfig, C.DataConfig, C.OptimConfig, C.SFTConfig, C.HybridConfig,
+      C.DPOConfig, C.CheckpointConfig, C.HeldoutConfig, C.LoggingConfig, C.DecodeConfig,
+      C.JudgeConfig, C.EvalConfig, C.Config)
+      for f in dataclasses.fields(cls)
+      if f.type in ("int", "float", "Optional[int]", "Optional[float]")
+      and "range" not in f.metadata]
+  assert unranged == []
+
+
+def test_range_edges_pass_and_the_error_names_the_file_that_set_the_key(tmp_path):
+  cfg = load_config(None, ["run_dir=r", "seed=4294967295", "data.heldout_fraction=0",
+                           "lora.dropout=1", "sft.optim.warmup_steps=0", "mesh.data=-1",
+                           "eval.rounds=null", "heldout.max_batches=0"])
+  assert cfg.seed == 2**32 - 1 and cfg.data.heldout_fraction == 0 and cfg.eval.rounds is None
+  exp = _write(tmp_path / "exp.yaml", f"defaults: [{BASE}]\nrun_dir: r\nsft:\n  optim:\n"
+                                      f"    learning_rate: -1.0e-3\n")
+  with pytest.raises(InputError, match=r"exp\.yaml: sft\.optim\.learning_rate: expected a finite "
+                                      r"number > 0, got -0\.001$"):
+    load_config(exp, ["sft.epochs=3"])  # the file set the bad key, not the command line
+  with pytest.raises(InputError, match=r"^command line: sft\.epochs: expected an integer >= 1"):
+    load_config(exp, ["sft.epochs=0", "sft.optim.learning_rate=1e-3"])
+  with pytest.raises(InputError, match=r"^command line: n_bootstrap: expected an integer >= 0"):
+    load_eval_config(None, ["n_bootstrap=-3"])
+
+
+def test_sections_built_in_code_are_checked_too():
+  from distfair_jax import config as C
+  with pytest.raises(InputError, match=r"^grad_accum: expected an integer >= 1, got 0$"):
+    C.OptimConfig(grad_accum=0)
+  with pytest.raises(InputError, match=r"^seed: expected an integer in \[0, 2\*\*32\)"):
+    C.Config(run_dir="r", seed=2**70)
+  with pytest.raises(InputError, match=r"^batch_size: expected an even number >= 2"):
+    C.HybridConfig(batch_size=3)
+
+
+def test_cli_exits_2_with_one_line_for_a_setting_out_of_range(capsys):
+  from distfair_jax.cli import main
+  assert main(["train", BASE, "run_dir=r", "seed=99999999999999999999999"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert "command line: seed: expected an integer in [0, 2**32)" in err
+
+
+def test_an_openai_judge_needs_its_model_and_url():
+  with pytest.raises(InputError, match=r"^command line: judge\.model: expected the served model "
+                                      r"name for judge\.kind=openai \(judge\.model=NAME\), got None$"):
+    load_eval_config(None, ["judge.kind=openai", "judge.url=http://localhost:8000/v1"])
+  with pytest.raises(InputError, match=r"^command line: eval\.judge\.url: expected the server's URL"):
+    load_config(None, ["run_dir=r", "eval.judge.kind=openai", "eval.judge.model=m"])
+  cfg = load_eval_config(None, ["judge.kind=openai", "judge.url=http://h/v1", "judge.model=m"])
+  assert (cfg.judge.url, cfg.judge.model) == ("http://h/v1", "m")
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "RUN", "--overwrite", "rounds=1", "versions=[v2]"],
+    ["eval", "RUN", "rounds=1", "--overwrite", "versions=[v2]"],
+    ["eval", "RUN", "rounds=1", "versions=[v2]", "--overwrite"],
+    ["eval", "--overwrite", "RUN", "rounds=1", "versions=[v2]"],
+])
+def test_options_and_overrides_in_either_order(argv):
+  from distfair_jax.cli import build_parser, parse
+  args = parse(build_parser(), argv)
+  assert (args.model, args.overrides, args.overwrite) == ("RUN", ["rounds=1", "versions=[v2]"], True)
+
+
+def test_a_stray_argument_after_an_option_is_the_subcommands_usage_error(capsys):
+  from distfair_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(["eval", "RUN", "--overwrite", "rounds"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("usage: distfair eval ") and \
+      "distfair eval: error: unrecognized arguments: rounds" in err
+
+
+def test_version(capsys):
+  from distfair_jax import __version__
+  from distfair_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(["--version"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"distfair {__version__} (jax ") and "orbax-checkpoint" in out
+
+
 def test_enums_and_frozen_sections():
   from distfair_jax.config import Ablation, Stage
   cfg = load_config(None, ["run_dir=r", "hybrid.ablation=kl_only"])
@@ -104,7 +246,7 @@ def test_eval_overrides_start_from_a_base():
   assert load_eval_config(None, []) == EvalConfig()
   with pytest.raises(InputError, match=r"command line: versions\[0\]: expected one of v1, v2, v3"):
     load_eval_config(None, ["versions=[v4]"])
-  with pytest.raises(InputError, match=r"command line: rounds: expected an integer >= 1, got 0"):
+  with pytest.raises(InputError, match=r"command line: rounds: expected an integer >= 1, or null, got 0"):
     load_eval_config(None, ["rounds=0"])
   with pytest.raises(InputError, match=r"command line: roundz"):
     load_eval_config(None, ["roundz=3"])

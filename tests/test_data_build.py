@@ -349,6 +349,35 @@ def test_bad_specs(tmp_path):
     build.load_spec(_yaml(tmp_path, leak))
 
 
+def test_spec_file_references_stay_in_the_spec_directory(tmp_path):
+  secret = tmp_path / "secret.csv"
+  secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+  d = tmp_path / "specs"
+  d.mkdir()
+  for key, ref in (("occupations", "../secret.csv"), ("occupations", str(secret)),
+                   ("targets", "../secret.csv"), ("targets", "sub/../../secret.csv")):
+    text = (f"name: x\nattribute: gender\noccupations: {ref}\nregion: here\n" if key ==
+            "occupations" else f"name: x\nattribute: gender\noccupations: us\ntargets: {ref}\n")
+    with pytest.raises(InputError) as e:
+      build.load_spec(_yaml(d, text))
+    assert str(e.value) == (f"{d / 'spec.yaml'}: {key}: expected a CSV file in the spec's "
+                            f"directory or below it, got {ref!r}")
+  # a file in the spec's directory that is no table: named, its contents never quoted
+  (d / "notes.csv").write_text("s3cr3t:x:0:0:s3cr3t:/home:/bin/bash\n")
+  for key, text in (("occupation", "name: x\nattribute: gender\noccupations: notes.csv\n"
+                                   "region: here\n"),
+                    ("occupation", "name: x\nattribute: gender\noccupations: us\n"
+                                   "targets: ./notes.csv\n")):
+    with pytest.raises(InputError, match=rf"notes.csv: line 1: {key}: expected a column named "
+                                         r"'occupation', got none$") as e:
+      build.load_spec(_yaml(d, text))
+    assert "s3cr3t" not in str(e.value)
+  (d / "t.csv").write_text("occupation,male,femal\nNurses,0.1,0.9\n")
+  with pytest.raises(InputError, match=r"t.csv: line 1: female: expected a column per category "
+                                       r"\(\['male', 'female'\]\), got none named 'female'$"):
+    build.load_spec(_yaml(d, "name: x\nattribute: gender\noccupations: us\ntargets: t.csv\n"))
+
+
 def test_bad_occupation_csv(tmp_path):
   p = tmp_path / "occ.csv"
   p.write_text("# my source\noccupation,sector,male\nNurses,Health,3\n")

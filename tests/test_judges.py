@@ -264,7 +264,10 @@ def test_urls_and_factory():
     OpenAIJudge("localhost:8000", "m")
   assert isinstance(make_judge("rules"), RulesJudge)
   assert isinstance(make_judge("openai", base_url="http://h/v1", model="m"), OpenAIJudge)
-  with pytest.raises(JudgeError):
+  with pytest.raises(JudgeError, match=r"^judge: model: expected the served model name for the "
+                                      r"'openai' judge, got none$"):
     make_judge("openai", base_url="http://h/v1")
+  with pytest.raises(JudgeError, match=r"^judge: base_url: expected the server's URL"):
+    make_judge("openai", model="m")
   with pytest.raises(JudgeError, match="kind"):
     make_judge("oracle")

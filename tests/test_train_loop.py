@@ -145,6 +145,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_config, tmp_path):
   assert not os.path.exists(run / "sft" / "final")
 
 
+@pytest.mark.slow
+def test_a_second_train_in_a_busy_run_directory_is_refused(small_config, tmp_path):
+  """Two `distfair train` on one run directory: the second is refused in one line naming the
+  first, which goes on and writes every metrics row once."""
+  import socket
+  config, tok = small_config
+  env = _env(tmp_path / "jax_cache")
+  run = tmp_path / "busy"
+  cmd = _train_cmd(config, tok, run, "sft.max_steps=12", "checkpoint.every_steps=4")
+  first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(run / "lock.json"):
+    assert first.poll() is None, first.stderr.read()[-2000:]
+    assert time.time() < deadline, "no lock after 300 s"
+    time.sleep(0.01)
+  first.send_signal(signal.SIGSTOP)  # holding the lock, however fast the second one starts
+  try:
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  finally:
+    first.send_signal(signal.SIGCONT)
+  assert second.returncode == 2, second.stderr[-2000:]
+  assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr, second.stderr
+  assert (f"distfair train: error: {run / 'lock.json'}: run_dir: expected no other run in this "
+          f"directory, got process {first.pid} on {socket.gethostname()} since ") in second.stderr
+  _, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-2000:]
+  with open(run / "metrics.jsonl", encoding="utf-8") as f:
+    keys = [(r["stage"], r["split"], r["step"]) for r in map(json.loads, f)]
+  assert len(keys) == len(set(keys))  # every row once
+  assert sorted(_rows(run)) == list(range(1, 13))
+  assert not os.path.exists(run / "lock.json")  # released at the end
+
+
 def _config(config, tok, run_dir, *overrides):
   return load_config(config, [f"run_dir={run_dir}", f"model.tokenizer={tok}", *overrides])
 
@@ -161,6 +195,60 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_config, tmp_path):
   rows = _rows(tmp_path / "nan")
   assert steps and all(np.isfinite(rows[s]["loss"]) for s in steps)
   assert not os.path.exists(tmp_path / "nan" / "sft" / "final")
+
+
+def _truncate_largest_file(directory, size=100):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(size)
+
+
+def test_a_corrupted_latest_checkpoint_resumes_from_the_older_one(small_config, tmp_path, capsys):
+  import shutil
+  from distfair_jax.errors import InputError
+  config, tok = small_config
+  opts = ("sft.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=3",
+          "checkpoint.async_save=false")
+  full = tmp_path / "full"
+  train(_config(config, tok, full, *opts))
+  # A run killed after its step-6 checkpoint, whose latest checkpoint a full disk cut short.
+  bad = tmp_path / "bad"
+  shutil.copytree(full, bad)
+  shutil.rmtree(bad / "sft" / "final")
+  ckpts = bad / "sft" / "checkpoints"
+  _truncate_largest_file(ckpts / "6")
+  capsys.readouterr()
+  train(_config(config, tok, bad, *opts))
+  err = capsys.readouterr().err
+  assert f"{ckpts / '6'}: checkpoint unreadable (" in err and "); trying step 4\n" in err, err
+  assert (f"{ckpts / '6'}: moved to {bad / 'sft' / 'unreadable_checkpoints' / '6'} (unreadable; "
+          f"resuming from an older checkpoint)\n") in err
+  assert "sft: resuming from step 4 of 6" in err and "Traceback" not in err
+  assert os.listdir(bad / "sft" / "unreadable_checkpoints") == ["6"]  # kept, named, not deleted
+  assert sorted(int(s) for s in os.listdir(ckpts)) == [2, 4, 6]  # step 6 saved again
+  rows_full, rows_bad = _rows(full), _rows(bad)
+  assert sorted(rows_bad) == sorted(rows_full) == list(range(1, 7))
+  for step in range(1, 7):
+    assert rows_bad[step]["loss"] == pytest.approx(rows_full[step]["loss"], rel=1e-6, abs=1e-7)
+  for x, y in zip(jax.tree.leaves(_final_params(full)), jax.tree.leaves(_final_params(bad))):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-7)
+
+  # No readable checkpoint at all: one line naming them, nothing moved; the stage starts over
+  # only when the user moves them aside.
+  worse = tmp_path / "worse"
+  shutil.copytree(full, worse)
+  shutil.rmtree(worse / "sft" / "final")
+  for step in (2, 4, 6):
+    with open(worse / "sft" / "checkpoints" / str(step) / "state" / "_METADATA", "r+b") as f:
+      f.truncate(10)
+  with pytest.raises(InputError, match=r"sft/checkpoints: checkpoints: expected one readable "
+                                       r"checkpoint to resume from, got none \(steps 6, 4, 2, all "
+                                       r"unreadable\); to start the stage over, move .* aside"):
+    train(_config(config, tok, worse, *opts))
+  assert sorted(int(s) for s in os.listdir(worse / "sft" / "checkpoints")) == [2, 4, 6]
+  assert not os.path.exists(worse / "sft" / "unreadable_checkpoints")
+  assert not os.path.exists(worse / "lock.json")  # released on the error too
 
 
 def _numpy(tree):
@@ -243,6 +331,19 @@ def test_a_run_directory_refuses_another_config_once_a_stage_has_started(tmp_pat
                                        r"different config \(differs in sft\.epochs; stages "
                                        r"started: sft\)"):
     run.claim(a)
+
+
+def test_eval_of_a_stage_the_run_has_not_finished_names_the_stages(tmp_path, capsys):
+  from distfair_jax import fileio
+  from distfair_jax.cli import main
+  from distfair_jax.train.rundir import RunDir
+  run = RunDir(tmp_path / "r")
+  run.claim(load_config(None, [f"run_dir={tmp_path / 'r'}"]))
+  fileio.write_json(run.final_dir("sft") / "summary.json", {"stage": "sft", "steps": 1})
+  assert main(["eval", str(tmp_path / "r"), "--stage", "dpo", "rounds=1"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"distfair eval: error: {tmp_path / 'r'}: stage: expected one of the finished "
+                 f"stages (sft), got 'dpo'\n")
 
 
 def test_heldout_evaluation_compiles_once(small_config, tmp_path):

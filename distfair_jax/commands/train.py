@@ -3,8 +3,11 @@
   distfair train configs/experiments/tiny.yaml run_dir=runs/r1 sft.optim.learning_rate=1e-4
 
 Writes checkpoints, metrics.jsonl, TensorBoard events and each stage's final parameters under
-run_dir; rerunning the same command resumes from the latest complete checkpoint. Exit codes: 0 done,
-1 failure (e.g. a non-finite loss), 2 bad config or input, 143 preempted (SIGTERM; checkpoint saved).
+run_dir; rerunning the same command resumes from the latest complete checkpoint (an unreadable one is
+moved aside and the next older one used). One run at a time holds run_dir (run_dir/lock.json): a
+second is refused naming the holder; a dead process's lock on this host is taken over; --force takes
+over another host's. Exit codes: 0 done, 1 failure (e.g. a non-finite loss), 2 bad config or input
+(also a busy or unusable run_dir), 143 preempted (SIGTERM; checkpoint saved).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("config", help="experiment YAML (composes base, model and dataset configs)")
   parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                       help="dotted overrides, e.g. run_dir=runs/r1 hybrid.beta=0.2")
+  parser.add_argument("--force", action="store_true",
+                      help="take over run_dir's lock held by another host's run that is gone")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
   from distfair_jax.train.loop import Preempted, TrainingError
   from distfair_jax.train.trainer import train
   try:
-    summaries = train(cfg)
+    summaries = train(cfg, force=args.force)
   except TrainingError as e:
     print(f"distfair train: {e}", file=sys.stderr)
     return 1

@@ -160,13 +160,13 @@ def _targets_from_csv(path: str, attribute: AttributeSpec) -> dict[str, Any]:
   header = [h.strip() for h in next(reader, [])]
   if "occupation" not in header:
     raise InputError(f"{path}: line 1: occupation: expected a column named 'occupation', "
-                     f"got columns {header}")
+                     f"got none")
   lower = [h.lower() for h in header]
   cols = []
   for c in attribute.categories:
     if c.name.lower() not in lower:
       raise InputError(f"{path}: line 1: {c.name}: expected a column per category "
-                       f"({attribute.names}), got columns {header}")
+                       f"({attribute.names}), got none named {c.name!r}")
     cols.append(lower.index(c.name.lower()))
   out: dict[str, Any] = {}
   for i, row in enumerate(reader, start=2):
@@ -183,6 +183,16 @@ def _targets_from_csv(path: str, attribute: AttributeSpec) -> dict[str, Any]:
                          f"got {row[j]!r}") from None
     out[row[header.index("occupation")].strip()] = (vals, f"{path}: line {i}")
   return out
+
+
+def _spec_file(spec_path: str, base: str, ref: str, key: str) -> str:
+  """The file a spec's ``key`` names, resolved against the spec's directory ``base``; InputError
+  (naming the reference, never the file's contents) for one outside that directory."""
+  target = os.path.normpath(os.path.join(base, ref))
+  if os.path.commonpath([base, target]) != base:
+    raise InputError(f"{spec_path}: {key}: expected a CSV file in the spec's directory or below "
+                     f"it, got {ref!r}")
+  return target
 
 
 def load_spec(path: str) -> DatasetSpec:
@@ -210,7 +220,7 @@ def load_spec(path: str) -> DatasetSpec:
     table = occupations_lib.load_table(occ.lower())
     region = region or occupations_lib.REGIONS[occ.lower()]
   else:
-    table = occupations_lib.load_table(os.path.join(base, occ))
+    table = occupations_lib.load_table(_spec_file(path, base, occ, "occupations"))
   if not isinstance(region, str) or not region.strip():
     raise InputError(f"{path}: region: expected a region such as 'the US' for a CSV table, "
                      f"got {region!r}")
@@ -239,8 +249,8 @@ def load_spec(path: str) -> DatasetSpec:
   elif isinstance(t, (Mapping, str)):
     kind = "table"
     if isinstance(t, str):
-      tpath = os.path.join(base, t)
-      if not os.path.exists(tpath):
+      tpath = _spec_file(path, base, t, "targets")
+      if not os.path.isfile(tpath):
         raise InputError(f"{path}: targets: expected uniform, real, a mapping or a CSV path, "
                          f"got {t!r}")
       raw = _targets_from_csv(tpath, attribute)

@@ -110,13 +110,13 @@ def parse_table(text: str, source: str, *, require_counts: bool = False) -> Occu
   header_line = first + 1
   if "occupation" not in header:
     raise InputError(f"{source}: line {header_line}: occupation: expected a column named "
-                     f"'occupation', got columns {header}")
+                     f"'occupation', got none")
   has_counts = "male" in header or "female" in header
   if require_counts or has_counts:
     for col in ("male", "female"):
       if col not in header:
         raise InputError(f"{source}: line {header_line}: {col}: expected a column named "
-                         f"{col!r}, got columns {header}")
+                         f"{col!r}, got none")
   col = {h: i for i, h in enumerate(header)}
   occupations: list[Occupation] = []
   seen: set[str] = set()

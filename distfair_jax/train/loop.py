@@ -72,7 +72,7 @@ def _setup(ctx, stage, init_params):
         if layout == "packed" else "") + (f"; estimated packed / rows compute "
                                            f"{ctx.packing_ratio(records):.2f}"
                                            if str(scfg.layout) == "auto" else ""))
-  seed = ctx.cfg.data.seed + stage.seed_offset
+  seed = (ctx.cfg.data.seed + stage.seed_offset) % 2**32  # data.seed is below 2**32
   pipe = pipeline.make_batches(records, ctx.encoder, stage.records_kind, scfg.batch_size,
                                seed=seed, num_epochs=scfg.epochs, layout=layout,
                                group_by_length=scfg.group_by_length,
@@ -99,10 +99,9 @@ def _setup(ctx, stage, init_params):
   ckpt = StageCheckpointer(ctx.run.checkpoints_dir(stage.name), keep=c.keep,
                            every_steps=c.every_steps, async_save=c.async_save)
   start, data_state = 0, None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract_like(state))
-    start = latest
+  restored = ckpt.restore_latest(abstract_like(state), say=console.log)
+  if restored is not None:
+    start, state, data_state = restored
     ctx.writer.truncate_after(stage.name, start)
     console.log(f"{stage.name}: resuming from step {start} of {total}")
   reference = init_params if stage.needs_reference else None
@@ -129,7 +128,7 @@ def _reference_plan(ctx, stage, layout, seed, total):
   reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
   online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
   mode = getattr(stage.cfg, "reference", None)
-  if mode is None or mode == Reference.online:
+  if mode is None or mode == Reference.online or not getattr(stage, "uses_reference", True):
     return stage, None
   name, m = stage.name, ctx.model
   pool = _pool(ctx, stage, seed, total)

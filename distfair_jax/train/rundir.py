@@ -91,6 +91,11 @@ class RunDir:
     ckpts = self.checkpoints_dir(stage)
     return self.stage_done(stage) or (ckpts.exists() and any(True for _ in ckpts.iterdir()))
 
+  def create(self) -> None:
+    """Makes the run directory; InputError (one line) if it is a file, under a file or not
+    writable: before anything else of a run is done."""
+    fileio.writable_dir(self.path, "run_dir")
+
   def read_config(self) -> Config:
     if not self.config_path.exists():
       raise InputError(f"{self.config_path}: config: expected a training run directory (with "
@@ -158,7 +163,8 @@ def load_run(run_dir: Any, stage: str | None = None, *, mesh=None):
                        f"(configured: {', '.join(cfg.stages)})")
     stage = done[-1]
   elif stage not in done:
-    raise InputError(f"{run}: stage: expected one of the finished stages {done}, got {stage!r}")
+    raise InputError(f"{run}: stage: expected one of the finished stages "
+                     f"({', '.join(map(str, done)) or 'none'}), got {str(stage)!r}")
   mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
   # Per-layer weights whatever trained them (they are per layer on disk): evaluation decodes
   # token by token, and a Python loop over the layers updates each KV cache in place, where a

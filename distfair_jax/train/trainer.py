@@ -27,6 +27,7 @@ from distfair_jax.data.tokenize import Encoder
 from distfair_jax.model.loader import LoadedModel, load_model
 from distfair_jax.train.heldout import split_heldout
 from distfair_jax.train.loop import run_stage
+from distfair_jax.train import runlock
 from distfair_jax.train.preemption import SigtermFlag
 from distfair_jax.train.rundir import RunDir
 from distfair_jax.train.stages import HybridStage, make_stage
@@ -120,13 +121,22 @@ def _context(cfg: Config, records) -> RunContext:
                     train_records, heldout_records, writer, model.rngs)
 
 
-def train(cfg: Config, *, records: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, records: dict[str, list[dict]] | None = None,
+          force: bool = False) -> dict[str, Any]:
   """Runs ``cfg.stages`` under ``cfg.run_dir`` (resuming if possible); returns stage summaries.
 
   records: optional ``{kind: [record, ...]}`` to train on instead of ``cfg.data``'s dataset (the
-  demo's biased base model uses it); kinds sft, kto, ift, dpo.
+  demo's biased base model uses it); kinds sft, kto, ift, dpo. The run directory must be one
+  (not a file, writable) and is locked for the run (``train.runlock``; ``force``: take over
+  another host's lock).
   """
   cfg = with_absolute_paths(cfg)  # recorded so: eval and export find everything from anywhere
+  RunDir(cfg.run_dir).create()
+  with runlock.hold(cfg.run_dir, force=force):
+    return _train(cfg, records)
+
+
+def _train(cfg: Config, records) -> dict[str, Any]:
   ctx = _context(cfg, records)
   summaries: dict[str, Any] = {}
   params = ctx.model.params
