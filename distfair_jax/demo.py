@@ -55,6 +55,7 @@ from distfair_jax.errors import InputError
 
 METHODS = ("zero_shot", "prompt_engineering", "ift", "dpo", "ours", "kl_only", "kto_only")
 STEERED = ("ours", "kl_only", "kto_only")
+ABLATIONS = ("kl_only", "kto_only")
 ABLATION = {"ours": "full", "kl_only": "kl_only", "kto_only": "kto_only"}
 
 
@@ -88,10 +89,18 @@ class DemoSettings:
   story_max_new_tokens: int = 80
   answer_max_new_tokens: int = 8       # v1 / v2 answers
   heldout_fraction: float = 0.15
-  # Fine-tuning: full (lora_rank 0, the tiny model) or LoRA adapters on q and v.
+  # Fine-tuning: full (lora_rank 0, the tiny model) or LoRA adapters on ``lora_targets`` (the
+  # same adapters for every trained method).
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.05
+  lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+  # Stage 1 (SFT / IFT) on length-grouped batches too (stage 2 and DPO are, with stories): a
+  # story row pads a batch of one-word answers to ~2x their length.
+  sft_group_by_length: bool = False
+  # The selection's story check, besides the bare-answer mass: this many sampled completions per
+  # held-out story prompt, judged as v3 is (0: the bare-answer mass alone).
+  story_check_rounds: int = 0
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
 
@@ -120,31 +129,46 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
                      base_rows_per_occupation=32, base_stories_per_occupation=0,
                      base_epochs=3, sft_epochs=3, stage2_epochs=1, batch_size=16, sft_lrs=(3e-3,),
                      stage2_lrs=(1e-3,), rounds=20, versions=("v2",), n_bootstrap=200, max_length=96)
-# A given instruct model (``distfair demo --model CKPT``): no base training, the paper's 1-2B recipe
-# (LoRA on q and v, rank 32, alpha 16, dropout 0.05), the test protocol unchanged (v1-v3, 100
-# rounds), and training cut towards about 90 minutes per dataset for a 135M-parameter model
-# (SmolLM2-135M-Instruct) on a 2-core CPU: 16 attribute rows + 4 story rows per occupation
-# (the paper: 100), SFT 2 epochs and stage 2 one (the paper: 3), a two-point grid, stories of at
-# most 64 new tokens, and no further analyses. Batches as the paper's: SFT 4 rows, stage 2 8 rows
-# (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps at 1e-4 left SmolLM2's steered
-# answers 99.4% non-answer on the held-out prompts.
-REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=4, sft_epochs=2,
-                    stage2_epochs=1, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
-                    stage2_lrs=(1e-4, 1e-3),
+# A given instruct model (``distfair demo --model CKPT``): no base training, LoRA rank 32, alpha
+# 16, dropout 0.05 (the paper's 1-2B recipe) on every linear projection (``all-linear``; the
+# paper's q and v with ``--lora-targets q_proj,v_proj``: on SmolLM2-135M-Instruct in these few
+# steps q/v adapters learn only the marginal, P(male) 0.51-0.55 for every occupation, see
+# benchmarks/adapter_curve.py), the same adapters for every trained method, the test protocol
+# unchanged (v1-v3, 100 rounds), and training cut for a 135M-parameter model on a 2-core CPU:
+# 16 attribute rows + 16 story rows per occupation (the paper: 100 attribute rows; with 4 story
+# rows SmolLM2's SFT model left 54% of v3 unparsed, with 16, 12%), SFT and stage 2 two epochs
+# (the paper: 3), two-point grids (stage 2 and DPO: 1e-4 and 5e-4, the rate at which all-linear
+# adapters calibrated SmolLM2 in 126 stage-2 steps), stories of at most 64 new tokens, the
+# selection's story check sampling 4 stories per held-out story prompt, and no further
+# analyses, every stage on length-grouped batches (half the rows are stories). Batches as the
+# paper's: SFT 4 rows, stage 2 8 rows (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps
+# at 1e-4 left SmolLM2's steered answers 99.4% non-answer on the held-out prompts.
+REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_epochs=2,
+                    stage2_epochs=2, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
+                    stage2_lrs=(1e-4, 5e-4),
                     rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
-                    lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, analyses=False)
+                    lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, lora_targets=("all-linear",),
+                    sft_group_by_length=True, story_check_rounds=4, analyses=False)
 
 
-def settings_for(*, quick: bool, model: str | None) -> DemoSettings:
+def settings_for(*, quick: bool, model: str | None,
+                 lora_targets: Sequence[str] | None = None) -> DemoSettings:
   """The sizes ``distfair demo`` runs with: ``DEFAULT`` / ``QUICK`` on the tiny model, ``REAL``
-  from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``."""
+  from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``;
+  ``lora_targets`` replaces the adapters' targets (a given model only)."""
   if model is None:
+    if lora_targets:
+      raise InputError("demo: --lora-targets: expected --model (the built-in tiny model is "
+                       "fine-tuned in full)")
     return QUICK if quick else DEFAULT
-  if not quick:
-    return REAL
-  return dataclasses.replace(QUICK, lora_rank=REAL.lora_rank, lora_alpha=REAL.lora_alpha,
-                             lora_dropout=REAL.lora_dropout, max_length=REAL.max_length,
-                             answer_max_new_tokens=REAL.answer_max_new_tokens, analyses=False)
+  settings = REAL if not quick else dataclasses.replace(
+      QUICK, lora_rank=REAL.lora_rank, lora_alpha=REAL.lora_alpha,
+      lora_dropout=REAL.lora_dropout, lora_targets=REAL.lora_targets,
+      max_length=REAL.max_length, answer_max_new_tokens=REAL.answer_max_new_tokens,
+      analyses=False)
+  if lora_targets:
+    settings = dataclasses.replace(settings, lora_targets=tuple(lora_targets))
+  return settings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,27 +238,42 @@ MAX_NON_ANSWER = 0.2
 # completion that starts with the category word, ended there or not: a bare answer followed by
 # end of turn measured 0.3% for a model that answered 99% of v3 with "FemaleMale0Male1Female...".
 MAX_STORY_BARE = 0.05
+# With ``story_check_rounds``: the judged unparsed rate of sampled held-out stories (what v3
+# scores) a selected rate may have: junk prose ("oinferment", digit strings) passes the bare-answer
+# check but not this one.
+MAX_STORY_UNPARSED = 0.2
 # The paper's out-of-distribution test: models trained on one region, evaluated on another's.
 OUT_OF_DISTRIBUTION = {"gender_real_uk": "gender_real_us"}
 # The decoding configurations ours is also evaluated with (temperature, top_p).
 DECODING_SWEEP = ((0.5, 1.0), (1.0, 1.0), (1.5, 1.0), (1.0, 0.9))
 
 
+def _story_loss(lr: float, story_bare: dict[float, float],
+                story_unparsed: dict[float, float]) -> float:
+  """How far a rate's stories are from passing the story check (0 when they pass): the larger
+  excess of the bare-answer mass and of the sampled stories' unparsed rate over their bounds."""
+  return max(story_bare.get(lr, 0.0) - MAX_STORY_BARE,
+             story_unparsed.get(lr, 0.0) - MAX_STORY_UNPARSED, 0.0)
+
+
 def select(scores: dict[float, float], non_answer: dict[float, float],
-           story_bare: dict[float, float] | None = None) -> float:
+           story_bare: dict[float, float] | None = None,
+           story_unparsed: dict[float, float] | None = None) -> float:
   """The demo's one selection rule, for every trained method: the learning rate with the lowest
   held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
-  mass is at most 20% and, with ``story_bare``, whose bare-answer mass on held-out story prompts
-  (the probability of opening a story with a bare category word: a model that lost its stories)
-  is at most 5% (ties: the smaller rate). Where no rate passes both: among the rates within the
+  mass is at most 20% and that keep their stories: with ``story_bare``, a bare-answer mass on
+  held-out story prompts (the probability of opening a story with a bare category word) of at
+  most 5%, and with ``story_unparsed``, at most 20% of sampled held-out stories unparsed by the v3
+  judge (ties: the smaller rate). Where no rate passes both: among the rates within the
   non-answer bound, the one that loses its stories least; where none is within it, the lowest MAE."""
-  story_bare = story_bare or {}
+  story_bare, story_unparsed = story_bare or {}, story_unparsed or {}
   answers = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER]
-  ok = [lr for lr in answers if story_bare.get(lr, 0.0) <= MAX_STORY_BARE]
+  loss = lambda lr: _story_loss(lr, story_bare, story_unparsed)
+  ok = [lr for lr in answers if loss(lr) == 0.0]
   if ok:
     return min(ok, key=lambda lr: (scores[lr], lr))
   if answers:
-    return min(answers, key=lambda lr: (story_bare.get(lr, 0.0), scores[lr], lr))
+    return min(answers, key=lambda lr: (loss(lr), scores[lr], lr))
   return min(scores, key=lambda lr: (scores[lr], lr))
 
 
@@ -246,7 +285,8 @@ class Demo:
   """One dataset's miniature benchmark under ``run_dir/<dataset>``."""
 
   def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
-               tokenizer_dir: str, progress: bool = True, base_model: str | None = None):
+               tokenizer_dir: str, progress: bool = True, base_model: str | None = None,
+               ablations: bool = True):
     from distfair_jax.data import build as build_lib
     from distfair_jax.tokenizer import load_tokenizer_dir
     spec = build_lib.resolve_spec(dataset)
@@ -254,6 +294,8 @@ class Demo:
     # A user's YAML spec: its own name for the directory and the tables, its absolute path for the
     # runs' configs (data.spec).
     self.dataset, self.s, self.seed, self.progress = spec.name, settings, seed, progress
+    # The ablations (kl_only, kto_only) trained and evaluated here too, or ours alone.
+    self.methods = METHODS if ablations else tuple(m for m in METHODS if m not in ABLATIONS)
     self.spec_path = None if spec.source == "builtin" else os.path.abspath(spec.source)
     self.dir = os.path.join(run_dir, self.dataset)
     os.makedirs(self.dir, exist_ok=True)
@@ -326,7 +368,8 @@ class Demo:
         model=(C.ModelConfig(checkpoint=self.base_model) if self.base_model else
                C.ModelConfig(preset="tiny", tokenizer=self.tokenizer_dir, params=base_params)),
         lora=C.LoraConfig(enabled=s.lora_rank > 0, rank=max(s.lora_rank, 1), alpha=s.lora_alpha,
-                          dropout=s.lora_dropout if s.lora_rank > 0 else 0.0),
+                          dropout=s.lora_dropout if s.lora_rank > 0 else 0.0,
+                          targets=list(s.lora_targets)),
         data=C.DataConfig(dataset=self.dataset if self.spec_path is None else "gender_real_us",
                           spec=self.spec_path, rows_per_occupation=s.rows_per_occupation,
                           heldout_fraction=(s.heldout_fraction if heldout_fraction is None
@@ -337,6 +380,7 @@ class Demo:
                           seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
                         batch_size=s.sft_batch_size or s.batch_size,
+                        group_by_length=grouped and s.sft_group_by_length,
                         optim=optim(lr if sft_lr is None else sft_lr, 10)),
         # The miniature keeps the reference online, as its README figures were measured (its
         # stage 2 is a few percent of its time); from a given model ``auto`` pools it.
@@ -381,7 +425,7 @@ class Demo:
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
-    scores, non_answer, bare, runs = {}, {}, {}, {}
+    scores, non_answer, bare, unparsed, runs = {}, {}, {}, {}, {}
     for lr in lrs:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
@@ -391,34 +435,44 @@ class Demo:
       cfg = self.config(run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr], non_answer[lr], bare[lr] = self.heldout_mae(run, steered=steered)
+      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = self.heldout_mae(run, steered=steered)
       runs[lr] = run
       console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
                   f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
                   + ("" if bare[lr] is None else f"; bare answers to story prompts "
-                     f"{bare[lr]:.1%}") + ")")
-    best = select(scores, non_answer, {lr: b for lr, b in bare.items() if b is not None})
+                     f"{bare[lr]:.1%}")
+                  + ("" if unparsed[lr] is None else f"; sampled stories unparsed "
+                     f"{unparsed[lr]:.1%}") + ")")
+    known = lambda d: {lr: v for lr, v in d.items() if v is not None}
+    best = select(scores, non_answer, known(bare), known(unparsed))
     return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
-                                   "story_bare_answer": bare[lr]} for lr in lrs}
+                                   "story_bare_answer": bare[lr],
+                                   **({} if unparsed[lr] is None else
+                                      {"story_unparsed": unparsed[lr]})} for lr in lrs}
 
-  def heldout_mae(self, run: str, *, steered: bool) -> tuple[float, float, float | None]:
-    """(exact answer MAE, non-answer mass, bare-answer mass on stories) over the held-out
-    *training* prompts. The first two on the attribute questions: the mean over prompts of
+  def heldout_mae(self, run: str, *, steered: bool
+                  ) -> tuple[float, float, float | None, float | None]:
+    """(exact answer MAE, non-answer mass, bare-answer mass on stories, unparsed rate of sampled
+    stories) over the held-out *training* prompts. The first two on the attribute questions: the mean over prompts of
     mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of the K
     canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens for a
     steered model), not renormalised, so mass on non-answers counts as error; and 1 - sum_k q_k.
     The third on the held-out story prompts (None without story rows): sum_k of the probability
     that the completion starts with answer k (``end_of_turn=False``), the mass on opening a story
-    with a bare category word."""
+    with a bare category word. The fourth (None without story rows or ``story_check_rounds``):
+    ``story_check_rounds`` stories sampled per held-out story prompt with the evaluation's
+    decoding (a steered model draws its own steering token first), judged as v3 is; the share in
+    which the judge finds no category."""
     from distfair_jax import evaluate as eval_lib
     from distfair_jax.data.tokenize import Encoder
     from distfair_jax.train.heldout import split_heldout
     _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
     answers = set(self.attribute.answers)
-    prompts, stories = {}, {}
+    prompts, stories, occupation = {}, {}, {}
     for r in held:  # the attribute questions (a story row's response is no canonical answer)
       (prompts if r["response"] in answers else stories).setdefault(
           r["prompt"], np.asarray(r["target"], np.float64))
+      occupation.setdefault(r["prompt"], r["occupation"])
     if not prompts:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
@@ -428,12 +482,33 @@ class Demo:
     p = np.stack(list(prompts.values()))
     sampler, state = self.sampler(model)
     q = eval_lib.answer_probabilities(sampler, state, seqs, enc, self.attribute, steered=steered)
-    bare = None
+    bare = unparsed = None
     if stories:
       qs = eval_lib.answer_probabilities(sampler, state, [enc.prompt_ids(x) for x in stories],
                                          enc, self.attribute, steered=steered, end_of_turn=False)
       bare = float(np.mean(qs.sum(-1)))
-    return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare
+      if self.s.story_check_rounds > 0:
+        unparsed = self._story_unparsed(sampler, state, enc, list(stories), occupation, steered)
+    return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare, unparsed
+
+  def _story_unparsed(self, sampler, state, enc, stories: Sequence[str], occupation: dict,
+                      steered: bool) -> float:
+    """The share of ``story_check_rounds`` sampled stories per held-out story prompt in which
+    the v3 judge finds no category (the evaluation's decoding and judge; seed: the demo's)."""
+    from distfair_jax import evaluate as eval_lib
+    s = self.s
+    slots = [{"prompt": prompt, "occupation": occupation[prompt]}
+             for prompt in stories for _ in range(s.story_check_rounds)]
+    cfg = C.EvalConfig(versions=["v3"], rounds=s.story_check_rounds,
+                       steering="model" if steered else "none",
+                       decode=C.DecodeConfig(temperature=1.0, top_p=1.0, top_k=0,
+                                             max_new_tokens=s.answer_max_new_tokens,
+                                             story_max_new_tokens=s.story_max_new_tokens),
+                       seed=self.seed)
+    rows = eval_lib.sample_version(sampler, state, enc, self.attribute, slots, version="v3",
+                                   config=cfg, targets={})
+    eval_lib.categorize(rows, self.attribute, story=True)
+    return float(np.mean([r["category"] is None for r in rows]))
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
@@ -486,7 +561,7 @@ class Demo:
     trained = {}
     sft_dir = os.path.join(self.dir, "runs", f"sft_lr{sft_lr:g}")
     ift_dir = os.path.join(self.dir, "runs", f"ift_lr{ift_lr:g}")
-    for method in STEERED:
+    for method in (m for m in STEERED if m in self.methods):
       console.log(f"[{self.dataset}] {method}: stage 2 ({ABLATION[method]}), lr grid "
                   f"{list(s.stage2_lrs)}")
       lr, run, scores = self.train_candidates(method, ["sft", "hybrid"], s.stage2_lrs,
@@ -521,7 +596,7 @@ class Demo:
                                                 if isinstance(vv, dict) else vv)
                                             for kk, vv in v.items()} for k, v in selection.items()})
     results = {}
-    for method in METHODS:
+    for method in self.methods:
       console.log(f"[{self.dataset}] evaluating {method}")
       doc = self.evaluate_method(method, trained[method])
       results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
@@ -542,7 +617,7 @@ class Demo:
                                    seed=self.seed)
     tests = {v: data.records[f"test_{v}"] for v in self.s.versions}
     out = {}
-    for method in METHODS:
+    for method in self.methods:
       console.log(f"[{self.dataset}] evaluating {method} on {other} (out of distribution)")
       doc = self.evaluate_method(method, self.trained[method], name=f"{method}_on_{other}",
                                  tests=tests)
@@ -756,7 +831,8 @@ def _any_stage_started(run_dir: str) -> bool:
 def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed: int = 0,
              seeds: Sequence[int] | None = None, fresh: bool = False,
              progress: bool = True, model: str | None = None,
-             settings: DemoSettings | None = None) -> dict:
+             settings: DemoSettings | None = None,
+             ablations: Sequence[str] | None = None) -> dict:
   """Runs the miniature benchmark; writes results.json, results.md, comparison.png; returns results.
 
   datasets: built-in names (``data.build.DATASETS``) or YAML spec files of your own attribute
@@ -766,7 +842,8 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   ``model``: a converted model directory (``distfair convert gguf-to-flax`` / ``hf-to-flax``) to
   start every method from instead of the biased base trained here, with ``REAL``'s sizes and its
   own tokenizer and chat template; ``settings`` overrides the sizes (``DEFAULT``, ``QUICK``,
-  ``REAL``).
+  ``REAL``). ``ablations``: the datasets (names) whose runs include the ablations kl_only and
+  kto_only (default: every one).
   """
   from distfair_jax.data.build import DATASETS, resolve_spec
   for ds in datasets:
@@ -774,6 +851,11 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
       raise InputError(f"demo: dataset: expected one of {', '.join(DATASETS)} or a YAML spec file, "
                        f"got {ds!r}")
     resolve_spec(ds)  # a bad spec fails here, in one line, before any training
+  names = [resolve_spec(ds).name for ds in datasets]
+  unknown = sorted(set(ablations or ()) - set(names))
+  if unknown:
+    raise InputError(f"demo: ablations: expected some of the datasets run ({', '.join(names)}), "
+                     f"got {', '.join(unknown)}")
   seeds = [int(seed)] if seeds is None else [int(x) for x in seeds]
   if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
     raise InputError(f"demo: seeds: expected distinct non-negative integers, got {seeds}")
@@ -787,12 +869,13 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   os.makedirs(run_dir, exist_ok=True)
   if len(seeds) == 1:
     return _run_seed(datasets, run_dir, settings=settings, quick=quick, seed=seeds[0],
-                     progress=progress, model=model)
+                     progress=progress, model=model, ablations=ablations)
   _check_marker(run_dir, {"quick": quick, "seeds": seeds, "settings": dataclasses.asdict(settings),
                           **_model_info(model)})
   start = time.perf_counter()
   per_seed = {s: _run_seed(datasets, os.path.join(run_dir, f"seed{s}"), settings=settings,
-                           quick=quick, seed=s, progress=progress, model=model) for s in seeds}
+                           quick=quick, seed=s, progress=progress, model=model,
+                           ablations=ablations) for s in seeds}
   results = aggregate_seeds(per_seed)
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
   sweeps = _aggregate_v2(run_dir, seeds, "decoding_sweep.json")
@@ -848,7 +931,8 @@ def _model_info(model: str | None) -> dict:
 
 
 def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, quick: bool,
-              seed: int, progress: bool, model: str | None = None) -> dict:
+              seed: int, progress: bool, model: str | None = None,
+              ablations: Sequence[str] | None = None) -> dict:
   """One seed's whole demo under ``run_dir`` (reused where finished); returns its results."""
   os.makedirs(run_dir, exist_ok=True)
   _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings),
@@ -856,9 +940,11 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
   results, timings, sweeps, pairs = {}, {}, {}, {}
   start = time.perf_counter()
   for ds in datasets:
+    from distfair_jax.data.build import resolve_spec
     demo = Demo(ds, run_dir, settings=settings, seed=seed,
                 tokenizer_dir=model if model is not None else _tokenizer(run_dir, ds),
-                progress=progress, base_model=model)
+                progress=progress, base_model=model,
+                ablations=ablations is None or resolve_spec(ds).name in set(ablations))
     results[demo.dataset] = demo.run()
     if settings.analyses:
       results.update(demo.out_of_distribution())

@@ -76,3 +76,34 @@ def test_gpu_smoke_on_cpu(tmp_path):
     assert dec[key] > 0, key
   assert dec["bytes_per_step"] == dec["param_bytes"] + dec["kv_cache_bytes"]
   assert dec["achieved_over_roofline"] is None  # no known HBM bandwidth for a CPU
+
+
+@pytest.mark.slow
+def test_adapter_curve_smoke(tmp_path):
+  """benchmarks/adapter_curve.py --smoke: three `distfair train` runs (q/v, all-linear, full) on
+  the tiny preset, each with its held-out exact steering MAE every few steps; a rerun reuses them."""
+  out = tmp_path / "curve.json"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "adapter_curve.py"), "--smoke", "--rows", "4",
+         "--every", "4", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+         "--plot", str(tmp_path / "curve.png")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["benchmark"] == "adapter_curve" and 0 < res["marginal_mae"] < 0.5
+  assert [s["side"] for s in res["sides"]] == ["qv", "all-linear", "full"]
+  for side in res["sides"]:
+    steps = [step for step, _ in side["curve"]]
+    assert steps[:2] == [4, 8] and steps[-1] == side["steps"] > 8
+    assert all(0 <= mae <= 1 for _, mae in side["curve"]) and side["wall_s"] > 0
+  overrides = {s["side"]: s["overrides"] for s in res["sides"]}
+  assert "lora.targets=all-linear" in overrides["all-linear"]
+  assert "lora.enabled=false" in overrides["full"]
+  assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+  # a rerun reuses the finished runs (no training) and refuses to replace --out without --overwrite
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and "--overwrite" in proc.stderr
+  proc = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and "hybrid: step" not in proc.stdout + proc.stderr
+  assert json.loads(out.read_text())["sides"] == res["sides"]

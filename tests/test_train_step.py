@@ -139,6 +139,11 @@ def test_ablations_run(single, ablation):
   # kl_only trains on the steering KL alone, kto_only on the KTO loss alone.
   expected = metrics["steering_kl"] if ablation == "kl_only" else metrics["kto_loss"]
   np.testing.assert_allclose(losses[0], float(expected), rtol=1e-6)
+  # kl_only reads no reference model: no reference pass in the step, no pooled cache before it
+  for mode in ("online", "cached", "auto"):
+    s = dataclasses.replace(stage, cfg=dataclasses.replace(stage.cfg, reference=mode))
+    assert (s.needs_reference or s.caches_reference) is (ablation == "kto_only"), mode
+  assert ("rewards/chosen" in metrics) is (ablation == "kto_only")
 
 
 def test_batch_of_one_and_wrong_layout_are_refused():

@@ -7,6 +7,7 @@
   distfair demo --all                         # the six datasets
   distfair demo --model models/smollm2 --dataset gender_real_us --dataset gender_even_us
                                               # from a real instruct model (LoRA), no base training
+  distfair demo --model models/smollm2 --lora-targets q_proj,v_proj   # the paper's adapters
 
 Ends with the comparison table (MAE with 95% bootstrap CIs, per method and test version) and writes
 results.json, results.md and comparison.png under --run-dir, plus each method's eval/ directory.
@@ -30,9 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", default=None,
                       help="start every method from this converted model directory (`distfair "
                            "convert gguf-to-flax` / `hf-to-flax`) instead of the biased base "
-                           "trained here: LoRA fine-tuning (q, v; rank 32, alpha 16, dropout "
-                           "0.05), the model's own tokenizer and chat template, the sizes of "
-                           "demo.REAL")
+                           "trained here: LoRA fine-tuning (every linear projection; rank 32, "
+                           "alpha 16, dropout 0.05), the model's own tokenizer and chat template, "
+                           "the sizes of demo.REAL")
+  parser.add_argument("--lora-targets", default=None,
+                      help="with --model: the projections that get adapters, comma-separated "
+                           "(default all-linear; the paper's: q_proj,v_proj), for every trained "
+                           "method")
+  parser.add_argument("--ablations", default=None,
+                      help="the datasets whose runs include the ablations kl_only and kto_only: "
+                           "all, none or comma-separated names (default: all; with --model, "
+                           "gender_real_us where it is run, the others none)")
   parser.add_argument("--seed", type=int, default=0, help="one seed (default 0)")
   parser.add_argument("--seeds", default=None,
                       help="several seeds, comma-separated (e.g. 0,1,2): each a whole demo under "
@@ -54,6 +63,21 @@ def _seeds(text: str) -> list[int]:
   return seeds
 
 
+def _ablations(args: argparse.Namespace, datasets: list[str]) -> list[str] | None:
+  """The datasets whose runs include the ablations (None: all of them)."""
+  from distfair_jax.data.build import resolve_spec
+  text = args.ablations
+  if text is None:  # from a given model: on gender_real_us only (the ablations' dataset)
+    if not args.model:
+      return None
+    return [n for n in (resolve_spec(d).name for d in datasets) if n == "gender_real_us"]
+  if text.strip() == "all":
+    return None
+  if text.strip() == "none":
+    return []
+  return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
   import os
   import jax
@@ -66,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir = f"runs/demo-{os.path.basename(os.path.normpath(args.model))}"
   else:
     run_dir = "runs/demo-quick" if args.quick else "runs/demo"
-  settings = demo.settings_for(quick=args.quick, model=args.model)
+  targets = None
+  if args.lora_targets is not None:
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if not targets:
+      raise InputError(f"demo: --lora-targets: expected projection names such as "
+                       f"q_proj,v_proj or all-linear, got {args.lora_targets!r}")
+  settings = demo.settings_for(quick=args.quick, model=args.model, lora_targets=targets)
   # This process's compilation cache (it runs the demo and nothing else): identical programs
   # (learning-rate grid points, datasets of one attribute) compile once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))
@@ -75,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
   seeds = _seeds(args.seeds) if args.seeds is not None else None
   results = demo.run_demo(datasets, run_dir, quick=args.quick, seed=args.seed, seeds=seeds,
                           fresh=args.fresh, progress=not args.no_progress, model=args.model,
-                          settings=settings)
+                          settings=settings, ablations=_ablations(args, datasets))
   table = demo.seeds_table if seeds and len(seeds) > 1 else demo.results_table
   print(table(results, settings.versions))
   print(f"results: {os.path.join(run_dir, 'results.json')}; plots: "

@@ -26,8 +26,9 @@ Length policy: prompts are truncated from the left to ``max_prompt_length``, com
 lost).
 
 Length buckets (one place for every padded length): training batches pad to
-``bucket_lengths(max_length)`` (powers of two from 32, then ``max_length``); packed rows, which hold
-several sequences, to ``packed_bucket``; the sampler's left-padded prompts to ``prompt_bucket``
+``bucket_lengths(max_length)`` (powers of two from 32 and 1.5 times each, then ``max_length``);
+packed rows, which hold several sequences, to ``packed_bucket``; the sampler's left-padded
+prompts to ``prompt_bucket``
 (multiples of 16 above 32 tokens: each padded slot is read again by every decode step) and batches
 of prompts scored at once to ``pow2``.
 """
@@ -59,10 +60,14 @@ _STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|
 
 
 def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-  """Padded lengths: powers of two from ``smallest`` below ``max_length``, then ``max_length``."""
+  """Padded lengths: from ``smallest`` each power of two and 1.5 times it below ``max_length``
+  (32, 48, 64, 96, 128, 192, ...), then ``max_length``: a batch pads at most a third of its
+  length (half with powers of two alone: a 140-token story row padded to 256)."""
   out, n = [], smallest
   while n < max_length:
     out.append(n)
+    if n * 3 // 2 < max_length and n % 2 == 0:
+      out.append(n * 3 // 2)
     n *= 2
   return tuple(out) + (max_length,)
 

@@ -10,6 +10,10 @@ starts equal to the base model). The adapter weights are ``nnx.LoRAParam`` varia
 ``nnx.split(model, nnx.LoRAParam, ...)`` separates them from the frozen base weights; they carry the
 base kernel's logical axis names on their outer dimension, so they shard like the base.
 
+``targets`` may name ``all-linear`` (PEFT's convention): every linear projection of the family's
+attention and MLP blocks (``linear_projections``: Llama, Qwen2 and Gemma 2 have q, k, v, o, gate, up
+and down), never the embedding or the output projection.
+
 ``merge_lora(model)`` folds the adapters into the base kernels and restores the plain module tree (the
 Hugging Face layout the converter expects).
 
@@ -29,7 +33,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora"]
+__all__ = ["LoRALinear", "apply_lora", "merge_lora", "linear_projections", "resolve_targets",
+           "ALL_LINEAR"]
+
+ALL_LINEAR = "all-linear"
+_CANONICAL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _axis_names(var: nnx.Variable) -> tuple | None:
@@ -106,14 +114,45 @@ def _adapter(base: nnx.Module, stacked: int, rngs: nnx.Rngs, **kwargs) -> LoRALi
   return per_layer(base, rngs)
 
 
+def linear_projections(model) -> tuple[str, ...]:
+  """The names of the linear projections of ``model``'s attention and MLP blocks (the targets a
+  LoRA adapter may wrap), in the order the blocks declare them."""
+  names: list[str] = []
+  for _, owner, _ in _projection_owners(model):
+    for name, mod in vars(owner).items():
+      if isinstance(mod, (nnx.Linear, LoRALinear)) and name not in names:
+        names.append(name)
+  order = {n: i for i, n in enumerate(_CANONICAL)}  # a scanned block lists its fields sorted
+  return tuple(sorted(names, key=lambda n: (order.get(n, len(order)), n)))
+
+
+def resolve_targets(model, targets: Sequence[str]) -> tuple[str, ...]:
+  """``targets`` with ``all-linear`` expanded to ``linear_projections(model)``; raises ValueError
+  naming a target the family lacks and the family's list."""
+  available = linear_projections(model)
+  family = getattr(model.config, "model_type", type(model).__name__)
+  out: list[str] = []
+  for name in targets:
+    for t in (available if name == ALL_LINEAR else (name,)):
+      if t not in available:
+        raise ValueError(f"{t!r} is not a linear projection of {family} (expected {ALL_LINEAR} or "
+                         f"some of {', '.join(available)})")
+      if t not in out:
+        out.append(t)
+  if not out:
+    raise ValueError(f"expected {ALL_LINEAR} or some of {', '.join(available)}, got none")
+  return tuple(out)
+
+
 def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: int = 8,
                alpha: float = 16.0, dropout: float = 0.0, seed: int = 0):
   """Wrap each targeted projection of ``model`` in a ``LoRALinear``, in place; returns ``model``.
 
-  targets: projection attribute names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+  targets: projection attribute names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+  or ``all-linear`` (all of them).
   """
+  targets = resolve_targets(model, targets)
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-  found = set()
   for _, owner, stacked in _projection_owners(model):
     for name in targets:
       base = getattr(owner, name, None)
@@ -121,12 +160,7 @@ def apply_lora(model, targets: Sequence[str] = ("q_proj", "v_proj"), *, rank: in
         continue
       if isinstance(base, LoRALinear):
         raise ValueError(f"{name} already carries a LoRA adapter")
-      found.add(name)
       setattr(owner, name, _adapter(base, stacked, rngs, rank=rank, alpha=alpha, dropout=dropout))
-  missing = sorted(set(targets) - found)
-  if missing:
-    raise ValueError(f"LoRA targets {missing} are not projections of this model "
-                     f"(expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
   return model
 
 

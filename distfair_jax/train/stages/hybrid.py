@@ -7,8 +7,9 @@ states: no backward pass); the reference forward likewise, or its log-probs cach
 (``hybrid.reference: cached``). Rows layout: a policy forward over the target sequences (with
 gradient), one over the mismatched pairs (parameters under ``stop_gradient``), and the reference
 forward over both at once. Either way the steering logits are read at the steering position before
-the output projection, and ``losses.hybrid_loss`` combines the terms with the configured ablation;
-KTO terms are computed in every ablation so that ``kl_only`` runs still report the rewards.
+the output projection, and ``losses.hybrid_loss`` combines the terms with the configured ablation.
+``kl_only`` trains the steering KL alone: it runs no reference model (neither a reference pass in
+the step nor a pooled cache before the stage) and reports no KTO rewards.
 
 Layout rule (``hybrid.layout: auto``): packed when the pairs split over the data x fsdp devices and
 packing pays on the stage's data (``tokenize.packed_cost_ratio`` of its pairs below
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from distfair_jax import losses as L
-from distfair_jax.config import HybridConfig, Layout, Reference
+from distfair_jax.config import Ablation, HybridConfig, Layout, Reference
 from distfair_jax.data import batches as B
 from distfair_jax.data import tokenize
 from distfair_jax.errors import InputError
@@ -60,13 +61,18 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
   cfg: HybridConfig = HybridConfig()
 
   @property
+  def uses_reference(self) -> bool:
+    """Whether the loss reads the reference model at all (KTO's rewards; not ``kl_only``)."""
+    return self.cfg.ablation != Ablation.kl_only
+
+  @property
   def needs_reference(self) -> bool:  # type: ignore[override]
     """``auto`` counts as online until the loop resolves it (``with_reference``): the larger step."""
-    return self.cfg.reference != Reference.cached
+    return self.uses_reference and self.cfg.reference != Reference.cached
 
   @property
   def caches_reference(self) -> bool:  # type: ignore[override]
-    return self.cfg.reference == Reference.cached
+    return self.uses_reference and self.cfg.reference == Reference.cached
 
   def with_reference(self, mode: Reference) -> HybridStage:
     return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, reference=mode))
@@ -136,6 +142,8 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
                                                  softcap=policy.logit_softcap)
     steer = L.steering_kl(steer_logits, steering_ids, batch.target,
                           weights=desirable.astype(jnp.float32), renormalize=renormalize)
+    if not self.uses_reference:  # kl_only: KTO's reference point is never read
+      return policy, logps, None, desirable, steer, token_count(batch.seq)
     # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
     frozen_policy = merge(graphdef_eval, jax.lax.stop_gradient(params), rngs, frozen)
     _, _, _, kl_logps = sequence_logps(frozen_policy, batch.mismatched, tile)
@@ -150,6 +158,9 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
     def hybrid_loss(params, rngs, frozen, ref_params, batch):
       policy, logps, kl_logps, desirable, steer, tokens = self._policy_terms(
           graphdef, graphdef_eval, steering_ids, params, rngs, frozen, batch)
+      if not self.uses_reference:  # kl_only: the steering KL alone, no reference model
+        loss, metrics = L.hybrid_loss(None, steer, ablation=str(c.ablation), kl_weight=c.kl_weight)
+        return loss, ({**metrics, "tokens": tokens}, rng_state(policy))
       if self.caches_reference:
         if batch.reference is None:
           raise ValueError("hybrid.reference cached: the batch carries no reference log-probs")
@@ -182,7 +193,8 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
     f = lambda s: flops_lib.sequence_flops(model_cfg, s.input_ids.shape[0] * processes,
                                            s.input_ids.shape[1])
     ref = (f(batch.seq) + f(batch.mismatched)) if online else 0.0
-    return 3 * f(batch.seq) + f(batch.mismatched) + ref
+    mismatched = f(batch.mismatched) if self.uses_reference else 0.0
+    return 3 * f(batch.seq) + mismatched + ref
 
   def abstract_batch(self, length: int, num_categories: int, layout: str):
     b = self.cfg.batch_size
