@@ -37,7 +37,8 @@ from omegaconf.errors import OmegaConfBaseException
 from distfair_jax.errors import InputError
 
 __all__ = [
-    "Stage", "DType", "Remat", "PromptFormat", "SFTAverage", "Ablation", "Reference", "Layout",
+    "Stage", "DType", "Remat", "PromptFormat", "LengthBuckets", "SFTAverage", "Ablation",
+    "Reference", "Layout",
     "Optimizer", "Schedule", "Version", "Steering", "JudgeKind", "Parser", "KLPairs",
     "Config", "MeshConfig", "ModelConfig", "LoraConfig", "DataConfig", "OptimConfig", "SFTConfig",
     "HybridConfig", "DPOConfig", "CheckpointConfig", "HeldoutConfig", "LoggingConfig",
@@ -55,6 +56,9 @@ Stage = enum.StrEnum("Stage", ["sft", "hybrid", "ift", "dpo"], module=__name__)
 DType = enum.StrEnum("DType", ["float32", "bfloat16"], module=__name__)
 Remat = enum.StrEnum("Remat", ["none", "full", "dots"], module=__name__)
 PromptFormat = enum.StrEnum("PromptFormat", ["chat", "reference"], module=__name__)
+# Padded lengths of training batches (``data.tokenize.bucket_lengths``): powers of two, or those
+# and 1.5 times each (less padding, one more compiled step shape per octave).
+LengthBuckets = enum.StrEnum("LengthBuckets", ["pow2", "fine"], module=__name__)
 SFTAverage = enum.StrEnum("SFTAverage", ["sequence", "token"], module=__name__)
 Ablation = enum.StrEnum("Ablation", ["full", "kl_only", "kto_only"], module=__name__)
 Reference = enum.StrEnum("Reference", ["online", "cached", "auto"], module=__name__)
@@ -223,7 +227,14 @@ class DataConfig(_Checked):
 
   ``system_prompt`` (``default`` | ``none`` | the text of a system message) and
   ``chat_template_kwargs`` (template variables, e.g. ``{date_string: "26 Jul 2024"}``) shape every
-  prompt of the run, in training and in evaluation alike (``data.chat``)."""
+  prompt of the run, in training and in evaluation alike (``data.chat``).
+
+  ``pair_story_rows_per_occupation``: how many of the story rows also become pairs (stage 2's KTO
+  pairs, DPO's preference pairs); null: all. A story pair packs the prompt and four ~60-token
+  stories, about eight times an answer pair's compute: stage 2 has only to keep the stories SFT
+  taught, not teach them. At least 3 (as many as the story wordings, or all story rows) keeps
+  every story prompt in the pair records, so their held-out split is SFT's.
+  ``length_buckets``: the padded lengths of training batches (``pow2`` | ``fine``)."""
   dataset: str = "gender_real_us"
   spec: Optional[str] = None
   records_dir: Optional[str] = None
@@ -236,6 +247,9 @@ class DataConfig(_Checked):
   chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
   stories: bool = False
   story_rows_per_occupation: Optional[int] = _ranged(None, dataclasses.replace(COUNT, none=True))
+  pair_story_rows_per_occupation: Optional[int] = _ranged(
+      None, dataclasses.replace(COUNT, none=True))
+  length_buckets: LengthBuckets = LengthBuckets.pow2
   seed: int = _ranged(0, SEED)
 
 

@@ -68,6 +68,10 @@ class DemoSettings:
   # fine-tuned on one-word answers only, forgets how to write a story and answers v3 with a bare
   # category word (all unparsed), so v3 would measure nothing.
   story_rows_per_occupation: int = 16
+  # How many of them also become stage 2's and DPO's pairs (None: all; ``data.pair_story_rows_
+  # per_occupation``): a packed story pair costs ~8 answer pairs, and stage 2 has only to keep the
+  # stories SFT taught.
+  pair_story_rows_per_occupation: int | None = None
   base_rows_per_occupation: int = 80   # stereotyped attribute answers per occupation
   base_stories_per_occupation: int = 24
   stereotype_share: float = 0.95       # the base model's majority share
@@ -101,6 +105,9 @@ class DemoSettings:
   # The selection's story check, besides the bare-answer mass: this many sampled completions per
   # held-out story prompt, judged as v3 is (0: the bare-answer mass alone).
   story_check_rounds: int = 0
+  # Training batches' padded lengths (``data.length_buckets``): the miniature's figures were
+  # measured with powers of two.
+  length_buckets: str = "pow2"
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
 
@@ -120,6 +127,8 @@ def scaled(settings: DemoSettings, num_occupations: int) -> DemoSettings:
   return dataclasses.replace(
       settings, rows_per_occupation=settings.rows_per_occupation * factor,
       story_rows_per_occupation=settings.story_rows_per_occupation * factor,
+      pair_story_rows_per_occupation=(None if settings.pair_story_rows_per_occupation is None else
+                                      settings.pair_story_rows_per_occupation * factor),
       base_rows_per_occupation=settings.base_rows_per_occupation * factor,
       base_stories_per_occupation=settings.base_stories_per_occupation * factor)
 
@@ -136,19 +145,23 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
 # benchmarks/adapter_curve.py), the same adapters for every trained method, the test protocol
 # unchanged (v1-v3, 100 rounds), and training cut for a 135M-parameter model on a 2-core CPU:
 # 16 attribute rows + 16 story rows per occupation (the paper: 100 attribute rows; with 4 story
-# rows SmolLM2's SFT model left 54% of v3 unparsed, with 16, 12%), SFT and stage 2 two epochs
+# rows SmolLM2's SFT model left 54% of v3 unparsed, with 16, 12%), of which 4 per occupation
+# are stage 2's and DPO's story pairs (with all 16, story pair batches took ~20 s a step against
+# ~2.6 s for answer pairs, 35 minutes a stage-2 run), SFT and stage 2 two epochs
 # (the paper: 3), two-point grids (stage 2 and DPO: 1e-4 and 5e-4, the rate at which all-linear
 # adapters calibrated SmolLM2 in 126 stage-2 steps), stories of at most 64 new tokens, the
 # selection's story check sampling 4 stories per held-out story prompt, and no further
 # analyses, every stage on length-grouped batches (half the rows are stories). Batches as the
 # paper's: SFT 4 rows, stage 2 8 rows (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps
-# at 1e-4 left SmolLM2's steered answers 99.4% non-answer on the held-out prompts.
+# at 1e-4 left SmolLM2's steered answers 99.4% non-answer on the held-out prompts. Batches pad
+# to 1.5x steps too (``fine``): with length grouping, the SFT step fell from 7.3 s to ~4.4 s.
 REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_epochs=2,
                     stage2_epochs=2, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
                     stage2_lrs=(1e-4, 5e-4),
                     rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
                     lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, lora_targets=("all-linear",),
-                    sft_group_by_length=True, story_check_rounds=4, analyses=False)
+                    sft_group_by_length=True, story_check_rounds=4, analyses=False,
+                    pair_story_rows_per_occupation=4, length_buckets="fine")
 
 
 def settings_for(*, quick: bool, model: str | None,
@@ -165,7 +178,7 @@ def settings_for(*, quick: bool, model: str | None,
       QUICK, lora_rank=REAL.lora_rank, lora_alpha=REAL.lora_alpha,
       lora_dropout=REAL.lora_dropout, lora_targets=REAL.lora_targets,
       max_length=REAL.max_length, answer_max_new_tokens=REAL.answer_max_new_tokens,
-      analyses=False)
+      length_buckets=REAL.length_buckets, analyses=False)
   if lora_targets:
     settings = dataclasses.replace(settings, lora_targets=tuple(lora_targets))
   return settings
@@ -304,7 +317,8 @@ class Demo:
     self.base_model = None if base_model is None else os.path.abspath(base_model)
     self.data = build_lib.build_dataset(
         spec, rows_per_occupation=settings.rows_per_occupation, test_rounds=settings.rounds,
-        seed=seed, stories_per_occupation=settings.story_rows_per_occupation)
+        seed=seed, stories_per_occupation=settings.story_rows_per_occupation,
+        pair_stories_per_occupation=settings.pair_story_rows_per_occupation)
     self.spec = self.data.spec
     self.attribute = self.spec.attribute
     self.timings: dict[str, float] = self._load_json("timings.json")
@@ -377,6 +391,11 @@ class Demo:
                           max_length=s.max_length, max_prompt_length=s.max_length - 16,
                           stories=s.story_rows_per_occupation > 0,
                           story_rows_per_occupation=s.story_rows_per_occupation or None,
+                          # (recorded where pairs are trained: the SFT / IFT rows are the same)
+                          pair_story_rows_per_occupation=(
+                              s.pair_story_rows_per_occupation
+                              if {"hybrid", "dpo"} & set(stages) else None),
+                          length_buckets=C.LengthBuckets(s.length_buckets),
                           seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
                         batch_size=s.sft_batch_size or s.batch_size,

@@ -160,6 +160,48 @@ def test_stories_option():
     assert parser(r["response"]) == r["category"]
 
 
+def test_pair_stories_are_a_subset_with_the_same_heldout_split(tmp_path):
+  """``pair_stories_per_occupation``: fewer story pairs (kto, dpo), the same SFT / IFT rows, every
+  story prompt still among the pairs (so the held-out split by prompt is SFT's), from the config
+  and from ``distfair data build``; out-of-range values are one line."""
+  from distfair_jax.config import DataConfig
+  from distfair_jax.train.heldout import split_heldout
+  full = build.build_records(build.resolve_spec("gender_real_us"), rows_per_occupation=4,
+                             test_rounds=0, stories_per_occupation=6)
+  some = build.build_records(build.resolve_spec("gender_real_us"), rows_per_occupation=4,
+                             test_rounds=0, stories_per_occupation=6, pair_stories_per_occupation=3)
+  assert some["sft"] == full["sft"] and some["ift"] == full["ift"]
+  assert len(some["kto"]) == 2 * (4 + 3) * 14 and len(some["dpo"]) == (4 + 3) * 14
+  assert all(r in full["kto"] for r in some["kto"]) and all(r in full["dpo"] for r in some["dpo"])
+  for kind in ("kto", "dpo"):
+    assert {r["prompt"] for r in some[kind]} == {r["prompt"] for r in some["sft"]}
+    held = {r["prompt"] for r in split_heldout(some[kind], 0.15, seed=0)[1]}
+    assert held == {r["prompt"] for r in split_heldout(some["sft"], 0.15, seed=0)[1]}
+  cfg = DataConfig(rows_per_occupation=4, stories=True, story_rows_per_occupation=6,
+                   pair_story_rows_per_occupation=3)
+  assert build.training_records(cfg)[0]["kto"] == some["kto"]
+  out = tmp_path / "ds"
+  assert cli.main(["data", "build", "gender_real_us", "--out", str(out), "--rows-per-occupation",
+                   "4", "--test-rounds", "0", "--stories-per-occupation", "6",
+                   "--pair-stories-per-occupation", "3"]) == 0
+  assert build.read_dataset(out)["kto"] == some["kto"]
+  assert json.loads((out / "manifest.json").read_text())["pair_stories_per_occupation"] == 3
+  spec = build.resolve_spec("gender_real_us")
+  for n, stories, what in ((2, 6, "from 3 "), (7, 6, "to the 6 story rows"), (1, 1, None),
+                           (2, 0, "without story rows")):
+    if what is None:  # one story row: at least all of them (fewer than the three wordings)
+      assert len(build.build_records(spec, rows_per_occupation=1, test_rounds=0,
+                                     stories_per_occupation=1,
+                                     pair_stories_per_occupation=1)["dpo"]) == 2 * 14
+      continue
+    with pytest.raises(InputError, match=f"pair_stories_per_occupation: expected .*{what}"):
+      build.build_records(spec, rows_per_occupation=1, test_rounds=0,
+                          stories_per_occupation=stories, pair_stories_per_occupation=n)
+  with pytest.raises(InputError, match="data.pair_story_rows_per_occupation: expected null "
+                                       "without data.stories"):
+    build.training_records(DataConfig(rows_per_occupation=1, pair_story_rows_per_occupation=3))
+
+
 def test_jsonl_round_trip_and_cli(tmp_path, capsys):
   out = tmp_path / "ds"
   assert cli.main(["data", "build", "race_even_us", "--out", str(out), "--rows-per-occupation",

@@ -223,6 +223,26 @@ def test_packed_layout_bad_input(tokenizers_by_style, race):
   assert tokenize.packed_bucket(70, (32, 64)) == 128 and tokenize.packed_bucket(40, (32, 64)) == 64
 
 
+def test_length_buckets(tokenizers_by_style, race):
+  """``data.length_buckets``: powers of two (default), or ``fine`` with 1.5 times each too; the
+  Encoder of a run's data section pads its batches to them; anything else is one line."""
+  from distfair_jax.config import DataConfig
+  assert tokenize.bucket_lengths(256) == (32, 64, 128, 256)
+  assert tokenize.bucket_lengths(256, "fine") == (32, 48, 64, 96, 128, 192, 256)
+  assert tokenize.bucket_lengths(200, "fine") == (32, 48, 64, 96, 128, 192, 200)
+  tok = tokenizers_by_style["llama3"]
+  for buckets, expected in (("pow2", (32, 64, 128, 256)), ("fine", (32, 48, 64, 96, 128, 192, 256))):
+    enc = tokenize.Encoder.for_data(tok, DataConfig(max_length=256, max_prompt_length=200,
+                                                    length_buckets=buckets))
+    assert enc.buckets == expected
+    batch = collate.tokenize_batch(race["sft"][:4], tok, "sft", encoder=enc)
+    longest = max(len(e["prompt"]) + len(e["completion"])
+                  for e in map(lambda r: enc.encode_record(r, "sft"), race["sft"][:4]))
+    assert batch.seq.input_ids.shape[1] == tokenize.bucket_for(longest, expected)
+  with pytest.raises(InputError, match="tokenize: length_buckets: expected one of"):
+    tokenize.bucket_lengths(256, "halves")
+
+
 def test_ift_and_dpo_batches(tokenizers_by_style, race):
   tok = tokenizers_by_style["llama3"]
   ift = collate.tokenize_batch(race["ift"][:4], tok, "ift").seq

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   b.add_argument("--rows-per-occupation", type=int, default=100)
   b.add_argument("--stories-per-occupation", type=int, default=0,
                  help="extra story rows per occupation (v3-style training)")
+  b.add_argument("--pair-stories-per-occupation", type=int, default=None,
+                 help="how many of the story rows also become kto / dpo pairs (default: all)")
   b.add_argument("--test-rounds", type=int, default=100)
   b.add_argument("--seed", type=int, default=0)
   b.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     ds = build.build_dataset(args.dataset, args.out, rows_per_occupation=args.rows_per_occupation,
                              test_rounds=args.test_rounds, seed=args.seed,
                              stories_per_occupation=args.stories_per_occupation,
+                             pair_stories_per_occupation=args.pair_stories_per_occupation,
                              overwrite=args.overwrite)
     counts = ", ".join(f"{k} {n}" for k, n in ds.manifest["counts"].items())
     print(f"wrote {ds.spec.name} to {args.out}: {counts}")

@@ -310,15 +310,36 @@ def _other(k: int, num: int, rng: np.random.Generator) -> int:
   return j if j < k else j + 1
 
 
+def _check_pair_stories(pair_stories: int | None, stories: int, wordings: int) -> int:
+  """How many story rows per occupation become pairs (kto, dpo): ``pair_stories`` (None: all)."""
+  if pair_stories is None:
+    return stories
+  if not stories:
+    raise InputError(f"build: pair_stories_per_occupation: expected None without story rows "
+                     f"(stories_per_occupation 0), got {pair_stories!r}")
+  least = min(wordings, stories)
+  if isinstance(pair_stories, bool) or not isinstance(pair_stories, int) or \
+      not least <= pair_stories <= stories:
+    raise InputError(f"build: pair_stories_per_occupation: expected an integer from {least} (every "
+                     f"story wording, so the pairs' held-out prompts are SFT's) to the "
+                     f"{stories} story rows per occupation, got {pair_stories!r}")
+  return pair_stories
+
+
 def build_records(spec: DatasetSpec, *, rows_per_occupation: int = 100, test_rounds: int = 100,
-                  seed: int = 0, stories_per_occupation: int = 0) -> dict[str, list[dict]]:
-  """All record lists of a dataset, in memory (see the module docstring for the fields)."""
+                  seed: int = 0, stories_per_occupation: int = 0,
+                  pair_stories_per_occupation: int | None = None) -> dict[str, list[dict]]:
+  """All record lists of a dataset, in memory (see the module docstring for the fields).
+  ``pair_stories_per_occupation``: the first this many story rows of each occupation also become
+  kto / dpo pairs (None: every one); the sft / ift rows are the same either way."""
   for field, v, lo in (("rows_per_occupation", rows_per_occupation, 1),
                        ("test_rounds", test_rounds, 0),
                        ("stories_per_occupation", stories_per_occupation, 0)):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
       raise InputError(f"build: {field}: expected an integer >= {lo}, got {v!r}")
   attr, tpl = spec.attribute, spec.templates
+  pair_stories = _check_pair_stories(pair_stories_per_occupation, stories_per_occupation,
+                                     len(tpl.train_story))
   rng = np.random.default_rng(seed)
   out: dict[str, list[dict]] = {k: [] for k in (*TRAIN_KINDS, *(f"test_{v}" for v in
                                                                 TEST_VERSIONS))}
@@ -345,11 +366,13 @@ def build_records(spec: DatasetSpec, *, rows_per_occupation: int = 100, test_rou
         sft = {"prompt": prompt, "occupation": occupation, "category": k, "steering_token": token,
                "response": good, "target": target, "status": "desirable"}
         out["sft"].append(sft)
+        out["ift"].append({"prompt": prompt, "occupation": occupation, "category": k,
+                           "response": good, "target": target})
+        if story and r >= pair_stories:
+          continue
         out["kto"].append(dict(sft))
         out["kto"].append({**sft, "response": bad, "status": "undesirable",
                            "response_category": j})
-        out["ift"].append({"prompt": prompt, "occupation": occupation, "category": k,
-                           "response": good, "target": target})
         out["dpo"].append({"prompt": prompt, "occupation": occupation, "category": k,
                            "chosen": good, "rejected": bad, "target": target,
                            "rejected_category": j})
@@ -385,6 +408,7 @@ def _manifest(spec: DatasetSpec, records: Mapping[str, list], **options) -> dict
 def build_dataset(name_or_spec: str | os.PathLike | DatasetSpec,
                   out_dir: str | os.PathLike | None = None, *, rows_per_occupation: int = 100,
                   test_rounds: int = 100, seed: int = 0, stories_per_occupation: int = 0,
+                  pair_stories_per_occupation: int | None = None,
                   overwrite: bool = False) -> Dataset:
   """Builds a dataset in memory, and writes it to ``out_dir`` when given.
 
@@ -395,6 +419,7 @@ def build_dataset(name_or_spec: str | os.PathLike | DatasetSpec,
     test_rounds: rows per occupation in each test set.
     seed: seeds row order, paraphrase/other-category choice and stories.
     stories_per_occupation: extra story rows per occupation (v3-style training), default none.
+    pair_stories_per_occupation: how many of them also become kto / dpo pairs (None: all).
     overwrite: replace an existing dataset directory.
   Returns:
     ``Dataset`` with ``records[kind]`` lists and the manifest.
@@ -403,9 +428,13 @@ def build_dataset(name_or_spec: str | os.PathLike | DatasetSpec,
   if out_dir is not None:
     _check_out_dir(os.fspath(out_dir), overwrite)
   records = build_records(spec, rows_per_occupation=rows_per_occupation, test_rounds=test_rounds,
-                          seed=seed, stories_per_occupation=stories_per_occupation)
+                          seed=seed, stories_per_occupation=stories_per_occupation,
+                          pair_stories_per_occupation=pair_stories_per_occupation)
+  extra = ({} if pair_stories_per_occupation is None else
+           {"pair_stories_per_occupation": pair_stories_per_occupation})
   manifest = _manifest(spec, records, seed=seed, rows_per_occupation=rows_per_occupation,
-                       stories_per_occupation=stories_per_occupation, test_rounds=test_rounds)
+                       stories_per_occupation=stories_per_occupation, test_rounds=test_rounds,
+                       **extra)
   dataset = Dataset(spec, records, manifest)
   if out_dir is not None:
     write_dataset(dataset, out_dir, overwrite=overwrite)
@@ -652,13 +681,24 @@ def story_rows(data_cfg) -> int:
   return n
 
 
+def pair_story_rows(data_cfg) -> int | None:
+  """Story rows per occupation that also become pairs (``data.pair_story_rows_per_occupation``;
+  None: all of them), checked against ``data.stories``."""
+  n = data_cfg.pair_story_rows_per_occupation
+  if n is not None and not data_cfg.stories:
+    raise InputError(f"data.pair_story_rows_per_occupation: expected null without data.stories "
+                     f"(no story rows to pair), got {n!r}")
+  return n
+
+
 def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None
                      ) -> tuple[dict[str, list[dict]], DatasetSpec]:
   """A run's records and their dataset spec, from a ``config.DataConfig``: ``records`` when given
   (with the spec of ``data.spec`` or ``data.dataset``), else read from ``data.records_dir``, else
   built in memory (``data.rows_per_occupation``, ``data.stories`` with
   ``data.story_rows_per_occupation`` story rows per occupation, default as many as
-  ``rows_per_occupation``, ``data.seed``; no test sets)."""
+  ``rows_per_occupation``, ``data.pair_story_rows_per_occupation`` of them as pairs, ``data.seed``;
+  no test sets)."""
   d = data_cfg
   if records is not None:
     return dict(records), resolve_spec(d.spec or d.dataset)
@@ -666,5 +706,6 @@ def training_records(data_cfg, records: Mapping[str, list[dict]] | None = None
     return read_dataset(d.records_dir), resolve_spec(_manifest_dataset(d.records_dir))
   spec = resolve_spec(d.spec or d.dataset)
   ds = build_dataset(spec, rows_per_occupation=d.rows_per_occupation, test_rounds=0, seed=d.seed,
-                     stories_per_occupation=story_rows(d))
+                     stories_per_occupation=story_rows(d),
+                     pair_stories_per_occupation=pair_story_rows(d))
   return ds.records, spec

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from distfair_jax.data import batches as B
-from distfair_jax.data.tokenize import (Encoder, bucket_for, bucket_lengths, packed_bucket,
+from distfair_jax.data.tokenize import (Encoder, bucket_for, packed_bucket,
                                         pair_records)
 from distfair_jax.errors import InputError
 
@@ -161,7 +161,7 @@ def _meta(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
-  return bucket_lengths(buckets[-1], smallest=16)
+  return tuple(sorted({16, *buckets}))
 
 
 def _collate_sft(rows, encoder: Encoder, buckets) -> B.SFTBatch:
@@ -252,7 +252,7 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
   check_layout(kind, layout)
   if not examples:
     raise InputError("batch: size: expected at least one example, got none")
-  buckets = tuple(buckets or bucket_lengths(encoder.max_length))
+  buckets = tuple(buckets or encoder.buckets)
   if kind == "kto":
     return _collate_kto(examples, encoder, buckets, layout, kl_pairs)
   if kind == "dpo":

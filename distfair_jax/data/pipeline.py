@@ -13,7 +13,7 @@ How it is built (``grain.MapDataset``): ``source(units).map(encode).shuffle(seed
 is reseeded each epoch (grain folds the epoch into the seed) and batches never straddle epochs.
 
 ``batch_size`` is the GLOBAL batch (rows; KTO: 2 x pairs, even, >= 2). Every process builds the same
-global batch, so the padded length (the smallest of ``bucket_lengths(max_length)`` that fits the
+global batch, so the padded length (the smallest of ``encoder.buckets`` that fits the
 longest row, KL / chosen / rejected rows included) and the KTO mismatched pairs (row i with the
 completion of row (i + 1) mod B) are those of the global batch; then process ``p`` of ``S`` keeps
 rows ``[p * B / S, (p + 1) * B / S)``. Concatenating the processes' batches in process order gives
@@ -173,7 +173,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
     num_epochs: passes over the data (None: forever).
     shard_index, shard_count: this process's slice of each global batch (default: JAX processes).
     drop_remainder: drop each epoch's last partial batch (must be True when shard_count > 1).
-    buckets: padded lengths (default ``bucket_lengths(encoder.max_length)``).
+    buckets: padded lengths (default ``encoder.buckets``).
     layout: ``rows`` or (kto, dpo) ``packed`` (``data.collate``); a packed KTO row holds a pair,
       and the pairs are split over the processes.
     read_options: grain read options (default: 1 thread, prefetch 4 batches).
@@ -195,7 +195,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
   if len(units) < per if drop_remainder else not units:
     raise InputError(f"pipeline: records: expected at least one full batch "
                      f"({per} {'pairs' if kind == 'kto' else 'records'}), got {len(units)}")
-  bucket_list = tuple(buckets or tokenize_lib.bucket_lengths(encoder.max_length))
+  bucket_list = tuple(buckets or encoder.buckets)
   if kind == "kto":
     encode = lambda pair: (encoder.encode_record(pair[0], kind),
                            encoder.encode_record(pair[1], kind))

@@ -26,8 +26,9 @@ Length policy: prompts are truncated from the left to ``max_prompt_length``, com
 lost).
 
 Length buckets (one place for every padded length): training batches pad to
-``bucket_lengths(max_length)`` (powers of two from 32 and 1.5 times each, then ``max_length``);
-packed rows, which hold several sequences, to ``packed_bucket``; the sampler's left-padded
+``Encoder.buckets`` = ``bucket_lengths(max_length, length_buckets)`` (``pow2``: powers of two from
+32, then ``max_length``; ``fine``: 1.5 times each power of two as well, so a batch pads at most a
+third of its length, not half, for one more compiled step shape per octave); packed rows, which hold several sequences, to ``packed_bucket``; the sampler's left-padded
 prompts to ``prompt_bucket``
 (multiples of 16 above 32 tokens: each padded slot is read again by every decode step) and batches
 of prompts scored at once to ``pow2``.
@@ -44,7 +45,7 @@ from distfair_jax.data.attributes import AttributeSpec
 from distfair_jax.data.chat import PROMPT_FORMATS, SYSTEM_DEFAULT, ChatFormat
 from distfair_jax.errors import InputError
 
-__all__ = ["Encoder", "steering_token_ids", "bucket_lengths", "bucket_for", "packed_bucket",
+__all__ = ["Encoder", "steering_token_ids", "LENGTH_BUCKETS", "bucket_lengths", "bucket_for", "packed_bucket",
            "pow2_bucket", "prompt_bucket", "next_pow2", "pair_records", "packed_cost_ratio",
            "special_ids"]
 
@@ -59,14 +60,21 @@ _STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|
 # Length buckets
 
 
-def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
-  """Padded lengths: from ``smallest`` each power of two and 1.5 times it below ``max_length``
-  (32, 48, 64, 96, 128, 192, ...), then ``max_length``: a batch pads at most a third of its
-  length (half with powers of two alone: a 140-token story row padded to 256)."""
+LENGTH_BUCKETS = ("pow2", "fine")
+
+
+def bucket_lengths(max_length: int, length_buckets: str = "pow2", *,
+                   smallest: int = 32) -> tuple[int, ...]:
+  """Padded lengths below ``max_length``, then ``max_length``: from ``smallest`` each power of two
+  (``pow2``: 32, 64, 128, ...; a 140-token story row pads to 256) and with ``fine`` 1.5 times each
+  as well (32, 48, 64, 96, 128, 192, ...: a batch pads at most a third of its length)."""
+  if length_buckets not in LENGTH_BUCKETS:
+    raise InputError(f"tokenize: length_buckets: expected one of {list(LENGTH_BUCKETS)}, "
+                     f"got {length_buckets!r}")
   out, n = [], smallest
   while n < max_length:
     out.append(n)
-    if n * 3 // 2 < max_length and n % 2 == 0:
+    if length_buckets == "fine" and n * 3 // 2 < max_length and n % 2 == 0:
       out.append(n * 3 // 2)
     n *= 2
   return tuple(out) + (max_length,)
@@ -141,6 +149,7 @@ class Encoder:
     prompt_format: "chat" (default) or "reference" (the user turn holds ``<Q>{question}<A>``;
       raw text when the tokenizer has no chat template).
     max_length, max_prompt_length: the length policy (see the module docstring).
+    length_buckets: ``pow2`` or ``fine``, the padded lengths of training batches (``buckets``).
     system_prompt, chat_template_kwargs: the prompt's system message and template variables
       (``data.chat.ChatFormat``; a run's ``data.system_prompt`` / ``data.chat_template_kwargs``).
   """
@@ -148,7 +157,8 @@ class Encoder:
   def __init__(self, tokenizer, *, attribute: AttributeSpec | None = None,
                prompt_format: str = "chat", max_length: int = 1024,
                max_prompt_length: int = 512, system_prompt: str = SYSTEM_DEFAULT,
-               chat_template_kwargs: Mapping[str, Any] | None = None):
+               chat_template_kwargs: Mapping[str, Any] | None = None,
+               length_buckets: str = "pow2"):
     if prompt_format not in PROMPT_FORMATS:
       raise InputError(f"tokenize: prompt_format: expected one of {list(PROMPT_FORMATS)}, "
                        f"got {prompt_format!r}")
@@ -161,6 +171,7 @@ class Encoder:
     self.prompt_format = prompt_format
     self.max_length = max_length
     self.max_prompt_length = max_prompt_length
+    self.buckets = bucket_lengths(max_length, length_buckets)
     self.name = _name(tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -189,7 +200,8 @@ class Encoder:
     return cls(tokenizer, attribute=attribute, prompt_format=str(d.prompt_format),
                max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                system_prompt=str(d.system_prompt),
-               chat_template_kwargs=dict(d.chat_template_kwargs or {}))
+               chat_template_kwargs=dict(d.chat_template_kwargs or {}),
+               length_buckets=str(d.length_buckets))
 
   # -- text rendering --------------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ def _reference_plan(ctx, stage, layout, seed, total):
     return stage.with_reference(Reference.online), None
   console.log(f"{name}: reference log-probs computed before the stage, once per distinct "
               f"sequence: {what}")
-  tile, buckets = stage.tile_size, tokenize.bucket_lengths(ctx.encoder.max_length)
+  tile, buckets = stage.tile_size, ctx.encoder.buckets
   fn = jax.jit(lambda params, rngs, frozen, seqs: sequence_logps(
       merge(m.graphdef_eval, params, rngs, frozen), seqs, tile)[3])
 
