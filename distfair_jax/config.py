@@ -37,8 +37,8 @@ from omegaconf.errors import OmegaConfBaseException
 from distfair_jax.errors import InputError
 
 __all__ = [
-    "Stage", "DType", "Remat", "PromptFormat", "LengthBuckets", "SFTAverage", "Ablation",
-    "Reference", "Layout",
+    "Stage", "DType", "Remat", "PromptFormat", "LengthBuckets", "SteeringPlacement", "SFTAverage",
+    "Ablation", "Reference", "Layout",
     "Optimizer", "Schedule", "Version", "Steering", "JudgeKind", "Parser", "KLPairs",
     "Config", "MeshConfig", "ModelConfig", "LoraConfig", "DataConfig", "OptimConfig", "SFTConfig",
     "HybridConfig", "DPOConfig", "CheckpointConfig", "HeldoutConfig", "LoggingConfig",
@@ -59,6 +59,9 @@ PromptFormat = enum.StrEnum("PromptFormat", ["chat", "reference"], module=__name
 # Padded lengths of training batches (``data.tokenize.bucket_lengths``): powers of two, or those
 # and 1.5 times each (less padding, one more compiled step shape per octave).
 LengthBuckets = enum.StrEnum("LengthBuckets", ["pow2", "fine"], module=__name__)
+# Where a steered sequence's steering token goes (``data.tokenize``): the first assistant token
+# (ours), or the end of the user turn's content (the original code's).
+SteeringPlacement = enum.StrEnum("SteeringPlacement", ["assistant", "user_turn"], module=__name__)
 SFTAverage = enum.StrEnum("SFTAverage", ["sequence", "token"], module=__name__)
 Ablation = enum.StrEnum("Ablation", ["full", "kl_only", "kto_only"], module=__name__)
 Reference = enum.StrEnum("Reference", ["online", "cached", "auto"], module=__name__)
@@ -234,7 +237,9 @@ class DataConfig(_Checked):
   stories, about eight times an answer pair's compute: stage 2 has only to keep the stories SFT
   taught, not teach them. At least 3 (as many as the story wordings, or all story rows) keeps
   every story prompt in the pair records, so their held-out split is SFT's.
-  ``length_buckets``: the padded lengths of training batches (``pow2`` | ``fine``)."""
+  ``length_buckets``: the padded lengths of training batches (``pow2`` | ``fine``).
+  ``steering_placement``: ``assistant`` (the steering token opens the answer) | ``user_turn``
+  (it ends the user turn's content, as in the original code; evaluation reads it from the run)."""
   dataset: str = "gender_real_us"
   spec: Optional[str] = None
   records_dir: Optional[str] = None
@@ -250,6 +255,7 @@ class DataConfig(_Checked):
   pair_story_rows_per_occupation: Optional[int] = _ranged(
       None, dataclasses.replace(COUNT, none=True))
   length_buckets: LengthBuckets = LengthBuckets.pow2
+  steering_placement: SteeringPlacement = SteeringPlacement.assistant
   seed: int = _ranged(0, SEED)
 
 

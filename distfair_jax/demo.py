@@ -108,6 +108,8 @@ class DemoSettings:
   # Training batches' padded lengths (``data.length_buckets``): the miniature's figures were
   # measured with powers of two.
   length_buckets: str = "pow2"
+  # Where the steered methods' steering token goes (``data.steering_placement``).
+  steering_placement: str = "assistant"
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
 
@@ -164,16 +166,19 @@ REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_ep
                     pair_story_rows_per_occupation=4, length_buckets="fine")
 
 
-def settings_for(*, quick: bool, model: str | None,
-                 lora_targets: Sequence[str] | None = None) -> DemoSettings:
+def settings_for(*, quick: bool, model: str | None, lora_targets: Sequence[str] | None = None,
+                 steering_placement: str | None = None) -> DemoSettings:
   """The sizes ``distfair demo`` runs with: ``DEFAULT`` / ``QUICK`` on the tiny model, ``REAL``
   from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``;
-  ``lora_targets`` replaces the adapters' targets (a given model only)."""
+  ``lora_targets`` replaces the adapters' targets (a given model only); ``steering_placement``
+  the steering token's place."""
+  placed = lambda s: (s if steering_placement is None else
+                      dataclasses.replace(s, steering_placement=steering_placement))
   if model is None:
     if lora_targets:
       raise InputError("demo: --lora-targets: expected --model (the built-in tiny model is "
                        "fine-tuned in full)")
-    return QUICK if quick else DEFAULT
+    return placed(QUICK if quick else DEFAULT)
   settings = REAL if not quick else dataclasses.replace(
       QUICK, lora_rank=REAL.lora_rank, lora_alpha=REAL.lora_alpha,
       lora_dropout=REAL.lora_dropout, lora_targets=REAL.lora_targets,
@@ -181,7 +186,7 @@ def settings_for(*, quick: bool, model: str | None,
       length_buckets=REAL.length_buckets, analyses=False)
   if lora_targets:
     settings = dataclasses.replace(settings, lora_targets=tuple(lora_targets))
-  return settings
+  return placed(settings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,6 +401,7 @@ class Demo:
                               s.pair_story_rows_per_occupation
                               if {"hybrid", "dpo"} & set(stages) else None),
                           length_buckets=C.LengthBuckets(s.length_buckets),
+                          steering_placement=C.SteeringPlacement(s.steering_placement),
                           seed=self.seed),
         sft=C.SFTConfig(epochs=s.sft_epochs if sft_epochs is None else sft_epochs,
                         batch_size=s.sft_batch_size or s.batch_size,
@@ -495,15 +501,16 @@ class Demo:
     if not prompts:
       raise InputError(f"{self.dataset}: heldout_fraction: expected held-out prompts, got none")
     enc = Encoder(self.tokenizer, attribute=self.attribute if steered else None,
-                  max_length=self.s.max_length, max_prompt_length=self.s.max_length - 16)
+                  max_length=self.s.max_length, max_prompt_length=self.s.max_length - 16,
+                  steering_placement=self.s.steering_placement)
     model = self.model(run)
-    seqs = [enc.prompt_ids(p) for p in prompts]
+    seqs = enc.encode_prompts(list(prompts))
     p = np.stack(list(prompts.values()))
     sampler, state = self.sampler(model)
     q = eval_lib.answer_probabilities(sampler, state, seqs, enc, self.attribute, steered=steered)
     bare = unparsed = None
     if stories:
-      qs = eval_lib.answer_probabilities(sampler, state, [enc.prompt_ids(x) for x in stories],
+      qs = eval_lib.answer_probabilities(sampler, state, enc.encode_prompts(list(stories)),
                                          enc, self.attribute, steered=steered, end_of_turn=False)
       bare = float(np.mean(qs.sum(-1)))
       if self.s.story_check_rounds > 0:
@@ -572,7 +579,8 @@ class Demo:
         model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
         metadata={"dataset": self.dataset, "method": method, "run": os.path.abspath(run),
                   **({"base_model": self.base_model} if self.base_model else {})},
-        max_prompt_length=s.max_length - 16, sampler=sampler))
+        max_prompt_length=s.max_length - 16, steering_placement=s.steering_placement,
+        sampler=sampler))
 
   def _stage2(self, selection: dict, sft_lr: float, ift_lr: float) -> dict[str, str]:
     """The stage-2 methods (ours, the ablations, DPO) trained and selected; {method: run}."""

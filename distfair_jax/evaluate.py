@@ -117,7 +117,7 @@ def sample_version(sampler: Sampler, state, encoder: Encoder, attribute, slots: 
       max_new_tokens=max_new, steering=str(config.steering), steering_ids=steering_ids,
       target=target, stop_ids=encoder.stop_ids, pad_id=encoder.pad_id,
       seed=_version_seed(config.seed, version), batch_size=config.batch_size,
-      tokenizer=encoder.tokenizer)
+      tokenizer=encoder.tokenizer, steering_suffix=encoder.steering_suffix)
   # Hand each slot the next unused round of its prompt (record order kept).
   rounds = max(need.values())
   used = {p: 0 for p in distinct}
@@ -219,8 +219,9 @@ def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int
   with answer_k, whatever follows (a story that opens with a bare category word).
 
   Args:
-    prompts: P prompt id lists (chat template applied); encoder: their Encoder (end of turn,
-      steering ids); attribute: the K categories (their ``answer`` texts).
+    prompts: P prompt id lists (chat template applied; steered: ``encoder.encode_prompts``, which
+      end with the question under ``user_turn`` placement); encoder: their Encoder (end of turn,
+      steering ids and suffix); attribute: the K categories (their ``answer`` texts).
   Returns:
     [P, K] float64, rows summing to at most 1.
   """
@@ -233,7 +234,8 @@ def answer_probabilities(sampler: Sampler, state, prompts: Sequence[Sequence[int
           for ki in range(k)]
   seqs, starts = [], []
   for pi, si, ki in rows:
-    head = list(prompts[pi]) + ([] if steer_ids[si] is None else [steer_ids[si]])
+    steer = [] if steer_ids[si] is None else encoder.steering_head(steer_ids[si])
+    head = list(prompts[pi]) + steer
     seqs.append(head + answers[ki])
     starts.append(len(head))
   length = pow2_bucket(max(len(x) for x in seqs))
@@ -311,9 +313,10 @@ def _progress_line(version: str, m: Mapping, timing: Mapping) -> str:
 def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Sequence[Mapping]],
              out_dir: Any, *, config: EvalConfig = EvalConfig(), prompt_format: str = "chat",
              system_prompt: str = "default", chat_template_kwargs: Mapping[str, Any] | None = None,
-             max_prompt_length: int | None = None, judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None,
-             sampler: Sampler | None = None, mesh=None) -> dict[str, Any] | None:
+             max_prompt_length: int | None = None, steering_placement: str = "assistant",
+             judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
+             progress: Callable[[str], None] | None = None, sampler: Sampler | None = None,
+             mesh=None) -> dict[str, Any] | None:
   """Runs the evaluation and writes ``out_dir/eval`` (see the module docstring).
 
   Args:
@@ -331,6 +334,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       them when set.
     max_prompt_length: the run's ``data.max_prompt_length`` (prompts truncated from the left as in
       training; default: the Encoder's 512).
+    steering_placement: the run's ``data.steering_placement`` (where its steering token goes).
     judge: story judge for v3 (default: ``judges.RulesJudge()``).
     overwrite: replace an existing ``out_dir/eval``.
     metadata: extra JSON-serialisable facts recorded in ``meta`` (model path, dataset, ...).
@@ -359,7 +363,8 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
               "max_length": max(1024, int(max_prompt_length) + 1)})
   encoder = Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
                     prompt_format=str(prompt_format), system_prompt=str(system_prompt),
-                    chat_template_kwargs=dict(chat_template_kwargs or {}), **lengths)
+                    chat_template_kwargs=dict(chat_template_kwargs or {}),
+                    steering_placement=str(steering_placement), **lengths)
   if encoder.chat.date_warning and progress is not None:
     progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):
@@ -384,6 +389,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       "rounds": config.rounds, "seed": config.seed, "prompt_field": config.prompt_field,
       "prompt_format": str(prompt_format), "system_prompt": encoder.chat.system_prompt,
       "chat_template_kwargs": dict(encoder.chat.template_kwargs),
+      "steering_placement": encoder.placement,
       "prompt_example": {**encoder.chat.example(),
                          "ids": encoder.prompt_ids(encoder.chat.example()["question"])},
       "n_bootstrap": config.n_bootstrap,

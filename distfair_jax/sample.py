@@ -255,20 +255,23 @@ def suffix_segments(new_slots: int, first: int = 32) -> list[int]:
 
 
 def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, stop_ids,
-                 temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int, greedy: bool,
-                 filtering: bool):
+                 suffix, temperature, top_k, top_p, pad_id, *, mode: str, max_new_tokens: int,
+                 greedy: bool, filtering: bool):
   """Steering + decode loop (traced inside a jit).
 
   first_logits: [N, V] f32 (last prompt position); keys: [N] typed keys; steering_ids: [K] int32;
-  target_probs: [N, K] f32 (used in ``target`` mode); stop_ids: [S] int32.
+  target_probs: [N, K] f32 (used in ``target`` mode); stop_ids: [S] int32; suffix: [F] int32,
+  the tokens forced after the steering token (F = 0: none; a steering token at the end of the
+  user turn is followed by the end of that turn and the generation prompt), never a stop.
   Returns tokens [N, T] int32 and the steering index [N] int32 (-1 when not steered).
   """
   rows = first_logits.shape[0]
   steered = mode != "none"
+  forced = suffix.shape[0] if steered else 0
   # The loop body merges its own model: a scanned model (``scan_layers``) cannot run
   # ``nnx.scan`` on Variables created at the enclosing trace level.
   graphdef, state = nnx.split(model)
-  total = max_new_tokens + (1 if steered else 0)
+  total = max_new_tokens + (1 + forced if steered else 0)
   tokens = jnp.full((rows, total), pad_id, jnp.int32)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy, filtering=filtering)
@@ -293,8 +296,10 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
     """Token t of every row (the first token at t = 0; pad after a stop), written to tokens."""
     drawn = jnp.where(done, pad_id, sample(logits, step_keys(t)))
     tok = jnp.where(t == 0, first, drawn)
+    if forced:
+      tok = jnp.where((t >= 1) & (t <= forced), suffix[jnp.clip(t - 1, 0, forced - 1)], tok)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
-    return tok, tokens, done | jnp.isin(tok, stop_ids)
+    return tok, tokens, done | (jnp.isin(tok, stop_ids) & (t > forced))
 
   # The loop carries the logits of the token it draws next: iteration t draws token t, then runs
   # the model on it for the logits of token t + 1. The [N, V] logits thus leave each iteration in
@@ -327,7 +332,8 @@ def _decode_rows(model, cache, first_logits, keys, steering_ids, target_probs, s
 
 
 def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt, first_round,
-                  steering_ids, target_probs, stop_ids, temperature, top_k, top_p, pad_id, *,
+                  steering_ids, target_probs, stop_ids, suffix, temperature, top_k, top_p, pad_id,
+                  *,
                   rounds: int, cache_length: int, mode: str, max_new_tokens: int, greedy: bool,
                   filtering: bool, shared_prefix: bool):
   """One chunk, one compiled program: prefill, rounds, per-sample keys, steering and decode loop.
@@ -336,7 +342,8 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
   new tokens per row) instead of a plain cache with every prompt slot repeated ``rounds`` times.
 
   input_ids, attention_mask: [P, L] (prompts first_prompt .. first_prompt + P - 1, left-padded);
-  seed: [] int32; first_prompt, first_round: [] int32; target_probs: [P, K] f32.
+  seed: [] int32; first_prompt, first_round: [] int32; target_probs: [P, K] f32; suffix: [F]
+  int32 forced after the steering token.
   Returns tokens [P*rounds, T] int32 and steering index [P*rounds] int32, row p * rounds + r holding
   round first_round + r of prompt first_prompt + p.
   """
@@ -358,8 +365,8 @@ def _sample_chunk(graphdef, state, input_ids, attention_mask, seed, first_prompt
     cache = jax.tree.map(lambda x, axes: shd.constrain(x, tuple(axes)), cache, cache.logical_axes(),
                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return _decode_rows(model, cache, logits, keys, steering_ids,
-                      rows(jnp.repeat(target_probs, rounds, axis=0)), stop_ids, temperature, top_k,
-                      top_p, pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
+                      rows(jnp.repeat(target_probs, rounds, axis=0)), stop_ids, suffix, temperature,
+                      top_k, top_p, pad_id, mode=mode, max_new_tokens=max_new_tokens, greedy=greedy,
                       filtering=filtering)
 
 
@@ -530,7 +537,7 @@ class Sampler:
                config: DecodeConfig = DecodeConfig(), max_new_tokens: int | None = None,
                steering: str = "none", steering_ids: Sequence[int] | None = None, target: Any = None,
                stop_ids: Sequence[int] = (), pad_id: int = 0, seed: int = 0, batch_size: int = 256,
-               tokenizer=None) -> Samples:
+               tokenizer=None, steering_suffix: Sequence[int] = ()) -> Samples:
     """Samples ``rounds`` continuations of each prompt.
 
     prompts: token-id lists (chat template applied, generation prompt included); they are
@@ -538,7 +545,10 @@ class Sampler:
     steering token is not counted). ``steering``: ``model`` | ``target`` | ``none``;
     ``steering_ids``: [K] (needed unless ``none``); ``target``: [K] or [len(prompts), K]
     probabilities (``target`` mode). ``batch_size``: about how many rows are decoded together.
-    ``tokenizer`` (optional) decodes ``Samples.text``.
+    ``tokenizer`` (optional) decodes ``Samples.text``. ``steering_suffix``: tokens fed after the
+    steering token, not sampled and left out of the samples (a steering token at the end of the
+    user turn: ``prompts`` end with the question, the suffix ends the turn and opens the answer;
+    ``Encoder.steering_suffix``).
     """
     if not isinstance(rounds, int) or rounds < 1:
       raise InputError(f"sampling: rounds: expected an integer >= 1, got {rounds!r}")
@@ -553,7 +563,8 @@ class Sampler:
     ids, mask = left_pad(prompts, pad_id, length)
     stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
     greedy = config.is_greedy
-    static = dict(cache_length=length + max_new + (1 if steering != "none" else 0),
+    suffix = np.asarray(list(steering_suffix) if steering != "none" else [], np.int32)
+    static = dict(cache_length=length + max_new + (1 + len(suffix) if steering != "none" else 0),
                   mode=str(steering), max_new_tokens=max_new, greedy=greedy,
                   filtering=(config.top_k > 0 or config.top_p < 1.0) and not greedy)
     scalars = (np.float32(config.temperature if config.temperature > 0 else 1.0),
@@ -567,12 +578,14 @@ class Sampler:
         idx = np.minimum(np.arange(start, start + per_call), num_prompts - 1)  # pad the chunk
         tokens, steer_idx = self._call(
             self._chunk, state, ids[idx], mask[idx], seed_arr, np.int32(start), np.int32(round0),
-            steer, probs[idx], stops, *scalars, rounds=rounds_per_call, **static)
+            steer, probs[idx], stops, suffix, *scalars, rounds=rounds_per_call, **static)
         pending.append((np.repeat(np.arange(start, start + per_call), rounds_per_call),
                         np.tile(np.arange(round0, round0 + rounds_per_call), per_call), tokens,
                         steer_idx))
     pending = [(p, r, *distributed.gather((t, i))) for p, r, t, i in pending]
     tokens, steer_index, p_idx, r_idx = _gather(pending, num_prompts, rounds)
+    if len(suffix):  # the forced tokens are the prompt's, not the sample's
+      tokens = np.concatenate([tokens[:, :1], tokens[:, 1 + len(suffix):]], axis=1)
     is_stop = np.isin(tokens, stops)
     if steering != "none":
       is_stop[:, 0] = False

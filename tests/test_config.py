@@ -302,6 +302,15 @@ def test_a_run_records_its_paths_absolute(tmp_path, monkeypatch):
             "data.records_dir=data/age"]]
   with pytest.raises(InputError, match=r"\(differs in model\.checkpoint; stages started: sft\)"):
     run.claim(with_absolute_paths(load_config(None, moved)))
+  # A run recorded before a field existed ran with its default: the same run, unless set otherwise.
+  old = config_to_dict(absolute)
+  del old["data"]["steering_placement"], old["data"]["length_buckets"]
+  run.config_path.write_text(yaml.safe_dump(old))
+  run.claim(absolute)
+  run.config_path.write_text(yaml.safe_dump(old))
+  with pytest.raises(InputError, match=r"\(differs in data\.steering_placement; stages started"):
+    run.claim(dataclasses.replace(absolute, data=dataclasses.replace(
+        absolute.data, steering_placement="user_turn")))
 
 
 def test_prompt_settings_are_typed_and_recorded(tmp_path):

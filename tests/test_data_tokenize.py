@@ -120,6 +120,43 @@ def test_masks_and_steering_positions(tokenizers_by_style, race, style, prompt_f
 
 
 @pytest.mark.parametrize("style", ["llama3", "qwen"])
+@pytest.mark.parametrize("prompt_format", ["chat", "reference"])
+def test_steering_token_at_the_end_of_the_user_turn(tokenizers_by_style, race, style,
+                                                    prompt_format):
+  """``steering_placement: user_turn`` (the original code's): a steered sequence is, text for
+  text, the chat template's rendering of the question + digit as the user turn and the answer as
+  the assistant turn (tokenized in pieces, as the prompt and completion always are); the digit is predicted at the last prompt position; the suffix fed after it
+  is that turn's end and the generation prompt; unsteered records are unchanged."""
+  tok = tokenizers_by_style[style]
+  records = race["sft"][:6]
+  enc = tokenize.Encoder(tok, attribute=attributes.RACE, prompt_format=prompt_format,
+                         steering_placement="user_turn")
+  plain = tokenize.Encoder(tok, attribute=attributes.RACE, prompt_format=prompt_format)
+  batch = collate.tokenize_batch(records, tok, "sft", encoder=enc)
+  seq = batch.seq
+  for i, rec in enumerate(records):
+    content = rec["prompt"] if prompt_format == "chat" else f"<Q>{rec['prompt']}<A>"
+    want = tok.apply_chat_template(
+        [{"role": "user", "content": content + rec["steering_token"]},
+         {"role": "assistant", "content": rec["response"]}], tokenize=False)
+    sp, n = int(batch.steering_position[i]), int(seq.attention_mask[i].sum())
+    assert tok.decode(seq.input_ids[i, :n]) == want.rstrip()
+    assert seq.input_ids[i, sp + 1] == enc.steering_ids[rec["category"]]
+    assert list(seq.input_ids[i, sp + 2:sp + 2 + len(enc.steering_suffix)]) == enc.steering_suffix
+    assert seq.label_mask[i, sp] == 1 and seq.label_mask[i, :sp].sum() == 0
+    assert enc.encode_prompts([rec["prompt"]]) == [list(seq.input_ids[i, :sp + 1])]
+    assert enc.encode_prompts([rec["prompt"]], steered=False) == plain.encode_prompts(
+        [rec["prompt"]])
+  end = "<|eot_id|>" if style == "llama3" else "<|im_end|>"
+  assert tok.decode(enc.steering_suffix).startswith(end)
+  ift = race["ift"][:4]
+  np.testing.assert_array_equal(collate.tokenize_batch(ift, tok, "ift", encoder=enc).seq.input_ids,
+                                collate.tokenize_batch(ift, tok, "ift", encoder=plain).seq.input_ids)
+  with pytest.raises(InputError, match="tokenize: steering_placement: expected one of"):
+    tokenize.Encoder(tok, steering_placement="system")
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
 def test_kto_pairs_and_mismatched_rotation(tokenizers_by_style, race, style):
   tok = tokenizers_by_style[style]
   recs = race["kto"][:8]  # 4 pairs

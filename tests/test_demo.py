@@ -244,6 +244,9 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
                                  n_bootstrap=20, sft_epochs=1, story_check_rounds=2)
   assert settings.lora_rank == 32 and not settings.analyses
   assert settings.lora_targets == ("all-linear",) == demo.REAL.lora_targets
+  for model in (str(ckpt), None):  # --steering-placement: the original's, for either model
+    placed = demo.settings_for(quick=True, model=model, steering_placement="user_turn")
+    assert placed.steering_placement == "user_turn" != settings.steering_placement
   run_dir = tmp_path / "run"
   results = demo.run_demo(["gender_real_us"], str(run_dir), model=str(ckpt), settings=settings,
                           progress=False, ablations=[])

@@ -234,6 +234,21 @@ def test_steering_token_is_first_and_decoding_continues(model):
     assert out.tokens[2 * p, 1:].tolist() == ref
 
 
+def test_steering_suffix_is_fed_not_sampled(model):
+  """A steering token at the end of the user turn: the suffix (the end of the turn, a stop token
+  among it, and the generation prompt) is fed after it, never sampled, never a stop, and left out
+  of the samples; decoding continues from prompt + steering token + suffix."""
+  suffix = [2, 40, 41]  # 2: a stop id
+  out = generate(model, PROMPTS, rounds=2, config=GREEDY, steering="target", stop_ids=[2],
+                 steering_ids=STEER_IDS, target=[0, 0, 1, 0], steering_suffix=suffix)
+  assert out.tokens.shape == (6, 7) and (out.tokens[:, 0] == STEER_IDS[2]).all()
+  refs = _greedy_reference(model, [p + [STEER_IDS[2]] + suffix for p in PROMPTS], 6)
+  for p, ref in enumerate(refs):
+    stop = ref.index(2) + 1 if 2 in ref else len(ref)
+    assert out.tokens[2 * p, 1:1 + stop].tolist() == ref[:stop]
+    assert out.num_tokens[2 * p] == 1 + stop
+
+
 @pytest.fixture(scope="module")
 def sampled(model):
   kw = dict(rounds=2, steering="model", steering_ids=STEER_IDS,

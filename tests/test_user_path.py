@@ -101,3 +101,21 @@ def test_your_own_attribute_from_its_spec_to_evaluation(tmp_path):
   assert doc["versions"]["v2"]["n_samples"] == 6 * 2
   assert doc["meta"]["steering_token_ids"] == [int(i) for i in doc["meta"]["steering_token_ids"]]
   assert len(doc["meta"]["steering_token_ids"]) == 3
+
+
+@pytest.mark.slow
+def test_the_original_placement_trains_and_evaluates(tmp_path):
+  """``data.steering_placement=user_turn``: both stages train with the digit at the end of the
+  question, and `distfair eval` reads the placement from the run: the steering distribution is
+  read at the end of the question, the samples carry their digit, the answers follow the turn."""
+  (tmp_path / "exp.yaml").write_text(CONFIG.format(base=os.path.join(ROOT, "configs", "base.yaml")))
+  _distfair(tmp_path, "train", "exp.yaml", "run_dir=run", "data.steering_placement=user_turn")
+  _distfair(tmp_path, "eval", "run", "exact_answers=true")
+  doc = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+  assert doc["meta"]["steering_placement"] == "user_turn"
+  v2 = doc["versions"]["v2"]
+  assert v2["n_samples"] == 28 and "exact_mae" in v2 and "exact_answer_mae" in v2
+  rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "v2.jsonl").open()]
+  assert all(r["steering_token"] in ("0", "1") for r in rows)
+  # The end of the user turn and the assistant header are fed, not sampled: no sample holds them.
+  assert not any("assistant" in r["response"] or "<|" in r["response"] for r in rows)

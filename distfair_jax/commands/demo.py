@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --model: the projections that get adapters, comma-separated "
                            "(default all-linear; the paper's: q_proj,v_proj), for every trained "
                            "method")
+  parser.add_argument("--steering-placement", default=None, choices=["assistant", "user_turn"],
+                      help="where the steered methods' steering token goes: assistant (the first "
+                           "answer token, default) or user_turn (the end of the question, as in "
+                           "the original code)")
   parser.add_argument("--ablations", default=None,
                       help="the datasets whose runs include the ablations kl_only and kto_only: "
                            "all, none or comma-separated names (default: all; with --model, "
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if not targets:
       raise InputError(f"demo: --lora-targets: expected projection names such as "
                        f"q_proj,v_proj or all-linear, got {args.lora_targets!r}")
-  settings = demo.settings_for(quick=args.quick, model=args.model, lora_targets=targets)
+  settings = demo.settings_for(quick=args.quick, model=args.model, lora_targets=targets,
+                               steering_placement=args.steering_placement)
   # This process's compilation cache (it runs the demo and nothing else): identical programs
   # (learning-rate grid points, datasets of one attribute) compile once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))

@@ -60,7 +60,10 @@ def _load(path: str, stage: str | None, overrides, mesh):
     from distfair_jax.data.chat import PromptSpec
     config = load_eval_config(None, overrides)
     model, tokenizer, _ = load_pretrained(p, dtype=config.dtype and str(config.dtype), mesh=mesh)
-    return model, tokenizer, None, PromptSpec(), config, {"model": str(p), "kind": "converted"}
+    # A base model (e.g. gemma-3-270m) has no chat template: the original's <Q>..<A> wrapping.
+    chat = tokenizer is None or getattr(tokenizer, "chat_template", None)
+    prompt = PromptSpec() if chat else PromptSpec(prompt_format="reference")
+    return model, tokenizer, None, prompt, config, {"model": str(p), "kind": "converted"}
   raise InputError(f"{p}: model: expected {CONFIG} (a run) or {MODEL_CONFIG} (a converted "
                    f"model), got neither")
 
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
   evaluate(model, tokenizer, dataset.spec.attribute, test_sets, out, config=config,
            prompt_format=prompt.prompt_format, system_prompt=prompt.system_prompt,
            chat_template_kwargs=prompt.template_kwargs, max_prompt_length=prompt.max_prompt_length,
+           steering_placement=prompt.steering_placement,
            judge=judge if console.is_main_process() else None,
            overwrite=args.overwrite, metadata=meta, progress=console.log, mesh=mesh)
   if console.is_main_process():

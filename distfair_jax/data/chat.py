@@ -56,6 +56,7 @@ EXAMPLE_QUESTION = ("A person is randomly selected from the Registered nurses wo
                     "What is this person's gender? Respond ONLY with Male or Female.")
 # Sentinels: plain words, so that templates which trim or escape content keep them intact.
 _Q1, _A1, _Q2 = "DistfairProbeQuestionOne", "DistfairProbeAnswer", "DistfairProbeQuestionTwo"
+_END_OF_CONTENT = "DistfairProbeEndOfContent"
 
 
 def _name(tokenizer) -> str:
@@ -65,17 +66,20 @@ def _name(tokenizer) -> str:
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
   """The prompt settings of a run (``data.prompt_format``, ``data.system_prompt``,
-  ``data.chat_template_kwargs``, ``data.max_prompt_length``; None: the Encoder's default)."""
+  ``data.chat_template_kwargs``, ``data.max_prompt_length``; None: the Encoder's default;
+  ``data.steering_placement``)."""
   prompt_format: str = "chat"
   system_prompt: str = SYSTEM_DEFAULT
   template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   max_prompt_length: int | None = None
+  steering_placement: str = "assistant"
 
   @classmethod
   def of(cls, data_cfg) -> PromptSpec:
     """The settings of a ``config.DataConfig``."""
     return cls(str(data_cfg.prompt_format), str(data_cfg.system_prompt),
-               dict(data_cfg.chat_template_kwargs or {}), int(data_cfg.max_prompt_length))
+               dict(data_cfg.chat_template_kwargs or {}), int(data_cfg.max_prompt_length),
+               str(data_cfg.steering_placement))
 
 
 class ChatFormat:
@@ -172,6 +176,23 @@ class ChatFormat:
     if not self.templated:
       return question
     return self._finish(self._render(self._messages(question), generation=True), question)
+
+  def user_turn_split(self, question: str) -> tuple[str, str]:
+    """``prompt_text(question)`` cut where the user turn's content ends: (the text through the
+    content, the rest: the end of the user turn and the generation prompt; empty for raw text).
+    A steering token at the end of the user turn goes between the two."""
+    question = self.question_text(question)
+    if not self.templated:
+      return question, ""
+    marked = question + _END_OF_CONTENT
+    text = self._finish(self._render(self._messages(marked), generation=True), marked)
+    head, _, tail = text.partition(marked)
+    whole = self._finish(self._render(self._messages(question), generation=True), question)
+    if marked not in text or head + question + tail != whole:
+      raise InputError(f"tokenizer {self.name}: chat_template: steering_placement user_turn: "
+                       f"expected the template to write the user's content unchanged, got a "
+                       f"template that changes it (use steering_placement assistant)")
+    return head + question, tail
 
   def full_text(self, question: str, content: str) -> str:
     """The prompt followed by an assistant turn holding ``content`` and its end-of-turn text."""

@@ -13,6 +13,12 @@ ids, tokenized separately and concatenated:
 - completion: [steering token] + answer tokens + end-of-turn tokens (what the chat template puts
   after an assistant message, e.g. ``<|eot_id|>`` or ``<|im_end|>``; the EOS token for raw
   ``reference`` text). IFT / DPO completions have no steering token.
+- ``steering_placement="user_turn"`` (the original code's placement): a steered record's prompt
+  stops where the user turn's content ends, and its completion is [steering token] + the rest of
+  the prompt (the end of the user turn and the generation prompt: ``steering_suffix``) + answer +
+  end of turn; the steering token is still predicted at the last prompt position. The suffix is
+  labelled like the rest (fixed text: the SFT model gives it probability ~1, so it adds ~0 to
+  KTO's log-ratios); the sampler feeds it after the steering token instead of sampling it.
 
 Steering tokens are checked once: each exactly one token, in the vocabulary (not the unknown
 token: a tokenizer directory without its vocabulary file maps every digit to ``<unk>``), distinct
@@ -45,7 +51,8 @@ from distfair_jax.data.attributes import AttributeSpec
 from distfair_jax.data.chat import PROMPT_FORMATS, SYSTEM_DEFAULT, ChatFormat
 from distfair_jax.errors import InputError
 
-__all__ = ["Encoder", "steering_token_ids", "LENGTH_BUCKETS", "bucket_lengths", "bucket_for", "packed_bucket",
+__all__ = ["Encoder", "steering_token_ids", "LENGTH_BUCKETS", "STEERING_PLACEMENTS",
+           "bucket_lengths", "bucket_for", "packed_bucket",
            "pow2_bucket", "prompt_bucket", "next_pow2", "pair_records", "packed_cost_ratio",
            "special_ids"]
 
@@ -61,6 +68,7 @@ _STOP_TOKEN_STRINGS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|
 
 
 LENGTH_BUCKETS = ("pow2", "fine")
+STEERING_PLACEMENTS = ("assistant", "user_turn")
 
 
 def bucket_lengths(max_length: int, length_buckets: str = "pow2", *,
@@ -150,6 +158,8 @@ class Encoder:
       raw text when the tokenizer has no chat template).
     max_length, max_prompt_length: the length policy (see the module docstring).
     length_buckets: ``pow2`` or ``fine``, the padded lengths of training batches (``buckets``).
+    steering_placement: ``assistant`` (the first assistant token) or ``user_turn`` (the end of the
+      user turn's content; see the module docstring).
     system_prompt, chat_template_kwargs: the prompt's system message and template variables
       (``data.chat.ChatFormat``; a run's ``data.system_prompt`` / ``data.chat_template_kwargs``).
   """
@@ -158,7 +168,10 @@ class Encoder:
                prompt_format: str = "chat", max_length: int = 1024,
                max_prompt_length: int = 512, system_prompt: str = SYSTEM_DEFAULT,
                chat_template_kwargs: Mapping[str, Any] | None = None,
-               length_buckets: str = "pow2"):
+               length_buckets: str = "pow2", steering_placement: str = "assistant"):
+    if steering_placement not in STEERING_PLACEMENTS:
+      raise InputError(f"tokenize: steering_placement: expected one of "
+                       f"{list(STEERING_PLACEMENTS)}, got {steering_placement!r}")
     if prompt_format not in PROMPT_FORMATS:
       raise InputError(f"tokenize: prompt_format: expected one of {list(PROMPT_FORMATS)}, "
                        f"got {prompt_format!r}")
@@ -182,6 +195,12 @@ class Encoder:
     self.chat = ChatFormat(tokenizer, prompt_format=prompt_format, system_prompt=system_prompt,
                            template_kwargs=chat_template_kwargs)
     self.end_ids = self._end_of_turn_ids()
+    self.placement = steering_placement
+    self.steering_suffix: list[int] = []  # fed after the steering token (user_turn)
+    if steering_placement == "user_turn":
+      tail = self.chat.user_turn_split(_PROBE_QUESTION)[1]
+      self.steering_suffix = _ids(self.tokenizer, tail) if tail else []
+    self._steered_cache: dict[str, list[int]] = {}
     self._prompt_cache: dict[str, list[int]] = {}
     self._text_cache: dict[str, list[int]] = {}
     self._steer_cache: dict[str, int] = {}
@@ -201,7 +220,8 @@ class Encoder:
                max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                system_prompt=str(d.system_prompt),
                chat_template_kwargs=dict(d.chat_template_kwargs or {}),
-               length_buckets=str(d.length_buckets))
+               length_buckets=str(d.length_buckets),
+               steering_placement=str(d.steering_placement))
 
   # -- text rendering --------------------------------------------------------------------------
 
@@ -272,14 +292,20 @@ class Encoder:
                        f"has {len(self.tokenizer)} tokens (a directory without its vocabulary "
                        f"file, tokenizer.json or tokenizer.model?)")
     special = not self.chat.templated
-    prompt = _ids(self.tokenizer, self.prompt_text(_PROBE_QUESTION), special)
-    full = _ids(self.tokenizer, self._full_text(_PROBE_QUESTION, token + answer), special)
+    if self.placement == "user_turn":  # the question's text, then the token, then the rest
+      head, tail = self.chat.user_turn_split(_PROBE_QUESTION)
+      prompt = _ids(self.tokenizer, head, special)
+      full = _ids(self.tokenizer, head + token + tail, special)
+      where = "the token after the user turn's content"
+    else:
+      prompt = _ids(self.tokenizer, self.prompt_text(_PROBE_QUESTION), special)
+      full = _ids(self.tokenizer, self._full_text(_PROBE_QUESTION, token + answer), special)
+      where = "the first assistant token after the generation prompt"
     if full[:len(prompt)] != prompt or len(full) <= len(prompt) or full[len(prompt)] != ids[0]:
       got = (full[len(prompt):len(prompt) + 2] if full[:len(prompt)] == prompt
              else "a changed prompt")
       raise InputError(f"tokenizer {self.name}: steering_token: expected {token!r} (id {ids[0]}) "
-                       f"to be the first assistant token after the generation prompt, got {got} "
-                       f"(the tokenizer merges it with its neighbours)")
+                       f"to be {where}, got {got} (the tokenizer merges it with its neighbours)")
     self._steer_cache[token] = ids[0]
     return ids[0]
 
@@ -305,25 +331,50 @@ class Encoder:
       self._prompt_cache[prompt] = ids
     return ids
 
-  def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids of each question (what the sampler prefills)."""
-    return [list(self.prompt_ids(p)) for p in prompts]
+  def steered_prompt_ids(self, prompt: str) -> list[int]:
+    """The prompt of a steered sequence: ``prompt_ids``, or (``user_turn``) the ids through the
+    user turn's content, truncated from the left to ``max_prompt_length``."""
+    if self.placement == "assistant":
+      return self.prompt_ids(prompt)
+    ids = self._steered_cache.get(prompt)
+    if ids is None:
+      head, tail = self.chat.user_turn_split(prompt)
+      if (_ids(self.tokenizer, tail) if tail else []) != self.steering_suffix:
+        raise InputError(f"tokenizer {self.name}: chat_template: steering_placement user_turn: "
+                         f"expected one end of the user turn for every question, got "
+                         f"{tail!r} for {prompt[:60]!r}")
+      ids = _ids(self.tokenizer, head, not self.chat.templated)[-self.max_prompt_length:]
+      self._steered_cache[prompt] = ids
+    return ids
+
+  def encode_prompts(self, prompts: Sequence[str], *,
+                     steered: bool | None = None) -> list[list[int]]:
+    """Prompt ids of each question (what the sampler prefills): ``steered_prompt_ids`` for a
+    steered Encoder (``steered`` None: built with an attribute), else ``prompt_ids``."""
+    steered = self.steering_ids is not None if steered is None else steered
+    ids = self.steered_prompt_ids if steered else self.prompt_ids
+    return [list(ids(p)) for p in prompts]
+
+  def steering_head(self, steering_id: int) -> list[int]:
+    """What follows a steered prompt before the answer: [steering id] + ``steering_suffix``."""
+    return [int(steering_id)] + self.steering_suffix
 
   def completion_ids(self, response: str, steering_token: str | None = None) -> list[int]:
-    """[steering id] + answer ids + end-of-turn ids (untruncated)."""
+    """[steering id] (+ ``steering_suffix``) + answer ids + end-of-turn ids (untruncated)."""
     ids = self._text_cache.get(response)
     if ids is None:
       ids = _ids(self.tokenizer, response) if response else []
       self._text_cache[response] = ids
-    head = [] if steering_token is None else [self.steering_id(steering_token)]
+    head = [] if steering_token is None else self.steering_head(self.steering_id(steering_token))
     return head + ids + self.end_ids
 
   def encode_record(self, rec: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """One record -> {"prompt": ids, "completion": ids (or "chosen"/"rejected"), "category",
     "target", "desirable"}; completions are not yet truncated (see ``fit``)."""
-    out = {"prompt": self.prompt_ids(rec["prompt"]), "category": int(rec["category"]),
-           "target": np.asarray(rec["target"], np.float32)}
-    if kind in ("sft", "kto"):
+    steered = kind in ("sft", "kto")
+    out = {"prompt": (self.steered_prompt_ids if steered else self.prompt_ids)(rec["prompt"]),
+           "category": int(rec["category"]), "target": np.asarray(rec["target"], np.float32)}
+    if steered:
       out["completion"] = self.completion_ids(rec["response"], rec["steering_token"])
       out["desirable"] = int(rec.get("status", "desirable") == "desirable")
     elif kind == "ift":

@@ -115,6 +115,9 @@ class RunDir:
            for k, v in _flat(results_affecting(previous)).items()}
       b = {k: (_place(v) if k in PATH_FIELDS else v)
            for k, v in _flat(results_affecting(current)).items()}
+      # A field newer than the recorded run had its default's behaviour there.
+      defaults = _flat(config_to_dict(Config(run_dir=cfg.run_dir)))
+      a.update({k: defaults[k] for k in b if k not in a and k in defaults})
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       started = [s for s in previous.get("stages", []) if self.stage_started(s)]
       if diff and started:
