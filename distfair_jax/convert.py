@@ -144,7 +144,7 @@ def _config_from_hf(hf: dict, where: Path, **dtypes: str):
   except InputError as e:
     raise InputError(str(e).replace("config dict:", f"{where}:", 1)) from None
   except (KeyError, TypeError, ValueError) as e:
-    raise InputError(f"{where}: config: expected a complete Llama/Qwen2/Gemma2 config, got "
+    raise InputError(f"{where}: config: expected a complete Llama/Qwen2/Gemma2/Qwen3/Gemma3 config, got "
                      f"{type(e).__name__}: {e}") from None
 
 

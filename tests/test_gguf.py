@@ -6,7 +6,8 @@ a small byte-level BPE vocabulary (trained here) in the metadata, laid out as ll
 (q/k rows permuted, ChatML template, bos/eos/pad ids). Weights in every supported type: F32, F16,
 BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are quantized with the gguf package's numpy code; Q2_K..Q6_K,
 which it cannot quantize, are random blocks (random bits, sane fp16 scales), valid data all the
-same. Nothing is downloaded.
+same. The qwen3 and gemma3 architectures: small random transformers models written as F32 files
+the way llama.cpp's converter writes them (last section). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -498,3 +499,137 @@ def test_bad_dtype_and_overwrite(files, tmp_path):
   gguf_to_flax(files["f32"][0], dst, dtype="float32", overwrite=True)
   assert not (dst / "keep.txt").exists() and (dst / "model_config.json").is_file()
   assert sorted(os.listdir(tmp_path)) == ["dst"]
+
+
+# -------------------------------------------------------------------------------------------------
+# The qwen3 and gemma3 architectures: a random transformers model written as an F32 GGUF file the
+# way llama.cpp's converter writes it (QK-norm tensors, Gemma's four norms stored as 1 + w), then
+# converted and compared with transformers' own GGUF loading and with the original model. Head dims
+# are what transformers' GGUF loading assumes (it reads no head dim for qwen3: 128; gemma3 scales
+# queries by 256).
+
+_COMMON = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+FAMILIES = {  # arch: (HF config class, model class, config fields, layer tensor names)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(head_dim=128, num_hidden_layers=2, tie_word_embeddings=False),
+              {**_COMMON, "post_attention_layernorm": "ffn_norm"}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=256, num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=256,
+                    rope_local_base_freq=10000.0),
+               {**_COMMON, "post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}),
+}
+
+
+def _family_model(arch: str):
+  conf_cls, model_cls, fields, _ = FAMILIES[arch]
+  # gemma3: the token list gains <mask> (transformers' GemmaTokenizer adds it when absent)
+  conf = getattr(transformers, conf_cls)(
+      vocab_size=len(VOCAB[0]) + (arch == "gemma3"), hidden_size=64, intermediate_size=96, num_attention_heads=2,
+      num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+      bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
+  torch.manual_seed(0)
+  model = getattr(transformers, model_cls)(conf).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_((0.3 if "norm" in name else 1 / p.shape[-1] ** 0.5) * torch.randn_like(p)
+              + (1.0 if "norm" in name and arch == "qwen3" else 0.0))
+  return model
+
+
+def write_family_gguf(path: Path, arch: str, kv: dict | None = None):
+  """Writes the random ``arch`` model as llama.cpp would (F32); returns (path, the torch model)."""
+  model = _family_model(arch)
+  conf, names = model.config, FAMILIES[arch][3]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_name(f"tiny {arch} for tests")
+  writer.add_block_count(conf.num_hidden_layers)
+  writer.add_context_length(conf.max_position_embeddings)
+  writer.add_embedding_length(conf.hidden_size)
+  writer.add_feed_forward_length(conf.intermediate_size)
+  writer.add_head_count(conf.num_attention_heads)
+  writer.add_head_count_kv(conf.num_key_value_heads)
+  writer.add_key_length(conf.head_dim)
+  writer.add_value_length(conf.head_dim)
+  writer.add_rope_freq_base(10000.0)
+  writer.add_layer_norm_rms_eps(conf.rms_norm_eps)
+  if arch == "gemma3":
+    writer.add_sliding_window(conf.sliding_window)
+  extra = {"add_token_list": ["<mask>"], "add_token_types": [3]} if arch == "gemma3" else {}
+  for method, args in _metadata({}, ()):
+    if method in extra:
+      args = (list(args[0]) + extra[method],)
+    if "token" in method or method == "add_chat_template":
+      getattr(writer, method)(*args)
+  for key, (kind, value) in (kv or {}).items():
+    getattr(writer, f"add_{kind}")(key, value)
+  for name, tensor in model.state_dict().items():
+    w = tensor.numpy().astype(np.float32)
+    if name.startswith("model.layers."):
+      i, module = name[len("model.layers."):].split(".", 1)
+      gguf_base = f"blk.{i}.{names[module.rsplit('.', 1)[0]]}"
+    else:
+      gguf_base = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                   "lm_head": "output"}[name.rsplit(".", 1)[0]]
+    if arch == "gemma3" and "norm" in name:
+      w = w + np.float32(1.0)  # llama.cpp's Gemma converter stores 1 + w
+    if gguf_base == "output" and conf.tie_word_embeddings:
+      continue
+    writer.add_tensor(f"{gguf_base}.weight", np.ascontiguousarray(w))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path, model
+
+
+def jnp_i32(x):
+  import jax.numpy as jnp
+  return jnp.asarray(x, jnp.int32)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_qwen3_and_gemma3_files_match_transformers(arch, tmp_path):
+  path, original = write_family_gguf(tmp_path / "src" / f"{arch}.gguf", arch)
+  out = gguf_to_flax(path, tmp_path / "out", dtype="float32")
+  model, tokenizer, config, weights = _ours(out)
+  assert type(model).__name__ == {"qwen3": "Qwen3", "gemma3": "Gemma3"}[arch]
+  assert config.head_dim == original.config.head_dim
+  if arch == "gemma3":
+    assert config.is_sliding == (True,) * 5 + (False,) and config.sliding_window == 4
+    assert (config.rope_local_base_freq, config.query_pre_attn_scalar) == (10000.0, 256.0)
+  for name, value in original.state_dict().items():  # the norms' 1 + w comes back as w
+    if name in weights:
+      np.testing.assert_allclose(weights[name], value.numpy(), atol=1e-7, err_msg=name)
+  ids = np.random.default_rng(0).integers(3, len(VOCAB[0]), size=(3, 12))
+  mask = np.ones_like(ids)
+  mask[1, 8:], mask[2, :3] = 0, 0
+  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+  got = np.asarray(_forward_logits(model, jnp_i32(ids), jnp_i32(mask)))
+  real = mask.astype(bool)
+  ref = _transformers_model(path)
+  for label, hf in (("transformers' GGUF loading", ref), ("the original model", original)):
+    with torch.no_grad():
+      want = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                position_ids=torch.from_numpy(positions)).logits.float().numpy()
+    diff = float(np.abs(want - got)[real].max())
+    print(f"{arch} GGUF (F32) vs {label}: max abs logit difference {diff:.3e}")
+    assert diff <= 1e-5 and np.abs(want[real]).max() > 0.5, label
+
+
+def test_qwen3_and_gemma3_metadata_it_cannot_represent(tmp_path):
+  path, _ = write_family_gguf(tmp_path / "q" / "qwen3.gguf", "qwen3",
+                              kv={"qwen3.rope.scaling.type": ("string", "yarn")})
+  msg = _error(path, tmp_path / "out")
+  assert "qwen3.rope.scaling.type" in msg and "yarn" in msg and "expected none" in msg
+  path, _ = write_family_gguf(tmp_path / "g" / "gemma3.gguf", "gemma3",
+                              kv={"gemma3.rope.scaling.type": ("string", "linear"),
+                                  "gemma3.rope.scaling.factor": ("float32", 8.0)})
+  config = read_config(path)
+  assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+  assert config.rope_local_base_freq == 10000.0  # the sliding layers' RoPE stays unscaled

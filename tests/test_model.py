@@ -385,6 +385,7 @@ def test_presets_shapes_and_unknown_name():
   assert tiny.vocab_size == 2048 and tiny.num_key_value_heads < tiny.num_attention_heads
   with pytest.raises(InputError, match="expected one of tiny, llama3.2-1b, llama3.1-8b, "
                                        "qwen2.5-1.5b, qwen2.5-7b, gemma2-2b, gemma2-9b, "
+                                       "qwen3-0.6b, qwen3-8b, gemma3-270m, gemma3-1b, gemma3-4b, "
                                        "got 'llama-70b'"):
     get_preset("llama-70b")
   with pytest.raises(InputError, match="hidden: expected a LlamaConfig field"):

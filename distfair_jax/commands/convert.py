@@ -6,7 +6,7 @@
   distfair convert check HF_DIR FLAX_DIR [--threshold 1e-3]
 
 Only safetensors and GGUF files are read (pickled PyTorch *.bin files are refused, never loaded).
-GGUF (llama.cpp) files of the llama architecture are dequantized (distfair_jax/gguf.py). Outputs are
+GGUF (llama.cpp) files of the llama, qwen3 and gemma3 architectures are dequantized (distfair_jax/gguf.py). Outputs are
 written to a temporary directory and renamed into place when complete.
 """
 
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.set_defaults(_convert=_hf_to_flax)
 
   p = sub.add_parser("gguf-to-flax",
-                     help="GGUF file (llama.cpp, llama architecture) -> distfair directory",
-                     description="Dequantize a llama GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                     help="GGUF file (llama.cpp: llama, qwen3, gemma3) -> distfair directory",
+                     description="Dequantize a llama, qwen3 or gemma3 GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
                      "Q5_0, Q5_1, Q2_K..Q6_K) into an orbax checkpoint plus model_config.json, and "
                      "write the tokenizer and chat template its metadata holds (through "
                      "transformers; needs the gguf package and torch: the gguf extra).")

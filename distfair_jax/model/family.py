@@ -1,26 +1,45 @@
-"""The model family: which module class builds a config's model.
+"""The model family: which module class builds a config's model, and which function reads its
+family's own Hugging Face config fields.
 
     model = family.build(config, rngs=nnx.Rngs(0))     # Llama for llama / qwen2, Gemma2 for gemma2
 
 Every place that builds a model from a config (the loader, the converter, presets) goes through
-``build``, so a new architecture is one entry here plus its config fields.
+``build``, so a new architecture is its module file, one entry in each table here, and its
+architecture name in ``llama.ARCHITECTURES``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping
+
 from flax import nnx
 
+from distfair_jax.model import gemma3, qwen3
 from distfair_jax.model.gemma2 import Gemma2
+from distfair_jax.model.gemma3 import Gemma3
 from distfair_jax.model.llama import Llama, LlamaConfig
+from distfair_jax.model.qwen3 import Qwen3
 
-__all__ = ["MODEL_CLASSES", "model_class", "build"]
+__all__ = ["MODEL_CLASSES", "HF_FIELDS", "model_class", "hf_fields", "build"]
 
-MODEL_CLASSES: dict[str, type[Llama]] = {"llama": Llama, "qwen2": Llama, "gemma2": Gemma2}
+MODEL_CLASSES: dict[str, type[Llama]] = {"llama": Llama, "qwen2": Llama, "gemma2": Gemma2,
+                                         "qwen3": Qwen3, "gemma3": Gemma3}
+
+# model type -> fields(hf_config_dict, get, source) -> LlamaConfig keyword arguments: the family's
+# checks and fields beyond the shared ones (``LlamaConfig.from_hf`` calls it; Gemma 2's live in
+# llama.py, where they were first).
+HF_FIELDS: dict[str, Callable[[Mapping[str, Any], Callable[..., Any], str], dict[str, Any]]] = {
+    "qwen3": qwen3.hf_fields, "gemma3": gemma3.hf_fields}
 
 
 def model_class(config: LlamaConfig) -> type[Llama]:
   """The module class of ``config``'s model type."""
   return MODEL_CLASSES[config.model_type]
+
+
+def hf_fields(model_type: str):
+  """The function that reads ``model_type``'s own Hugging Face config fields."""
+  return HF_FIELDS[model_type]
 
 
 def build(config: LlamaConfig, *, rngs: nnx.Rngs) -> Llama:

