@@ -179,7 +179,7 @@ def real_kto_batch(batch: int, dataset: str = "gender_real_us",
   """
   import numpy as np
   from distfair_jax.data import build, collate, tokenize
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   ds = build.build_dataset(dataset, rows_per_occupation=max(4, batch), test_rounds=1, seed=seed)
   pairs = [ds["kto"][i:i + 2] for i in range(0, len(ds["kto"]), 2)]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 _FLOOR = ("import jax, jax.numpy as jnp, numpy, orbax.checkpoint, safetensors.numpy, flax.nnx; "
-          "import distfair_jax.convert, distfair_jax.checkpoint_io, distfair_jax.model.llama; "
+          "import distfair_jax.convert.hf, distfair_jax.model.checkpoint_io, distfair_jax.model.llama; "
           "jnp.zeros(1).block_until_ready()")
 
 
@@ -125,10 +125,10 @@ def main() -> None:
       dst, back = work / f"flax-{dtype}", work / f"hf-{dtype}"
       steps = [
           (f"hf-to-flax -> {dtype}",
-           f"from distfair_jax.convert import hf_to_flax; hf_to_flax({str(src)!r}, {str(dst)!r}, "
+           f"from distfair_jax.convert.hf import hf_to_flax; hf_to_flax({str(src)!r}, {str(dst)!r}, "
            f"dtype={dtype!r})"),
           (f"flax-to-hf ({dtype})",
-           f"from distfair_jax.convert import flax_to_hf; flax_to_hf({str(dst)!r}, {str(back)!r}, "
+           f"from distfair_jax.convert.hf import flax_to_hf; flax_to_hf({str(dst)!r}, {str(back)!r}, "
            f"max_shard_size='200MB')"),
       ]
       for label, code in steps:

@@ -9,7 +9,7 @@ shape with random weights, bfloat16 parameters and compute, per-layer remat (``-
 bf16 peak (H200: 989 TFLOP/s). tokens/s counts the padded tokens of targets and mismatched pairs.
 If the step does not fit in memory, the batch is halved and the step recompiled.
 
-Decode: ``distfair_jax.sample.Sampler.generate`` (KV cache, jit-compiled ``while_loop``) on
+Decode: ``distfair_jax.evaluation.sample.Sampler.generate`` (KV cache, jit-compiled ``while_loop``) on
 ``--decode-batch`` random prompts of ``--prompt-length`` tokens, ``--new-tokens`` sampled tokens at
 temperature 1 with no stop token (every row decodes every step). Decode time = generate's time minus
 its prefill (timed by calling the sampler's compiled prefill with the same arguments). Roofline: a
@@ -203,7 +203,7 @@ def _decode(args, cfg, device) -> dict[str, Any]:
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
-  from distfair_jax import sample
+  from distfair_jax.evaluation import sample
   from distfair_jax.config import DecodeConfig
   from distfair_jax.data.tokenize import prompt_bucket
   model = _build_model(cfg, device)

@@ -10,7 +10,7 @@ work on every side: by default no side stops early (ours without stop ids, Huggi
 
 Sides (``--sides``, all by default), in the same process, float32, on the same cores:
 
-- ``ours``: ``distfair_jax.sample.Sampler.generate`` with its default, shared-prefix decoding (each
+- ``ours``: ``distfair_jax.evaluation.sample.Sampler.generate`` with its default, shared-prefix decoding (each
   distinct prompt prefilled once and its cache kept once; the rounds' queries attend to it in one
   batched matmul, their new tokens in a small per-row cache; one jit-compiled program per chunk of
   prompts, a ``while_loop`` decode). Timed after one warm-up call (compile time reported).
@@ -39,9 +39,9 @@ sampling included in the time, not in the FLOPs).
 
 Models: ``--preset tiny`` (1M, the built-in tiny tokenizer), ``--preset 50m`` (the 56M model of
 ``train_step.py``, ``_common.MODEL_50M``, tiny tokenizer), both with random weights built in JAX
-and written with ``distfair_jax.convert`` for transformers; or ``--checkpoint DIR``, a converted
+and written with ``distfair_jax.convert.hf`` for transformers; or ``--checkpoint DIR``, a converted
 distfair directory (``distfair convert gguf-to-flax`` / ``hf-to-flax``, its tokenizer inside; e.g.
-SmolLM2-135M-Instruct), converted for transformers with ``distfair_jax.convert.flax_to_hf`` into a
+SmolLM2-135M-Instruct), converted for transformers with ``distfair_jax.convert.hf.flax_to_hf`` into a
 temporary directory; when DIR does not exist the benchmark says so and exits without measuring.
 
   python benchmarks/sampling.py                        # tiny, 14 x 100, 16 new tokens, 3 runs
@@ -118,10 +118,10 @@ def _parse(argv):
 def _random_model(preset: str, seed: int, workdir: str):
   """(jax model, tokenizer, HF directory, label) for random weights of ``preset``."""
   from flax import nnx
-  from distfair_jax import convert
+  from distfair_jax.convert import hf as convert
   from distfair_jax.model.llama import Llama, LlamaConfig
   from distfair_jax.model.presets import get_preset
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tokenizer = build_tiny_tokenizer()
   config = get_preset("tiny") if preset == "tiny" else LlamaConfig(**_common.MODEL_50M)
   model = Llama(config, rngs=nnx.Rngs(seed))
@@ -133,7 +133,7 @@ def _random_model(preset: str, seed: int, workdir: str):
 
 def _checkpoint_model(path: str, workdir: str):
   """(jax model, tokenizer, HF directory, label) of a converted checkpoint directory (float32)."""
-  from distfair_jax import convert
+  from distfair_jax.convert import hf as convert
   from distfair_jax.model.loader import load_pretrained
   model, tokenizer, _ = load_pretrained(path, dtype="float32")
   if tokenizer is None:
@@ -180,7 +180,7 @@ class _Ours:
 
   def __init__(self, model, tokenizer, prompt_ids, steering_ids, stop_ids, pad_id, args,
                shared_prefix: bool | None):
-    from distfair_jax import sample
+    from distfair_jax.evaluation import sample
     from distfair_jax.config import DecodeConfig
     self.sampler, self.state = sample.Sampler.of(model, shared_prefix=shared_prefix)
     self.ids = prompt_ids

@@ -147,7 +147,7 @@ def _torch_model(cfg, jax_model):
   import torch
   import transformers
   from flax import nnx
-  from distfair_jax.convert import hf_name
+  from distfair_jax.convert.hf import hf_name
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).float()
   sd = {}
   for path, var in nnx.to_flat_state(nnx.state(jax_model, nnx.Param)):
@@ -259,7 +259,7 @@ def _pooled_share(workload: str, batch_size: int, epochs: int) -> float:
   if workload == "synthetic":
     return (1 + epochs) / (2 * epochs)
   from distfair_jax.data import build, pipeline, tokenize
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   from distfair_jax.train.reference_cache import SequencePool
   ds = build.build_dataset("gender_real_us", rows_per_occupation=48, test_rounds=1, seed=0)
   encoder = tokenize.Encoder(build_tiny_tokenizer(), attribute=ds.spec.attribute)

@@ -306,7 +306,7 @@ class Demo:
                tokenizer_dir: str, progress: bool = True, base_model: str | None = None,
                ablations: bool = True):
     from distfair_jax.data import build as build_lib
-    from distfair_jax.tokenizer import load_tokenizer_dir
+    from distfair_jax.data.tokenizer import load_tokenizer_dir
     spec = build_lib.resolve_spec(dataset)
     settings = scaled(settings, len(spec.occupations))
     # A user's YAML spec: its own name for the directory and the tables, its absolute path for the
@@ -362,7 +362,7 @@ class Demo:
   def sampler(self, model):
     """(a Sampler shared by every model of this architecture, the model's state)."""
     from flax import nnx
-    from distfair_jax.sample import Sampler
+    from distfair_jax.evaluation.sample import Sampler
     graphdef, state = nnx.split(model)
     if graphdef not in self._samplers:
       self._samplers[graphdef] = Sampler(graphdef)
@@ -488,7 +488,7 @@ class Demo:
     ``story_check_rounds`` stories sampled per held-out story prompt with the evaluation's
     decoding (a steered model draws its own steering token first), judged as v3 is; the share in
     which the judge finds no category."""
-    from distfair_jax import evaluate as eval_lib
+    from distfair_jax.evaluation import evaluate as eval_lib
     from distfair_jax.data.tokenize import Encoder
     from distfair_jax.train.heldout import split_heldout
     _, held = split_heldout(self.data.records["sft"], self.s.heldout_fraction, seed=self.seed)
@@ -521,7 +521,7 @@ class Demo:
                       steered: bool) -> float:
     """The share of ``story_check_rounds`` sampled stories per held-out story prompt in which
     the v3 judge finds no category (the evaluation's decoding and judge; seed: the demo's)."""
-    from distfair_jax import evaluate as eval_lib
+    from distfair_jax.evaluation import evaluate as eval_lib
     s = self.s
     slots = [{"prompt": prompt, "occupation": occupation[prompt]}
              for prompt in stories for _ in range(s.story_check_rounds)]
@@ -553,7 +553,7 @@ class Demo:
     """Evaluates ``run`` as ``method`` into ``<dataset>/<name or method>/eval`` (reused when
     there): the dataset's own test sets, or ``tests``; the one decoding configuration unless a
     sweep asks for another."""
-    from distfair_jax import evaluate as eval_lib
+    from distfair_jax.evaluation import evaluate as eval_lib
     out_dir = os.path.join(self.dir, name or method)
     path = os.path.join(out_dir, "eval", "metrics.json")
     if os.path.exists(path):  # reused when it evaluated this run (a new selection re-evaluates)
@@ -832,7 +832,7 @@ def _tokenizer(run_dir: str, dataset: str) -> str:
   prompts and answers (``tokenizer.dataset_texts``), so that its words merge as the built-in
   ones do."""
   from distfair_jax.data.build import DATASETS, resolve_spec
-  from distfair_jax.tokenizer import build_tiny_tokenizer, dataset_texts
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer, dataset_texts
   texts = None
   path = os.path.join(run_dir, "tokenizer")
   if dataset not in DATASETS:
@@ -945,7 +945,7 @@ def _check_marker(run_dir: str, info: dict) -> None:
 
 def _check_model_dir(model: str) -> None:
   """A one-line error, before anything runs, for a ``--model`` that is no converted directory."""
-  from distfair_jax import convert
+  from distfair_jax.convert import hf as convert
   path = fileio.as_path(model)
   if not path.is_dir():
     raise InputError(f"{model}: demo --model: expected a directory from `distfair convert "

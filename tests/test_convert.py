@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from distfair_jax import cli  # noqa: E402
-from distfair_jax.convert import (_forward_logits, check, flax_to_hf, hf_to_flax,  # noqa: E402
+from distfair_jax.convert.hf import (_forward_logits, check, flax_to_hf, hf_to_flax,  # noqa: E402
                                   load_model_config, save_pretrained)
 from distfair_jax.errors import InputError  # noqa: E402
 from distfair_jax.model.loader import load_pretrained  # noqa: E402
@@ -208,7 +208,7 @@ def test_bfloat16_source_round_trips_bit_exact(hf_dirs, tmp_path):
 def test_save_pretrained_then_flax_to_hf(scan, hf_dirs, converted, tmp_path):
   """What training's final export does: a model in memory -> converted dir -> HF; a model with
   stacked layers is written per layer."""
-  from distfair_jax.checkpoint_io import params_metadata
+  from distfair_jax.model.checkpoint_io import params_metadata
   model, tokenizer, config = load_pretrained(converted["llama_tied"], scan_layers=scan)
   mine = save_pretrained(tmp_path / "final", model, config, tokenizer)
   assert params_metadata(mine / "params").keys() == params_metadata(
@@ -402,7 +402,8 @@ def test_overwrite_refused_leaves_dst_untouched(hf_dirs, converted, tmp_path):
 
 _STALLED_CONVERT = """
 import sys, time
-from distfair_jax import checkpoint_io, convert
+from distfair_jax.model import checkpoint_io
+from distfair_jax.convert import hf as convert
 def stall(path, tree, **kw):  # the conversion is writing its temporary directory...
   (path.parent / "half-written").write_text("x" * 100000)
   time.sleep(600)

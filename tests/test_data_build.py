@@ -11,7 +11,7 @@ import pytest
 from distfair_jax import cli
 from distfair_jax.data import attributes, build, occupations, templates
 from distfair_jax.errors import InputError
-from distfair_jax.parsing import CategoryParser
+from distfair_jax.evaluation.parsing import CategoryParser
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from distfair_jax.data import build, collate, pipeline, tokenize
 from distfair_jax.errors import InputError
-from distfair_jax.tokenizer import build_tiny_tokenizer
+from distfair_jax.data.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

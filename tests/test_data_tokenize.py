@@ -8,7 +8,7 @@ import pytest
 
 from distfair_jax.data import attributes, build, collate, tokenize
 from distfair_jax.errors import InputError
-from distfair_jax.tokenizer import build_tiny_tokenizer
+from distfair_jax.data.tokenizer import build_tiny_tokenizer
 
 QWEN_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
@@ -55,7 +55,7 @@ def merging_tokenizer():
   """No pre-tokenizer splits: trained so that the digit merges with the newline before it."""
   from tokenizers import pre_tokenizers as pt
   from transformers import PreTrainedTokenizerFast
-  from distfair_jax import tokenizer as tl
+  from distfair_jax.data import tokenizer as tl
   texts = ["\n\n0Male", "\n\n1Female", "\n\n0Male", "\n\n1Female"] * 50 + _corpus()
   tok = _train(pt.ByteLevel(add_prefix_space=False, use_regex=False), list(tl.SPECIAL_TOKENS),
                texts)

@@ -88,7 +88,7 @@ def test_quick_demo_on_your_own_attribute(tmp_path):
   table = results["age_groups_us"]
   assert set(table) == set(demo.METHODS)
   # Its own tokenizer (the built-in texts plus the spec's): the answers are whole tokens.
-  from distfair_jax.tokenizer import load_tokenizer_dir
+  from distfair_jax.data.tokenizer import load_tokenizer_dir
   tok = load_tokenizer_dir(tmp_path / "demo" / "age_groups_us" / "tokenizer")
   assert len(tok("Young", add_special_tokens=False)["input_ids"]) == 1
   # The biased base is far from the targets; ours steers towards them, calibrated and fluent.
@@ -229,10 +229,10 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
   stories and judges them."""
   import dataclasses
   from flax import nnx
-  from distfair_jax import convert
+  from distfair_jax.convert import hf as convert
   from distfair_jax.model.llama import Llama
   from distfair_jax.model.presets import get_preset
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   from distfair_jax.train.rundir import RunDir
   config = get_preset("tiny")
   ckpt = tmp_path / "my model"

@@ -1,4 +1,4 @@
-"""Tests of the multi-round evaluation runner (distfair_jax.evaluate) and `distfair eval`."""
+"""Tests of the multi-round evaluation runner (distfair_jax.evaluation.evaluate) and `distfair eval`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax import evaluate
-from distfair_jax import metrics
+from distfair_jax.evaluation import evaluate
+from distfair_jax.evaluation import metrics
 from distfair_jax.config import DecodeConfig, EvalConfig, config_to_dict
 from distfair_jax.data.attributes import GENDER
 from distfair_jax.data.build import build_dataset
 from distfair_jax.errors import InputError
-from distfair_jax.judges import RulesJudge
+from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.model.llama import Llama, LlamaConfig
-from distfair_jax.tokenizer import build_tiny_tokenizer
+from distfair_jax.data.tokenizer import build_tiny_tokenizer
 
 ROW_FIELDS = {"occupation", "prompt", "steering_token", "response", "category", "round"}
 DECODE = DecodeConfig(max_new_tokens=4, story_max_new_tokens=8)
@@ -133,7 +133,7 @@ def test_group_records_cycles_rounds_and_validates():
 
 @pytest.mark.slow
 def test_eval_command_on_converted_model(tmp_path, model, tokenizer):
-  from distfair_jax import convert
+  from distfair_jax.convert import hf as convert
   from distfair_jax.commands import eval as eval_cmd
   model_dir = tmp_path / "model"
   convert.save_pretrained(model_dir, model, model.config, tokenizer)
@@ -158,7 +158,7 @@ def test_answer_probabilities_equal_a_direct_forward(model, tokenizer, dataset):
   weighted by the steering softmax, equal log-softmax sums from plain full forwards."""
   import jax
   from distfair_jax.data.tokenize import Encoder
-  from distfair_jax.sample import Sampler
+  from distfair_jax.evaluation.sample import Sampler
   prompts = [r["prompt"] for r in dataset["v2"][:2]]
   sampler, state = Sampler.of(model)
   for steered in (False, True):

@@ -19,7 +19,7 @@ from distfair_jax.data import attributes, build
 from distfair_jax.data.chat import ChatFormat
 from distfair_jax.data.tokenize import Encoder
 from distfair_jax.errors import InputError
-from distfair_jax.tokenizer import load_tokenizer_dir
+from distfair_jax.data.tokenizer import load_tokenizer_dir
 
 from hf_formats import ROOT, family_dir
 

@@ -56,7 +56,7 @@ def _tensors(path):
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   work = tmp_path_factory.mktemp("gcs")
   build_tiny_tokenizer(str(work / "tok"))
   (work / "exp.yaml").write_text(CONFIG.format(base=os.path.join(ROOT, "configs", "base.yaml"),

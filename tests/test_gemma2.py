@@ -355,7 +355,7 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_losses_and_sampler_see_the_capped_logits():
-  from distfair_jax import sample
+  from distfair_jax.evaluation import sample
   from distfair_jax.train.stages import common
   from distfair_jax.data import batches as B
   model = Gemma2(small_config(final_logit_softcapping=1.0), rngs=nnx.Rngs(4))
@@ -477,7 +477,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(hf_dir, tmp_path_factory) -> Path:
-  from distfair_jax.convert import hf_to_flax
+  from distfair_jax.convert.hf import hf_to_flax
   return hf_to_flax(hf_dir, tmp_path_factory.mktemp("flax") / "gemma2", dtype="float32")
 
 
@@ -500,7 +500,7 @@ def test_converted_logits_match_transformers(hf_dir, converted, scan):
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dir, converted, tmp_path):
   from safetensors.numpy import load_file
-  from distfair_jax.convert import flax_to_hf
+  from distfair_jax.convert.hf import flax_to_hf
   out = flax_to_hf(converted, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == ["Gemma2ForCausalLM"] and config["model_type"] == "gemma2"

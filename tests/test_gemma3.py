@@ -109,7 +109,7 @@ def hf_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory) -> dict:
-  from distfair_jax.convert import hf_to_flax
+  from distfair_jax.convert.hf import hf_to_flax
   return {case: hf_to_flax(d, tmp_path_factory.mktemp("flax") / case, dtype="float32")
           for case, (d, _) in hf_dirs.items()}
 
@@ -133,7 +133,7 @@ def test_converted_logits_match_transformers(hf_dirs, converted, case):
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dirs, converted, tmp_path):
   from safetensors.numpy import load_file
-  from distfair_jax.convert import flax_to_hf
+  from distfair_jax.convert.hf import flax_to_hf
   src = hf_dirs["scaled-capped"][0]
   out = flax_to_hf(converted["scaled-capped"], tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())

@@ -91,7 +91,7 @@ def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 def test_converted_model_matches_transformers(workdir):
   import jax.numpy as jnp
-  from distfair_jax.convert import _forward_logits, _log_softmax
+  from distfair_jax.convert.hf import _forward_logits, _log_softmax
   from distfair_jax.model.gemma3 import Gemma3
   from distfair_jax.model.loader import load_pretrained
   from distfair_jax.model.presets import get_preset

@@ -24,9 +24,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from distfair_jax import cli  # noqa: E402
-from distfair_jax.convert import _forward_logits, _log_softmax, hf_name  # noqa: E402
+from distfair_jax.convert.hf import _forward_logits, _log_softmax, hf_name  # noqa: E402
 from distfair_jax.errors import InputError  # noqa: E402
-from distfair_jax.gguf import gguf_name, gguf_to_flax, read_config, unpermute_rows  # noqa: E402
+from distfair_jax.convert.gguf import gguf_name, gguf_to_flax, read_config, unpermute_rows  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 2, 256, 512, 4, 2, 64  # K-quants: rows of 256
@@ -219,7 +219,7 @@ def _ours(out: Path):
 
 
 def test_names_match_the_gguf_package_map():
-  from distfair_jax.convert import _abstract_params
+  from distfair_jax.convert.hf import _abstract_params
   config = _tiny_config()
   name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
   for path in _abstract_params(config):
@@ -300,7 +300,7 @@ def test_weights_and_logits_match_transformers(variant, files, converted):
 
 def test_blocks_of_rows_give_the_same_weights(files, converted, tmp_path, monkeypatch):
   """Tensors read in many blocks (q/k blocks of whole heads) equal the one-block conversion."""
-  from distfair_jax import gguf as gguf_lib
+  from distfair_jax.convert import gguf as gguf_lib
   monkeypatch.setattr(gguf_lib, "_CHUNK_BYTES", 4 * HIDDEN * 100)  # 100 rows; q/k: 64 (a head)
   out = gguf_to_flax(files["k_quants"][0], tmp_path / "blocks", dtype="float32")
   _, _, _, blocks = _ours(out)
@@ -312,7 +312,7 @@ def test_blocks_of_rows_give_the_same_weights(files, converted, tmp_path, monkey
 
 def test_bfloat16_output_is_the_rounded_float32(files, converted, tmp_path):
   out = gguf_to_flax(files["k_quants"][0], tmp_path / "bf16")  # default dtype: bfloat16
-  from distfair_jax.convert import load_model_config
+  from distfair_jax.convert.hf import load_model_config
   assert load_model_config(out).param_dtype == "bfloat16"
   import ml_dtypes
   _, _, _, f32 = _ours(converted["k_quants"])

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from distfair_jax.errors import InputError
-from distfair_jax.judges import (JudgeError, JudgeTimeoutError, JudgeUnreachableError, OpenAIJudge,
+from distfair_jax.evaluation.judges import (JudgeError, JudgeTimeoutError, JudgeUnreachableError, OpenAIJudge,
                                  RulesJudge, infer_attribute, load_lexicon, make_judge)
 
 GENDER = ["male", "female"]

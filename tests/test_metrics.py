@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from distfair_jax import metrics
+from distfair_jax.evaluation import metrics
 from distfair_jax.errors import InputError
 
 TARGETS = {"nurse": [0.5, 0.5], "pilot": [0.2, 0.8]}
@@ -199,6 +199,6 @@ def test_degenerate_replicates_keep_the_corrected_estimate_inside():
   out = metrics.evaluate_version([{"occupation": o, "category": None} for o in TARGETS
                                   for _ in range(7)], TARGETS, 2, n_bootstrap=50)
   assert out["mae_ci"][0] <= out["mae_corrected"] <= out["mae_ci"][1]
-  from distfair_jax import report
+  from distfair_jax.evaluation import report
   import io
   report.plot_summary({"v3": out, "v2": out}, io.BytesIO())

@@ -395,7 +395,7 @@ def test_presets_shapes_and_unknown_name():
 def test_tiny_preset_is_a_causal_model_of_the_tiny_tokenizer():
   """The built-in default: its vocabulary holds the tiny tokenizer's, it is untied (see presets.py),
   and it is causal (a later token never changes an earlier position's logits)."""
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   cfg = get_preset("tiny")
   tok = build_tiny_tokenizer()
   assert len(tok) <= cfg.vocab_size and not cfg.tie_word_embeddings

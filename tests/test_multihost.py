@@ -92,7 +92,7 @@ def _wait_for(path, timeout=300, procs=()):
 
 
 def _final(run, stage="hybrid"):
-  from distfair_jax import checkpoint_io
+  from distfair_jax.model import checkpoint_io
   return jax.tree.leaves(checkpoint_io.load_params(run / stage / "final" / "params"))
 
 
@@ -108,7 +108,7 @@ def _losses(run):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
   """A working directory with the experiment (relative paths below it), and the 2-process run."""
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   d = tmp_path_factory.mktemp("multihost")
   build_tiny_tokenizer(str(d / "tok"))
   (d / "exp.yaml").write_text(CONFIG.format(base=os.path.join(ROOT, "configs", "base.yaml"),

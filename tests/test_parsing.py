@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distfair_jax.errors import InputError
-from distfair_jax.parsing import CategoryParser
+from distfair_jax.evaluation.parsing import CategoryParser
 
 GENDER = ["male", "female"]
 GENDER_SYN = [["man", "men"], ["woman", "women"]]

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from distfair_jax import cli, plan_tpu, tpu
+from distfair_jax import cli, tpu
+from distfair_jax.plan import tpu_slice as plan_tpu
 from distfair_jax.train import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

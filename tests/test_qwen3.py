@@ -96,7 +96,7 @@ def hf_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory) -> dict:
-  from distfair_jax.convert import hf_to_flax
+  from distfair_jax.convert.hf import hf_to_flax
   return {case: hf_to_flax(d, tmp_path_factory.mktemp("flax") / case, dtype="float32")
           for case, (d, _) in hf_dirs.items()}
 
@@ -120,7 +120,7 @@ def test_converted_logits_match_transformers(hf_dirs, converted, case):
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dirs, converted, tmp_path):
   from safetensors.numpy import load_file
-  from distfair_jax.convert import flax_to_hf
+  from distfair_jax.convert.hf import flax_to_hf
   src = hf_dirs["untied"][0]
   out = flax_to_hf(converted["untied"], tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
@@ -218,7 +218,7 @@ QWEN3_STYLE_TEMPLATE = (
 
 def test_enable_thinking_false_puts_the_steering_token_first():
   from distfair_jax.data.chat import ChatFormat
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   tok.chat_template = QWEN3_STYLE_TEMPLATE
   question = "Is this person male or female?"

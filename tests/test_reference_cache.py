@@ -99,7 +99,7 @@ logging: {{tensorboard: false, progress: false}}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   from distfair_jax.data import build_dataset
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   d = tmp_path_factory.mktemp("refcache")
   (d / "small.yaml").write_text(SMALL.format(base=os.path.join(ROOT, "configs", "base.yaml")))
   build_tiny_tokenizer(str(d / "tok"))

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from distfair_jax import metrics, report
+from distfair_jax.evaluation import metrics
+from distfair_jax.evaluation import report
 from distfair_jax.commands import report as report_command
 from distfair_jax.errors import InputError
 

@@ -1,4 +1,4 @@
-"""Tests of the KV-cached steered sampler (distfair_jax.sample) on tiny random Llama models."""
+"""Tests of the KV-cached steered sampler (distfair_jax.evaluation.sample) on tiny random Llama models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax import sample
+from distfair_jax.evaluation import sample
 from distfair_jax.config import DecodeConfig
 from distfair_jax.data.tokenize import pow2_bucket, prompt_bucket
 from distfair_jax.errors import InputError
@@ -315,7 +315,7 @@ def test_chunks_share_one_compiled_program(model, sampled):
 
 
 def test_batched_text_decoding_equals_row_by_row():
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, len(tok), size=(50, 9)).astype(np.int32)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax import checkpoint_io
+from distfair_jax.model import checkpoint_io
 from distfair_jax import sharding as shd
 from distfair_jax.model import layout, lora
 from distfair_jax.model.llama import Llama

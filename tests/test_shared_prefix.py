@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax import sample
+from distfair_jax.evaluation import sample
 from distfair_jax.config import DecodeConfig
 from distfair_jax.model import SharedPrefixCache, family
 from distfair_jax.model.llama import LlamaConfig

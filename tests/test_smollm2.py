@@ -115,7 +115,7 @@ def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 def test_converted_model_matches_transformers(workdir):
   import jax.numpy as jnp
-  from distfair_jax.convert import _forward_logits, _log_softmax
+  from distfair_jax.convert.hf import _forward_logits, _log_softmax
   from distfair_jax.model.loader import load_pretrained
   model, tokenizer, config = load_pretrained(workdir / "smollm2", dtype="float32")
   assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,

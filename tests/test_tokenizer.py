@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distfair_jax import tokenizer as tokenizer_lib
+from distfair_jax.data import tokenizer as tokenizer_lib
 from distfair_jax.errors import InputError
 
 
@@ -26,7 +26,7 @@ def _files(d):
 def test_deterministic_byte_for_byte_across_processes(saved, tmp_path):
   out, _ = saved
   other = tmp_path / "b"
-  code = ("from distfair_jax.tokenizer import build_tiny_tokenizer; "
+  code = ("from distfair_jax.data.tokenizer import build_tiny_tokenizer; "
           f"build_tiny_tokenizer({str(other)!r})")
   env = {**os.environ, "PYTHONHASHSEED": "12345"}
   subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

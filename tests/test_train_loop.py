@@ -53,7 +53,7 @@ def small_config(tmp_path_factory):
   path = d / "small.yaml"
   path.write_text(SMALL.format(base=os.path.join(ROOT, "configs", "base.yaml")), encoding="utf-8")
   # One tokenizer for every run of this module.
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   build_tiny_tokenizer(str(d / "tokenizer"))
   return str(path), str(d / "tokenizer")
 
@@ -78,7 +78,7 @@ def _rows(run_dir, stage="sft"):
 
 
 def _final_params(run_dir, stage="sft"):
-  from distfair_jax import checkpoint_io
+  from distfair_jax.model import checkpoint_io
   return checkpoint_io.load_params(os.path.join(run_dir, stage, "final", "params"))
 
 

@@ -188,7 +188,7 @@ def test_lora_with_dropout_and_remat_trains_only_adapters():
 def tokenized_kto():
   """4 real KTO pairs (gender, tiny tokenizer) in both layouts, and the steering ids."""
   from distfair_jax.data import attributes, build, collate, tokenize
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   recs = build.build_dataset("gender_real_us", rows_per_occupation=4, test_rounds=1)["kto"][:8]
   enc = tokenize.Encoder(tok, attribute=attributes.GENDER)
@@ -251,7 +251,7 @@ def test_packed_step_flops_count_the_shared_prompt_once():
 def test_packed_dpo_equals_rows():
   """DPO on [prompt | chosen | rejected] rows gives the rows layout's loss, metrics and gradients."""
   from distfair_jax.data import build, collate
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer()
   recs = build.build_dataset("gender_real_us", rows_per_occupation=4, test_rounds=1)["dpo"][:4]
   rows = collate.tokenize_batch(recs, tok, "dpo")
@@ -277,7 +277,7 @@ def test_ipo_uses_per_token_averaged_logps():
   """dpo.ipo: the stage passes per-token means of the completions' log-probs to the IPO loss,
   in both layouts (summed log-probs were off by tens on a real batch)."""
   from distfair_jax.data import build, collate
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   from distfair_jax import losses
   from distfair_jax.train.stages.common import merge, sequence_logps
   from distfair_jax.train.stages.hybrid import _concat

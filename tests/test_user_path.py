@@ -75,7 +75,7 @@ def test_your_own_attribute_from_its_spec_to_evaluation(tmp_path):
   the tokenizer, train on the built records (a relative data.records_dir), evaluate from another
   directory: the README's worked example, on a shrunk tiny model."""
   from distfair_jax import cli
-  from distfair_jax.tokenizer import build_tiny_tokenizer
+  from distfair_jax.data.tokenizer import build_tiny_tokenizer
   spec = os.path.join(ROOT, "configs", "datasets", "age_groups_us.yaml")
   cwd = os.getcwd()
   os.chdir(tmp_path)

@@ -79,21 +79,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _hf_to_flax(args) -> int:
-  from distfair_jax.convert import hf_to_flax
+  from distfair_jax.convert.hf import hf_to_flax
   dst = hf_to_flax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
   print(f"wrote {dst}")
   return 0
 
 
 def _gguf_to_flax(args) -> int:
-  from distfair_jax.gguf import gguf_to_flax
+  from distfair_jax.convert.gguf import gguf_to_flax
   dst = gguf_to_flax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
   print(f"wrote {dst}")
   return 0
 
 
 def _flax_to_hf(args) -> int:
-  from distfair_jax.convert import flax_to_hf
+  from distfair_jax.convert.hf import flax_to_hf
   dst = flax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                    overwrite=args.overwrite, progress=True)
   print(f"wrote {dst}")
@@ -101,7 +101,7 @@ def _flax_to_hf(args) -> int:
 
 
 def _check(args) -> int:
-  from distfair_jax.convert import check
+  from distfair_jax.convert.hf import check
   from distfair_jax.errors import InputError
   if args.sequences < 1 or args.length < 2:
     raise InputError(f"--sequences/--length: expected >= 1 / >= 2, got {args.sequences} / "

@@ -52,7 +52,7 @@ def _check_tokens(records: dict[str, list[dict]], paths: dict[str, str], tokeniz
   """The steering tokens of the records (and of ``spec``'s attribute) for this tokenizer: each one
   in-vocabulary token, first after the generation prompt, and distinct across categories."""
   from distfair_jax.data import tokenize  # pylint: disable=g-import-not-at-top
-  from distfair_jax.tokenizer import load_tokenizer_dir  # pylint: disable=g-import-not-at-top
+  from distfair_jax.data.tokenizer import load_tokenizer_dir  # pylint: disable=g-import-not-at-top
   tok = load_tokenizer_dir(tokenizer_dir)
   encoder = tokenize.Encoder(tok, prompt_format=prompt_format)
   owner: dict[int, tuple[str, str]] = {}  # id -> (token, where)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.path}: ok ({total} records in {len(records)} file(s))")
     return 0
   if args.data_command == "tokenizer":
-    from distfair_jax.tokenizer import build_tiny_tokenizer  # pylint: disable=g-import-not-at-top
+    from distfair_jax.data.tokenizer import build_tiny_tokenizer  # pylint: disable=g-import-not-at-top
     tok = build_tiny_tokenizer(args.out, vocab_size=args.vocab_size, seed=args.seed,
                                overwrite=args.overwrite)
     print(f"wrote a {len(tok)}-token tokenizer to {args.out}")

@@ -69,7 +69,7 @@ def _load(path: str, stage: str | None, overrides, mesh):
 
 
 def _judge(config):
-  from distfair_jax.judges import make_judge
+  from distfair_jax.evaluation.judges import make_judge
   j = config.judge
   if "v3" not in [str(v) for v in config.versions]:
     return None
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
   from distfair_jax import console, fileio
   from distfair_jax import sharding as shd
   from distfair_jax.data.build import build_dataset
-  from distfair_jax.evaluate import evaluate
+  from distfair_jax.evaluation.evaluate import evaluate
   out = args.out or args.model
   fileio.check_new_dir(fileio.as_path(out) / "eval", args.overwrite, "eval")
   mesh = shd.make_mesh({"data": -1})  # data parallel over every device; the weights replicated

@@ -118,7 +118,7 @@ def _state_json(state, num_devices: int) -> dict:
 
 def _load(args: argparse.Namespace):
   """-> (config, stages, topology or None, num_devices, mesh sizes); InputError on bad input."""
-  from distfair_jax import plan as plan_lib
+  from distfair_jax.plan import memory as plan_lib
   from distfair_jax import tpu
   from distfair_jax.config import load_config
   from distfair_jax.errors import InputError
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
   cfg, stages, topology, n, sizes = _load(args)
   if topology is not None:
     return _run_topology(args, cfg, stages, topology, sizes)
-  from distfair_jax import plan as plan_lib
+  from distfair_jax.plan import memory as plan_lib
   from distfair_jax.errors import InputError
   devices = None if args.no_compile else _cpu_devices(n)
   if devices is None and not args.no_compile:
@@ -169,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_topology(args, cfg, stages, topology, sizes) -> int:
   """The plan on a TPU slice: each stage compiled by libtpu for its chips, per chip vs HBM."""
-  from distfair_jax import plan as plan_lib
-  from distfair_jax import plan_tpu, tpu
+  from distfair_jax.plan import memory as plan_lib
+  from distfair_jax import tpu
+  from distfair_jax.plan import tpu_slice as plan_tpu
   from distfair_jax.errors import InputError
   if not args.no_compile:
     if not tpu.libtpu_available():

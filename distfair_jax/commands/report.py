@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   import jax
-  from distfair_jax.report import rebuild_report
+  from distfair_jax.evaluation.report import rebuild_report
   if jax.process_index() != 0:  # multi-host: one writer
     return 0
   written = rebuild_report(args.run_dir, plots=not args.no_plots)

@@ -18,7 +18,7 @@ User-defined attributes come from a mapping (read from YAML by ``data.build``)::
 ``synonyms`` are extra words the evaluation parser accepts with ``eval.parser: synonyms`` (the
 default, ``reference``, counts the category names only, as the paper does).
 ``steering_token`` defaults to the digit of the category index. (The story judges keep their own
-cues: ``distfair_jax.judges``.)
+cues: ``distfair_jax.evaluation.judges``.)
 
 ``steering_token_ids(attribute, tokenizer)`` lives in ``data.tokenize`` (it needs the chat
 template).

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from distfair_jax.sharding import batch_logical_axes
+
 __all__ = ["Sequences", "Packed", "ReferenceLogps", "SFTBatch", "HybridBatch", "PackedHybridBatch",
            "DPOBatch", "PackedDPOBatch", "Batch"]
 
@@ -56,7 +58,6 @@ class _Rows:
   def logical_axes(self):
     """The same tree with a PartitionSpec of logical axis names per leaf (``batch`` on the rows),
     for ``sharding.logical_shardings``."""
-    from distfair_jax.sharding import batch_logical_axes
     return batch_logical_axes(self)
 
 

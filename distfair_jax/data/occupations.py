@@ -19,6 +19,7 @@ from importlib import resources
 
 import numpy as np
 
+from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 BUILTIN_TABLES: dict[str, str] = {"us": "occupations_us.csv", "uk": "occupations_uk.csv"}
@@ -71,7 +72,6 @@ def _read_text(path: str) -> str:
       raw = f.read()
   except OSError as e:
     raise InputError(f"{path}: file: expected a readable file, got {e.strerror}") from None
-  from distfair_jax import fileio  # pylint: disable=g-import-not-at-top
   if fileio.is_lfs_pointer(raw[:64]) and len(raw) <= 1024:
     raise fileio.lfs_pointer_error(path)
   try:

@@ -49,6 +49,7 @@ import numpy as np
 
 from distfair_jax.data.attributes import AttributeSpec
 from distfair_jax.data.chat import PROMPT_FORMATS, SYSTEM_DEFAULT, ChatFormat
+from distfair_jax.data.tokenizer import generation_eos_ids
 from distfair_jax.errors import InputError
 
 __all__ = ["Encoder", "steering_token_ids", "LENGTH_BUCKETS", "STEERING_PLACEMENTS",
@@ -256,7 +257,6 @@ class Encoder:
     """End-of-turn and EOS ids (see the module docstring): the eos ids of the model's
     generation_config.json, the tokenizer's EOS id(s), the first token this template ends a turn
     with, and the end-of-turn tokens of the templates we know; special tokens only."""
-    from distfair_jax.tokenizer import generation_eos_ids  # pylint: disable=g-import-not-at-top
     ids = set(generation_eos_ids(self.tokenizer) or [])
     eos = self.tokenizer.eos_token_id
     if isinstance(eos, int):

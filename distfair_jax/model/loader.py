@@ -32,11 +32,12 @@ from flax import nnx
 from distfair_jax import fileio
 from distfair_jax import sharding as shd
 from distfair_jax.config import LoraConfig, ModelConfig
-from distfair_jax.convert import MODEL_CONFIG, PARAMS_DIR
 from distfair_jax.errors import InputError
+from distfair_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer_dir
+from distfair_jax.model import checkpoint_io, family, presets
 from distfair_jax.model import lora as lora_lib
-from distfair_jax.model import family
 from distfair_jax.model.llama import LlamaConfig
+from distfair_jax.model.modeldir import MODEL_CONFIG, PARAMS_DIR, load_model_config
 
 __all__ = ["LoadedModel", "load_model", "model_config", "load_tokenizer", "load_pretrained",
            "trainable_filter", "split_model", "PARAMS_DIR", "MODEL_CONFIG"]
@@ -107,14 +108,12 @@ def model_config(model_cfg: ModelConfig, *, allow_missing: bool = False
   ``model.checkpoint``'s
   model_config.json, else ``model.preset`` with ``model.overrides``. ``allow_missing``: a
   checkpoint directory that does not exist yet falls back to the preset (for planning)."""
-  from distfair_jax.model import presets
   ckpt = _checkpoint(model_cfg)
   if ckpt is not None and not (allow_missing and not (ckpt / MODEL_CONFIG).exists()):
-    from distfair_jax import convert
     if model_cfg.overrides:
       raise InputError(f"model.overrides: expected none with model.checkpoint (the checkpoint "
                        f"fixes the shapes), got {dict(model_cfg.overrides)}")
-    mcfg, name, source = convert.load_model_config(ckpt), str(ckpt), "checkpoint"
+    mcfg, name, source = load_model_config(ckpt), str(ckpt), "checkpoint"
   else:
     mcfg = presets.get_preset(model_cfg.preset, **dict(model_cfg.overrides))
     name, source = model_cfg.preset, "preset"
@@ -124,7 +123,6 @@ def model_config(model_cfg: ModelConfig, *, allow_missing: bool = False
 
 
 def _auto_tokenizer(path: fileio.Path):
-  from distfair_jax.tokenizer import load_tokenizer_dir  # LFS pointers named; generation eos ids
   if not path.is_dir():
     raise InputError(f"{path}: tokenizer: expected a Hugging Face tokenizer directory, got "
                      f"{'a file' if path.exists() else 'no such directory'}")
@@ -159,7 +157,6 @@ def load_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Any = None, *, require
     return _auto_tokenizer(path)
   if model_cfg.checkpoint:
     return None
-  from distfair_jax.tokenizer import build_tiny_tokenizer
   return build_tiny_tokenizer()
 
 
@@ -174,7 +171,6 @@ def _build(mcfg: LlamaConfig, lora_cfg: LoraConfig, mesh, seed: int, params_dir,
   if abstract:
     return nnx.eval_shape(factory)
   if params_dir is not None:
-    from distfair_jax import checkpoint_io
     gdef, abs_params, rest = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
     shardings = shd.state_shardings(abs_params, mesh)
     pure = checkpoint_io.load_params(params_dir, nnx.to_pure_dict(abs_params),
@@ -253,9 +249,8 @@ def load_pretrained(path: Any, dtype: str | None = None, *, mesh=None, scan_laye
   """(model, tokenizer or None, LlamaConfig) of a converted directory, the model in eval mode;
   ``dtype`` overrides the stored compute / parameter dtype; ``mesh`` places it (default: one
   device); ``scan_layers`` stacks its layers (``LlamaConfig.scan_layers``)."""
-  from distfair_jax import convert
   mesh = mesh if mesh is not None else shd.make_mesh({"data": 1}, jax.devices()[:1])
-  stored = convert.load_model_config(fileio.as_path(path))
+  stored = load_model_config(fileio.as_path(path))
   dt = dtype or stored.param_dtype
   m = load_model(ModelConfig(checkpoint=str(path), dtype=dtype or stored.dtype, param_dtype=dt,
                              remat=stored.remat, scan_layers=scan_layers), LoraConfig(), mesh,

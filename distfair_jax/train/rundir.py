@@ -26,7 +26,7 @@ import jax
 import yaml
 from flax import nnx
 
-from distfair_jax import checkpoint_io
+from distfair_jax.model import checkpoint_io
 from distfair_jax import distributed
 from distfair_jax import fileio
 from distfair_jax.config import (PATH_FIELDS, Config, absolute_path, config_from_dict,

@@ -40,6 +40,12 @@ import numpy as np
 
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
+from distfair_jax.model import family
+from distfair_jax.model.llama import LlamaConfig
+from distfair_jax.model.modeldir import (MODEL_CONFIG, PARAMS_DIR, load_model_config,
+                                         config_from_hf as _config_from_hf,
+                                         dtype_name as _dtype_name, read_json as _read_json,
+                                         write_model_config as _write_model_config)
 
 __all__ = ["hf_to_flax", "flax_to_hf", "write_hf", "save_pretrained", "load_model_config", "check",
            "hf_name", "MODEL_CONFIG", "PARAMS_DIR"]
@@ -54,8 +60,6 @@ _SOURCE_DTYPES = {"F64", "F32", "F16", "BF16"}
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # Buffers some old checkpoints carry that are recomputed by the model.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-MODEL_CONFIG = "model_config.json"
-PARAMS_DIR = "params"
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -81,8 +85,6 @@ def hf_name(path: Path_) -> tuple[str, bool]:
 
 
 def _model_classes():
-  from distfair_jax.model import family  # the model helper's module
-  from distfair_jax.model.llama import LlamaConfig
   return family.build, LlamaConfig
 
 
@@ -121,33 +123,6 @@ def _nest(flat: dict[Path_, Any]) -> dict:
 # Configs
 
 
-def _read_json(path: Path, what: str) -> dict:
-  if not path.is_file():
-    raise InputError(f"{path}: file: expected {what}, got no such file")
-  fileio.check_not_lfs_pointer(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise InputError(f"{path}: json: expected {what}, got invalid JSON ({e})") from None
-  if not isinstance(data, dict):
-    raise InputError(f"{path}: json: expected an object, got {type(data).__name__}")
-  return data
-
-
-def _config_from_hf(hf: dict, where: Path, **dtypes: str):
-  """HF config dict -> LlamaConfig; InputError naming ``where`` (unsupported architecture, missing
-  field, ...). ``dtypes``: dtype / param_dtype / remat for the config."""
-  _, LlamaConfig = _model_classes()
-  try:
-    return LlamaConfig.from_hf(hf, **dtypes)
-  except InputError as e:
-    raise InputError(str(e).replace("config dict:", f"{where}:", 1)) from None
-  except (KeyError, TypeError, ValueError) as e:
-    raise InputError(f"{where}: config: expected a complete Llama/Qwen2/Gemma2/Qwen3/Gemma3 config, got "
-                     f"{type(e).__name__}: {e}") from None
-
-
 def _with_dtype(config, dtype: str | None):
   return config if dtype is None else config.replace(dtype=dtype, param_dtype=dtype)
 
@@ -156,33 +131,6 @@ def _np_dtype(name: str) -> np.dtype:
   """"bfloat16" | "float32" | "float16" -> numpy dtype (bfloat16 from ml_dtypes, as jax uses)."""
   import ml_dtypes
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def _dtype_name(d: Any) -> str:
-  return np.dtype(d).name if not isinstance(d, str) else d
-
-
-def _write_model_config(path: Path, config) -> None:
-  hf = config.to_hf()
-  hf["distfair"] = {
-      "format_version": 1,
-      "dtype": _dtype_name(getattr(config, "dtype", "float32")),
-      "param_dtype": _dtype_name(getattr(config, "param_dtype", "float32")),
-      "remat": getattr(config, "remat", "none"),
-  }
-  fileio.write_text(path, json.dumps(hf, indent=2, sort_keys=True) + "\n")
-
-
-def load_model_config(path: str | os.PathLike):
-  """``LlamaConfig`` of a converted directory (reads ``path/model_config.json``)."""
-  where = Path(path) / MODEL_CONFIG
-  data = _read_json(where, "a distfair model_config.json (a directory from `distfair convert "
-                           "hf-to-flax`)")
-  extra = data.pop("distfair", {}) or {}
-  if not isinstance(extra, dict):
-    raise InputError(f"{where}: distfair: expected an object, got {type(extra).__name__}")
-  return _config_from_hf(data, where, **{k: extra[k] for k in ("dtype", "param_dtype", "remat")
-                                         if k in extra})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +321,7 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfl
   Raises ``InputError`` (one line) for a bad source or an existing non-empty ``dst`` without
   ``overwrite``; nothing is left at ``dst`` unless the conversion completes. Returns ``dst``.
   """
-  from distfair_jax.checkpoint_io import save_params
+  from distfair_jax.model.checkpoint_io import save_params
   _check_dtype(dtype)
   src, dst = Path(src).absolute(), Path(dst).absolute()
   if not src.is_dir():
@@ -437,7 +385,7 @@ def _hf_order(name: str) -> tuple:
 
 def _check_stored(src: Path, expected: dict) -> dict:
   """The stored parameters' metadata, checked against the model of model_config.json."""
-  from distfair_jax.checkpoint_io import params_metadata
+  from distfair_jax.model.checkpoint_io import params_metadata
   stored = params_metadata(src / PARAMS_DIR)
   by_path = {path: (name, transposed, shape)
              for name, (path, transposed, shape) in expected.items()}
@@ -539,7 +487,7 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
   memory is a few shards, not the model). ``transformers.AutoModelForCausalLM.from_pretrained(dst)``
   loads it (and vLLM serves it). dtype: output dtype (default: the stored one). Returns ``dst``.
   """
-  from distfair_jax.checkpoint_io import load_param_subset
+  from distfair_jax.model.checkpoint_io import load_param_subset
   src, dst = Path(src).absolute(), Path(dst).absolute()
   _check_dst(dst, overwrite, src)
   config = load_model_config(src)
@@ -561,7 +509,7 @@ def save_pretrained(path: str | os.PathLike, model_or_state: Any, config: Any,
   tokenizer: a transformers tokenizer (saved with ``save_pretrained``) or a directory whose
   tokenizer files are copied."""
   from flax import nnx
-  from distfair_jax import checkpoint_io
+  from distfair_jax.model import checkpoint_io
   path = Path(path).absolute()
   state = model_or_state
   if isinstance(model_or_state, nnx.Module):

@@ -30,6 +30,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from distfair_jax import fileio
+from distfair_jax.data import attributes, build
 from distfair_jax.errors import InputError
 
 BOS = "<|begin_of_text|>"
@@ -82,8 +83,6 @@ _CUE_WORDS = {
 def training_texts(*, seed: int = 0, rows_per_occupation: int = 12,
                    stories_per_occupation: int = 12) -> list[str]:
   """The training corpus: prompts, answers, stories and test prompts of the six datasets."""
-  from distfair_jax.data import build  # pylint: disable=g-import-not-at-top
-  from distfair_jax.data import attributes  # pylint: disable=g-import-not-at-top
   texts: list[str] = []
   for name in build.DATASETS:
     ds = build.build_dataset(name, rows_per_occupation=rows_per_occupation, test_rounds=3,
@@ -106,7 +105,6 @@ def dataset_texts(name_or_spec, *, seed: int = 0, rows_per_occupation: int = 12)
   """Extra training texts for a dataset of your own (a ``data.build`` spec or its YAML path): its
   prompts, answers, synonyms and test prompts, so that the tiny tokenizer merges its words as it
   merges the built-in datasets' (``build_tiny_tokenizer(texts=dataset_texts(spec))``)."""
-  from distfair_jax.data import build  # pylint: disable=g-import-not-at-top
   ds = build.build_dataset(name_or_spec, rows_per_occupation=rows_per_occupation, test_rounds=3,
                            seed=seed, stories_per_occupation=rows_per_occupation)
   texts: list[str] = []

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from typing import Any, Mapping, Sequence
 
-from distfair_jax import plan as plan_lib
+from distfair_jax.plan import memory as plan_lib
 from distfair_jax import tpu
 from distfair_jax.config import Config
 

@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 
 from distfair_jax.errors import InputError
-from distfair_jax.parsing import CategoryParser
+from distfair_jax.evaluation.parsing import CategoryParser
 
 __all__ = [
     "JudgeError", "JudgeUnreachableError", "JudgeTimeoutError", "Judge", "RulesJudge",

@@ -6,9 +6,9 @@ answered by the model with one decoding configuration (``config.DecodeConfig``) 
 ``sample.Sampler``: every distinct prompt is prefilled once and its rounds decoded together.
 Prompts, steering tokens and stops come from the run's ``data.tokenize.Encoder``, so they are
 tokenized exactly as in training. Attribute answers are parsed with
-:class:`~distfair_jax.parsing.CategoryParser` (the category name mentioned last; with
+:class:`~distfair_jax.evaluation.parsing.CategoryParser` (the category name mentioned last; with
 ``eval.parser: synonyms`` the attribute's synonyms count too), stories go to a judge
-(:mod:`distfair_jax.judges`); unparsed answers are kept as ``category: null`` and counted, never
+(:mod:`distfair_jax.evaluation.judges`); unparsed answers are kept as ``category: null`` and counted, never
 dropped from view. With ``steering="model"`` the exact steering-token distribution per occupation
 (``Sampler.steering_distribution``, no sampling) adds ``exact_mae``; for v1/v2 the exact
 probabilities of the K canonical answers (summed over the steering tokens for a steered model)
@@ -36,12 +36,12 @@ from flax import nnx
 
 from distfair_jax import console
 from distfair_jax import fileio
-from distfair_jax import metrics as metrics_lib
+from distfair_jax.evaluation import metrics as metrics_lib
 from distfair_jax.config import EvalConfig, config_to_dict
 from distfair_jax.data.tokenize import Encoder, next_pow2, pow2_bucket
 from distfair_jax.errors import InputError
-from distfair_jax.parsing import CategoryParser
-from distfair_jax.sample import Sampler, left_pad
+from distfair_jax.evaluation.parsing import CategoryParser
+from distfair_jax.evaluation.sample import Sampler, left_pad
 
 __all__ = ["evaluate", "sample_version", "categorize", "exact_distributions", "STORY_VERSIONS"]
 
@@ -148,7 +148,7 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   texts = [r["response"] for r in rows]
   if story:
     if judge is None:
-      from distfair_jax.judges import RulesJudge
+      from distfair_jax.evaluation.judges import RulesJudge
       judge = RulesJudge()
     cats = judge.judge_many(texts, attribute.names, attribute=attribute.name, synonyms=synonyms)
   else:
@@ -347,7 +347,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     the metrics document written to eval/metrics.json: ``{"versions": {version: metrics},
     "meta": {decoding, steering, rounds, seed, judge, timing, ...}}``; None on the other processes.
   """
-  from distfair_jax import report as report_lib
+  from distfair_jax.evaluation import report as report_lib
   final_dir = fileio.as_path(out_dir) / "eval"
   fileio.check_new_dir(final_dir, overwrite, "eval")
   versions = [str(v) for v in config.versions]
@@ -368,7 +368,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
   if encoder.chat.date_warning and progress is not None:
     progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):
-    from distfair_jax.judges import RulesJudge
+    from distfair_jax.evaluation.judges import RulesJudge
     judge = RulesJudge()
   graphdef, state = nnx.split(model)
   sampler = sampler if sampler is not None else Sampler(graphdef, mesh)
