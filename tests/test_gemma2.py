@@ -103,7 +103,7 @@ def _torch_model(cfg: LlamaConfig, seed: int = 0):
 
 
 def _copy_torch_into(model, hf_model) -> None:
-  """Test-local HF -> NNX mapping (the real converter lives in distfair_jax/convert.py)."""
+  """Test-local HF -> NNX mapping (the real converter lives in distfair_jax/convert/hf.py)."""
   for name, tensor in hf_model.state_dict().items():
     value = tensor.detach().numpy()
     parts = name.split(".")

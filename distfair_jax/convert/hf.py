@@ -4,7 +4,7 @@ A converted directory (written by :func:`hf_to_flax` and :func:`save_pretrained`
 :func:`flax_to_hf`, ``model.loader.load_model`` (training's ``model.checkpoint``, evaluation) and
 ``model.loader.load_pretrained``)::
 
-  DST/params/              orbax checkpoint of the NNX parameter tree (see checkpoint_io.py)
+  DST/params/              orbax checkpoint of the NNX parameter tree (see model/checkpoint_io.py)
   DST/model_config.json    the model config: Hugging Face config fields (``LlamaConfig.to_hf()``)
                            plus a "distfair" entry with dtype / param_dtype / remat
   DST/tokenizer*.json ...  the source's tokenizer files and generation_config.json, copied unchanged

@@ -14,7 +14,7 @@ Two parts:
   the config's batch size and a length of ``data.max_length``, compiled by XLA for ``devices``, and its
   ``memory_analysis()`` per device (arguments, outputs, aliased, temporaries), with its
   ``cost_analysis()`` FLOPs per device next to the stage's FLOP formula's. For a TPU slice's
-  compile-only devices (``tpu.compile_devices``; ``plan_tpu`` reads the figures against the chip) this
+  compile-only devices (``tpu.compile_devices``; ``plan.tpu_slice`` reads the figures against the chip) this
   is what the TPU compiler builds for the slice. On a CPU with N simulated devices
   (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, which ``distfair plan --devices`` sets) it
   is the partitioned program of an N-device slice; XLA's CPU and TPU backends lay temporaries out
