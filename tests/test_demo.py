@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from distfair_jax import demo
+from distfair_jax.demo import dataset as demo_dataset
+from distfair_jax.demo import runner as demo_runner
 from distfair_jax.errors import InputError
 
 
@@ -108,9 +110,9 @@ def test_user_specs_scale_rows_and_resume_a_demo_that_never_trained(tmp_path):
   run = tmp_path / "d"
   (run / "gender_real_us" / "base").mkdir(parents=True)
   (run / "demo.json").write_text(json.dumps({"quick": True, "seed": 0}))
-  assert not demo._any_stage_started(str(run))  # pylint: disable=protected-access
+  assert not demo_runner._any_stage_started(str(run))  # pylint: disable=protected-access
   (run / "gender_real_us" / "base" / "ift" / "checkpoints" / "3").mkdir(parents=True)
-  assert demo._any_stage_started(str(run))  # pylint: disable=protected-access
+  assert demo_runner._any_stage_started(str(run))  # pylint: disable=protected-access
   with pytest.raises(InputError, match=r"demo: dataset: expected one of .* or a YAML spec file, "
                                        r"got 'ages'"):
     demo.run_demo(["ages"], str(tmp_path / "x"), quick=True)
@@ -207,8 +209,8 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
            "unparsed_rate": 0.0, "exact_answer_mae": 0.05, "non_answer": 0.0, "exact_mae": None}
       return {method: {"v2": dict(v)} for method in demo.METHODS}
 
-  monkeypatch.setattr(demo, "Demo", FakeDemo)
-  monkeypatch.setattr(demo, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
+  monkeypatch.setattr(demo_runner, "Demo", FakeDemo)
+  monkeypatch.setattr(demo_runner, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
   out = demo.run_demo(["gender_real_us"], str(tmp_path / "d"), quick=True, seeds=[0, 1])
   assert calls == [(str(tmp_path / "d" / "seed0"), 0), (str(tmp_path / "d" / "seed1"), 1)]
   for s in (0, 1):
@@ -283,7 +285,7 @@ def test_a_preempted_stage_keeps_its_time_for_the_resumed_attempt(monkeypatch):
   from distfair_jax.train.preemption import Preempted
   me = SimpleNamespace(timings={}, _save_json=lambda name, doc: None)
   clock = iter([0.0, 5.0, 10.0, 13.0, 20.0, 30.0])
-  monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(demo_dataset.time, "perf_counter", lambda: next(clock))
 
   def stopped():
     raise Preempted("sft: SIGTERM")
@@ -314,8 +316,8 @@ def test_ablations_run_on_the_datasets_named(tmp_path, monkeypatch):
     def run(self):
       return {"ours": {"v2": {"mae": 0.1}}}
 
-  monkeypatch.setattr(demo, "Demo", FakeDemo)
-  monkeypatch.setattr(demo, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
+  monkeypatch.setattr(demo_runner, "Demo", FakeDemo)
+  monkeypatch.setattr(demo_runner, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
   settings = dataclasses.replace(demo.QUICK, analyses=False)
   demo.run_demo(["gender_real_us", "gender_even_us"], str(tmp_path / "a"), quick=True,
                 settings=settings, ablations=["gender_real_us"])

@@ -44,7 +44,7 @@ from distfair_jax.model import family
 from distfair_jax.model.llama import LlamaConfig
 from distfair_jax.model.modeldir import (MODEL_CONFIG, PARAMS_DIR, load_model_config,
                                          config_from_hf as _config_from_hf,
-                                         dtype_name as _dtype_name, read_json as _read_json,
+                                         read_json as _read_json,
                                          write_model_config as _write_model_config)
 
 __all__ = ["hf_to_flax", "flax_to_hf", "write_hf", "save_pretrained", "load_model_config", "check",

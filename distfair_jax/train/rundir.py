@@ -33,12 +33,13 @@ from distfair_jax.config import (PATH_FIELDS, Config, absolute_path, config_from
                                  config_to_dict, results_affecting)
 from distfair_jax.errors import InputError
 
-__all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY"]
+__all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY", "CHECKPOINTS"]
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 FINAL = "final"
 SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -79,7 +80,7 @@ class RunDir:
     return self.path / stage
 
   def checkpoints_dir(self, stage: str) -> fileio.Path:
-    return self.stage_dir(stage) / "checkpoints"
+    return self.stage_dir(stage) / CHECKPOINTS
 
   def final_dir(self, stage: str) -> fileio.Path:
     return self.stage_dir(stage) / FINAL

@@ -1,0 +1,254 @@
+"""One dataset's miniature benchmark (``Demo``): the biased base, every method trained over its
+learning-rate grid and selected by one rule, and each evaluated with one decoding configuration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+from flax import nnx
+
+from distfair_jax import console
+from distfair_jax import fileio
+from distfair_jax.data import build as build_lib
+from distfair_jax.data.tokenizer import load_tokenizer_dir
+from distfair_jax.demo import analyses
+from distfair_jax.demo.base_data import stereotyped_records
+from distfair_jax.demo.configs import run_config
+from distfair_jax.demo.selection import heldout_mae, select
+from distfair_jax.demo.settings import ABLATION, ABLATIONS, METHODS, STEERED, DemoSettings, scaled
+from distfair_jax.demo.tables import _summary
+from distfair_jax import config as C
+from distfair_jax.evaluation import evaluate as eval_lib
+from distfair_jax.evaluation.sample import Sampler
+from distfair_jax.model.loader import load_pretrained
+from distfair_jax.model.modeldir import PARAMS_DIR
+from distfair_jax.train.preemption import Preempted
+from distfair_jax.train.rundir import FINAL, RunDir, load_run
+from distfair_jax.train.trainer import train
+
+
+class Demo:
+  """One dataset's miniature benchmark under ``run_dir/<dataset>``."""
+
+  def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
+               tokenizer_dir: str, progress: bool = True, base_model: str | None = None,
+               ablations: bool = True):
+    spec = build_lib.resolve_spec(dataset)
+    settings = scaled(settings, len(spec.occupations))
+    # A user's YAML spec: its own name for the directory and the tables, its absolute path for the
+    # runs' configs (data.spec).
+    self.dataset, self.s, self.seed, self.progress = spec.name, settings, seed, progress
+    # The ablations (kl_only, kto_only) trained and evaluated here too, or ours alone.
+    self.methods = METHODS if ablations else tuple(m for m in METHODS if m not in ABLATIONS)
+    self.spec_path = None if spec.source == "builtin" else os.path.abspath(spec.source)
+    self.dir = os.path.join(run_dir, self.dataset)
+    os.makedirs(self.dir, exist_ok=True)
+    self.tokenizer_dir = tokenizer_dir
+    # A given model (a ``distfair convert`` directory) instead of the biased base trained here.
+    self.base_model = None if base_model is None else os.path.abspath(base_model)
+    self.data = build_lib.build_dataset(
+        spec, rows_per_occupation=settings.rows_per_occupation, test_rounds=settings.rounds,
+        seed=seed, stories_per_occupation=settings.story_rows_per_occupation,
+        pair_stories_per_occupation=settings.pair_story_rows_per_occupation)
+    self.spec = self.data.spec
+    self.attribute = self.spec.attribute
+    self.timings: dict[str, float] = self._load_json("timings.json")
+    self.tokenizer = load_tokenizer_dir(tokenizer_dir)
+    self._samplers: dict = {}
+
+  # -- bookkeeping --------------------------------------------------------------------------------
+
+  def _load_json(self, name: str) -> dict:
+    path = os.path.join(self.dir, name)
+    return fileio.read_json(path) if os.path.exists(path) else {}
+
+  def _save_json(self, name: str, data: Any) -> None:
+    fileio.write_json(os.path.join(self.dir, name), data, indent=1)
+
+  def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` and records its wall time under ``key`` the first time it completes. A training
+    stage stopped by SIGTERM (``Preempted``: its checkpoint holds the steps so far) keeps its time
+    under ``"<key> (before resuming)"``, added to the resumed attempt's when that completes."""
+    start = time.perf_counter()
+    earlier = f"{key} (before resuming)"
+    try:
+      out = fn()
+    except Preempted:
+      if key not in self.timings:
+        self.timings[earlier] = round(self.timings.get(earlier, 0.0) +
+                                      time.perf_counter() - start, 1)
+        self._save_json("timings.json", self.timings)
+      raise
+    if key not in self.timings:
+      self.timings[key] = round(time.perf_counter() - start + self.timings.pop(earlier, 0.0), 1)
+      self._save_json("timings.json", self.timings)
+    return out
+
+  def sampler(self, model):
+    """(a Sampler shared by every model of this architecture, the model's state)."""
+    graphdef, state = nnx.split(model)
+    if graphdef not in self._samplers:
+      self._samplers[graphdef] = Sampler(graphdef)
+    return self._samplers[graphdef], state
+
+  # -- training -----------------------------------------------------------------------------------
+
+  def train_base(self) -> str:
+    """The biased base model (stage ``ift`` on stereotyped records, from random weights); returns
+    its run directory (a given ``base_model``: that directory, nothing trained)."""
+    if self.base_model:
+      return self.base_model
+    s = self.s
+    records = stereotyped_records(self.spec, rows_per_occupation=s.base_rows_per_occupation,
+                                  stories_per_occupation=s.base_stories_per_occupation,
+                                  share=s.stereotype_share, seed=self.seed)
+    run = os.path.join(self.dir, "base")
+    cfg = run_config(self, run, ["ift"], lr=s.base_lr, sft_epochs=s.base_epochs, heldout_fraction=0.0)
+    self._timed("base", lambda: train(cfg, records={"ift": records}))
+    return run
+
+  def _base_params(self) -> str | None:
+    if self.base_model:
+      return None  # the model config's checkpoint
+    return os.path.join(self.dir, "base", "ift", FINAL, PARAMS_DIR)
+
+  def train_candidates(self, name: str, stages: list[str], lrs: Sequence[float], *,
+                       ablation: str = "full", init_from: str | None = None, steered: bool,
+                       kl_pairs: str = "shifted"):
+    """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
+    copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
+    sft_lr = None
+    if init_from is not None:  # earlier stages were trained at the selected rate
+      sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
+    scores, non_answer, bare, unparsed, runs = {}, {}, {}, {}, {}
+    for lr in lrs:
+      run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
+      if init_from is not None:
+        for prev in stages[:-1]:
+          if not os.path.exists(os.path.join(run, prev)):
+            shutil.copytree(os.path.join(init_from, prev), os.path.join(run, prev))
+      cfg = run_config(self, run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
+                        base_params=self._base_params(), kl_pairs=kl_pairs)
+      self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
+      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = heldout_mae(self, run, steered=steered)
+      runs[lr] = run
+      console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
+                  f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
+                  + ("" if bare[lr] is None else f"; bare answers to story prompts "
+                     f"{bare[lr]:.1%}")
+                  + ("" if unparsed[lr] is None else f"; sampled stories unparsed "
+                     f"{unparsed[lr]:.1%}") + ")")
+    known = lambda d: {lr: v for lr, v in d.items() if v is not None}
+    best = select(scores, non_answer, known(bare), known(unparsed))
+    return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
+                                   "story_bare_answer": bare[lr],
+                                   **({} if unparsed[lr] is None else
+                                      {"story_unparsed": unparsed[lr]})} for lr in lrs}
+
+  def model(self, run: str):
+    """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
+    given base model itself for ``run == base_model``."""
+    if self.base_model and os.path.abspath(run) == self.base_model:
+      return load_pretrained(run)[0]
+    return load_run(run)[0].merged()
+
+  # -- evaluation ---------------------------------------------------------------------------------
+
+  def evaluate_method(self, method: str, run: str, *, name: str | None = None,
+                      tests: dict | None = None, versions: Sequence[str] | None = None,
+                      temperature: float = 1.0, top_p: float = 1.0) -> dict:
+    """Evaluates ``run`` as ``method`` into ``<dataset>/<name or method>/eval`` (reused when
+    there): the dataset's own test sets, or ``tests``; the one decoding configuration unless a
+    sweep asks for another."""
+    out_dir = os.path.join(self.dir, name or method)
+    path = os.path.join(out_dir, "eval", "metrics.json")
+    if os.path.exists(path):  # reused when it evaluated this run (a new selection re-evaluates)
+      doc = fileio.read_json(path)  # the same run reached through another path (a symlink) too
+      recorded = doc.get("meta", {}).get("run")
+      if recorded and os.path.realpath(recorded) == os.path.realpath(run):
+        return doc
+    s = self.s
+    versions = list(versions or s.versions)
+    cfg = C.EvalConfig(
+        versions=versions, rounds=s.rounds,
+        steering="model" if method in STEERED else "none",
+        prompt_engineering=method == "prompt_engineering",
+        decode=C.DecodeConfig(temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=s.answer_max_new_tokens,
+                              story_max_new_tokens=s.story_max_new_tokens),
+        seed=self.seed, n_bootstrap=s.n_bootstrap)
+    if tests is None:
+      tests = {v: self.data.records[f"test_{v}"] for v in versions}
+    model = self.model(run)
+    sampler, _ = self.sampler(model)
+    return self._timed(f"eval:{name or method}", lambda: eval_lib.evaluate(
+        model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
+        metadata={"dataset": self.dataset, "method": method, "run": os.path.abspath(run),
+                  **({"base_model": self.base_model} if self.base_model else {})},
+        max_prompt_length=s.max_length - 16, steering_placement=s.steering_placement,
+        sampler=sampler))
+
+  def _stage2(self, selection: dict, sft_lr: float, ift_lr: float) -> dict[str, str]:
+    """The stage-2 methods (ours, the ablations, DPO) trained and selected; {method: run}."""
+    s = self.s
+    trained = {}
+    sft_dir = os.path.join(self.dir, "runs", f"sft_lr{sft_lr:g}")
+    ift_dir = os.path.join(self.dir, "runs", f"ift_lr{ift_lr:g}")
+    for method in (m for m in STEERED if m in self.methods):
+      console.log(f"[{self.dataset}] {method}: stage 2 ({ABLATION[method]}), lr grid "
+                  f"{list(s.stage2_lrs)}")
+      lr, run, scores = self.train_candidates(method, ["sft", "hybrid"], s.stage2_lrs,
+                                              ablation=ABLATION[method], init_from=sft_dir,
+                                              steered=True)
+      selection[method] = {"lr": lr, "heldout_mae": scores, "sft_lr": sft_lr}
+      trained[method] = run
+    console.log(f"[{self.dataset}] dpo: from IFT, lr grid {list(s.stage2_lrs)}")
+    lr, run, scores = self.train_candidates("dpo", ["ift", "dpo"], s.stage2_lrs, init_from=ift_dir,
+                                            steered=False)
+    selection["dpo"] = {"lr": lr, "heldout_mae": scores, "ift_lr": ift_lr}
+    trained["dpo"] = run
+    return trained
+
+  def run(self) -> dict[str, dict]:
+    """Trains and evaluates every method; returns ``{method: {version: summary}}``."""
+    s = self.s
+    console.log(f"[{self.dataset}] " + (f"base model {self.base_model} (given: nothing trained)"
+                                        if self.base_model else "biased base model"))
+    base = self.train_base()
+    selection: dict[str, Any] = self._load_json("selection.json")
+    console.log(f"[{self.dataset}] ours: stage 1 (SFT with steering tokens), lr grid "
+                f"{list(s.sft_lrs)}")
+    sft_lr, _, sft_scores = self.train_candidates("sft", ["sft"], s.sft_lrs, steered=True)
+    selection["sft"] = {"lr": sft_lr, "heldout_mae": sft_scores}
+    console.log(f"[{self.dataset}] ift: lr grid {list(s.sft_lrs)}")
+    ift_lr, ift_run, ift_scores = self.train_candidates("ift", ["ift"], s.sft_lrs, steered=False)
+    selection["ift"] = {"lr": ift_lr, "heldout_mae": ift_scores}
+    trained = {"zero_shot": base, "prompt_engineering": base, "ift": ift_run,
+               **self._stage2(selection, sft_lr, ift_lr)}
+    self._save_json("selection.json", {k: {kk: ({str(a): b for a, b in vv.items()}
+                                                if isinstance(vv, dict) else vv)
+                                            for kk, vv in v.items()} for k, v in selection.items()})
+    results = {}
+    for method in self.methods:
+      console.log(f"[{self.dataset}] evaluating {method}")
+      doc = self.evaluate_method(method, trained[method])
+      results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
+    self.trained, self.selection = trained, selection
+    return results
+
+  # -- the paper's further analyses ----------------------------------------------------------------
+
+  def out_of_distribution(self) -> dict[str, dict]:
+    """``analyses.out_of_distribution``."""
+    return analyses.out_of_distribution(self)
+
+  def kl_pairs_variant(self) -> dict[str, dict]:
+    """``analyses.kl_pairs_variant``."""
+    return analyses.kl_pairs_variant(self)
+
+  def decoding_sweep(self) -> dict[str, dict]:
+    """``analyses.decoding_sweep``."""
+    return analyses.decoding_sweep(self)

@@ -1,0 +1,117 @@
+"""Selecting a learning rate: the one rule every trained stage's grid goes through (``select``),
+and the held-out scores it reads (``heldout_mae``: on the held-out split of the training prompts,
+never test prompts)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from distfair_jax import config as C
+from distfair_jax.data.tokenize import Encoder
+from distfair_jax.errors import InputError
+from distfair_jax.evaluation import evaluate as eval_lib
+from distfair_jax.train.heldout import split_heldout
+
+
+
+MAX_NON_ANSWER = 0.2
+# A model that still writes stories opens a story with a bare category word almost never (0-3% of
+# the exact mass on held-out story prompts over the grids of three seeds); the rates that broke v3
+# had 16-100% (one at 16% answered 93% of v3 with "FemaleMale" and the like). The mass counts every
+# completion that starts with the category word, ended there or not: a bare answer followed by
+# end of turn measured 0.3% for a model that answered 99% of v3 with "FemaleMale0Male1Female...".
+MAX_STORY_BARE = 0.05
+# With ``story_check_rounds``: the judged unparsed rate of sampled held-out stories (what v3
+# scores) a selected rate may have: junk prose ("oinferment", digit strings) passes the bare-answer
+# check but not this one.
+MAX_STORY_UNPARSED = 0.2
+
+
+def _story_loss(lr: float, story_bare: dict[float, float],
+                story_unparsed: dict[float, float]) -> float:
+  """How far a rate's stories are from passing the story check (0 when they pass): the larger
+  excess of the bare-answer mass and of the sampled stories' unparsed rate over their bounds."""
+  return max(story_bare.get(lr, 0.0) - MAX_STORY_BARE,
+             story_unparsed.get(lr, 0.0) - MAX_STORY_UNPARSED, 0.0)
+
+
+def select(scores: dict[float, float], non_answer: dict[float, float],
+           story_bare: dict[float, float] | None = None,
+           story_unparsed: dict[float, float] | None = None) -> float:
+  """The demo's one selection rule, for every trained method: the learning rate with the lowest
+  held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
+  mass is at most 20% and that keep their stories: with ``story_bare``, a bare-answer mass on
+  held-out story prompts (the probability of opening a story with a bare category word) of at
+  most 5%, and with ``story_unparsed``, at most 20% of sampled held-out stories unparsed by the v3
+  judge (ties: the smaller rate). Where no rate passes both: among the rates within the
+  non-answer bound, the one that loses its stories least; where none is within it, the lowest MAE."""
+  story_bare, story_unparsed = story_bare or {}, story_unparsed or {}
+  answers = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER]
+  loss = lambda lr: _story_loss(lr, story_bare, story_unparsed)
+  ok = [lr for lr in answers if loss(lr) == 0.0]
+  if ok:
+    return min(ok, key=lambda lr: (scores[lr], lr))
+  if answers:
+    return min(answers, key=lambda lr: (loss(lr), scores[lr], lr))
+  return min(scores, key=lambda lr: (scores[lr], lr))
+
+
+def heldout_mae(demo, run: str, *, steered: bool
+                ) -> tuple[float, float, float | None, float | None]:
+  """(exact answer MAE, non-answer mass, bare-answer mass on stories, unparsed rate of sampled
+  stories) over the held-out *training* prompts. The first two on the attribute questions: the mean over prompts of
+  mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of the K
+  canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens for a
+  steered model), not renormalised, so mass on non-answers counts as error; and 1 - sum_k q_k.
+  The third on the held-out story prompts (None without story rows): sum_k of the probability
+  that the completion starts with answer k (``end_of_turn=False``), the mass on opening a story
+  with a bare category word. The fourth (None without story rows or ``story_check_rounds``):
+  ``story_check_rounds`` stories sampled per held-out story prompt with the evaluation's
+  decoding (a steered model draws its own steering token first), judged as v3 is; the share in
+  which the judge finds no category."""
+  _, held = split_heldout(demo.data.records["sft"], demo.s.heldout_fraction, seed=demo.seed)
+  answers = set(demo.attribute.answers)
+  prompts, stories, occupation = {}, {}, {}
+  for r in held:  # the attribute questions (a story row's response is no canonical answer)
+    (prompts if r["response"] in answers else stories).setdefault(
+        r["prompt"], np.asarray(r["target"], np.float64))
+    occupation.setdefault(r["prompt"], r["occupation"])
+  if not prompts:
+    raise InputError(f"{demo.dataset}: heldout_fraction: expected held-out prompts, got none")
+  enc = Encoder(demo.tokenizer, attribute=demo.attribute if steered else None,
+                max_length=demo.s.max_length, max_prompt_length=demo.s.max_length - 16,
+                steering_placement=demo.s.steering_placement)
+  model = demo.model(run)
+  seqs = enc.encode_prompts(list(prompts))
+  p = np.stack(list(prompts.values()))
+  sampler, state = demo.sampler(model)
+  q = eval_lib.answer_probabilities(sampler, state, seqs, enc, demo.attribute, steered=steered)
+  bare = unparsed = None
+  if stories:
+    qs = eval_lib.answer_probabilities(sampler, state, enc.encode_prompts(list(stories)),
+                                       enc, demo.attribute, steered=steered, end_of_turn=False)
+    bare = float(np.mean(qs.sum(-1)))
+    if demo.s.story_check_rounds > 0:
+      unparsed = story_unparsed(demo, sampler, state, enc, list(stories), occupation, steered)
+  return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare, unparsed
+
+
+def story_unparsed(demo, sampler, state, enc, stories: Sequence[str], occupation: dict,
+                    steered: bool) -> float:
+  """The share of ``story_check_rounds`` sampled stories per held-out story prompt in which
+  the v3 judge finds no category (the evaluation's decoding and judge; seed: the demo's)."""
+  s = demo.s
+  slots = [{"prompt": prompt, "occupation": occupation[prompt]}
+           for prompt in stories for _ in range(s.story_check_rounds)]
+  cfg = C.EvalConfig(versions=["v3"], rounds=s.story_check_rounds,
+                     steering="model" if steered else "none",
+                     decode=C.DecodeConfig(temperature=1.0, top_p=1.0, top_k=0,
+                                           max_new_tokens=s.answer_max_new_tokens,
+                                           story_max_new_tokens=s.story_max_new_tokens),
+                     seed=demo.seed)
+  rows = eval_lib.sample_version(sampler, state, enc, demo.attribute, slots, version="v3",
+                                 config=cfg, targets={})
+  eval_lib.categorize(rows, demo.attribute, story=True)
+  return float(np.mean([r["category"] is None for r in rows]))

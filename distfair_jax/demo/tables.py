@@ -1,0 +1,172 @@
+"""The demo's tables (Markdown) and its comparison plot: one seed's results, several seeds'
+means and standard deviations, the KL table and the analyses' sweeps."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from distfair_jax.demo.settings import METHODS
+
+
+
+def _summary(m: dict) -> dict:
+  out = {"mae": m["mae"], "mae_ci": m.get("mae_ci"), "mae_corrected": m.get("mae_corrected"),
+         "unparsed_rate": m.get("unparsed_rate"), "exact_answer_mae": m.get("exact_answer_mae"),
+         "non_answer": m.get("non_answer"),
+         "kl": m.get("kl"), "kl_sum": m.get("kl_sum"), "kl_std": m.get("kl_std"),
+         "exact_mae": m.get("exact_mae")}
+  if "mae_floor" in m:
+    out["mae_floor"] = m["mae_floor"]
+  return out
+
+
+def results_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown: one row per (dataset, method), per version the MAE and, in brackets, the
+  bias-corrected estimate with its 95% interval (metrics' docstring); exact MAE, unparsed rate."""
+  exact = [v for v in versions if v != "v3"]  # stories have no canonical answers
+  head = (["dataset", "method"] + [f"{v} MAE (corrected [95% CI])" for v in versions]
+          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} unparsed" for v in versions])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method not in methods:
+        continue
+      cells = [ds, method]
+      for v in versions:
+        m = methods[method].get(v)
+        if m is None:
+          cells.append("")
+          continue
+        ci = m.get("mae_ci")
+        corrected = m.get("mae_corrected")
+        cells.append(f"{m['mae']:.3f}" + (f" ({corrected:.3f} [{ci[0]:.3f}, {ci[1]:.3f}])"
+                                          if ci and corrected is not None else ""))
+      for v in exact:
+        e = (methods[method].get(v) or {}).get("exact_answer_mae")
+        cells.append("" if e is None else f"{e:.3f}")
+      v2 = methods[method].get("v2") or {}
+      cells.append("" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}")
+      cells.append("" if v2.get("exact_mae") is None else f"{v2['exact_mae']:.3f}")
+      for v in versions:
+        rate = (methods[method].get(v) or {}).get("unparsed_rate")
+        cells.append("" if rate is None else f"{rate:.1%}")
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
+  """Markdown: ours on v2 under each decoding configuration of ``DECODING_SWEEP`` (or each
+  variant of ``Demo.kl_pairs_variant``, ``label`` naming the column)."""
+  def cell(m: dict, f: str, pct: bool = False) -> str:
+    if m.get(f) is None:
+      return ""
+    text = f"{100 * m[f]:.1f}%" if pct else f"{m[f]:.3f}"
+    if f"{f}_sd" in m:  # several seeds: mean ± sd
+      text += f" ± {100 * m[f + '_sd']:.1f}" if pct else f" ± {m[f + '_sd']:.3f}"
+    return text
+
+  z0 = any("z0_mean" in m for rows in sweeps.values() for m in rows.values())
+  lines = [f"| dataset | {label} | v2 MAE | exact answer MAE | non-answer | unparsed |"
+           + (" mean z0 in training |" if z0 else ""), "|---|---|---|---|---|---|" + "---|" * z0]
+  for ds, rows in sweeps.items():
+    for key, m in rows.items():
+      lines.append(f"| {ds} | {key} | {cell(m, 'mae')} | {cell(m, 'exact_answer_mae')} | "
+                   f"{cell(m, 'non_answer', True)} | {cell(m, 'unparsed_rate', True)} |"
+                   + (f" {cell(m, 'z0_mean')} |" if z0 else ""))
+  return "\n".join(lines) + "\n"
+
+
+def kl_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown: the paper's KL table, KL(target || achieved) in nats per version, the sum and mean
+  over occupations (with their std over occupations for one seed; mean ± sd over seeds for
+  several)."""
+  def cell(m: dict | None) -> str:
+    if not m or m.get("kl") is None:
+      return ""
+    if "kl_sd" in m:
+      return f"{m['kl_sum']:.2f} ± {m['kl_sum_sd']:.2f} / {m['kl']:.3f} ± {m['kl_sd']:.3f}"
+    return f"{m['kl_sum']:.2f} / {m['kl']:.3f} ({m['kl_std']:.3f})"
+
+  several = any("kl_sd" in (v or {}) for ms in results.values() for m in ms.values()
+                for v in m.values())
+  how = "sum / mean, each mean ± sd over seeds" if several else "sum / mean (std over occupations)"
+  head = ["dataset", "method"] + [f"{v} KL {how}" for v in versions]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method in methods:
+        lines.append("| " + " | ".join([ds, method] + [cell(methods[method].get(v))
+                                                       for v in versions]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
+  """Bar chart of MAE per method and version, one panel per dataset: with several seeds the mean
+  with ± one standard deviation over seeds; with one seed the MAE, and the bias-corrected
+  estimate with its 95% interval as a point with error bars."""
+  # matplotlib: imported on the first plot only (a second of import time the tables do not need)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  datasets = list(results)
+  fig = Figure(figsize=(max(7.0, 1.2 * len(METHODS) * len(versions) / 2), 3.2 * len(datasets)))
+  FigureCanvasAgg(fig)
+  for i, ds in enumerate(datasets):
+    ax = fig.add_subplot(len(datasets), 1, i + 1)
+    width = 0.8 / len(versions)
+    for j, v in enumerate(versions):
+      xs, ys, centres, lo, hi = [], [], [], [], []
+      for m_i, method in enumerate(METHODS):
+        m = results[ds].get(method, {}).get(v)
+        if m is None:
+          continue
+        xs.append(m_i + (j - (len(versions) - 1) / 2) * width)
+        ys.append(m["mae"])
+        if "mae_sd" in m:
+          centre, low, high = m["mae"], m["mae"] - m["mae_sd"], m["mae"] + m["mae_sd"]
+        elif m.get("mae_ci") and m.get("mae_corrected") is not None:
+          centre, (low, high) = m["mae_corrected"], m["mae_ci"]
+        else:
+          centre = low = high = m["mae"]
+        centres.append(centre)
+        lo.append(max(0.0, centre - low))
+        hi.append(max(0.0, high - centre))
+      bars = ax.bar(xs, ys, width, label=v)
+      ax.errorbar(xs, centres, yerr=[lo, hi], fmt="o", markersize=2, capsize=2,
+                  color=bars.patches[0].get_facecolor() if bars.patches else "k", ecolor="k")
+    ax.set_xticks(range(len(METHODS)), METHODS, rotation=20, fontsize=8)
+    ax.set_ylabel("MAE")
+    ax.set_title(f"{ds}: mean absolute error to the target distribution (lower is better)", fontsize=9)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def seeds_table(results: dict, versions: Sequence[str]) -> str:
+  """Markdown of ``aggregate_seeds`` results: mean ± sd over the seeds, per version the sampled
+  MAE, then v2's exact answer MAE, non-answer mass and exact steering MAE, and each version's
+  unparsed rate."""
+  def cell(m: dict | None, f: str, pct: bool = False) -> str:
+    if not m or f not in m:
+      return ""
+    mean, sd = m[f], m[f"{f}_sd"]
+    return f"{100 * mean:.1f}% ± {100 * sd:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+  n = len(next(iter(next(iter(next(iter(results.values())).values())).values()))["seeds"])
+  exact = [v for v in versions if v != "v3"]
+  head = (["dataset", "method"] + [f"{v} MAE" for v in versions]
+          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} unparsed" for v in versions])
+  lines = [f"Mean ± standard deviation over {n} seeds.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method not in methods:
+        continue
+      m = methods[method]
+      cells = ([ds, method] + [cell(m.get(v), "mae") for v in versions]
+               + [cell(m.get(v), "exact_answer_mae") for v in exact]
+               + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
+               + [cell(m.get(v), "unparsed_rate", True) for v in versions])
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
