@@ -43,29 +43,23 @@ def _load(path: str, stage: str | None, overrides, mesh):
   """-> (model, tokenizer, dataset name or None, prompt settings, EvalConfig, facts for meta)."""
   from distfair_jax import fileio
   from distfair_jax.config import load_eval_config
-  from distfair_jax.model.loader import MODEL_CONFIG, load_pretrained
-  from distfair_jax.train.rundir import CONFIG, load_run
+  from distfair_jax.data.build import dataset_of
+  from distfair_jax.data.chat import PromptSpec
+  from distfair_jax.train.rundir import model_dir_kind, open_model_dir
   p = fileio.as_path(path)
-  if not p.is_dir():
-    raise InputError(f"{p}: model: expected a run or converted model directory, got "
-                     f"{'a file' if p.exists() else 'no such directory'}")
-  if (p / CONFIG).exists():
-    from distfair_jax.data.build import dataset_of
-    from distfair_jax.data.chat import PromptSpec
-    loaded, cfg, stage = load_run(p, stage, mesh=mesh)
+  if model_dir_kind(p) == "run":
+    opened = open_model_dir(p, stage, mesh=mesh)
+    cfg = opened.config
     config = load_eval_config(cfg.eval, overrides)
-    return (loaded.merged(), loaded.tokenizer, dataset_of(cfg.data), PromptSpec.of(cfg.data),
-            config, {"model": str(p), "kind": "run", "stage": stage})
-  if (p / MODEL_CONFIG).exists():
-    from distfair_jax.data.chat import PromptSpec
-    config = load_eval_config(None, overrides)
-    model, tokenizer, _ = load_pretrained(p, dtype=config.dtype and str(config.dtype), mesh=mesh)
-    # A base model (e.g. gemma-3-270m) has no chat template: the original's <Q>..<A> wrapping.
-    chat = tokenizer is None or getattr(tokenizer, "chat_template", None)
-    prompt = PromptSpec() if chat else PromptSpec(prompt_format="reference")
-    return model, tokenizer, None, prompt, config, {"model": str(p), "kind": "converted"}
-  raise InputError(f"{p}: model: expected {CONFIG} (a run) or {MODEL_CONFIG} (a converted "
-                   f"model), got neither")
+    return (opened.model, opened.tokenizer, dataset_of(cfg.data), PromptSpec.of(cfg.data),
+            config, {"model": str(p), "kind": "run", "stage": opened.stage})
+  config = load_eval_config(None, overrides)
+  opened = open_model_dir(p, mesh=mesh, dtype=config.dtype and str(config.dtype))
+  model, tokenizer = opened.model, opened.tokenizer
+  # A base model (e.g. gemma-3-270m) has no chat template: the original's <Q>..<A> wrapping.
+  chat = tokenizer is None or getattr(tokenizer, "chat_template", None)
+  prompt = PromptSpec() if chat else PromptSpec(prompt_format="reference")
+  return model, tokenizer, None, prompt, config, {"model": str(p), "kind": "converted"}
 
 
 def _judge(config):

@@ -23,10 +23,9 @@ from distfair_jax.demo.tables import _summary
 from distfair_jax import config as C
 from distfair_jax.evaluation import evaluate as eval_lib
 from distfair_jax.evaluation.sample import Sampler
-from distfair_jax.model.loader import load_pretrained
 from distfair_jax.model.modeldir import PARAMS_DIR
 from distfair_jax.train.preemption import Preempted
-from distfair_jax.train.rundir import FINAL, RunDir, load_run
+from distfair_jax.train.rundir import FINAL, RunDir, open_model_dir
 from distfair_jax.train.trainer import train
 
 
@@ -150,10 +149,8 @@ class Demo:
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
-    given base model itself for ``run == base_model``."""
-    if self.base_model and os.path.abspath(run) == self.base_model:
-      return load_pretrained(run)[0]
-    return load_run(run)[0].merged()
+    given base model itself for ``run == base_model`` (``train.rundir.open_model_dir``)."""
+    return open_model_dir(run).model
 
   # -- evaluation ---------------------------------------------------------------------------------
 

@@ -26,14 +26,18 @@ import jax
 import yaml
 from flax import nnx
 
-from distfair_jax.model import checkpoint_io
 from distfair_jax import distributed
 from distfair_jax import fileio
+from distfair_jax import sharding as shd
 from distfair_jax.config import (PATH_FIELDS, Config, absolute_path, config_from_dict,
                                  config_to_dict, results_affecting)
 from distfair_jax.errors import InputError
+from distfair_jax.model import checkpoint_io
+from distfair_jax.model.loader import load_model, load_pretrained
+from distfair_jax.model.modeldir import MODEL_CONFIG
 
-__all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY", "CHECKPOINTS"]
+__all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY", "CHECKPOINTS",
+           "OpenedModel", "model_dir_kind", "open_model_dir"]
 
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
@@ -156,8 +160,6 @@ class RunDir:
 def load_run(run_dir: Any, stage: str | None = None, *, mesh=None):
   """-> (LoadedModel with the final parameters of ``stage`` (default: the last finished one), run
   Config, stage name). ``mesh`` places it (default: one device)."""
-  from distfair_jax import sharding as shd
-  from distfair_jax.model.loader import load_model
   run = RunDir(run_dir)
   cfg = run.read_config()
   done = run.finished_stages(cfg)
@@ -177,3 +179,42 @@ def load_run(run_dir: Any, stage: str | None = None, *, mesh=None):
   model = load_model(model_cfg, cfg.lora, mesh, seed=cfg.seed, tokenizer_dir=run.tokenizer_dir)
   params = run.final_params(stage, model.params, model.param_shardings)
   return model.with_params(params), cfg, stage
+
+
+def model_dir_kind(path: Any) -> str:
+  """What a model directory holds: ``"run"`` (a training run, config.yaml) or ``"converted"`` (a
+  model directory from ``distfair convert``, model_config.json); a one-line InputError else."""
+  p = fileio.as_path(path)
+  if not p.is_dir():
+    raise InputError(f"{p}: model: expected a run or converted model directory, got "
+                     f"{'a file' if p.exists() else 'no such directory'}")
+  if (p / CONFIG).exists():
+    return "run"
+  if (p / MODEL_CONFIG).exists():
+    return "converted"
+  raise InputError(f"{p}: model: expected {CONFIG} (a run) or {MODEL_CONFIG} (a converted "
+                   f"model), got neither")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedModel:
+  """A directory's model (LoRA folded in) and tokenizer; ``kind`` as ``model_dir_kind``; a run's
+  ``config`` and evaluated ``stage`` (None for a converted model)."""
+  model: Any
+  tokenizer: Any
+  kind: str
+  config: Config | None = None
+  stage: str | None = None
+
+
+def open_model_dir(path: Any, stage: str | None = None, *, mesh=None,
+                   dtype: str | None = None) -> OpenedModel:
+  """The one reader of "a run or a converted model" (``distfair eval MODEL``, the demo's
+  methods): a run's final parameters of ``stage`` (``load_run``), or a converted model
+  (``model.loader.load_pretrained``; ``dtype`` overrides its stored dtypes)."""
+  kind = model_dir_kind(path)
+  if kind == "run":
+    loaded, cfg, stage = load_run(path, stage, mesh=mesh)
+    return OpenedModel(loaded.merged(), loaded.tokenizer, kind, cfg, stage)
+  model, tokenizer, _ = load_pretrained(path, dtype=dtype, mesh=mesh)
+  return OpenedModel(model, tokenizer, kind)
