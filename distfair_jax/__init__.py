@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "losses": ("distfair_jax.losses", None),
     "Llama": ("distfair_jax.model.llama", "Llama"),
-    "LlamaConfig": ("distfair_jax.model.llama", "LlamaConfig"),
+    "LlamaConfig": ("distfair_jax.model.llama_config", "LlamaConfig"),
     "Gemma2": ("distfair_jax.model.gemma2", "Gemma2"),
     "get_preset": ("distfair_jax.model.presets", "get_preset"),
     "load_pretrained": ("distfair_jax.model.loader", "load_pretrained"),

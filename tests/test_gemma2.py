@@ -25,7 +25,7 @@ from distfair_jax import losses as L
 from distfair_jax.errors import InputError
 from distfair_jax.model import family, layout, lora
 from distfair_jax.model.gemma2 import Gemma2, GemmaRMSNorm
-from distfair_jax.model.llama import LlamaConfig, gemma2_layer_types
+from distfair_jax.model.llama_config import LlamaConfig, gemma2_layer_types
 from distfair_jax.model.presets import get_preset, param_stats
 
 torch = pytest.importorskip("torch")

@@ -21,7 +21,7 @@ from distfair_jax.errors import InputError
 from distfair_jax.model import family, lora
 from distfair_jax.model.gemma2 import GemmaRMSNorm
 from distfair_jax.model.gemma3 import Gemma3
-from distfair_jax.model.llama import LlamaConfig, sliding_layer_types
+from distfair_jax.model.llama_config import LlamaConfig, sliding_layer_types
 from distfair_jax.model.presets import get_preset, param_stats
 
 torch = pytest.importorskip("torch")

@@ -18,7 +18,8 @@ from flax import nnx
 
 from distfair_jax.errors import InputError
 from distfair_jax.model import family, lora
-from distfair_jax.model.llama import LlamaConfig, RMSNorm
+from distfair_jax.model.layers import RMSNorm
+from distfair_jax.model.llama_config import LlamaConfig
 from distfair_jax.model.presets import get_preset, param_stats
 from distfair_jax.model.qwen3 import Qwen3
 

@@ -60,7 +60,7 @@ from distfair_jax import sharding as shd
 from distfair_jax.config import DecodeConfig, Steering
 from distfair_jax.data.tokenize import next_pow2, prompt_bucket
 from distfair_jax.errors import InputError
-from distfair_jax.model.llama import SharedPrefixCache
+from distfair_jax.model.cache import SharedPrefixCache
 
 __all__ = ["Sampler", "Samples", "STEERING_MODES", "left_pad", "filter_logits", "categorical_icdf",
            "sample_logits", "repeat_cache", "suffix_segments", "decode_text"]

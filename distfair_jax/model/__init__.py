@@ -5,15 +5,10 @@ from __future__ import annotations
 from distfair_jax.model.family import build, model_class
 from distfair_jax.model.gemma2 import Gemma2
 from distfair_jax.model.gemma3 import Gemma3
-from distfair_jax.model.llama import (
-    KVCache,
-    Llama,
-    LlamaConfig,
-    SharedPrefixCache,
-    apply_rope,
-    positions_from_mask,
-    rope_inv_freq,
-)
+from distfair_jax.model.cache import KVCache, SharedPrefixCache
+from distfair_jax.model.layers import apply_rope, positions_from_mask, rope_inv_freq
+from distfair_jax.model.llama import Llama
+from distfair_jax.model.llama_config import LlamaConfig
 from distfair_jax.model.presets import (
     PRESETS,
     ParamStats,

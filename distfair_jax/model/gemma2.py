@@ -20,15 +20,19 @@ here, while in Llama it is the norm before the MLP: the names are transformers',
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from distfair_jax import sharding as shd
-from distfair_jax.model.llama import MLP, Attention, Llama, LlamaConfig, RMSNorm, _param_meta
+from distfair_jax.errors import InputError
+from distfair_jax.model.layers import MLP, Attention, RMSNorm, _param_meta
+from distfair_jax.model.llama import Llama
+from distfair_jax.model.llama_config import LlamaConfig
 
-__all__ = ["Gemma2", "Gemma2DecoderLayer", "GemmaRMSNorm"]
+__all__ = ["Gemma2", "Gemma2DecoderLayer", "GemmaRMSNorm", "hf_fields"]
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -91,3 +95,24 @@ class Gemma2(Llama):
     x = self.embed_tokens(input_ids.astype(jnp.int32))
     x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
     return shd.constrain(x, ("batch", "length", "act_embed"))
+
+
+def hf_fields(data: Mapping[str, Any], get, source: str) -> dict[str, Any]:
+  """The Gemma 2 fields of a Hugging Face config (transformers' defaults where absent; an explicit
+  null turns soft-capping off). transformers' Gemma 2 reads ``hidden_activation`` (null: the
+  default, as transformers' Gemma does) and ignores ``hidden_act``."""
+  act = get("hidden_activation") or "gelu_pytorch_tanh"
+  if act != "gelu_pytorch_tanh":
+    raise InputError(f"{source}: hidden_activation: expected gelu_pytorch_tanh, got {act!r}")
+  if data.get("attention_bias", False):
+    raise InputError(f"{source}: attention_bias: expected false (Gemma attention biases are "
+                     f"not supported), got {data['attention_bias']!r}")
+  if data.get("use_bidirectional_attention"):
+    raise InputError(f"{source}: use_bidirectional_attention: expected false or null (causal "
+                     f"attention), got {data['use_bidirectional_attention']!r}")
+  if data.get("attention_dropout") not in (None, 0, 0.0):
+    raise InputError(f"{source}: attention_dropout: expected 0, got {data['attention_dropout']!r}")
+  return dict(hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=get("query_pre_attn_scalar"),
+              attn_logit_softcapping=get("attn_logit_softcapping"),
+              final_logit_softcapping=get("final_logit_softcapping"),
+              sliding_window=get("sliding_window"), layer_types=data.get("layer_types"))

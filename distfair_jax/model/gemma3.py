@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 
 from distfair_jax.errors import InputError
+from distfair_jax.model import gemma2
 from distfair_jax.model.gemma2 import Gemma2, Gemma2DecoderLayer, GemmaRMSNorm
-from distfair_jax.model.llama import (LlamaConfig, _gemma2_fields, rope_cos_sin, rope_inv_freq,
-                                      sliding_layer_types)
+from distfair_jax.model.layers import rope_cos_sin, rope_inv_freq
+from distfair_jax.model.llama_config import LlamaConfig, sliding_layer_types
 from distfair_jax.model.qwen3 import QKNormAttention
 
 __all__ = ["Gemma3", "Gemma3DecoderLayer", "Gemma3Attention", "hf_fields", "local_inv_freq"]
@@ -93,7 +94,7 @@ def hf_fields(data: Mapping[str, Any], get: Callable[..., Any], source: str) -> 
   falls back on transformers' defaults): Gemma 2's checks and fields, soft-capping off unless the
   config sets it, ``layer_types`` from ``sliding_window_pattern`` when only that is given, the
   sliding layers' RoPE base. Returns LlamaConfig keyword arguments."""
-  fields = _gemma2_fields(data, get, source)
+  fields = gemma2.hf_fields(data, get, source)
   if data.get("attn_logit_softcapping") is not None:
     raise InputError(f"{source}: attn_logit_softcapping: expected null (transformers' Gemma 3 "
                      f"never applies it), got {data['attn_logit_softcapping']!r}")

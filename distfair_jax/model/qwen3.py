@@ -22,7 +22,9 @@ import jax
 from flax import nnx
 
 from distfair_jax.errors import InputError
-from distfair_jax.model.llama import Attention, DecoderLayer, Llama, LlamaConfig, RMSNorm
+from distfair_jax.model.layers import Attention, DecoderLayer, RMSNorm
+from distfair_jax.model.llama import Llama
+from distfair_jax.model.llama_config import LlamaConfig
 
 __all__ = ["Qwen3", "Qwen3DecoderLayer", "QKNormAttention", "hf_fields"]
 
