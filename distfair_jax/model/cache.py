@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from distfair_jax.model.llama_config import DTYPES, LlamaConfig
 
 
 @jax.tree_util.register_dataclass
@@ -33,6 +36,21 @@ class KVCache:
   @property
   def max_length(self) -> int:
     return self.mask.shape[1]
+
+  @classmethod
+  def empty(cls, cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache of ``cfg``'s model for ``batch`` rows and ``max_length`` slots (prompt +
+    generated tokens); ``dtype`` (default: the compute dtype) a name or a jnp dtype."""
+    dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
+    n = cfg.num_hidden_layers
+    if cfg.scan_layers:
+      k, v = jnp.zeros((n, *shape), dt), jnp.zeros((n, *shape), dt)
+    else:
+      k = tuple(jnp.zeros(shape, dt) for _ in range(n))
+      v = tuple(jnp.zeros(shape, dt) for _ in range(n))
+    return cls(k=k, v=v, mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
+               positions=jnp.zeros((batch,), jnp.int32))
 
   def logical_axes(self) -> KVCache:
     """Same structure with a PartitionSpec of logical axis names per leaf (for sharding)."""
@@ -106,3 +124,19 @@ class SharedPrefixCache:
     pad_k = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
     pad_v = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)])
     return dataclasses.replace(self, k=jax.tree.map(pad_k, self.k), v=jax.tree.map(pad_v, self.v))
+
+  def attention_masks(self, is_sliding: tuple[bool, ...], sliding_window: int | None
+                      ) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """((prefix [P, L], new [1, T]),) or, with sliding-window layers (``is_sliding``, the
+    config's), also the windowed pair; the query of every round of prompt p sits at position
+    ``positions[p * rounds]``."""
+    index = self.index
+    slot = jnp.arange(self.new_length)
+    written = (slot <= index)[None, :]
+    full = (self.prefix_mask, written)
+    if not any(is_sliding):
+      return (full,)
+    w = sliding_window
+    q_pos = self.positions[::self.rounds]  # [P]
+    prefix = self.prefix_mask & ((q_pos[:, None] - self.prefix_positions) < w)
+    return full, (prefix, written & ((index - slot) < w)[None, :])

@@ -213,17 +213,7 @@ class Llama(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
     """An empty cache for ``batch`` rows and ``max_length`` slots (prompt + generated tokens)."""
-    cfg = self.config
-    dt = cfg.compute_dtype if dtype is None else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
-    shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
-    n = cfg.num_hidden_layers
-    if cfg.scan_layers:
-      k, v = jnp.zeros((n, *shape), dt), jnp.zeros((n, *shape), dt)
-    else:
-      k = tuple(jnp.zeros(shape, dt) for _ in range(n))
-      v = tuple(jnp.zeros(shape, dt) for _ in range(n))
-    return KVCache(k=k, v=v, mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32),
-                   positions=jnp.zeros((batch,), jnp.int32))
+    return KVCache.empty(self.config, batch, max_length, dtype)
 
   def prefill(self, input_ids: jax.Array, attention_mask: jax.Array,
               cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -263,25 +253,11 @@ class Llama(nnx.Module):
                              index=jnp.zeros((), jnp.int32),
                              positions=jnp.repeat(cache.positions, rounds))
 
-  def _shared_masks(self, cache: SharedPrefixCache) -> tuple[tuple[jax.Array, jax.Array], ...]:
-    """((prefix [P, L], new [1, T]),) or, with sliding-window layers, also the windowed pair; the
-    query of every round of prompt p sits at position ``positions[p * rounds]``."""
-    index = cache.index
-    slot = jnp.arange(cache.new_length)
-    written = (slot <= index)[None, :]
-    full = (cache.prefix_mask, written)
-    if not any(self.config.is_sliding):
-      return (full,)
-    w = self.config.sliding_window
-    q_pos = cache.positions[::cache.rounds]  # [P]
-    prefix = cache.prefix_mask & ((q_pos[:, None] - cache.prefix_positions) < w)
-    return full, (prefix, written & ((index - slot) < w)[None, :])
-
   def _decode_shared(self, token_ids: jax.Array, cache: SharedPrefixCache):
     """token_ids: [N, 1] -> (hidden [N, 1, D], cache advanced by one new slot)."""
     ropes = self._ropes(cache.positions[:, None])
     index = cache.index.astype(jnp.int32)
-    masks = self._shared_masks(cache)
+    masks = cache.attention_masks(self.config.is_sliding, self.config.sliding_window)
     x = self._embed(token_ids)
     if self.config.scan_layers:
       def run_layer(x, layer, sliding, pk, pv, ck, cv, ropes, masks, index):

@@ -309,53 +309,7 @@ class LlamaConfig:
 
     RoPE is written in both spellings: ``rope_theta`` + ``rope_scaling`` and ``rope_parameters``.
     """
-    rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
-    if self.rope_scaling:
-      rope_parameters.update(self.rope_scaling)
-    out: dict[str, Any] = {
-        "architectures": [self.architecture],
-        "model_type": HF_MODEL_TYPES.get(self.model_type, self.model_type),
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-        "rope_parameters": rope_parameters,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "initializer_range": self.initializer_range,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-    }
-    if self.model_type == "llama":
-      out.update(attention_bias=self.attention_bias, mlp_bias=False)
-    elif self.model_type == "qwen2":
-      out.update(use_sliding_window=False)
-    elif self.model_type == "qwen3":
-      out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
-    else:
-      integral = lambda x: int(x) if x is not None and float(x).is_integer() else x
-      out.update(hidden_act=self.hidden_act, hidden_activation=self.hidden_act,
-                 attention_bias=False,
-                 query_pre_attn_scalar=integral(self.query_pre_attn_scalar or self.head_dim),
-                 attn_logit_softcapping=self.attn_logit_softcapping,
-                 final_logit_softcapping=self.final_logit_softcapping,
-                 sliding_window=self.sliding_window, layer_types=list(self.layer_types))
-    if self.model_type == "gemma3":
-      local = {"rope_type": "default", "rope_theta": self.rope_local_base_freq or self.rope_theta}
-      out.update(rope_local_base_freq=local["rope_theta"],
-                 rope_parameters={"full_attention": rope_parameters, "sliding_attention": local})
-    for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
-      v = getattr(self, f)
-      if v is not None:
-        out[f] = list(v) if isinstance(v, tuple) else v
-    return out
+    return _to_hf(self)
 
 
 # A family's own Hugging Face config fields: model type -> fields(hf_config_dict, get, source) ->
@@ -437,3 +391,58 @@ def _hf_rope(data: Mapping[str, Any], get, source: str, model_type: str
     theta = get("rope_theta", 10000.0)
     scaling = _normalize_rope_scaling(data.get("rope_scaling"), source)
   return theta, scaling
+
+
+def _to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """A ``config.json`` dict that transformers' LlamaConfig / Qwen2Config / Gemma2Config accept
+  (4.x and 5.x).
+
+  RoPE is written in both spellings: ``rope_theta`` + ``rope_scaling`` and ``rope_parameters``.
+  """
+  rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+  if config.rope_scaling:
+    rope_parameters.update(config.rope_scaling)
+  out: dict[str, Any] = {
+      "architectures": [config.architecture],
+      "model_type": HF_MODEL_TYPES.get(config.model_type, config.model_type),
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_hidden_layers,
+      "num_attention_heads": config.num_attention_heads,
+      "num_key_value_heads": config.num_key_value_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta,
+      "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+      "rope_parameters": rope_parameters,
+      "max_position_embeddings": config.max_position_embeddings,
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "initializer_range": config.initializer_range,
+      "attention_dropout": 0.0,
+      "use_cache": True,
+  }
+  if config.model_type == "llama":
+    out.update(attention_bias=config.attention_bias, mlp_bias=False)
+  elif config.model_type == "qwen2":
+    out.update(use_sliding_window=False)
+  elif config.model_type == "qwen3":
+    out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+  else:
+    integral = lambda x: int(x) if x is not None and float(x).is_integer() else x
+    out.update(hidden_act=config.hidden_act, hidden_activation=config.hidden_act,
+               attention_bias=False,
+               query_pre_attn_scalar=integral(config.query_pre_attn_scalar or config.head_dim),
+               attn_logit_softcapping=config.attn_logit_softcapping,
+               final_logit_softcapping=config.final_logit_softcapping,
+               sliding_window=config.sliding_window, layer_types=list(config.layer_types))
+  if config.model_type == "gemma3":
+    local = {"rope_type": "default", "rope_theta": config.rope_local_base_freq or config.rope_theta}
+    out.update(rope_local_base_freq=local["rope_theta"],
+               rope_parameters={"full_attention": rope_parameters, "sliding_attention": local})
+  for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    v = getattr(config, f)
+    if v is not None:
+      out[f] = list(v) if isinstance(v, tuple) else v
+  return out
