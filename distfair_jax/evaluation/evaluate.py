@@ -37,9 +37,11 @@ from flax import nnx
 from distfair_jax import console
 from distfair_jax import fileio
 from distfair_jax.evaluation import metrics as metrics_lib
+from distfair_jax.evaluation import report as report_lib
 from distfair_jax.config import EvalConfig, config_to_dict
 from distfair_jax.data.tokenize import Encoder, next_pow2, pow2_bucket
 from distfair_jax.errors import InputError
+from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
@@ -148,7 +150,6 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   texts = [r["response"] for r in rows]
   if story:
     if judge is None:
-      from distfair_jax.evaluation.judges import RulesJudge
       judge = RulesJudge()
     cats = judge.judge_many(texts, attribute.names, attribute=attribute.name, synonyms=synonyms)
   else:
@@ -347,28 +348,17 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     the metrics document written to eval/metrics.json: ``{"versions": {version: metrics},
     "meta": {decoding, steering, rounds, seed, judge, timing, ...}}``; None on the other processes.
   """
-  from distfair_jax.evaluation import report as report_lib
   final_dir = fileio.as_path(out_dir) / "eval"
   fileio.check_new_dir(final_dir, overwrite, "eval")
   versions = [str(v) for v in config.versions]
   missing = [v for v in versions if v not in test_sets]
   if missing:
     raise InputError(f"eval: test_sets: expected records for {', '.join(missing)}, got none")
-  if config.system_prompt is not None:
-    system_prompt = config.system_prompt
-  if config.chat_template_kwargs is not None:
-    chat_template_kwargs = config.chat_template_kwargs
-  lengths = ({} if max_prompt_length is None else  # the run's own prompt truncation
-             {"max_prompt_length": int(max_prompt_length),
-              "max_length": max(1024, int(max_prompt_length) + 1)})
-  encoder = Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
-                    prompt_format=str(prompt_format), system_prompt=str(system_prompt),
-                    chat_template_kwargs=dict(chat_template_kwargs or {}),
-                    steering_placement=str(steering_placement), **lengths)
+  encoder = _encoder(tokenizer, attribute, config, prompt_format, system_prompt,
+                     chat_template_kwargs, max_prompt_length, steering_placement)
   if encoder.chat.date_warning and progress is not None:
     progress(f"warning: {encoder.chat.date_warning}")
   if judge is None and any(v in STORY_VERSIONS for v in versions):
-    from distfair_jax.evaluation.judges import RulesJudge
     judge = RulesJudge()
   graphdef, state = nnx.split(model)
   sampler = sampler if sampler is not None else Sampler(graphdef, mesh)
@@ -380,7 +370,34 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       progress(_progress_line(version, results[version], timing[version]))
   if not console.is_main_process():
     return None
-  meta = {
+  meta = _meta(encoder, attribute, config, prompt_format, judge, timing, metadata)
+  with fileio.atomic_dir(final_dir, overwrite=overwrite, what="eval") as tmp:
+    for version, rows in rows_by_version.items():
+      fileio.write_jsonl(tmp / f"{version}.jsonl", rows)
+    report_lib.write_eval_files(tmp, results, meta=meta, plots=config.plots)
+  return {"versions": results, "meta": meta}
+
+
+def _encoder(tokenizer, attribute, config: EvalConfig, prompt_format, system_prompt,
+             chat_template_kwargs, max_prompt_length, steering_placement) -> Encoder:
+  """The run's Encoder (its prompt settings; the evaluation config's where it sets them)."""
+  if config.system_prompt is not None:
+    system_prompt = config.system_prompt
+  if config.chat_template_kwargs is not None:
+    chat_template_kwargs = config.chat_template_kwargs
+  lengths = ({} if max_prompt_length is None else  # the run's own prompt truncation
+             {"max_prompt_length": int(max_prompt_length),
+              "max_length": max(1024, int(max_prompt_length) + 1)})
+  return Encoder(tokenizer, attribute=attribute if config.steering != "none" else None,
+                 prompt_format=str(prompt_format), system_prompt=str(system_prompt),
+                 chat_template_kwargs=dict(chat_template_kwargs or {}),
+                 steering_placement=str(steering_placement), **lengths)
+
+
+def _meta(encoder: Encoder, attribute, config: EvalConfig, prompt_format, judge, timing,
+          metadata) -> dict[str, Any]:
+  """metrics.json's ``meta``: how the samples were drawn, prompted, judged and timed."""
+  return {
       "attribute": attribute.name, "categories": attribute.names,
       "steering": str(config.steering), "steering_tokens": attribute.steering_tokens,
       "steering_token_ids": (None if encoder.steering_ids is None
@@ -395,8 +412,3 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       "n_bootstrap": config.n_bootstrap,
       "batch_size": config.batch_size, "judge": type(judge).__name__ if judge is not None else None,
       "timing": timing, **dict(metadata or {})}
-  with fileio.atomic_dir(final_dir, overwrite=overwrite, what="eval") as tmp:
-    for version, rows in rows_by_version.items():
-      fileio.write_jsonl(tmp / f"{version}.jsonl", rows)
-    report_lib.write_eval_files(tmp, results, meta=meta, plots=config.plots)
-  return {"versions": results, "meta": meta}

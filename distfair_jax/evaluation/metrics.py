@@ -302,13 +302,7 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
   Raises:
     InputError: a malformed row, target or exact distribution, or no rows at all.
   """
-  k = int(num_categories)
-  if k < 1:
-    raise InputError(f"{source}: num_categories: expected a positive integer, got {num_categories!r}")
-  if categories is not None and len(categories) != k:
-    raise InputError(f"{source}: categories: expected {k} names, got {list(categories)!r}")
-  if n_bootstrap < 0:
-    raise InputError(f"{source}: n_bootstrap: expected >= 0, got {n_bootstrap}")
+  k = _check_arguments(num_categories, categories, n_bootstrap, source)
   per_occ = _rows_by_occupation(rows, targets, k, source)
   names = [o for o in targets if o in per_occ]
   target = np.stack([_check_distribution(targets[o], k, f"{source}: targets[{o!r}]") for o in names])
@@ -329,6 +323,30 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
   if categories is not None:
     out["categories"] = [str(c) for c in categories]
 
+  exact_arr, per_exact = _add_exact_metrics(out, names, target, exact, k, source)
+  out["per_occupation"] = [
+      _occupation_entry(j, o, target, achieved, counts, unparsed, ci, occ_mae, occ_kl, occ_js,
+                        exact_arr, per_exact) for j, o in enumerate(names)]
+  if answers is not None:
+    _add_answer_metrics(out, names, target, answers, k, source)
+  return out
+
+
+def _check_arguments(num_categories, categories, n_bootstrap: int, source: str) -> int:
+  """K, after checking evaluate_version's arguments (one-line InputErrors naming ``source``)."""
+  k = int(num_categories)
+  if k < 1:
+    raise InputError(f"{source}: num_categories: expected a positive integer, got {num_categories!r}")
+  if categories is not None and len(categories) != k:
+    raise InputError(f"{source}: categories: expected {k} names, got {list(categories)!r}")
+  if n_bootstrap < 0:
+    raise InputError(f"{source}: n_bootstrap: expected >= 0, got {n_bootstrap}")
+  return k
+
+
+def _add_exact_metrics(out: dict, names, target: np.ndarray, exact, k: int, source: str):
+  """Adds ``exact_mae`` / ``exact_mae_std`` to ``out`` when ``exact`` is given; returns the exact
+  distributions [occupations, K] and their per-occupation MAE (both None without ``exact``)."""
   exact_arr = per_exact = None
   if exact is not None:
     missing = [o for o in names if o not in exact]
@@ -338,12 +356,7 @@ def evaluate_version(rows: Iterable[Mapping[str, Any]], targets: Mapping[str, Se
     exact_arr = np.stack([_check_distribution(exact[o], k, f"{source}: exact[{o!r}]")
                           for o in names])
     per_exact, out["exact_mae"], out["exact_mae_std"] = exact_mae(target, exact_arr)
-  out["per_occupation"] = [
-      _occupation_entry(j, o, target, achieved, counts, unparsed, ci, occ_mae, occ_kl, occ_js,
-                        exact_arr, per_exact) for j, o in enumerate(names)]
-  if answers is not None:
-    _add_answer_metrics(out, names, target, answers, k, source)
-  return out
+  return exact_arr, per_exact
 
 
 def _add_answer_metrics(out: dict, names, target: np.ndarray, answers, k: int, source: str):
