@@ -28,7 +28,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -687,17 +687,15 @@ def with_absolute_paths(cfg: Config) -> Config:
       **{s: dataclasses.replace(getattr(cfg, s), **fields) for s, fields in sections.items()})
 
 
-_STAGE_SECTION = {"sft": "sft", "ift": "sft", "hybrid": "hybrid", "dpo": "dpo"}
-
-
-def results_affecting(cfg_dict: dict) -> dict:
+def results_affecting(cfg_dict: dict, sections: Mapping[str, str]) -> dict:
   """The parts of a config dict that change a run's trained weights (not where it lives, how it
   logs, checkpoints or evaluates, nor the sections of stages it does not run): what a rerun in
-  the same run directory must match."""
-  run = {_STAGE_SECTION.get(str(s), str(s)) for s in cfg_dict.get("stages") or ()}
+  the same run directory must match. ``sections``: stage -> its config section (the stages'
+  registry, ``train.stages.SECTIONS``)."""
+  run = {sections.get(str(s), str(s)) for s in cfg_dict.get("stages") or ()}
   d = {k: v for k, v in cfg_dict.items()
        if k not in ("logging", "checkpoint", "run_dir", "eval")
-       and not (k in _STAGE_SECTION.values() and k not in run)}
+       and not (k in sections.values() and k not in run)}
   if "heldout" in d:
     d["heldout"] = {k: v for k, v in d["heldout"].items() if k != "every_steps"}
   return d

@@ -320,7 +320,8 @@ def test_prompt_settings_are_typed_and_recorded(tmp_path):
   assert cfg.data.chat_template_kwargs == {"date_string": "26 Jul 2024"}
   from distfair_jax.config import config_from_dict, config_to_dict, results_affecting
   assert config_from_dict(config_to_dict(cfg)) == cfg
-  assert results_affecting(config_to_dict(cfg))["data"]["system_prompt"] == "none"
+  from distfair_jax.train.stages import SECTIONS
+  assert results_affecting(config_to_dict(cfg), SECTIONS)["data"]["system_prompt"] == "none"
   ev = load_eval_config(cfg.eval, ["system_prompt=Answer tersely."])
   assert ev.system_prompt == "Answer tersely." and ev.chat_template_kwargs is None
   with pytest.raises(InputError, match=r"command line: data\.system_prompt"):

@@ -66,12 +66,9 @@ def _setup(ctx, stage, init_params):
   pays = ctx.packing_pays(stage, records)
   layout = stage.layout(ctx.batch_devices, pays)
   stage.check_batch_size(layout, ctx.batch_devices)
-  if stage.records_kind == "kto":
-    console.log(f"{stage.name}: batch layout {layout}" + (
-        " (one row per pair: the prompt computed once for its four sequences)"
-        if layout == "packed" else "") + (f"; estimated packed / rows compute "
-                                           f"{ctx.packing_ratio(records):.2f}"
-                                           if str(scfg.layout) == "auto" else ""))
+  note = stage.layout_note(layout, lambda: ctx.packing_ratio(records))
+  if note is not None:
+    console.log(note)
   seed = (ctx.cfg.data.seed + stage.seed_offset) % 2**32  # data.seed is below 2**32
   pipe = pipeline.make_batches(records, ctx.encoder, stage.records_kind, scfg.batch_size,
                                seed=seed, num_epochs=scfg.epochs, layout=layout,

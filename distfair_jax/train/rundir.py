@@ -35,6 +35,7 @@ from distfair_jax.errors import InputError
 from distfair_jax.model import checkpoint_io
 from distfair_jax.model.loader import load_model, load_pretrained
 from distfair_jax.model.modeldir import MODEL_CONFIG
+from distfair_jax.train.stages import SECTIONS
 
 __all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY", "CHECKPOINTS",
            "OpenedModel", "model_dir_kind", "open_model_dir"]
@@ -117,9 +118,9 @@ class RunDir:
       # Paths compared by where they lead: as this process resolves them (a run recorded before
       # paths were made absolute) and through symlinks (a run directory reached by another path).
       a = {k: (_place(v) if k in PATH_FIELDS else v)
-           for k, v in _flat(results_affecting(previous)).items()}
+           for k, v in _flat(results_affecting(previous, SECTIONS)).items()}
       b = {k: (_place(v) if k in PATH_FIELDS else v)
-           for k, v in _flat(results_affecting(current)).items()}
+           for k, v in _flat(results_affecting(current, SECTIONS)).items()}
       # A field newer than the recorded run had its default's behaviour there.
       defaults = _flat(config_to_dict(Config(run_dir=cfg.run_dir)))
       a.update({k: defaults[k] for k in b if k not in a and k in defaults})

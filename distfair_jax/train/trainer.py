@@ -30,8 +30,8 @@ from distfair_jax.train.loop import run_stage
 from distfair_jax.train import runlock
 from distfair_jax.train.preemption import SigtermFlag
 from distfair_jax.train.rundir import RunDir
-from distfair_jax.train.stages import HybridStage, make_stage
-from distfair_jax.train.stages.hybrid import PACKING_PAYS_BELOW
+from distfair_jax.train.stages import make_stage
+from distfair_jax.train.stages.common import packing_estimate
 from distfair_jax.train.writer import MetricsWriter
 
 __all__ = ["train", "RunContext", "PROMPT_EXAMPLE"]
@@ -65,13 +65,11 @@ class RunContext:
   def packing_ratio(self, records) -> float:
     """The estimated packed / rows compute of the run's KTO pairs (computed once)."""
     if self._packing_ratio is None:
-      self._packing_ratio = HybridStage.packing_estimate(records, self.encoder)
+      self._packing_ratio = packing_estimate(records, self.encoder)
     return self._packing_ratio
 
   def packing_pays(self, stage, records) -> bool:
-    if not isinstance(stage, HybridStage) or str(stage.cfg.layout) != "auto":
-      return True
-    return self.packing_ratio(records) < PACKING_PAYS_BELOW
+    return stage.packing_pays(lambda: self.packing_ratio(records))
 
   def report_memory(self, name: str, report) -> None:
     if report is None:

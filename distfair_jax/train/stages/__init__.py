@@ -1,5 +1,9 @@
 """The training stages, one module each: ``sft`` (and the ``ift`` baseline), ``hybrid`` (the
-method), ``dpo`` (the baseline). ``make_stage(name, cfg)`` builds one from a run's config."""
+method), ``dpo`` (the baseline). ``make_stage(name, cfg)`` builds one from a run's config.
+
+``STAGE_CLASSES`` is the one registry of stages: a new stage is its module and one entry here.
+Everything else is read from the class (``section``, ``records_kind``, ...): ``SECTIONS`` (stage ->
+its config section) is what ``config.results_affecting`` compares."""
 
 from __future__ import annotations
 
@@ -11,18 +15,19 @@ from distfair_jax.train.stages.dpo import DPOStage
 from distfair_jax.train.stages.hybrid import HybridStage
 from distfair_jax.train.stages.sft import IFTStage, SFTStage
 
-__all__ = ["StageBase", "SFTStage", "IFTStage", "HybridStage", "DPOStage", "make_stage", "STAGES"]
+__all__ = ["StageBase", "SFTStage", "IFTStage", "HybridStage", "DPOStage", "make_stage", "STAGES",
+           "STAGE_CLASSES", "SECTIONS"]
 
-STAGES = ("sft", "hybrid", "ift", "dpo")
+STAGE_CLASSES: dict[str, type[StageBase]] = {
+    cls.name: cls for cls in (SFTStage, HybridStage, IFTStage, DPOStage)}
+STAGES = tuple(STAGE_CLASSES)
+SECTIONS = {name: cls.section for name, cls in STAGE_CLASSES.items()}
 
 
 def make_stage(name: str, cfg: Config, tile_size: int = DEFAULT_TILE_SIZE) -> StageBase:
   """The stage ``name`` of a run: sft and ift read ``cfg.sft``, hybrid ``cfg.hybrid``, dpo
   ``cfg.dpo``."""
-  if name in ("sft", "ift"):
-    return (IFTStage if name == "ift" else SFTStage)(cfg.sft, tile_size)
-  if name == "hybrid":
-    return HybridStage(cfg.hybrid, tile_size)
-  if name == "dpo":
-    return DPOStage(cfg.dpo, tile_size)
-  raise InputError(f"stage: expected one of {', '.join(STAGES)}, got {name!r}")
+  cls = STAGE_CLASSES.get(name)
+  if cls is None:
+    raise InputError(f"stage: expected one of {', '.join(STAGES)}, got {name!r}")
+  return cls(getattr(cfg, cls.section), tile_size)

@@ -12,7 +12,7 @@ soft-capped as the model's logits are (``model.logit_softcap``, Gemma 2).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from flax import nnx
 from distfair_jax import losses as L
 from distfair_jax.data import batches as B
 from distfair_jax.data import collate as collate_lib
+from distfair_jax.data import tokenize
 from distfair_jax.errors import InputError
 
 __all__ = ["StageBase", "merge", "rng_state", "sequence_logps", "packed_group_logps", "forward_hidden",
@@ -113,6 +114,16 @@ def steering_mae_fn(graphdef_eval, steering_ids) -> Callable:
   return fn
 
 
+_ESTIMATE_RECORDS = 512  # the first 256 pairs size the layout
+
+
+def packing_estimate(records: Sequence[dict], encoder: tokenize.Encoder) -> float:
+  """Estimated packed / rows compute on the stage's first pairs (``tokenize.packed_cost_ratio``)."""
+  pairs = tokenize.pair_records(records[:_ESTIMATE_RECORDS])
+  return tokenize.packed_cost_ratio(
+      [tuple(encoder.encode_record(r, "kto") for r in pair) for pair in pairs])
+
+
 @dataclasses.dataclass(frozen=True)
 class StageBase:
   """A training stage: its section config (frozen: the stage's static spec, part of the compiled
@@ -144,6 +155,15 @@ class StageBase:
     """``rows`` or ``packed`` for a batch of ``batch_size`` sequences (default: the stage's) split
     over ``devices`` (data x fsdp); ``packing_pays``: the data's estimate."""
     return "rows"
+
+  def packing_pays(self, ratio: Callable[[], float]) -> bool:
+    """Whether the packed layout pays for this stage; ``ratio()``: the run's estimated packed /
+    rows compute (``packing_estimate``), computed only when a stage asks."""
+    return True
+
+  def layout_note(self, layout: str, ratio: Callable[[], float]) -> str | None:
+    """A line for the log about the batch layout chosen (None: nothing to say)."""
+    return None
 
   def batch_options(self) -> dict[str, str]:
     """Extra options of this stage's data pipeline (``pipeline.make_batches``)."""

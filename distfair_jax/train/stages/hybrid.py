@@ -12,14 +12,13 @@ the output projection, and ``losses.hybrid_loss`` combines the terms with the co
 the step nor a pooled cache before the stage) and reports no KTO rewards.
 
 Layout rule (``hybrid.layout: auto``): packed when the pairs split over the data x fsdp devices and
-packing pays on the stage's data (``tokenize.packed_cost_ratio`` of its pairs below
+packing pays on the stage's data (``common.packing_estimate`` of its pairs below
 ``PACKING_PAYS_BELOW``: the margin covers the longer rows' attention).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 from distfair_jax import losses as L
 from distfair_jax.config import Ablation, HybridConfig, Layout, Reference
 from distfair_jax.data import batches as B
-from distfair_jax.data import tokenize
 from distfair_jax.errors import InputError
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.stages.common import (StageBase, merge, packed_group_logps,
@@ -37,7 +35,6 @@ from distfair_jax.train.stages.common import (StageBase, merge, packed_group_log
 __all__ = ["HybridStage", "PACKING_PAYS_BELOW"]
 
 PACKING_PAYS_BELOW = 0.8
-_ESTIMATE_RECORDS = 512  # the first 256 pairs size the layout
 
 
 def _concat(a: B.Sequences, b: B.Sequences) -> B.Sequences:
@@ -88,12 +85,19 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
     pairs = (batch_size or self.cfg.batch_size) // 2
     return "packed" if pairs % devices == 0 and packing_pays else "rows"
 
-  @staticmethod
-  def packing_estimate(records: Sequence[dict], encoder: tokenize.Encoder) -> float:
-    """Estimated packed / rows compute on the stage's first pairs (``tokenize.packed_cost_ratio``)."""
-    pairs = tokenize.pair_records(records[:_ESTIMATE_RECORDS])
-    return tokenize.packed_cost_ratio(
-        [tuple(encoder.encode_record(r, "kto") for r in pair) for pair in pairs])
+  def packing_pays(self, ratio) -> bool:
+    """``hybrid.layout: auto`` packs when the pairs' packed / rows compute (``ratio()``, the
+    run's estimate) is below ``PACKING_PAYS_BELOW``; a set layout is taken as it is."""
+    if str(self.cfg.layout) != "auto":
+      return True
+    return ratio() < PACKING_PAYS_BELOW
+
+  def layout_note(self, layout: str, ratio) -> str | None:
+    return (f"{self.name}: batch layout {layout}" + (
+        " (one row per pair: the prompt computed once for its four sequences)"
+        if layout == "packed" else "") + (f"; estimated packed / rows compute "
+                                           f"{ratio():.2f}"
+                                           if str(self.cfg.layout) == "auto" else ""))
 
   def check_batch(self, batch) -> None:
     super().check_batch(batch)
