@@ -230,23 +230,23 @@ class HybridStep:
     from distfair_jax.config import HybridConfig, OptimConfig
     from distfair_jax.model.loader import split_model
     from distfair_jax.train.stages import HybridStage
-    from distfair_jax.train.state import init_train_state, make_optimizer
-    from distfair_jax.train.step import make_train_step
+    from distfair_jax.train.state import init_train_state
+    from distfair_jax.train.step import stage_step
 
     device = device or jax.devices()[0]
     self.mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     self.stage = HybridStage(HybridConfig(reference=reference), tile_size=tile_size)
     model.train()
     graphdef, graphdef_eval, params, rngs, frozen = split_model(model, lora=False)
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=learning_rate, warmup_steps=0), 1000)
+    built = stage_step(self.stage, graphdef, graphdef_eval, jnp.asarray(steering_ids, jnp.int32),
+                       OptimConfig(learning_rate=learning_rate, warmup_steps=0), 1000)
     params = jax.device_put(params, device)
     self.ref_params = jax.tree.map(jnp.copy, params)
     self.rngs = jax.device_put(rngs, device)
     self.frozen = jax.device_put(frozen, device)
-    self.state = init_train_state(tx, params, self.rngs, self.mesh)
-    loss_fn = self.stage.loss_fn(graphdef, graphdef_eval, jnp.asarray(steering_ids, jnp.int32))
+    self.state = init_train_state(built.tx, params, self.rngs, self.mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.step = jax.jit(make_train_step(loss_fn, tx, schedule), donate_argnums=(0,),
+    self.step = jax.jit(built.step_fn, donate_argnums=(0,),
                         out_shardings=(state_shardings, None))
     self.reference_fn = jax.jit(self.stage.reference_fn(graphdef_eval))
     self._shd = shd

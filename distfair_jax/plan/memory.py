@@ -248,8 +248,8 @@ def _lower_step(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
                 mesh_axes: Mapping[str, int] | None) -> _LoweredStep:
   """``stage_name``'s train step as ``distfair train`` jits it, lowered on abstract inputs."""
   from distfair_jax.train.stages import STAGES, make_stage
-  from distfair_jax.train.state import abstract_train_state, make_optimizer
-  from distfair_jax.train.step import make_train_step
+  from distfair_jax.train.state import abstract_train_state
+  from distfair_jax.train.step import stage_step
   if stage_name not in STAGES:
     raise InputError(f"plan: stage: expected one of {', '.join(STAGES)}, got {stage_name!r}")
   stage = make_stage(stage_name, cfg)
@@ -267,16 +267,15 @@ def _lower_step(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
   m = _abstract_model(cfg, mesh)
   k = _num_categories(cfg)
   steering_ids = jnp.arange(k, dtype=jnp.int32)  # values do not matter for sizing
-  tx, schedule = make_optimizer(stage.cfg.optim, 1000)
-  loss_fn = stage.loss_fn(m.graphdef, m.graphdef_eval, steering_ids)
-  step_fn = make_train_step(loss_fn, tx, schedule, stage.cfg.optim.grad_accum)
-  state = abstract_train_state(tx, m.params, m.rngs, mesh)
+  built = stage_step(stage, m.graphdef, m.graphdef_eval, steering_ids, stage.cfg.optim, 1000,
+                     stage.cfg.optim.grad_accum)
+  state = abstract_train_state(built.tx, m.params, m.rngs, mesh)
   batch = stage.abstract_batch(length, k, layout)
   batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), batch,
                        shd.batch_shardings(batch, mesh, shapes=True))
   ref = m.params if stage.needs_reference else None
   state_sh = jax.tree.map(lambda x: x.sharding, state)
-  jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
+  jitted = jax.jit(built.step_fn, donate_argnums=(0,), out_shardings=(state_sh, None))
   return _LoweredStep(jitted.lower(state, m.frozen, ref, batch), stage, m.config, batch, layout,
                       len(devices))
 

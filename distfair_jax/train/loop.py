@@ -28,7 +28,7 @@ from distfair_jax import losses as L
 from distfair_jax import distributed
 from distfair_jax import sharding as shd
 from distfair_jax.config import Reference, config_to_dict
-from distfair_jax.data import pipeline, tokenize
+from distfair_jax.data import pipeline
 from distfair_jax.errors import InputError
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.checkpoint import StageCheckpointer, abstract_like
@@ -36,8 +36,8 @@ from distfair_jax.train.heldout import HeldoutEval
 from distfair_jax.train import reference_cache as RC
 from distfair_jax.train.preemption import Preempted
 from distfair_jax.train.stages.common import merge, sequence_logps
-from distfair_jax.train.state import init_train_state, make_optimizer
-from distfair_jax.train.step import CompiledStep, make_train_step, memory_line
+from distfair_jax.train.state import init_train_state
+from distfair_jax.train.step import CompiledStep, memory_line, stage_step
 
 __all__ = ["run_stage", "TrainingError", "Preempted"]
 
@@ -80,12 +80,13 @@ def _setup(ctx, stage, init_params):
                      f"{len(records)} training records")
   stage, make_cache = _reference_plan(ctx, stage, layout, seed, total)
   accum = scfg.optim.grad_accum
-  tx, schedule = make_optimizer(scfg.optim, max(1, total // accum))
   m = ctx.model
-  loss_fn = stage.loss_fn(m.graphdef, m.graphdef_eval, ctx.steering_ids)
+  built = stage_step(stage, m.graphdef, m.graphdef_eval, ctx.steering_ids, scfg.optim,
+                     max(1, total // accum), accum)
+  loss_fn = built.loss_fn
   # Copy the initial params: the state is donated to the step, the reference must survive it.
-  state = init_train_state(tx, jax.tree.map(jnp.copy, init_params), ctx.rngs, ctx.mesh)
-  step = CompiledStep(make_train_step(loss_fn, tx, schedule, accum), state, ctx.mesh,
+  state = init_train_state(built.tx, jax.tree.map(jnp.copy, init_params), ctx.rngs, ctx.mesh)
+  step = CompiledStep(built.step_fn, state, ctx.mesh,
                       on_first_compile=lambda c: ctx.report_memory(stage.name, memory_line(
                           stage.name, c)))
   heldout = HeldoutEval(stage, ctx.heldout_records.get(stage.records_kind) or [], model=m,

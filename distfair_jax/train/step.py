@@ -1,12 +1,14 @@
 """The train step: one pure function ``(state, frozen, reference, batch) -> (state, metrics)``, and the
 held-out evaluation function, both built from a stage's loss (``train.stages``).
 
-``CompiledStep`` jit-compiles the step with the state donated and its output shardings fixed, once
+``stage_step`` builds a stage's step (optimizer, loss, update) in the one way ``distfair train``,
+``distfair plan`` and the benchmarks all use. ``CompiledStep`` jit-compiles the step with the state donated and its output shardings fixed, once
 per batch shape (one per length bucket), ahead of time, and reports the compiled program's memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -14,9 +16,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from distfair_jax.train.stages.common import steering_mae_fn
-from distfair_jax.train.state import TrainState, current_learning_rate
+from distfair_jax.config import OptimConfig
+from distfair_jax.train.state import TrainState, current_learning_rate, make_optimizer
 
-__all__ = ["make_train_step", "make_eval_fn", "CompiledStep", "memory_line"]
+__all__ = ["make_train_step", "make_eval_fn", "StageStep", "stage_step", "CompiledStep",
+           "memory_line"]
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -35,6 +39,25 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rngs=new_rngs), metrics
 
   return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+  """A stage's train step and what it is made of: the loss, the optimizer and its schedule."""
+  loss_fn: Callable
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  step_fn: Callable
+
+
+def stage_step(stage, graphdef, graphdef_eval, steering_ids, optim: OptimConfig,
+               decay_steps: int, grad_accum: int = 1) -> StageStep:
+  """``stage``'s train step on a model split (``graphdef`` in train mode, ``graphdef_eval`` for
+  the forwards without gradient): the optimizer of ``optim`` decaying over ``decay_steps``
+  updates, the stage's loss, ``make_train_step`` (``grad_accum`` micro-steps per update)."""
+  tx, schedule = make_optimizer(optim, decay_steps)
+  loss_fn = stage.loss_fn(graphdef, graphdef_eval, steering_ids)
+  return StageStep(loss_fn, tx, schedule, make_train_step(loss_fn, tx, schedule, grad_accum))
 
 
 def make_eval_fn(loss_fn: Callable, graphdef_eval, steering_ids=None) -> Callable:
