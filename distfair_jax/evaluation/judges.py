@@ -41,7 +41,7 @@ from distfair_jax.evaluation.parsing import CategoryParser
 
 __all__ = [
     "JudgeError", "JudgeUnreachableError", "JudgeTimeoutError", "Judge", "RulesJudge",
-    "OpenAIJudge", "make_judge", "load_lexicon", "infer_attribute",
+    "OpenAIJudge", "make_judge", "JUDGES", "load_lexicon", "infer_attribute",
 ]
 
 
@@ -462,13 +462,18 @@ class OpenAIJudge(Judge):
     return [first, *rest]
 
 
+# The judges by kind (``eval.judge.kind``): a new judge is its class and one entry here; the keyword
+# arguments each kind cannot do without, with what they name.
+JUDGES: dict[str, type] = {"rules": RulesJudge, "openai": OpenAIJudge}
+REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
+    "openai": (("model", "the served model name"), ("base_url", "the server's URL"))}
+
+
 def make_judge(kind: str, **kwargs) -> Judge:
   """'rules' -> RulesJudge(**kwargs); 'openai' -> OpenAIJudge(**kwargs) (needs base_url, model)."""
-  if kind == "rules":
-    return RulesJudge(**kwargs)
-  if kind == "openai":
-    for key, what in (("model", "the served model name"), ("base_url", "the server's URL")):
-      if not kwargs.get(key):
-        raise JudgeError(f"judge: {key}: expected {what} for the 'openai' judge, got none")
-    return OpenAIJudge(**kwargs)
-  raise JudgeError(f"judge: kind: expected 'rules' or 'openai', got {kind!r}")
+  if kind not in JUDGES:
+    raise JudgeError(f"judge: kind: expected {' or '.join(repr(k) for k in JUDGES)}, got {kind!r}")
+  for key, what in REQUIRED.get(kind, ()):
+    if not kwargs.get(key):
+      raise JudgeError(f"judge: {key}: expected {what} for the {kind!r} judge, got none")
+  return JUDGES[kind](**kwargs)
