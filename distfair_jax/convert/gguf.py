@@ -66,6 +66,7 @@ from distfair_jax.convert.hf import (MODEL_CONFIG, PARAMS_DIR, _abstract_params,
                                   _config_from_hf, _nest, _np_dtype, _progress,
                                   _write_model_config)
 from distfair_jax.errors import InputError
+from distfair_jax.model.checkpoint_io import save_params
 
 __all__ = ["gguf_to_flax", "gguf_name", "read_config", "unpermute_rows", "SUPPORTED_TYPES",
            "ARCHS", "GGUFArch"]
@@ -487,7 +488,6 @@ def gguf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "b
   peak memory is one model copy in ``dtype`` plus a block of rows. Raises ``InputError`` (one line)
   for a bad file or an existing non-empty ``dst`` without ``overwrite``; nothing is left at
   ``dst`` unless the conversion completes. Returns ``dst``."""
-  from distfair_jax.model.checkpoint_io import save_params
   _check_dtype(dtype)
   file, dst = Path(src).absolute(), Path(dst).absolute()
   fileio.check_new_dir(dst, overwrite)

@@ -41,7 +41,10 @@ import numpy as np
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
 from distfair_jax.model import family
+from distfair_jax.model import checkpoint_io
+from distfair_jax.model.checkpoint_io import load_param_subset, params_metadata, save_params
 from distfair_jax.model.llama import LlamaConfig
+from distfair_jax.model.loader import load_pretrained
 from distfair_jax.model.modeldir import (MODEL_CONFIG, PARAMS_DIR, load_model_config,
                                          config_from_hf as _config_from_hf,
                                          read_json as _read_json,
@@ -321,7 +324,6 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfl
   Raises ``InputError`` (one line) for a bad source or an existing non-empty ``dst`` without
   ``overwrite``; nothing is left at ``dst`` unless the conversion completes. Returns ``dst``.
   """
-  from distfair_jax.model.checkpoint_io import save_params
   _check_dtype(dtype)
   src, dst = Path(src).absolute(), Path(dst).absolute()
   if not src.is_dir():
@@ -385,7 +387,6 @@ def _hf_order(name: str) -> tuple:
 
 def _check_stored(src: Path, expected: dict) -> dict:
   """The stored parameters' metadata, checked against the model of model_config.json."""
-  from distfair_jax.model.checkpoint_io import params_metadata
   stored = params_metadata(src / PARAMS_DIR)
   by_path = {path: (name, transposed, shape)
              for name, (path, transposed, shape) in expected.items()}
@@ -487,7 +488,6 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
   memory is a few shards, not the model). ``transformers.AutoModelForCausalLM.from_pretrained(dst)``
   loads it (and vLLM serves it). dtype: output dtype (default: the stored one). Returns ``dst``.
   """
-  from distfair_jax.model.checkpoint_io import load_param_subset
   src, dst = Path(src).absolute(), Path(dst).absolute()
   _check_dst(dst, overwrite, src)
   config = load_model_config(src)
@@ -509,7 +509,6 @@ def save_pretrained(path: str | os.PathLike, model_or_state: Any, config: Any,
   tokenizer: a transformers tokenizer (saved with ``save_pretrained``) or a directory whose
   tokenizer files are copied."""
   from flax import nnx
-  from distfair_jax.model import checkpoint_io
   path = Path(path).absolute()
   state = model_or_state
   if isinstance(model_or_state, nnx.Module):
@@ -575,7 +574,6 @@ def check(hf_dir: str | os.PathLike, flax_dir: str | os.PathLike, *, num_sequenc
   hf_config_path = hf_dir / "config.json"
   hf_cfg = _read_json(hf_config_path, "a Hugging Face config.json")
   _config_from_hf(hf_cfg, hf_config_path)
-  from distfair_jax.model.loader import load_pretrained
   model, _, config = load_pretrained(flax_dir, dtype="float32")
   infos = _index_safetensors(hf_dir)
   expected = _expected_hf(config)

@@ -42,7 +42,12 @@ from jax.sharding import PartitionSpec as P
 
 from distfair_jax import sharding as shd
 from distfair_jax.config import Config
+from distfair_jax.data import build as build_lib
 from distfair_jax.errors import InputError
+from distfair_jax.model.loader import load_model
+from distfair_jax.train.stages import STAGES, make_stage
+from distfair_jax.train.state import abstract_train_state, make_optimizer
+from distfair_jax.train.step import stage_step
 
 __all__ = ["StateLine", "StatePlan", "StepMemory", "state_plan", "compiled_step_memory",
            "batch_warnings", "parse_mesh", "format_bytes", "format_plan", "STEP_HEADER", "step_row",
@@ -116,7 +121,6 @@ class StepMemory:
 
 
 def _abstract_model(cfg: Config, mesh=None):
-  from distfair_jax.model.loader import load_model
   return load_model(cfg.model, cfg.lora, mesh, seed=cfg.seed, abstract=True)
 
 
@@ -148,7 +152,6 @@ def _sharded_bytes(shape: Sequence[int], dtype, spec: P, sizes: Mapping[str, int
 
 
 def _stage_optim(cfg: Config, stage: str):
-  from distfair_jax.train.stages import make_stage
   return make_stage(stage, cfg).cfg.optim
 
 
@@ -177,7 +180,6 @@ def _param_specs(state, sizes):
 
 def batch_warnings(cfg: Config, sizes: Mapping[str, int]) -> list[str]:
   """A stage whose global batch does not split over data x fsdp cannot run on this mesh."""
-  from distfair_jax.train.stages import make_stage
   div = sizes.get("data", 1) * sizes.get("fsdp", 1)
   out = []
   for name in cfg.stages:
@@ -208,7 +210,6 @@ def state_plan(cfg: Config, mesh_sizes: Mapping[str, int]) -> StatePlan:
   trainable = StateLine("trainable parameters", *_tree_bytes(params, p_specs, sizes))
   lines.append(trainable)
   # The optimizer of the first stage (they share their structure; only hyper-parameters differ).
-  from distfair_jax.train.state import make_optimizer
   tx, _ = make_optimizer(_stage_optim(cfg, cfg.stages[0]), 1000)
   abstract_opt = jax.eval_shape(tx.init, params)
   opt_specs = _opt_specs(tx, abstract_opt, p_specs, P())
@@ -230,7 +231,6 @@ def state_plan(cfg: Config, mesh_sizes: Mapping[str, int]) -> StatePlan:
 
 
 def _num_categories(cfg: Config) -> int:
-  from distfair_jax.data import build as build_lib
   return build_lib.resolve_spec(cfg.data.spec or cfg.data.dataset).attribute.num_categories
 
 
@@ -247,9 +247,6 @@ class _LoweredStep:
 def _lower_step(cfg: Config, stage_name: str, devices: Sequence[jax.Device],
                 mesh_axes: Mapping[str, int] | None) -> _LoweredStep:
   """``stage_name``'s train step as ``distfair train`` jits it, lowered on abstract inputs."""
-  from distfair_jax.train.stages import STAGES, make_stage
-  from distfair_jax.train.state import abstract_train_state
-  from distfair_jax.train.step import stage_step
   if stage_name not in STAGES:
     raise InputError(f"plan: stage: expected one of {', '.join(STAGES)}, got {stage_name!r}")
   stage = make_stage(stage_name, cfg)

@@ -17,6 +17,8 @@ from flax import nnx
 from distfair_jax import console
 from distfair_jax import distributed
 from distfair_jax import fileio
+from distfair_jax.convert import hf as convert
+from distfair_jax.train.rundir import load_run
 
 __all__ = ["export_run"]
 
@@ -25,8 +27,6 @@ def export_run(run_dir, dst, *, stage: str | None = None, overwrite: bool = Fals
                max_shard_size: str = "5GB", dtype: str | None = None, mesh=None) -> str:
   """Writes ``dst`` as a Hugging Face model directory from the run's final weights; returns the
   stage exported. dtype: the tensors' dtype (default: the run's parameter dtype)."""
-  from distfair_jax.convert import hf as convert
-  from distfair_jax.train.rundir import load_run
   fileio.check_new_dir(dst, overwrite)
   loaded, cfg, stage = load_run(run_dir, stage, mesh=mesh)
   model = loaded.merged()
