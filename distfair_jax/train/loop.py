@@ -27,15 +27,13 @@ from distfair_jax import console
 from distfair_jax import losses as L
 from distfair_jax import distributed
 from distfair_jax import sharding as shd
-from distfair_jax.config import Reference, config_to_dict
+from distfair_jax.config import config_to_dict
 from distfair_jax.data import pipeline
 from distfair_jax.errors import InputError
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.checkpoint import StageCheckpointer, abstract_like
 from distfair_jax.train.heldout import HeldoutEval
-from distfair_jax.train import reference_cache as RC
 from distfair_jax.train.preemption import Preempted
-from distfair_jax.train.stages.common import merge, sequence_logps
 from distfair_jax.train.state import init_train_state
 from distfair_jax.train.step import CompiledStep, memory_line, stage_step
 
@@ -78,7 +76,7 @@ def _setup(ctx, stage, init_params):
   if total < 1:
     raise InputError(f"{stage.name}: batch_size: {scfg.batch_size} is larger than the stage's "
                      f"{len(records)} training records")
-  stage, make_cache = _reference_plan(ctx, stage, layout, seed, total)
+  stage, make_cache = stage.reference_plan(ctx, layout, seed, total)
   accum = scfg.optim.grad_accum
   m = ctx.model
   built = stage_step(stage, m.graphdef, m.graphdef_eval, ctx.steering_ids, scfg.optim,
@@ -106,49 +104,6 @@ def _setup(ctx, stage, init_params):
   cache = make_cache(init_params) if make_cache is not None else None
   return _Stage(stage.name, stage, pipe, total, step, heldout, ckpt, reference, cache), state, \
       start, data_state
-
-
-def _pool(ctx, stage, seed, total) -> RC.SequencePool:
-  """The stage's distinct sequences: its global batches in the rows layout (the same units per
-  step as the training pipeline in either layout), on every process."""
-  pipe = pipeline.make_batches(ctx.train_records[stage.records_kind], ctx.encoder,
-                               stage.records_kind, stage.cfg.batch_size, seed=seed,
-                               num_epochs=stage.cfg.epochs, layout="rows",
-                               group_by_length=stage.cfg.group_by_length, shard_index=0,
-                               shard_count=1, **stage.batch_options()).iterator()
-  return RC.SequencePool.from_batches((step, next(pipe)) for step in range(total))
-
-
-def _reference_plan(ctx, stage, layout, seed, total):
-  """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params) ->
-  ``reference_cache.PooledCache``). ``cached``: the pool. ``auto``: the pool where its compute (the
-  distinct share of the stage's sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own
-  reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
-  online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
-  mode = getattr(stage.cfg, "reference", None)
-  if mode is None or mode == Reference.online or not getattr(stage, "uses_reference", True):
-    return stage, None
-  name, m = stage.name, ctx.model
-  pool = _pool(ctx, stage, seed, total)
-  step_cost = 1.0 if layout == "rows" else ctx.packing_ratio(ctx.train_records[stage.records_kind])
-  what = (f"{len(pool.entries)} distinct sequences of the {pool.seen} its {total} steps hold "
-          f"({100 * pool.distinct_share:.1f}%; the {layout} layout's own pass costs "
-          f"{100 * step_cost:.0f}% of theirs)")
-  if mode == Reference.auto and not RC.pays(pool.distinct_share, step_cost):
-    console.log(f"{name}: reference online (auto: {what})")
-    return stage.with_reference(Reference.online), None
-  console.log(f"{name}: reference log-probs computed before the stage, once per distinct "
-              f"sequence: {what}")
-  tile, buckets = stage.tile_size, ctx.encoder.buckets
-  fn = jax.jit(lambda params, rngs, frozen, seqs: sequence_logps(
-      merge(m.graphdef_eval, params, rngs, frozen), seqs, tile)[3])
-
-  def pooled_cache(ref_params):
-    return RC.PooledCache.compute(pool, lambda seqs: fn(ref_params, ctx.rngs, m.frozen, seqs),
-                                  rows=RC.chunk_rows(stage.cfg.batch_size), buckets=buckets,
-                                  mesh=ctx.mesh, progress=ctx.show_progress,
-                                  desc=f"{name}: reference")
-  return stage.with_reference(Reference.cached), pooled_cache
 
 
 def _step_metrics(ctx, stage, metrics, batch, dt: float) -> dict[str, float]:

@@ -165,6 +165,12 @@ class StageBase:
     """A line for the log about the batch layout chosen (None: nothing to say)."""
     return None
 
+  def reference_plan(self, ctx, layout: str, seed: int, total: int):
+    """-> (the stage to train, None or fn(reference params) -> a pooled reference cache): how the
+    stage gets its reference model's log-probs (``HybridStage``: online or pooled; the others
+    need none)."""
+    return self, None
+
   def batch_options(self) -> dict[str, str]:
     """Extra options of this stage's data pipeline (``pipeline.make_batches``)."""
     return {}

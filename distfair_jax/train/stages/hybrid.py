@@ -27,7 +27,10 @@ from distfair_jax import losses as L
 from distfair_jax.config import Ablation, HybridConfig, Layout, Reference
 from distfair_jax.data import batches as B
 from distfair_jax.errors import InputError
+from distfair_jax import console
+from distfair_jax.data import pipeline
 from distfair_jax.train import flops as flops_lib
+from distfair_jax.train import reference_cache as RC
 from distfair_jax.train.stages.common import (StageBase, merge, packed_group_logps,
                                               packed_token_count, rng_state, sequence_logps,
                                               token_count)
@@ -73,6 +76,49 @@ class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto"
 
   def with_reference(self, mode: Reference) -> HybridStage:
     return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, reference=mode))
+
+  # -- the reference: online, or pooled once before the stage ----------------------------------------
+
+  def reference_plan(self, ctx, layout, seed, total):
+    """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params) ->
+    ``reference_cache.PooledCache``). ``cached``: the pool. ``auto``: the pool where its compute (the
+    distinct share of the stage's sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own
+    reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
+    online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
+    mode = self.cfg.reference
+    if mode == Reference.online or not self.uses_reference:
+      return self, None
+    name, m = self.name, ctx.model
+    pool = self._pool(ctx, seed, total)
+    step_cost = 1.0 if layout == "rows" else ctx.packing_ratio(ctx.train_records[self.records_kind])
+    what = (f"{len(pool.entries)} distinct sequences of the {pool.seen} its {total} steps hold "
+            f"({100 * pool.distinct_share:.1f}%; the {layout} layout's own pass costs "
+            f"{100 * step_cost:.0f}% of theirs)")
+    if mode == Reference.auto and not RC.pays(pool.distinct_share, step_cost):
+      console.log(f"{name}: reference online (auto: {what})")
+      return self.with_reference(Reference.online), None
+    console.log(f"{name}: reference log-probs computed before the stage, once per distinct "
+                f"sequence: {what}")
+    tile, buckets = self.tile_size, ctx.encoder.buckets
+    fn = jax.jit(lambda params, rngs, frozen, seqs: sequence_logps(
+        merge(m.graphdef_eval, params, rngs, frozen), seqs, tile)[3])
+
+    def pooled_cache(ref_params):
+      return RC.PooledCache.compute(pool, lambda seqs: fn(ref_params, ctx.rngs, m.frozen, seqs),
+                                    rows=RC.chunk_rows(self.cfg.batch_size), buckets=buckets,
+                                    mesh=ctx.mesh, progress=ctx.show_progress,
+                                    desc=f"{name}: reference")
+    return self.with_reference(Reference.cached), pooled_cache
+
+  def _pool(self, ctx, seed, total) -> RC.SequencePool:
+    """The stage's distinct sequences: its global batches in the rows layout (the same units per
+    step as the training pipeline in either layout), on every process."""
+    pipe = pipeline.make_batches(ctx.train_records[self.records_kind], ctx.encoder,
+                                 self.records_kind, self.cfg.batch_size, seed=seed,
+                                 num_epochs=self.cfg.epochs, layout="rows",
+                                 group_by_length=self.cfg.group_by_length, shard_index=0,
+                                 shard_count=1, **self.batch_options()).iterator()
+    return RC.SequencePool.from_batches((step, next(pipe)) for step in range(total))
 
   # -- layout --------------------------------------------------------------------------------------
 
