@@ -3,6 +3,7 @@ layer above its own, so the import graph has no circle across the pipeline's fol
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -17,3 +18,20 @@ def test_layers_contract_is_kept(monkeypatch):
   monkeypatch.syspath_prepend(str(ROOT))  # this checkout's package, whichever is installed
   assert importlinter_cli.lint_imports(config_filename=str(ROOT / "pyproject.toml"),
                                        no_cache=True) == 0, "see the broken contract printed above"
+
+
+def test_extension_points_agree():
+  """The lists an extension point still has more than one of name the same things: the config's
+  stage choices are the stages' registry, the record kinds of the data builder those the batches
+  collate, and every family of the registry reads its own config fields or shares Llama's."""
+  from distfair_jax import config
+  from distfair_jax.data import build, collate
+  from distfair_jax.model import family
+  from distfair_jax.model.llama_config import ARCHITECTURES
+  from distfair_jax.train import stages
+  assert tuple(s.value for s in config.Stage) == stages.STAGES
+  assert set(stages.SECTIONS.values()) <= {f.name for f in dataclasses.fields(config.Config)}
+  assert build.TRAIN_KINDS == collate.KINDS
+  assert {s.records_kind for s in stages.STAGE_CLASSES.values()} == set(collate.KINDS)
+  assert set(family.MODEL_CLASSES) == set(ARCHITECTURES.values())
+  assert set(family.HF_FIELDS) <= set(family.MODEL_CLASSES)
