@@ -66,7 +66,7 @@ from distfair_jax.convert.hf import (MODEL_CONFIG, PARAMS_DIR, _abstract_params,
                                   _config_from_hf, _nest, _np_dtype, _progress,
                                   _write_model_config)
 from distfair_jax.errors import InputError
-from distfair_jax.model.checkpoint_io import save_params
+from distfair_jax.model import checkpoint_io
 
 __all__ = ["gguf_to_flax", "gguf_name", "read_config", "unpermute_rows", "SUPPORTED_TYPES",
            "ARCHS", "GGUFArch"]
@@ -510,7 +510,7 @@ def gguf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "b
         flat[path] = _read_tensor(f, tensor, transposed, n_head, target, offset)
     tree = _nest(flat)
     del flat
-    save_params(tmp / PARAMS_DIR, tree)
+    checkpoint_io.save_params(tmp / PARAMS_DIR, tree)
     del tree
     _write_model_config(tmp / MODEL_CONFIG, config)
   return dst

@@ -42,7 +42,6 @@ from distfair_jax import fileio
 from distfair_jax.errors import InputError
 from distfair_jax.model import family
 from distfair_jax.model import checkpoint_io
-from distfair_jax.model.checkpoint_io import load_param_subset, params_metadata, save_params
 from distfair_jax.model.llama import LlamaConfig
 from distfair_jax.model.loader import load_pretrained
 from distfair_jax.model.modeldir import (MODEL_CONFIG, PARAMS_DIR, load_model_config,
@@ -348,7 +347,7 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfl
   with fileio.atomic_dir(dst, overwrite=overwrite) as tmp:
     tree = _nest(flat)
     del flat
-    save_params(tmp / PARAMS_DIR, tree)
+    checkpoint_io.save_params(tmp / PARAMS_DIR, tree)
     del tree
     _write_model_config(tmp / MODEL_CONFIG, config)
     _copy_tokenizer_files(src, tmp)
@@ -387,7 +386,7 @@ def _hf_order(name: str) -> tuple:
 
 def _check_stored(src: Path, expected: dict) -> dict:
   """The stored parameters' metadata, checked against the model of model_config.json."""
-  stored = params_metadata(src / PARAMS_DIR)
+  stored = checkpoint_io.params_metadata(src / PARAMS_DIR)
   by_path = {path: (name, transposed, shape)
              for name, (path, transposed, shape) in expected.items()}
   for path, (name, transposed, shape) in by_path.items():
@@ -492,7 +491,8 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: i
   _check_dst(dst, overwrite, src)
   config = load_model_config(src)
   stored = _check_stored(src, _expected_hf(config))
-  return write_hf(dst, config, lambda paths: load_param_subset(src / PARAMS_DIR, paths),
+  read = lambda paths: checkpoint_io.load_param_subset(src / PARAMS_DIR, paths)
+  return write_hf(dst, config, read,
                   stored_dtype=next(iter(stored.values()))[1], tokenizer_dir=src,
                   max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
                   progress=progress)
