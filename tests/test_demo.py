@@ -258,6 +258,7 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
     assert 0 <= versions["v3"]["unparsed_rate"] <= 1 and versions["v2"]["exact_answer_mae"] >= 0
   ds = run_dir / "gender_real_us"
   assert not (ds / "base").exists()  # nothing trained before the methods
+  assert (ds / "occupations_v2.png").stat().st_size > 10_000  # per occupation, against the target
   meta = json.loads((ds / "zero_shot" / "eval" / "metrics.json").read_text())["meta"]
   assert meta["base_model"] == str(ckpt)
   selection = json.loads((ds / "selection.json").read_text())
