@@ -110,6 +110,10 @@ class DemoSettings:
   length_buckets: str = "pow2"
   # Where the steered methods' steering token goes (``data.steering_placement``).
   steering_placement: str = "assistant"
+  # The dataset whose selected learning rates the others reuse as one-point grids, where its
+  # selection.json exists in the same run directory (run first); None: every dataset selects
+  # from the grids.
+  tune_on: str | None = None
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
 
@@ -157,13 +161,16 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
 # paper's: SFT 4 rows, stage 2 8 rows (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps
 # at 1e-4 left SmolLM2's steered answers 99.4% non-answer on the held-out prompts. Batches pad
 # to 1.5x steps too (``fine``): with length grouping, the SFT step fell from 7.3 s to ~4.4 s.
+# The grids run on gender_real_us; the other datasets reuse its selected rates (``tune_on``): a
+# dataset in about half the time.
 REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_epochs=2,
                     stage2_epochs=2, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
                     stage2_lrs=(1e-4, 5e-4),
                     rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
                     lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, lora_targets=("all-linear",),
                     sft_group_by_length=True, story_check_rounds=4, analyses=False,
-                    pair_story_rows_per_occupation=4, length_buckets="fine")
+                    pair_story_rows_per_occupation=4, length_buckets="fine",
+                    tune_on="gender_real_us")
 
 
 def settings_for(*, quick: bool, model: str | None, lora_targets: Sequence[str] | None = None,
@@ -447,6 +454,7 @@ class Demo:
     copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
     from distfair_jax.train.trainer import train
     from distfair_jax.train.rundir import RunDir
+    lrs = self._grid(name, lrs)
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
@@ -474,6 +482,21 @@ class Demo:
                                    "story_bare_answer": bare[lr],
                                    **({} if unparsed[lr] is None else
                                       {"story_unparsed": unparsed[lr]})} for lr in lrs}
+
+  def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
+    """``lrs``, or the one rate ``tune_on``'s selection chose for ``name`` (another dataset of
+    this run directory, trained first)."""
+    tune_on = self.s.tune_on
+    if tune_on is None or tune_on == self.dataset:
+      return tuple(lrs)
+    chosen = os.path.join(os.path.dirname(self.dir), tune_on, "selection.json")
+    lr = fileio.read_json(chosen).get(name, {}).get("lr") if os.path.exists(chosen) else None
+    if lr is None:
+      console.log(f"[{self.dataset}] {name}: no rate selected on {tune_on} in this run "
+                  f"directory: the grid {list(lrs)}")
+      return tuple(lrs)
+    console.log(f"[{self.dataset}] {name}: the rate selected on {tune_on}, {lr:g}")
+    return (float(lr),)
 
   def heldout_mae(self, run: str, *, steered: bool
                   ) -> tuple[float, float, float | None, float | None]:
@@ -1016,10 +1039,13 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
   os.makedirs(run_dir, exist_ok=True)
   _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings),
                           **_model_info(model)})
+  from distfair_jax.data.build import resolve_spec
   results, timings, sweeps, pairs = {}, {}, {}, {}
   start = time.perf_counter()
-  for ds in datasets:
-    from distfair_jax.data.build import resolve_spec
+  # The dataset the others take their learning rates from (``tune_on``) first; tables keep the
+  # order asked for.
+  names = [resolve_spec(ds).name for ds in datasets]
+  for ds in sorted(datasets, key=lambda d: resolve_spec(d).name != settings.tune_on):
     demo = Demo(ds, run_dir, settings=settings, seed=seed,
                 tokenizer_dir=model if model is not None else _tokenizer(run_dir, ds),
                 progress=progress, base_model=model,
@@ -1030,6 +1056,7 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
       sweeps[demo.dataset] = demo.decoding_sweep()
       pairs[demo.dataset] = demo.kl_pairs_variant()
     timings[demo.dataset] = demo.timings
+  results = {n: results[n] for n in names if n in results} | results
   total = time.perf_counter() - start
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
   fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
