@@ -260,6 +260,7 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
     assert 0 <= versions["v3"]["unparsed_rate"] <= 1 and versions["v2"]["exact_answer_mae"] >= 0
   ds = run_dir / "gender_real_us"
   assert not (ds / "base").exists()  # nothing trained before the methods
+  assert (ds / "occupations_v2.png").stat().st_size > 10_000  # per occupation, against the target
   meta = json.loads((ds / "zero_shot" / "eval" / "metrics.json").read_text())["meta"]
   assert meta["base_model"] == str(ckpt)
   selection = json.loads((ds / "selection.json").read_text())
@@ -338,3 +339,42 @@ def test_ablations_run_on_the_datasets_named(tmp_path, monkeypatch):
   assert demo_cmd._ablations(args("gender_even_us, race_even_us"), both) == ["gender_even_us",
                                                                              "race_even_us"]
 
+
+
+def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
+  """``tune_on`` (demo.REAL's gender_real_us): that dataset runs first and selects from the grids;
+  every other dataset of the run directory trains each method at the rate it selected (a
+  one-point grid), or at the whole grid where no selection exists; tables keep the order asked."""
+  import dataclasses
+  import types
+  order, grid = [], demo.Demo._grid
+
+  class FakeDemo:
+    def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
+                 base_model=None, ablations=True):
+      self.dataset, self.timings = dataset, {}
+      order.append(dataset)
+
+    def run(self):
+      return {"ours": {"v2": {"mae": 0.1}}}
+
+  monkeypatch.setattr(demo_runner, "Demo", FakeDemo)
+  monkeypatch.setattr(demo_runner, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
+  settings = dataclasses.replace(demo.QUICK, analyses=False, tune_on="gender_real_us")
+  out = demo.run_demo(["gender_even_us", "gender_real_us"], str(tmp_path / "a"), quick=True,
+                      settings=settings)
+  assert order == ["gender_real_us", "gender_even_us"] and list(out) == order[::-1]
+  assert demo.REAL.tune_on == "gender_real_us" and demo.DEFAULT.tune_on is None
+  grids = (1e-4, 5e-4)
+  other = types.SimpleNamespace(s=settings, dataset="gender_even_us",
+                                dir=str(tmp_path / "r" / "gender_even_us"))
+  assert grid(other, "ours", grids) == grids  # nothing selected yet
+  (tmp_path / "r" / "gender_real_us").mkdir(parents=True)
+  (tmp_path / "r" / "gender_real_us" / "selection.json").write_text(
+      json.dumps({"sft": {"lr": 1e-3}, "ours": {"lr": 5e-4}}))
+  assert grid(other, "ours", grids) == (5e-4,)
+  assert grid(other, "sft", (1e-4, 1e-3)) == (1e-3,)
+  assert grid(other, "dpo", grids) == grids  # not selected there
+  tuned = types.SimpleNamespace(s=settings, dataset="gender_real_us",
+                                dir=str(tmp_path / "r" / "gender_real_us"))
+  assert grid(tuned, "ours", grids) == grids

@@ -19,7 +19,7 @@ from distfair_jax.demo.base_data import stereotyped_records
 from distfair_jax.demo.configs import run_config
 from distfair_jax.demo.selection import heldout_mae, select
 from distfair_jax.demo.settings import ABLATION, ABLATIONS, METHODS, STEERED, DemoSettings, scaled
-from distfair_jax.demo.tables import _summary
+from distfair_jax.demo.tables import _summary, occupation_plot
 from distfair_jax import config as C
 from distfair_jax.evaluation import evaluate as eval_lib
 from distfair_jax.evaluation.sample import Sampler
@@ -119,6 +119,7 @@ class Demo:
                        kl_pairs: str = "shifted"):
     """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
     copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
+    lrs = self._grid(name, lrs)
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
@@ -146,6 +147,21 @@ class Demo:
                                    "story_bare_answer": bare[lr],
                                    **({} if unparsed[lr] is None else
                                       {"story_unparsed": unparsed[lr]})} for lr in lrs}
+
+  def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
+    """``lrs``, or the one rate ``tune_on``'s selection chose for ``name`` (another dataset of
+    this run directory, trained first)."""
+    tune_on = self.s.tune_on
+    if tune_on is None or tune_on == self.dataset:
+      return tuple(lrs)
+    chosen = os.path.join(os.path.dirname(self.dir), tune_on, "selection.json")
+    lr = fileio.read_json(chosen).get(name, {}).get("lr") if os.path.exists(chosen) else None
+    if lr is None:
+      console.log(f"[{self.dataset}] {name}: no rate selected on {tune_on} in this run "
+                  f"directory: the grid {list(lrs)}")
+      return tuple(lrs)
+    console.log(f"[{self.dataset}] {name}: the rate selected on {tune_on}, {lr:g}")
+    return (float(lr),)
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the
@@ -234,6 +250,7 @@ class Demo:
       doc = self.evaluate_method(method, trained[method])
       results[method] = {v: _summary(m) for v, m in doc["versions"].items()}
     self.trained, self.selection = trained, selection
+    occupation_plot(self.dir, self.methods, "v2", os.path.join(self.dir, "occupations_v2.png"))
     return results
 
   # -- the paper's further analyses ----------------------------------------------------------------

@@ -140,7 +140,10 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
                           **_model_info(model)})
   results, timings, sweeps, pairs = {}, {}, {}, {}
   start = time.perf_counter()
-  for ds in datasets:
+  # The dataset the others take their learning rates from (``tune_on``) first; tables keep the
+  # order asked for.
+  names = [resolve_spec(ds).name for ds in datasets]
+  for ds in sorted(datasets, key=lambda d: resolve_spec(d).name != settings.tune_on):
     demo = Demo(ds, run_dir, settings=settings, seed=seed,
                 tokenizer_dir=model if model is not None else _tokenizer(run_dir, ds),
                 progress=progress, base_model=model,
@@ -151,6 +154,7 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
       sweeps[demo.dataset] = demo.decoding_sweep()
       pairs[demo.dataset] = demo.kl_pairs_variant()
     timings[demo.dataset] = demo.timings
+  results = {n: results[n] for n in names if n in results} | results
   total = time.perf_counter() - start
   write_results(run_dir, results, versions=settings.versions, sweeps=sweeps, pairs=pairs,
                 timings={"datasets": timings, "total_s": round(total, 1)},

@@ -65,6 +65,10 @@ class DemoSettings:
   length_buckets: str = "pow2"
   # Where the steered methods' steering token goes (``data.steering_placement``).
   steering_placement: str = "assistant"
+  # The dataset whose selected learning rates the others reuse as one-point grids, where its
+  # selection.json exists in the same run directory (run first); None: every dataset selects
+  # from the grids.
+  tune_on: str | None = None
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
 
@@ -112,13 +116,16 @@ QUICK = DemoSettings(rows_per_occupation=24, story_rows_per_occupation=0,
 # paper's: SFT 4 rows, stage 2 8 rows (4 pairs), DPO 4 pairs; with 16-row SFT batches the 35 steps
 # at 1e-4 left SmolLM2's steered answers 99.4% non-answer on the held-out prompts. Batches pad
 # to 1.5x steps too (``fine``): with length grouping, the SFT step fell from 7.3 s to ~4.4 s.
+# The grids run on gender_real_us; the other datasets reuse its selected rates (``tune_on``): a
+# dataset in about half the time.
 REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_epochs=2,
                     stage2_epochs=2, batch_size=8, sft_batch_size=4, sft_lrs=(1e-4, 1e-3),
                     stage2_lrs=(1e-4, 5e-4),
                     rounds=100, max_length=256, story_max_new_tokens=64, answer_max_new_tokens=16,
                     lora_rank=32, lora_alpha=16.0, lora_dropout=0.05, lora_targets=("all-linear",),
                     sft_group_by_length=True, story_check_rounds=4, analyses=False,
-                    pair_story_rows_per_occupation=4, length_buckets="fine")
+                    pair_story_rows_per_occupation=4, length_buckets="fine",
+                    tune_on="gender_real_us")
 
 
 def settings_for(*, quick: bool, model: str | None, lora_targets: Sequence[str] | None = None,

@@ -1,10 +1,15 @@
-"""The demo's tables (Markdown) and its comparison plot: one seed's results, several seeds'
-means and standard deviations, the KL table and the analyses' sweeps."""
+"""The demo's tables (Markdown) and plots: one seed's results, several seeds' means and standard
+deviations, the KL table and the analyses' sweeps; the comparison plot and each dataset's
+per-occupation picture."""
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
+import numpy as np
+
+from distfair_jax import fileio
 from distfair_jax.demo.settings import METHODS
 
 
@@ -170,3 +175,55 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
                + [cell(m.get(v), "unparsed_rate", True) for v in versions])
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def occupation_plot(dataset_dir: str, methods: Sequence[str], version: str, path: str) -> bool:
+  """Per occupation, each method's exact answer distribution on ``version`` (the canonical
+  answers' probabilities renormalised; else its exact steering distribution; else its sampled
+  shares) against the target: one panel per category (one in all for two), occupations by their
+  target share of the first category. Reads
+  ``dataset_dir/<method>/eval/metrics.json``; False (nothing written) when none has ``version``."""
+  # matplotlib: imported on the first plot only (a second of import time the tables do not need)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  rows = {}
+  for method in methods:
+    doc = os.path.join(dataset_dir, method, "eval", "metrics.json")
+    v = fileio.read_json(doc).get("versions", {}).get(version) if os.path.exists(doc) else None
+    if v is not None:
+      rows[method] = {o["occupation"]: o for o in v["per_occupation"]}
+  if not rows:
+    return False
+  first = next(iter(rows.values()))
+  order = sorted(first, key=lambda o: -first[o]["target"][0])
+  categories = next(iter(fileio.read_json(os.path.join(dataset_dir, m, "eval", "metrics.json"))
+                         ["versions"][version].get("categories") or [] for m in rows))
+  k = len(first[order[0]]["target"])
+  panels = 1 if k == 2 else k
+  fig = Figure(figsize=(max(7.0, 0.45 * len(order)), 1.0 + 2.6 * panels))
+  FigureCanvasAgg(fig)
+  x = np.arange(len(order))
+  for c in range(panels):
+    ax = fig.add_subplot(panels, 1, c + 1)
+    ax.plot(x, [first[o]["target"][c] for o in order], "k_", markersize=14, mew=2, label="target")
+    for method, occ in rows.items():
+      shares = []
+      for o in order:
+        entry = occ[o]
+        probs = np.asarray(entry.get("answer_probs") or entry.get("exact") or entry["achieved"],
+                           np.float64)
+        shares.append(probs[c] / probs.sum() if probs.sum() > 0 else np.nan)
+      ax.plot(x, shares, "o-" if method == "ours" else ".--", markersize=5 if method == "ours"
+              else 4, linewidth=1.5 if method == "ours" else 0.8, label=method)
+    name = categories[c] if c < len(categories) else str(c)
+    ax.set_ylabel(f"P({name})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(x, [o[:28] for o in order] if c == panels - 1 else [], rotation=60, ha="right",
+                  fontsize=7)
+    if c == 0:
+      ax.set_title(f"{os.path.basename(dataset_dir)}, {version}: each method's exact answer "
+                   f"distribution per occupation against the target", fontsize=9)
+      ax.legend(fontsize=7, ncol=4)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
