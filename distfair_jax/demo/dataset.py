@@ -218,8 +218,9 @@ class Demo:
                                               steered=True)
       selection[method] = {"lr": lr, "heldout_mae": scores, "sft_lr": sft_lr}
       trained[method] = run
-    console.log(f"[{self.dataset}] dpo: from IFT, lr grid {list(s.stage2_lrs)}")
-    lr, run, scores = self.train_candidates("dpo", ["ift", "dpo"], s.stage2_lrs, init_from=ift_dir,
+    dpo_lrs = s.stage2_lrs if s.dpo_lrs is None else s.dpo_lrs
+    console.log(f"[{self.dataset}] dpo: from IFT, lr grid {list(dpo_lrs)}")
+    lr, run, scores = self.train_candidates("dpo", ["ift", "dpo"], dpo_lrs, init_from=ift_dir,
                                             steered=False)
     selection["dpo"] = {"lr": lr, "heldout_mae": scores, "ift_lr": ift_lr}
     trained["dpo"] = run
