@@ -12,6 +12,7 @@ import pytest
 from distfair_jax import demo
 from distfair_jax.demo import dataset as demo_dataset
 from distfair_jax.demo import runner as demo_runner
+from distfair_jax.demo import selection as demo_selection
 from distfair_jax.errors import InputError
 
 
@@ -224,7 +225,7 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
+def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monkeypatch):
   """`distfair demo --model CKPT`: every method from the given converted model (zero-shot is that
   model), LoRA fine-tuning on every linear projection with the paper's 1-2B rank, alpha and
   dropout, the same adapters for every method, its own tokenizer; the selection samples held-out
@@ -275,6 +276,14 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path):
     assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
   marker = json.loads((run_dir / "demo.json").read_text())
   assert marker["model"] == str(ckpt)
+  # Resumed, the demo re-scores and re-samples nothing: held-out scores from each run's
+  # heldout.json, evaluations from their metrics.json.
+  def fail(*args, **kwargs):
+    raise AssertionError("computed again")
+  monkeypatch.setattr(demo_selection, "heldout_mae", fail)
+  monkeypatch.setattr(demo_dataset.eval_lib, "evaluate", fail)
+  assert demo.run_demo(["gender_real_us"], str(run_dir), model=str(ckpt), settings=settings,
+                       progress=False, ablations=[]) == results
   with pytest.raises(InputError, match="demo --model"):
     demo.run_demo(["gender_real_us"], str(tmp_path / "x"), model=str(tmp_path / "nothing"))
 
@@ -378,3 +387,23 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
   tuned = types.SimpleNamespace(s=settings, dataset="gender_real_us",
                                 dir=str(tmp_path / "r" / "gender_real_us"))
   assert grid(tuned, "ours", grids) == grids
+
+
+def test_a_given_models_evaluation_serves_the_datasets_with_its_questions(tmp_path):
+  """``same_model_eval``: another dataset's evaluation of the very same model under the same
+  name (a given model's zero-shot), whose samples evaluate reuses; not this dataset's own, not
+  another model's."""
+  model = tmp_path / "model"
+  model.mkdir()
+  (tmp_path / "alias").symlink_to(model)
+  for ds, run in (("gender_real_us", tmp_path / "alias"), ("race_even_us", tmp_path / "other")):
+    eval_dir = tmp_path / "run" / ds / "zero_shot" / "eval"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "metrics.json").write_text(json.dumps({"meta": {"run": str(run)}}))
+  own = str(tmp_path / "run" / "gender_even_us")
+  assert demo_dataset.same_model_eval(own, "zero_shot", str(model)) == str(
+      tmp_path / "run" / "gender_real_us" / "zero_shot" / "eval")
+  assert demo_dataset.same_model_eval(own, "ift", str(model)) is None
+  assert demo_dataset.same_model_eval(own, "zero_shot", str(tmp_path / "third")) is None
+  assert demo_dataset.same_model_eval(str(tmp_path / "run" / "gender_real_us"), "zero_shot",
+                                      str(model)) is None

@@ -236,3 +236,34 @@ def test_reference_parser_reads_answers_that_differ_from_names():
   assert [r["category"] for r in rows] == [1, None, 1]
   evaluate.categorize(rows, age, story=False, parser="synonyms")
   assert [r["category"] for r in rows] == [1, 2, 1]
+
+
+def test_samples_of_the_same_model_are_reused_for_other_targets(tmp_path, model, tokenizer,
+                                                                 dataset):
+  """`reuse_samples_from`: another dataset's evaluation of the same model with the same questions
+  (gender_real_us / gender_even_us) is scored against this dataset's targets from its samples,
+  which are the rows sampling here would give; other settings or prompts sample afresh."""
+  config = EvalConfig(versions=["v2"], rounds=3, steering="none", decode=DECODE, n_bootstrap=0,
+                      plots=False)
+  evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path / "a", config=config)
+  even = {"v2": [{**r, "target": [0.5, 0.5]} for r in dataset["v2"]]}
+  fresh = evaluate.evaluate(model, tokenizer, GENDER, even, tmp_path / "b", config=config)
+  reused = evaluate.evaluate(model, tokenizer, GENDER, even, tmp_path / "c", config=config,
+                             reuse_samples_from=tmp_path / "a" / "eval")
+  assert reused["meta"]["timing"]["v2"]["reused"] is True
+  assert reused["meta"]["reused_samples_from"] == str(tmp_path / "a" / "eval")
+  assert _rows(tmp_path / "c" / "eval" / "v2.jsonl") == _rows(tmp_path / "b" / "eval" / "v2.jsonl")
+  for key in ("mae", "unparsed_rate", "exact_answer_mae", "non_answer"):
+    assert reused["versions"]["v2"][key] == pytest.approx(fresh["versions"]["v2"][key], abs=1e-12)
+  first = json.loads((tmp_path / "a" / "eval" / "metrics.json").read_text())["versions"]["v2"]
+  assert first["exact_answer_mae"] != reused["versions"]["v2"]["exact_answer_mae"]  # new targets
+  other_seed = EvalConfig(versions=["v2"], rounds=3, steering="none", decode=DECODE,
+                          n_bootstrap=0, plots=False, seed=1)
+  assert evaluate.earlier_samples(tmp_path / "a" / "eval", {}) == {}
+  doc = evaluate.evaluate(model, tokenizer, GENDER, even, tmp_path / "d", config=other_seed,
+                          reuse_samples_from=tmp_path / "a" / "eval")
+  assert "reused" not in doc["meta"]["timing"]["v2"] and "reused_samples_from" not in doc["meta"]
+  fewer = {"v2": [r for r in even["v2"] if r["occupation"] != dataset["v2"][0]["occupation"]]}
+  doc = evaluate.evaluate(model, tokenizer, GENDER, fewer, tmp_path / "e", config=config,
+                          reuse_samples_from=tmp_path / "a" / "eval")
+  assert "reused" not in doc["meta"]["timing"]["v2"]  # other prompts: sampled

@@ -17,7 +17,7 @@ from distfair_jax.data.tokenizer import load_tokenizer_dir
 from distfair_jax.demo import analyses
 from distfair_jax.demo.base_data import stereotyped_records
 from distfair_jax.demo.configs import run_config
-from distfair_jax.demo.selection import heldout_mae, select
+from distfair_jax.demo.selection import cached_heldout_mae, select
 from distfair_jax.demo.settings import ABLATION, ABLATIONS, METHODS, STEERED, DemoSettings, scaled
 from distfair_jax.demo.tables import _summary, occupation_plot
 from distfair_jax import config as C
@@ -27,6 +27,22 @@ from distfair_jax.model.modeldir import PARAMS_DIR
 from distfair_jax.train.preemption import Preempted
 from distfair_jax.train.rundir import FINAL, RunDir, open_model_dir
 from distfair_jax.train.trainer import train
+
+
+def same_model_eval(dataset_dir: str, name: str, run: str) -> str | None:
+  """Another dataset's ``<name>/eval`` (a sibling of ``dataset_dir``) of this run's very model (a
+  given model's zero-shot: gender_real_us and gender_even_us ask the same questions), whose samples
+  ``evaluate`` reuses where they were drawn the same way for the same prompts; None where there is
+  none."""
+  parent, own = os.path.split(dataset_dir)
+  for other in sorted(os.listdir(parent)):
+    path = os.path.join(parent, other, name, "eval")
+    if other == own or not os.path.exists(os.path.join(path, "metrics.json")):
+      continue
+    recorded = fileio.read_json(os.path.join(path, "metrics.json")).get("meta", {}).get("run")
+    if recorded and os.path.realpath(recorded) == os.path.realpath(run):
+      return path
+  return None
 
 
 class Demo:
@@ -133,7 +149,8 @@ class Demo:
       cfg = run_config(self, run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = heldout_mae(self, run, steered=steered)
+      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = cached_heldout_mae(self, run,
+                                                                              steered=steered)
       runs[lr] = run
       console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
                   f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
@@ -197,12 +214,16 @@ class Demo:
       tests = {v: self.data.records[f"test_{v}"] for v in versions}
     model = self.model(run)
     sampler, _ = self.sampler(model)
+    earlier = same_model_eval(self.dir, name or method, run)
+    if earlier is not None:
+      console.log(f"[{self.dataset}] {name or method}: the samples of {earlier} where they answer "
+                  "the same prompts (the same model, other targets)")
     return self._timed(f"eval:{name or method}", lambda: eval_lib.evaluate(
         model, self.tokenizer, self.attribute, tests, out_dir, config=cfg, overwrite=True,
         metadata={"dataset": self.dataset, "method": method, "run": os.path.abspath(run),
                   **({"base_model": self.base_model} if self.base_model else {})},
         max_prompt_length=s.max_length - 16, steering_placement=s.steering_placement,
-        sampler=sampler))
+        sampler=sampler, reuse_samples_from=earlier))
 
   def _stage2(self, selection: dict, sft_lr: float, ift_lr: float) -> dict[str, str]:
     """The stage-2 methods (ours, the ablations, DPO) trained and selected; {method: run}."""

@@ -4,6 +4,7 @@ never test prompts)."""
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -11,9 +12,13 @@ import numpy as np
 from distfair_jax import config as C
 from distfair_jax.data.tokenize import Encoder
 from distfair_jax.errors import InputError
+from distfair_jax import fileio
 from distfair_jax.evaluation import evaluate as eval_lib
 from distfair_jax.train.heldout import split_heldout
+from distfair_jax.train.rundir import RunDir
 
+# A run's held-out scores, kept beside its stages (``cached_heldout_mae``).
+HELDOUT = "heldout.json"
 
 
 MAX_NON_ANSWER = 0.2
@@ -56,6 +61,30 @@ def select(scores: dict[float, float], non_answer: dict[float, float],
   if answers:
     return min(answers, key=lambda lr: (loss(lr), scores[lr], lr))
   return min(scores, key=lambda lr: (scores[lr], lr))
+
+
+def cached_heldout_mae(demo, run: str, *, steered: bool
+                       ) -> tuple[float, float, float | None, float | None]:
+  """``heldout_mae``, kept in ``run/heldout.json`` and reused while what it measured is unchanged:
+  the final stage's summary (a retrained stage writes another) and every setting the scores
+  depend on. A resumed demo re-scores no finished run (sampling the story check took ~1 min a run
+  for SmolLM2 on the 2-core CPU)."""
+  rundir = RunDir(run)
+  s = demo.s
+  key = {"final": rundir.summary(rundir.read_config().stages[-1]), "steered": steered,
+         "seed": demo.seed, "heldout_fraction": s.heldout_fraction,
+         "story_check_rounds": s.story_check_rounds, "max_length": s.max_length,
+         "story_max_new_tokens": s.story_max_new_tokens,
+         "steering_placement": s.steering_placement}
+  key = json.loads(json.dumps(key))  # as read back
+  path = rundir.path / HELDOUT
+  if path.exists():
+    doc = fileio.read_json(path, "held-out scores")
+    if doc.get("key") == key:
+      return tuple(doc["scores"])
+  scores = heldout_mae(demo, run, steered=steered)
+  fileio.write_json(path, {"key": key, "scores": list(scores)}, indent=1)
+  return scores
 
 
 def heldout_mae(demo, run: str, *, steered: bool

@@ -26,6 +26,7 @@ Outputs (under ``out_dir``, written into a temporary directory renamed into plac
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -45,7 +46,7 @@ from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
-__all__ = ["evaluate", "sample_version", "categorize", "exact_distributions", "STORY_VERSIONS"]
+__all__ = ["evaluate", "earlier_samples", "sample_version", "categorize", "exact_distributions", "STORY_VERSIONS"]
 
 STORY_VERSIONS = frozenset({"v3"})
 
@@ -276,14 +277,53 @@ def answer_distributions(sampler: Sampler, state, slots: Sequence[Mapping], enco
 # The whole evaluation
 
 
-def _evaluate_version(version, sampler, state, encoder, attribute, records, config, judge):
+# The ``meta`` fields that, with the model and the prompts, fix the samples drawn.
+SAMPLING_FIELDS = ("attribute", "categories", "steering", "steering_tokens", "steering_token_ids",
+                   "stop_token_ids", "decoding", "rounds", "seed", "prompt_field", "prompt_format",
+                   "system_prompt", "chat_template_kwargs", "steering_placement",
+                   "prompt_example", "batch_size")
+
+
+def _sampling_key(meta: Mapping[str, Any]) -> dict[str, Any]:
+  return json.loads(json.dumps({k: meta.get(k) for k in SAMPLING_FIELDS}))
+
+
+def earlier_samples(eval_dir: Any, meta: Mapping[str, Any]) -> dict[str, list[dict]]:
+  """{version: rows} of an earlier evaluation under ``eval_dir`` (``out_dir/eval``) drawn with
+  the sampling settings of ``meta`` (``SAMPLING_FIELDS``); {} where there is none or it differs.
+  That it evaluated the same model is the caller's to know."""
+  path = fileio.as_path(eval_dir)
+  if not (path / "metrics.json").exists():
+    return {}
+  doc = fileio.read_json(path / "metrics.json", "an evaluation's metrics")
+  if _sampling_key(doc.get("meta", {})) != _sampling_key(meta):
+    return {}
+  return {v: [row for _, row in fileio.read_jsonl(path / f"{v}.jsonl")]
+          for v in doc.get("versions", {}) if (path / f"{v}.jsonl").exists()}
+
+
+def _sample_or_reuse(sampler, state, encoder, attribute, slots, version, config, targets,
+                     earlier: Sequence[Mapping] | None) -> tuple[list[dict], bool]:
+  """(rows, reused): ``earlier``'s rows (their category dropped) where they answer exactly
+  ``slots`` (occupation and prompt, in order), else freshly sampled ones."""
+  if earlier is not None and [(r.get("occupation"), r.get("prompt")) for r in earlier] == [
+      (s["occupation"], s["prompt"]) for s in slots]:
+    return [{k: v for k, v in r.items() if k != "category"} for r in earlier], True
+  return sample_version(sampler, state, encoder, attribute, slots, version=version,
+                        config=config, targets=targets), False
+
+
+def _evaluate_version(version, sampler, state, encoder, attribute, records, config, judge,
+                      earlier=None):
   """-> (metrics, rows, timing) of one test version; (None, None, None) on every process but the
-  first (which alone judges and scores; sampling and the exact distributions are collective)."""
+  first (which alone judges and scores; sampling and the exact distributions are collective).
+  ``earlier``: rows sampled before with the same model and settings, reused if they answer the
+  same slots."""
   slots, targets = _group_records(records, version, config.prompt_field, config.rounds,
                                   attribute.num_categories)
   start = time.perf_counter()
-  rows = sample_version(sampler, state, encoder, attribute, slots, version=version,
-                        config=config, targets=targets)
+  rows, reused = _sample_or_reuse(sampler, state, encoder, attribute, slots, version, config,
+                                  targets, earlier)
   sampled = time.perf_counter()
   exact = answers = None
   if config.steering == "model":
@@ -299,7 +339,7 @@ def _evaluate_version(version, sampler, state, encoder, attribute, records, conf
       exact=exact, answers=answers, categories=attribute.names, source=f"eval/{version}.jsonl")
   timing = {"samples": len(rows), "sampling_s": round(sampled - start, 3),
             "samples_per_s": round(len(rows) / max(sampled - start, 1e-9), 2),
-            "total_s": round(time.perf_counter() - start, 3)}
+            "total_s": round(time.perf_counter() - start, 3), **({"reused": True} if reused else {})}
   return metrics, rows, timing
 
 
@@ -317,7 +357,7 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
              max_prompt_length: int | None = None, steering_placement: str = "assistant",
              judge=None, overwrite: bool = False, metadata: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None, sampler: Sampler | None = None,
-             mesh=None) -> dict[str, Any] | None:
+             mesh=None, reuse_samples_from: Any = None) -> dict[str, Any] | None:
   """Runs the evaluation and writes ``out_dir/eval`` (see the module docstring).
 
   Args:
@@ -344,6 +384,11 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
       model of that architecture); default: a new one, on ``mesh``.
     mesh: the devices to sample on (the model's own mesh, every device of every process for a
       multi-host evaluation: every process calls ``evaluate``; the first judges, scores and writes).
+    reuse_samples_from: another evaluation's ``eval`` directory *of the same model* (the caller
+      vouches for that): a version whose samples it drew with the same settings
+      (``SAMPLING_FIELDS``) for the same prompts in the same order is scored from them, not
+      sampled again (another dataset with the same questions and other targets); every row is
+      what sampling here would give. Recorded in ``meta.reused_samples_from``.
   Returns:
     the metrics document written to eval/metrics.json: ``{"versions": {version: metrics},
     "meta": {decoding, steering, rounds, seed, judge, timing, ...}}``; None on the other processes.
@@ -362,15 +407,20 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     judge = RulesJudge()
   graphdef, state = nnx.split(model)
   sampler = sampler if sampler is not None else Sampler(graphdef, mesh)
+  earlier = ({} if reuse_samples_from is None else earlier_samples(
+      reuse_samples_from, _meta(encoder, attribute, config, prompt_format, judge, {}, None)))
   results, rows_by_version, timing = {}, {}, {}
   for version in versions:
     results[version], rows_by_version[version], timing[version] = _evaluate_version(
-        version, sampler, state, encoder, attribute, test_sets[version], config, judge)
+        version, sampler, state, encoder, attribute, test_sets[version], config, judge,
+        earlier.get(version))
     if progress is not None and results[version] is not None:
       progress(_progress_line(version, results[version], timing[version]))
   if not console.is_main_process():
     return None
   meta = _meta(encoder, attribute, config, prompt_format, judge, timing, metadata)
+  if any(t.get("reused") for t in timing.values()):
+    meta["reused_samples_from"] = str(reuse_samples_from)
   with fileio.atomic_dir(final_dir, overwrite=overwrite, what="eval") as tmp:
     for version, rows in rows_by_version.items():
       fileio.write_jsonl(tmp / f"{version}.jsonl", rows)
