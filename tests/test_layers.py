@@ -30,7 +30,7 @@ def test_extension_points_agree():
   from distfair_jax.model import family
   from distfair_jax.model.llama_config import ARCHITECTURES
   from distfair_jax.train import stages
-  assert tuple(s.value for s in config.Stage) == stages.STAGES
+  assert tuple(stages.STAGE_CLASSES) == stages.STAGES == tuple(s.value for s in config.Stage)
   assert set(stages.SECTIONS.values()) <= {f.name for f in dataclasses.fields(config.Config)}
   assert {s.records_kind for s in stages.STAGE_CLASSES.values()} == set(kinds.KINDS)
   assert {k.batch for k in kinds.KINDS.values()} == set(collate.COLLATORS)
