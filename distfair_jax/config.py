@@ -52,6 +52,8 @@ __all__ = [
 # Choices. Member names equal their values: OmegaConf reads enums from YAML by name.
 
 
+# The training stages, the one list of their names: each is one class of ``train.stages``
+# (``STAGE_CLASSES``, checked against this list when it is imported), named by its member here.
 Stage = enum.StrEnum("Stage", ["sft", "hybrid", "ift", "dpo"], module=__name__)
 DType = enum.StrEnum("DType", ["float32", "bfloat16"], module=__name__)
 Remat = enum.StrEnum("Remat", ["none", "full", "dots"], module=__name__)
@@ -470,7 +472,7 @@ class Config(_Checked):
   eval: EvalConfig = field(default_factory=EvalConfig)
 
   def _rules(self):
-    return [("stages", len(self.stages) > 0, "at least one of sft, hybrid, ift, dpo")]
+    return [("stages", len(self.stages) > 0, f"at least one of {', '.join(Stage)}")]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,16 +22,17 @@ def test_layers_contract_is_kept(monkeypatch):
 
 def test_extension_points_agree():
   """The lists an extension point still has more than one of name the same things: the config's
-  stage choices are the stages' registry, the record kinds of the data builder those the batches
-  collate, and every family of the registry reads its own config fields or shares Llama's."""
+  stage choices are the stages' registry, every stage trains on a registered record kind and every
+  kind has its collator, and every family of the registry reads its own config fields or shares
+  Llama's."""
   from distfair_jax import config
-  from distfair_jax.data import build, collate
+  from distfair_jax.data import collate, kinds
   from distfair_jax.model import family
   from distfair_jax.model.llama_config import ARCHITECTURES
   from distfair_jax.train import stages
-  assert tuple(s.value for s in config.Stage) == stages.STAGES
+  assert tuple(stages.STAGE_CLASSES) == stages.STAGES == tuple(s.value for s in config.Stage)
   assert set(stages.SECTIONS.values()) <= {f.name for f in dataclasses.fields(config.Config)}
-  assert build.TRAIN_KINDS == collate.KINDS
-  assert {s.records_kind for s in stages.STAGE_CLASSES.values()} == set(collate.KINDS)
+  assert {s.records_kind for s in stages.STAGE_CLASSES.values()} == set(kinds.KINDS)
+  assert {k.batch for k in kinds.KINDS.values()} == set(collate.COLLATORS)
   assert set(family.MODEL_CLASSES) == set(ARCHITECTURES.values())
   assert set(family.HF_FIELDS) <= set(family.MODEL_CLASSES)

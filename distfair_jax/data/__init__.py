@@ -1,4 +1,5 @@
-"""Data: occupation statistics, attributes, templates, dataset records, tokenization, pipelines.
+"""Data: occupation statistics, attributes, templates, dataset records and their kinds (``kinds``),
+tokenization, pipelines.
 
     from distfair_jax import data
     ds = data.build_dataset("gender_real_us")               # records in memory (or out_dir=...)

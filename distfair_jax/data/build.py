@@ -42,6 +42,7 @@ import numpy as np
 
 from distfair_jax import fileio
 from distfair_jax.data import attributes as attributes_lib
+from distfair_jax.data import kinds as kinds_lib
 from distfair_jax.data import occupations as occupations_lib
 from distfair_jax.data import templates as templates_lib
 from distfair_jax.data.attributes import AttributeSpec
@@ -51,7 +52,7 @@ from distfair_jax.errors import InputError
 
 DATASETS: tuple[str, ...] = ("gender_real_uk", "gender_real_us", "gender_even_uk",
                              "gender_even_us", "race_even_us", "sentiment_even_us")
-TRAIN_KINDS: tuple[str, ...] = ("sft", "kto", "ift", "dpo")
+TRAIN_KINDS: tuple[str, ...] = tuple(kinds_lib.KINDS)  # the record kinds' registry
 TEST_VERSIONS: tuple[str, ...] = ("v1", "v2", "v3")
 KINDS: tuple[str, ...] = TRAIN_KINDS + ("test",)
 FILES: dict[str, str] = {**{k: f"{k}.jsonl" for k in TRAIN_KINDS},
@@ -492,10 +493,7 @@ def _guess_kind(rec: Mapping) -> str:
 
 
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "sft": ("prompt", "occupation", "category", "steering_token", "response", "target", "status"),
-    "kto": ("prompt", "occupation", "category", "steering_token", "response", "target", "status"),
-    "ift": ("prompt", "occupation", "category", "response", "target"),
-    "dpo": ("prompt", "occupation", "category", "chosen", "rejected", "target"),
+    **{k.name: k.fields for k in kinds_lib.KINDS.values()},
     "test": ("prompt", "occupation", "version"),
 }
 
@@ -579,7 +577,7 @@ def validate_records(records: Sequence[Any], kind: str, *, source: str = "<recor
         raise InputError(f"{where}: target: expected the target of every record of "
                          f"{rec['occupation']!r} to be the same, got {target} here and "
                          f"{first[1]} on {first[0]}")
-  if kind == "kto":
+  if kind in kinds_lib.KINDS and kinds_lib.KINDS[kind].paired:
     if len(records) % 2:
       raise InputError(f"{source}: line {line(len(records) - 1)}: status: expected "
                        f"desirable/undesirable pairs, got an odd number of records")

@@ -9,42 +9,38 @@ mismatched ones), DPO a record's chosen and rejected completions.
 ``batch_rows(kind, batch_size, layout)`` is the one rule for how many rows a global batch of
 ``batch_size`` sequences has (a packed KTO row holds a pair): the pipeline splits those rows over
 the processes and the mesh splits them over data x fsdp.
+
+What differs between the record kinds is read from their registry, ``data.kinds``: the layouts a
+kind has, its sequences per row, whether its units are pairs (``record_units`` / ``encode_unit``)
+and which of ``COLLATORS`` pads it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from distfair_jax.data import batches as B
+from distfair_jax.data import kinds as kinds_lib
+from distfair_jax.data.kinds import LAYOUTS, check_layout
 from distfair_jax.data.tokenize import (Encoder, bucket_for, packed_bucket,
                                         pair_records)
 from distfair_jax.errors import InputError
 
-__all__ = ["KINDS", "LAYOUTS", "batch_rows", "sequences_per_row", "collate", "tokenize_batch", "pack_sequences",
+__all__ = ["LAYOUTS", "COLLATORS", "check_layout", "batch_rows", "sequences_per_row", "collate",
+           "record_units", "encode_unit", "tokenize_batch", "pack_sequences",
            "pack_shared_prefix", "rotate", "KTO_PACKED_BRANCHES", "KTO_PACKED_GROUPS"]
 
-KINDS = ("sft", "kto", "ift", "dpo")
-LAYOUTS = ("rows", "packed")
 # Branches of a packed KTO row and their label groups: targets (with gradient), mismatched (without).
 KTO_PACKED_BRANCHES = ("desirable", "undesirable", "mismatched_of_desirable",
                        "mismatched_of_undesirable")
 KTO_PACKED_GROUPS = ((0, 1), (2, 3))
 
 
-def check_layout(kind: str, layout: str) -> None:
-  if kind not in KINDS:
-    raise InputError(f"batch: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-  if layout not in LAYOUTS or (layout == "packed" and kind not in ("kto", "dpo")):
-    raise InputError(f"batch: layout: expected rows (or packed for kto and dpo), got {layout!r} "
-                     f"for {kind}")
-
-
 def sequences_per_row(kind: str, layout: str) -> int:
   """Sequences (the unit of ``batch_size``) per batch row: a packed KTO row holds a pair."""
-  check_layout(kind, layout)
-  return 2 if (kind == "kto" and layout == "packed") else 1
+  return check_layout(kind, layout).sequences_per_row(layout)
 
 
 def batch_rows(kind: str, batch_size: int, layout: str) -> int:
@@ -164,7 +160,10 @@ def _label_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
   return tuple(sorted({16, *buckets}))
 
 
-def _collate_sft(rows, encoder: Encoder, buckets) -> B.SFTBatch:
+def _collate_sft(rows, encoder: Encoder, buckets, layout: str = "rows",
+                 kl_pairs: str = "shifted") -> B.SFTBatch:
+  del layout, kl_pairs  # rows only; no mismatched pairs
+  rows = list(rows)
   prompts = [r["prompt"] for r in rows]
   completions = [encoder.fit(p, r["completion"]) for p, r in zip(prompts, rows)]
   length = bucket_for(max(len(p) + len(c) for p, c in zip(prompts, completions)), buckets)
@@ -217,7 +216,9 @@ def _collate_kto(pairs, encoder: Encoder, buckets, layout: str, kl_pairs: str = 
   return B.HybridBatch(seq, kl, steer, category, target, desirable)
 
 
-def _collate_dpo(rows, encoder: Encoder, buckets, layout: str):
+def _collate_dpo(rows, encoder: Encoder, buckets, layout: str, kl_pairs: str = "shifted"):
+  del kl_pairs  # no mismatched pairs
+  rows = list(rows)
   prompts = [r["prompt"] for r in rows]
   chosen = [encoder.fit(p, r["chosen"]) for p, r in zip(prompts, rows)]
   rejected = [encoder.fit(p, r["rejected"]) for p, r in zip(prompts, rows)]
@@ -236,6 +237,25 @@ def _collate_dpo(rows, encoder: Encoder, buckets, layout: str):
                     pack_sequences(prompts, rejected, length, encoder.pad_id)[0], category, target)
 
 
+# Each kind's collator (``data.kinds.RecordKind.batch``): encoded examples -> its typed batch.
+COLLATORS: dict[str, Callable[..., B.Batch]] = {
+    "sft": _collate_sft, "kto": _collate_kto, "dpo": _collate_dpo}
+
+
+def record_units(records: Sequence[Mapping[str, Any]], kind: str) -> list[Any]:
+  """The units of ``records`` that are shuffled and collated: each record, or for a paired kind
+  (kto) each (desirable, undesirable) pair (``tokenize.pair_records``: in file order)."""
+  return pair_records(records) if kinds_lib.get(kind).paired else list(records)
+
+
+def encode_unit(encoder: Encoder, unit: Any, kind: str) -> Any:
+  """One unit (``record_units``) -> its example for ``collate``: ``Encoder.encode_record`` of the
+  record, or for a paired kind the tuple of both records' encodings."""
+  if kinds_lib.get(kind).paired:
+    return tuple(encoder.encode_record(r, kind) for r in unit)
+  return encoder.encode_record(unit, kind)
+
+
 def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
             buckets: Sequence[int] | None = None, layout: str = "rows",
             kl_pairs: str = "shifted") -> B.Batch:
@@ -249,15 +269,11 @@ def collate(examples: Sequence[Any], kind: str, encoder: Encoder,
   (``mismatched_rows``). dpo: ``DPOBatch``, or ``PackedDPOBatch`` with one row
   per record, [prompt | chosen | rejected].
   """
-  check_layout(kind, layout)
+  spec = check_layout(kind, layout)
   if not examples:
     raise InputError("batch: size: expected at least one example, got none")
   buckets = tuple(buckets or encoder.buckets)
-  if kind == "kto":
-    return _collate_kto(examples, encoder, buckets, layout, kl_pairs)
-  if kind == "dpo":
-    return _collate_dpo(list(examples), encoder, buckets, layout)
-  return _collate_sft(list(examples), encoder, buckets)
+  return COLLATORS[spec.batch](examples, encoder, buckets, layout, kl_pairs)
 
 
 def tokenize_batch(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, *,
@@ -265,9 +281,5 @@ def tokenize_batch(records: Sequence[Mapping[str, Any]], tokenizer, kind: str, *
                    **encoder_kwargs) -> B.Batch:
   """One padded batch from records (KTO: in file order, desirable then undesirable per pair)."""
   encoder = encoder or Encoder(tokenizer, **encoder_kwargs)
-  if kind == "kto":
-    examples = [(encoder.encode_record(d, kind), encoder.encode_record(u, kind))
-                for d, u in pair_records(records)]
-  else:
-    examples = [encoder.encode_record(r, kind) for r in records]
+  examples = [encode_unit(encoder, unit, kind) for unit in record_units(records, kind)]
   return collate(examples, kind, encoder, layout=layout)

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from distfair_jax.data import collate as collate_lib
+from distfair_jax.data import kinds
 from distfair_jax.data import tokenize as tokenize_lib
 from distfair_jax.errors import InputError
 
@@ -51,28 +52,26 @@ from distfair_jax.errors import InputError
 def _units_per_batch(kind: str, batch_size: int) -> int:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise InputError(f"pipeline: batch_size: expected a positive integer, got {batch_size!r}")
-  if kind == "kto":
-    if batch_size < 2 or batch_size % 2:
-      raise InputError(f"pipeline: batch_size: expected an even KTO batch >= 2 (desirable and "
-                       f"undesirable side by side; a batch of one has no mismatched pair), "
-                       f"got {batch_size}")
-    return batch_size // 2
-  return batch_size
+  pair = kinds.get(kind).records_per_unit
+  if pair > 1 and (batch_size < 2 or batch_size % 2):
+    raise InputError(f"pipeline: batch_size: expected an even {kind.upper()} batch >= 2 "
+                     f"(desirable and undesirable side by side; a batch of one has no mismatched "
+                     f"pair), got {batch_size}")
+  return batch_size // pair
 
 
 def num_units(num_records: int, kind: str) -> int:
-  """Shuffle units: records, or (desirable, undesirable) pairs for kto."""
-  return num_records // 2 if kind == "kto" else num_records
+  """Shuffle units: records, or (desirable, undesirable) pairs for a paired kind (kto)."""
+  return num_records // kinds.get(kind).records_per_unit
 
 
 def unit_length(unit, kind: str) -> int:
-  """Tokens of one encoded unit (``Encoder.encode_record``; kto: the pair): prompt and every
+  """Tokens of one encoded unit (``collate.encode_unit``; kto: the pair): prompt and every
   completion, what its padded row has to hold."""
-  if kind == "kto":
-    return sum(len(u["prompt"]) + len(u["completion"]) for u in unit)
-  if kind == "dpo":
-    return len(unit["prompt"]) + len(unit["chosen"]) + len(unit["rejected"])
-  return len(unit["prompt"]) + len(unit["completion"])
+  spec = kinds.get(kind)
+  examples = unit if spec.paired else (unit,)
+  return sum(len(e["prompt"]) + sum(len(e[key]) for key, _ in spec.completions)
+             for e in examples)
 
 
 def length_grouped_batches(lengths: Sequence[int], per: int, *, seed: int, epoch: int,
@@ -167,7 +166,7 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
   Args:
     records: validated records of ``kind`` (kto: file order, desirable then undesirable per pair).
     encoder: the run's ``data.tokenize.Encoder`` (tokenizer, template, length policy).
-    kind: sft | kto | ift | dpo.
+    kind: a record kind of ``data.kinds`` (sft | kto | ift | dpo).
     batch_size: global batch size in sequences (kto: 2 x pairs).
     seed: shuffle seed (0 <= seed < 2**32).
     num_epochs: passes over the data (None: forever).
@@ -191,16 +190,13 @@ def make_batches(records: Sequence[Mapping[str, Any]], encoder: tokenize_lib.Enc
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   rows = _check_sharding(kind, batch_size, layout, shard_index, shard_count, drop_remainder)
-  units: list[Any] = (tokenize_lib.pair_records(records) if kind == "kto" else list(records))
+  units = collate_lib.record_units(records, kind)
   if len(units) < per if drop_remainder else not units:
     raise InputError(f"pipeline: records: expected at least one full batch "
-                     f"({per} {'pairs' if kind == 'kto' else 'records'}), got {len(units)}")
+                     f"({per} {'pairs' if kinds.get(kind).paired else 'records'}), "
+                     f"got {len(units)}")
   bucket_list = tuple(buckets or encoder.buckets)
-  if kind == "kto":
-    encode = lambda pair: (encoder.encode_record(pair[0], kind),
-                           encoder.encode_record(pair[1], kind))
-  else:
-    encode = lambda rec: encoder.encode_record(rec, kind)
+  encode = functools.partial(collate_lib.encode_unit, encoder, kind=kind)
   collate = lambda examples: collate_lib.collate(examples, kind, encoder, bucket_list, layout,
                                                  kl_pairs)
   local = rows // shard_count

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from distfair_jax.data.attributes import AttributeSpec
+from distfair_jax.data import kinds
 from distfair_jax.data.chat import PROMPT_FORMATS, SYSTEM_DEFAULT, ChatFormat
 from distfair_jax.data.tokenizer import generation_eos_ids
 from distfair_jax.errors import InputError
@@ -370,21 +371,17 @@ class Encoder:
 
   def encode_record(self, rec: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """One record -> {"prompt": ids, "completion": ids (or "chosen"/"rejected"), "category",
-    "target", "desirable"}; completions are not yet truncated (see ``fit``)."""
-    steered = kind in ("sft", "kto")
+    "target", "desirable"}; completions are not yet truncated (see ``fit``). What a kind's record
+    holds is read from its ``data.kinds`` entry: steered (sft, kto) or not, and its completions."""
+    spec = kinds.get(kind, "tokenize")
+    steered = spec.steered
     out = {"prompt": (self.steered_prompt_ids if steered else self.prompt_ids)(rec["prompt"]),
            "category": int(rec["category"]), "target": np.asarray(rec["target"], np.float32)}
-    if steered:
-      out["completion"] = self.completion_ids(rec["response"], rec["steering_token"])
-      out["desirable"] = int(rec.get("status", "desirable") == "desirable")
-    elif kind == "ift":
-      out["completion"] = self.completion_ids(rec["response"])
-      out["desirable"] = 1
-    elif kind == "dpo":
-      out["chosen"] = self.completion_ids(rec["chosen"])
-      out["rejected"] = self.completion_ids(rec["rejected"])
-    else:
-      raise InputError(f"tokenize: kind: expected one of sft, kto, ift, dpo, got {kind!r}")
+    token = rec["steering_token"] if steered else None
+    for key, field in spec.completions:
+      out[key] = self.completion_ids(rec[field], token)
+    if "completion" in out:  # a single completion: desirable unless a steered record says not
+      out["desirable"] = int(rec.get("status", "desirable") == "desirable") if steered else 1
     return out
 
   def fit(self, prompt: list[int], completion: list[int]) -> list[int]:

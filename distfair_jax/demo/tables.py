@@ -1,6 +1,7 @@
 """The demo's tables (Markdown) and plots: one seed's results, several seeds' means and standard
 deviations, the KL table and the analyses' sweeps; the comparison plot and each dataset's
-per-occupation picture."""
+per-occupation picture. Numbers, Markdown tables and figures come from the evaluation report's
+helpers (``evaluation.report``: ``fmt``, ``fmt_ci``, ``markdown_table``, ``figure``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from distfair_jax import fileio
 from distfair_jax.demo.settings import METHODS
-
+from distfair_jax.evaluation.report import figure, fmt, fmt_ci, markdown_table
 
 
 def _summary(m: dict) -> dict:
@@ -25,39 +26,46 @@ def _summary(m: dict) -> dict:
   return out
 
 
+def _method_rows(results: dict):
+  """(dataset, method, its results) in ``METHODS`` order, for the methods a dataset has."""
+  for ds, methods in results.items():
+    for method in METHODS:
+      if method in methods:
+        yield ds, method, methods[method]
+
+
+def _head(versions: Sequence[str], mae: str) -> list[str]:
+  """The results and seeds tables' columns; ``mae``: what follows "<version> MAE"."""
+  exact = [v for v in versions if v != "v3"]  # stories have no canonical answers
+  return (["dataset", "method"] + [f"{v} MAE{mae}" for v in versions]
+          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
+          + [f"{v} unparsed" for v in versions])
+
+
+def _mae_cell(m: dict | None) -> str:
+  """A version's MAE and, in brackets, its bias-corrected estimate with the 95% interval."""
+  if m is None:
+    return ""
+  ci, corrected = m.get("mae_ci"), m.get("mae_corrected")
+  return fmt(m["mae"]) + (f" ({fmt(corrected)} {fmt_ci(ci)})" if ci and corrected is not None
+                          else "")
+
+
 def results_table(results: dict, versions: Sequence[str]) -> str:
   """Markdown: one row per (dataset, method), per version the MAE and, in brackets, the
   bias-corrected estimate with its 95% interval (metrics' docstring); exact MAE, unparsed rate."""
-  exact = [v for v in versions if v != "v3"]  # stories have no canonical answers
-  head = (["dataset", "method"] + [f"{v} MAE (corrected [95% CI])" for v in versions]
-          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
-          + [f"{v} unparsed" for v in versions])
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for ds, methods in results.items():
-    for method in METHODS:
-      if method not in methods:
-        continue
-      cells = [ds, method]
-      for v in versions:
-        m = methods[method].get(v)
-        if m is None:
-          cells.append("")
-          continue
-        ci = m.get("mae_ci")
-        corrected = m.get("mae_corrected")
-        cells.append(f"{m['mae']:.3f}" + (f" ({corrected:.3f} [{ci[0]:.3f}, {ci[1]:.3f}])"
-                                          if ci and corrected is not None else ""))
-      for v in exact:
-        e = (methods[method].get(v) or {}).get("exact_answer_mae")
-        cells.append("" if e is None else f"{e:.3f}")
-      v2 = methods[method].get("v2") or {}
-      cells.append("" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}")
-      cells.append("" if v2.get("exact_mae") is None else f"{v2['exact_mae']:.3f}")
-      for v in versions:
-        rate = (methods[method].get(v) or {}).get("unparsed_rate")
-        cells.append("" if rate is None else f"{rate:.1%}")
-      lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  exact = [v for v in versions if v != "v3"]
+  rows = []
+  for ds, method, m in _method_rows(results):
+    e = [(m.get(v) or {}).get("exact_answer_mae") for v in exact]
+    v2 = m.get("v2") or {}
+    rates = [(m.get(v) or {}).get("unparsed_rate") for v in versions]
+    rows.append([ds, method] + [_mae_cell(m.get(v)) for v in versions]
+                + ["" if x is None else fmt(x) for x in e]
+                + ["" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}",
+                   "" if v2.get("exact_mae") is None else fmt(v2["exact_mae"])]
+                + ["" if r is None else f"{r:.1%}" for r in rates])
+  return "\n".join(markdown_table(_head(versions, " (corrected [95% CI])"), rows)) + "\n"
 
 
 def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
@@ -72,14 +80,12 @@ def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
     return text
 
   z0 = any("z0_mean" in m for rows in sweeps.values() for m in rows.values())
-  lines = [f"| dataset | {label} | v2 MAE | exact answer MAE | non-answer | unparsed |"
-           + (" mean z0 in training |" if z0 else ""), "|---|---|---|---|---|---|" + "---|" * z0]
-  for ds, rows in sweeps.items():
-    for key, m in rows.items():
-      lines.append(f"| {ds} | {key} | {cell(m, 'mae')} | {cell(m, 'exact_answer_mae')} | "
-                   f"{cell(m, 'non_answer', True)} | {cell(m, 'unparsed_rate', True)} |"
-                   + (f" {cell(m, 'z0_mean')} |" if z0 else ""))
-  return "\n".join(lines) + "\n"
+  head = (["dataset", label, "v2 MAE", "exact answer MAE", "non-answer", "unparsed"]
+          + ["mean z0 in training"] * z0)
+  rows = [[ds, key, cell(m, "mae"), cell(m, "exact_answer_mae"), cell(m, "non_answer", True),
+           cell(m, "unparsed_rate", True)] + [cell(m, "z0_mean")] * z0
+          for ds, sweep in sweeps.items() for key, m in sweep.items()]
+  return "\n".join(markdown_table(head, rows)) + "\n"
 
 
 def kl_table(results: dict, versions: Sequence[str]) -> str:
@@ -97,25 +103,17 @@ def kl_table(results: dict, versions: Sequence[str]) -> str:
                 for v in m.values())
   how = "sum / mean, each mean ± sd over seeds" if several else "sum / mean (std over occupations)"
   head = ["dataset", "method"] + [f"{v} KL {how}" for v in versions]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for ds, methods in results.items():
-    for method in METHODS:
-      if method in methods:
-        lines.append("| " + " | ".join([ds, method] + [cell(methods[method].get(v))
-                                                       for v in versions]) + " |")
-  return "\n".join(lines) + "\n"
+  rows = [[ds, method] + [cell(m.get(v)) for v in versions]
+          for ds, method, m in _method_rows(results)]
+  return "\n".join(markdown_table(head, rows)) + "\n"
 
 
 def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
   """Bar chart of MAE per method and version, one panel per dataset: with several seeds the mean
   with ± one standard deviation over seeds; with one seed the MAE, and the bias-corrected
   estimate with its 95% interval as a point with error bars."""
-  # matplotlib: imported on the first plot only (a second of import time the tables do not need)
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   datasets = list(results)
-  fig = Figure(figsize=(max(7.0, 1.2 * len(METHODS) * len(versions) / 2), 3.2 * len(datasets)))
-  FigureCanvasAgg(fig)
+  fig = figure(max(7.0, 1.2 * len(METHODS) * len(versions) / 2), 3.2 * len(datasets))
   for i, ds in enumerate(datasets):
     ax = fig.add_subplot(len(datasets), 1, i + 1)
     width = 0.8 / len(versions)
@@ -159,21 +157,13 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
 
   n = len(next(iter(next(iter(next(iter(results.values())).values())).values()))["seeds"])
   exact = [v for v in versions if v != "v3"]
-  head = (["dataset", "method"] + [f"{v} MAE" for v in versions]
-          + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
-          + [f"{v} unparsed" for v in versions])
-  lines = [f"Mean ± standard deviation over {n} seeds.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for ds, methods in results.items():
-    for method in METHODS:
-      if method not in methods:
-        continue
-      m = methods[method]
-      cells = ([ds, method] + [cell(m.get(v), "mae") for v in versions]
-               + [cell(m.get(v), "exact_answer_mae") for v in exact]
-               + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
-               + [cell(m.get(v), "unparsed_rate", True) for v in versions])
-      lines.append("| " + " | ".join(cells) + " |")
+  rows = [[ds, method] + [cell(m.get(v), "mae") for v in versions]
+          + [cell(m.get(v), "exact_answer_mae") for v in exact]
+          + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
+          + [cell(m.get(v), "unparsed_rate", True) for v in versions]
+          for ds, method, m in _method_rows(results)]
+  lines = [f"Mean ± standard deviation over {n} seeds.", ""] + markdown_table(_head(versions, ""),
+                                                                              rows)
   return "\n".join(lines) + "\n"
 
 
@@ -183,9 +173,6 @@ def occupation_plot(dataset_dir: str, methods: Sequence[str], version: str, path
   shares) against the target: one panel per category (one in all for two), occupations by their
   target share of the first category. Reads
   ``dataset_dir/<method>/eval/metrics.json``; False (nothing written) when none has ``version``."""
-  # matplotlib: imported on the first plot only (a second of import time the tables do not need)
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   rows = {}
   for method in methods:
     doc = os.path.join(dataset_dir, method, "eval", "metrics.json")
@@ -200,8 +187,7 @@ def occupation_plot(dataset_dir: str, methods: Sequence[str], version: str, path
                          ["versions"][version].get("categories") or [] for m in rows))
   k = len(first[order[0]]["target"])
   panels = 1 if k == 2 else k
-  fig = Figure(figsize=(max(7.0, 0.45 * len(order)), 1.0 + 2.6 * panels))
-  FigureCanvasAgg(fig)
+  fig = figure(max(7.0, 0.45 * len(order)), 1.0 + 2.6 * panels)
   x = np.arange(len(order))
   for c in range(panels):
     ax = fig.add_subplot(panels, 1, c + 1)

@@ -15,7 +15,8 @@ samples were made (decoding configuration, steering mode, judge, ...) and is sho
 
 Everything is rendered in memory first, then each file is written atomically (``fileio``), so a
 failure never leaves a half-written report. Plots use matplotlib's Agg canvas (no pyplot, no global
-backend change).
+backend change). ``fmt`` / ``fmt_ci`` (numbers), ``markdown_table`` and ``figure`` are shared with
+the demo's tables and plots (``demo.tables``).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import os
 import re
 from collections.abc import Mapping
 from distfair_jax.fileio import Path
-from typing import Any
+from typing import Any, Sequence
 
 from distfair_jax import fileio
 from distfair_jax.errors import InputError
 
 __all__ = [
     "METRICS_FORMAT", "metrics_path", "load_metrics", "write_report", "write_eval_files",
-    "rebuild_report", "render_markdown", "plot_version", "plot_summary",
+    "rebuild_report", "render_markdown", "plot_version", "plot_summary", "fmt", "fmt_ci",
+    "markdown_table", "figure",
 ]
 
 METRICS_FORMAT = "distfair-metrics"
@@ -184,16 +186,18 @@ def rebuild_report(run_dir: str | os.PathLike, *, plots: bool = True) -> dict[st
 # Markdown
 
 
-def _f(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+  """``x`` with ``digits`` decimals; "-" for None or a non-finite float."""
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return "-"
   return f"{x:.{digits}f}"
 
 
-def _ci(ci: Any, digits: int = 3) -> str:
+def fmt_ci(ci: Any, digits: int = 3) -> str:
+  """An interval as "[lo, hi]" (``fmt``); "-" for none."""
   if not ci:
     return "-"
-  return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+  return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
 
 def _cell(text: Any) -> str:
@@ -206,7 +210,8 @@ def _categories(v: Mapping) -> list[str]:
   return [str(c) for c in names] if names and len(names) == k else [str(i) for i in range(k)]
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+  """A Markdown table's lines: the header, its rule, one line per row (cells escaped)."""
   lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
            "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
@@ -232,17 +237,17 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
             + (["exact answer MAE", "non-answer"] if any_answers else []))
   rows = []
   for name, v in versions.items():
-    floor = (f"{_f(v['mae_floor'])} {_ci(v.get('mae_floor_ci'))}"
+    floor = (f"{fmt(v['mae_floor'])} {fmt_ci(v.get('mae_floor_ci'))}"
              if v.get("mae_floor") is not None else "-")
-    corrected = (f"{_f(v['mae_corrected'])} {_ci(v.get('mae_ci'))}"
-                 if v.get("mae_corrected") is not None else _ci(v.get("mae_ci")))
-    row = [name, _f(v["mae"]), _f(v["mae_std"]), corrected, floor, _f(v["kl"]),
-           _f(v.get("kl_sum")), _f(v.get("kl_std")), _f(v["js"]),
+    corrected = (f"{fmt(v['mae_corrected'])} {fmt_ci(v.get('mae_ci'))}"
+                 if v.get("mae_corrected") is not None else fmt_ci(v.get("mae_ci")))
+    row = [name, fmt(v["mae"]), fmt(v["mae_std"]), corrected, floor, fmt(v["kl"]),
+           fmt(v.get("kl_sum")), fmt(v.get("kl_std")), fmt(v["js"]),
            f"{v.get('n_unparsed', '-')} ({100 * v['unparsed_rate']:.1f}%)", v["n_samples"]]
     if any_exact:
-      row.append(_f(v.get("exact_mae")))
+      row.append(fmt(v.get("exact_mae")))
     if any_answers:
-      row += [_f(v.get("exact_answer_mae")),
+      row += [fmt(v.get("exact_answer_mae")),
               f"{100 * v['non_answer']:.1f}%" if v.get("non_answer") is not None else "-"]
     rows.append(row)
   lines += ["## Summary", "",
@@ -256,7 +261,7 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
             "numbers of parsed answers (mean and 95% range); an MAE within it is as good as a "
             "perfect match at this sample size. Unparsed answers are left out of the achieved "
             "distributions.", ""]
-  lines += _table(header, rows) + [""]
+  lines += markdown_table(header, rows) + [""]
   if plots and len(versions) > 1:
     lines += ["![MAE per version](plots/summary.png)", ""]
   lines += _belief_section(versions, plots)
@@ -275,18 +280,18 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
     rows = []
     for o in v["per_occupation"]:
       cis = o.get("achieved_ci")
-      row = [o["occupation"], " / ".join(_f(x, 2) for x in o["target"]),
-             " / ".join(_f(x, 2) for x in o["achieved"]),
-             " / ".join(_ci(c, 2) for c in cis) if cis else "-",
-             _f(o["mae"]), _f(o.get("kl")), _f(o.get("js")), o["n"], o["n_unparsed"]]
+      row = [o["occupation"], " / ".join(fmt(x, 2) for x in o["target"]),
+             " / ".join(fmt(x, 2) for x in o["achieved"]),
+             " / ".join(fmt_ci(c, 2) for c in cis) if cis else "-",
+             fmt(o["mae"]), fmt(o.get("kl")), fmt(o.get("js")), o["n"], o["n_unparsed"]]
       if has_exact:
-        row += [" / ".join(_f(x, 2) for x in o["exact"]) if "exact" in o else "-",
-                _f(o.get("exact_mae"))]
+        row += [" / ".join(fmt(x, 2) for x in o["exact"]) if "exact" in o else "-",
+                fmt(o.get("exact_mae"))]
       if has_answers:
-        row += [" / ".join(_f(x, 2) for x in o["answer_probs"]) if "answer_probs" in o else "-",
-                _f(o.get("non_answer"))]
+        row += [" / ".join(fmt(x, 2) for x in o["answer_probs"]) if "answer_probs" in o else "-",
+                fmt(o.get("non_answer"))]
       rows.append(row)
-    lines += _table(header, rows) + [""]
+    lines += markdown_table(header, rows) + [""]
   return "\n".join(lines)
 
 
@@ -320,14 +325,14 @@ def _belief_section(versions: Mapping[str, Mapping], plots: bool) -> list[str]:
     if points is None:
       continue
     gap = float(abs(points[0] - points[1]).mean())
-    rows.append([name, _f(belief_correlation(v)), _f(gap), len(points[0])])
+    rows.append([name, fmt(belief_correlation(v)), fmt(gap), len(points[0])])
   if not rows:
     return []
   lines = ["## Belief against generation", "",
            "Per occupation and category: the model's exact steering distribution (its belief) "
            "against the frequency its sampled answers achieved (parsed answers only); Pearson "
            "correlation over the points and their mean absolute gap.", ""]
-  lines += _table(["version", "correlation", "mean gap", "points"], rows) + [""]
+  lines += markdown_table(["version", "correlation", "mean gap", "points"], rows) + [""]
   if plots:
     lines += [f"![belief {r[0]}](plots/belief_{r[0]}.png)" for r in rows] + [""]
   return lines
@@ -337,7 +342,9 @@ def _belief_section(versions: Mapping[str, Mapping], plots: bool) -> list[str]:
 # Plots
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+  """A matplotlib Figure of ``width`` x ``height`` inches on the Agg canvas (no pyplot)."""
+  # matplotlib: imported on the first plot only (a second of import time the tables do not need)
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(width, height), dpi=100)
@@ -354,7 +361,7 @@ def plot_version(name: str, v: Mapping, path: str | os.PathLike) -> None:
   x = np.arange(n)
   target = np.array([o["target"] for o in occs], np.float64)
   achieved = np.array([o["achieved"] for o in occs], np.float64)
-  fig = _figure(max(6.0, 0.45 * n + 2.5), 2.2 * k + 1.6)
+  fig = figure(max(6.0, 0.45 * n + 2.5), 2.2 * k + 1.6)
   axes = fig.subplots(k, 1, sharex=True, squeeze=False)[:, 0]
   for c, ax in enumerate(axes):
     yerr = None
@@ -380,9 +387,10 @@ def plot_version(name: str, v: Mapping, path: str | os.PathLike) -> None:
   ci = v.get("mae_ci")
   floor = v.get("mae_floor")
   corrected = v.get("mae_corrected")
-  fig.suptitle(f"{name}: target vs achieved; MAE {_f(v['mae'])}"
-               + (f" (corrected {_f(corrected)} {_ci(ci)})" if ci and corrected is not None else "")
-               + (f" (floor {_f(floor)})" if floor is not None else "")
+  fig.suptitle(f"{name}: target vs achieved; MAE {fmt(v['mae'])}"
+               + (f" (corrected {fmt(corrected)} {fmt_ci(ci)})" if ci and corrected is not None
+                  else "")
+               + (f" (floor {fmt(floor)})" if floor is not None else "")
                + f", unparsed {100 * v['unparsed_rate']:.1f}%")
   fig.tight_layout()
   fig.savefig(path, format="png")
@@ -394,7 +402,7 @@ def plot_summary(versions: Mapping[str, Mapping], path: str | os.PathLike) -> No
   names = list(versions)
   x = np.arange(len(names))
   mae = np.array([versions[n]["mae"] for n in names], np.float64)
-  fig = _figure(max(4.0, 1.0 * len(names) + 2.0), 3.5)
+  fig = figure(max(4.0, 1.0 * len(names) + 2.0), 3.5)
   ax = fig.subplots()
   ax.bar(x, mae, width=0.6, color="C0", label="MAE")
   if all(versions[n].get("mae_ci") and versions[n].get("mae_corrected") is not None
@@ -422,7 +430,7 @@ def plot_summary(versions: Mapping[str, Mapping], path: str | os.PathLike) -> No
 def plot_belief(name: str, v: Mapping, path: str | os.PathLike) -> None:
   """Scatter of ``belief_points``: belief (x) against achieved (y), the diagonal for reference."""
   belief, achieved = belief_points(v)
-  fig = _figure(4.2, 4.0)
+  fig = figure(4.2, 4.0)
   ax = fig.subplots()
   ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, linestyle="--", label="achieved = belief")
   ax.scatter(belief, achieved, s=14, color="C0", alpha=0.8)

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from distfair_jax import losses as L
 from distfair_jax import sharding as shd
-from distfair_jax.data import pipeline
+from distfair_jax.data import kinds, pipeline
 from distfair_jax.train.step import make_eval_fn
 
 __all__ = ["split_heldout", "HeldoutEval"]
@@ -56,7 +56,7 @@ class HeldoutEval:
                  else None)
 
   def _pipeline(self, records, encoder, devices: int, packing_pays: bool):
-    pair = 2 if self.stage.records_kind == "kto" else 1
+    pair = kinds.get(self.stage.records_kind).records_per_unit
     bs = min(self.stage.cfg.batch_size, len(records) - len(records) % pair)
     if bs < pair:
       return None

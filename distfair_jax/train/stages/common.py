@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distfair_jax import losses as L
+from distfair_jax.config import Stage
 from distfair_jax.data import batches as B
 from distfair_jax.data import collate as collate_lib
 from distfair_jax.data import tokenize
@@ -135,7 +136,7 @@ class StageBase:
   cfg: Any
   tile_size: int = L.DEFAULT_TILE_SIZE
 
-  name: ClassVar[str] = ""           # the stage
+  name: ClassVar[str] = ""           # the stage: a ``config.Stage`` choice, kept as its plain str
   section: ClassVar[str] = ""        # the config section that holds ``cfg``
   records_kind: ClassVar[str] = ""   # the records it trains on, and the data pipeline's kind
   seed_offset: ClassVar[int] = 0     # added to ``data.seed`` for its shuffle
@@ -149,7 +150,7 @@ class StageBase:
     for key, value in attributes.items():
       if key not in StageBase.__annotations__ or key in ("cfg", "tile_size"):
         raise TypeError(f"{cls.__name__}: {key} is not a stage attribute")
-      setattr(cls, key, value)
+      setattr(cls, key, Stage(value).value if key == "name" else value)
 
   def layout(self, devices: int, packing_pays: bool = True, batch_size: int | None = None) -> str:
     """``rows`` or ``packed`` for a batch of ``batch_size`` sequences (default: the stage's) split

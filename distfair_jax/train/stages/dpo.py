@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from distfair_jax import losses as L
-from distfair_jax.config import DPOConfig, Layout
+from distfair_jax.config import DPOConfig, Layout, Stage
 from distfair_jax.data import batches as B
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.stages.common import (StageBase, merge, packed_group_logps,
@@ -25,7 +25,7 @@ __all__ = ["DPOStage"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOStage(StageBase, name="dpo", section="dpo", records_kind="dpo", seed_offset=3,
+class DPOStage(StageBase, name=Stage.dpo, section="dpo", records_kind="dpo", seed_offset=3,
                needs_reference=True, batch_types=(B.DPOBatch, B.PackedDPOBatch)):
   cfg: DPOConfig = DPOConfig()
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from distfair_jax import losses as L
-from distfair_jax.config import Ablation, HybridConfig, Layout, Reference
+from distfair_jax.config import Ablation, HybridConfig, Layout, Reference, Stage
 from distfair_jax.data import batches as B
 from distfair_jax.errors import InputError
 from distfair_jax import console
@@ -56,7 +56,7 @@ def _packed_logps(model, packed: B.Packed, tile_size: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class HybridStage(StageBase, name="hybrid", section="hybrid", records_kind="kto", seed_offset=2,
+class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="kto", seed_offset=2,
                   steered=True, batch_types=(B.HybridBatch, B.PackedHybridBatch)):
   cfg: HybridConfig = HybridConfig()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from distfair_jax import losses as L
-from distfair_jax.config import SFTConfig
+from distfair_jax.config import SFTConfig, Stage
 from distfair_jax.data import batches as B
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train.stages.common import (StageBase, merge, rng_state, sequence_logps,
@@ -20,7 +20,7 @@ __all__ = ["SFTStage", "IFTStage"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTStage(StageBase, name="sft", section="sft", records_kind="sft", seed_offset=1,
+class SFTStage(StageBase, name=Stage.sft, section="sft", records_kind="sft", seed_offset=1,
                steered=True, batch_types=(B.SFTBatch,)):
   """``sft``: the desirable records, steering token first."""
   cfg: SFTConfig = SFTConfig()
@@ -46,5 +46,5 @@ class SFTStage(StageBase, name="sft", section="sft", records_kind="sft", seed_of
 
 
 @dataclasses.dataclass(frozen=True)
-class IFTStage(SFTStage, name="ift", records_kind="ift", steered=False):
+class IFTStage(SFTStage, name=Stage.ift, records_kind="ift", steered=False):
   """``ift``, the IFT baseline: the same loss on records without steering tokens (``cfg.sft``)."""
