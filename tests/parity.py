@@ -70,6 +70,18 @@ def save_random_hf(tmp_path_factory, name: str, conf, model_class, randomize
   return d, model
 
 
+def random_hf_dirs(tmp_path_factory, family: str, config_class, model_class, randomize,
+                   configs: dict, drop: tuple[str, ...] = ("architectures",)) -> dict:
+  """{case: (directory FAMILY-CASE, model)}, a ``save_random_hf`` each, for ``configs`` {case:
+  config.json fields}: ``config_class`` of the fields but ``drop``, eager attention."""
+  out = {}
+  for case, data in configs.items():
+    conf = config_class(**{k: v for k, v in data.items() if k not in drop})
+    conf._attn_implementation = "eager"
+    out[case] = save_random_hf(tmp_path_factory, f"{family}-{case}", conf, model_class, randomize)
+  return out
+
+
 def convert_all(hf_dirs: dict, tmp_path_factory) -> dict:
   """{case: its float32 conversion by hf-to-flax} of ``hf_dirs`` {case: (directory, model)}."""
   from distfair_jax.convert.hf import hf_to_flax

@@ -22,7 +22,7 @@ from distfair_jax.model.gemma3 import Gemma3
 from distfair_jax.model.llama_config import LlamaConfig, sliding_layer_types
 from distfair_jax.model.presets import get_preset, param_stats
 from parity import assert_bad_config, assert_logical_axes, assert_same_safetensors, cached_decode
-from parity import compare, convert_all, padded_batch, randomize, save_random_hf
+from parity import compare, convert_all, padded_batch, random_hf_dirs, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -66,15 +66,10 @@ def _randomize(model) -> None:
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict:
   """{case: (random Gemma3ForCausalLM directory, its model)}."""
-  out = {}
-  for case, change in CASES.items():
-    data = dict(GEMMA3_270M, **SHRINK, **change)
-    conf = transformers.Gemma3TextConfig(
-        **{k: v for k, v in data.items() if k not in ("architectures", "model_type")})
-    conf._attn_implementation = "eager"
-    out[case] = save_random_hf(tmp_path_factory, f"gemma3-{case}", conf,
-                               transformers.Gemma3ForCausalLM, _randomize)
-  return out
+  return random_hf_dirs(tmp_path_factory, "gemma3", transformers.Gemma3TextConfig,
+                        transformers.Gemma3ForCausalLM, _randomize,
+                        {case: dict(GEMMA3_270M, **SHRINK, **c) for case, c in CASES.items()},
+                        drop=("architectures", "model_type"))
 
 
 @pytest.fixture(scope="module")

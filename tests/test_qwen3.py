@@ -20,7 +20,7 @@ from distfair_jax.model.llama_config import LlamaConfig
 from distfair_jax.model.presets import get_preset, param_stats
 from distfair_jax.model.qwen3 import Qwen3
 from parity import assert_bad_config, assert_logical_axes, assert_same_safetensors, cached_decode
-from parity import compare, convert_all, padded_batch, randomize, save_random_hf
+from parity import compare, convert_all, padded_batch, random_hf_dirs, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -52,14 +52,9 @@ def _randomize(model) -> None:
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict:
   """{case: (random Qwen3ForCausalLM directory, its model)}."""
-  out = {}
-  for case, change in CASES.items():
-    data = dict(QWEN3_06B, **SHRINK, **change)
-    conf = transformers.Qwen3Config(**{k: v for k, v in data.items() if k != "architectures"})
-    conf._attn_implementation = "eager"
-    out[case] = save_random_hf(tmp_path_factory, f"qwen3-{case}", conf,
-                               transformers.Qwen3ForCausalLM, _randomize)
-  return out
+  return random_hf_dirs(tmp_path_factory, "qwen3", transformers.Qwen3Config,
+                        transformers.Qwen3ForCausalLM, _randomize,
+                        {case: dict(QWEN3_06B, **SHRINK, **c) for case, c in CASES.items()})
 
 
 @pytest.fixture(scope="module")
