@@ -56,6 +56,7 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   pairs = json.loads((run_dir / "kl_pairs.json").read_text())["gender_real_uk"]
   assert list(pairs) == ["kl_pairs: shifted", "kl_pairs: reference"]
   assert "## KTO's mismatched pairs (ours, v2)" in text
+  assert "## Wall time" in text and text.startswith("# distfair demo (quick, seed 0)")
   for method in demo.METHODS:
     assert f"| {method} |" in text and f"| {method} |" in proc.stdout
   # A rerun reuses every finished stage and evaluation, also through another path to the same
@@ -276,6 +277,13 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
     assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
   marker = json.loads((run_dir / "demo.json").read_text())
   assert marker["model"] == str(ckpt)
+  text = (run_dir / "results.md").read_text()  # no analyses: no empty sections for them
+  assert text.startswith("# distfair demo (default, model my model, seed 0)")
+  assert "Decoding sensitivity" not in text and "mismatched pairs" not in text
+  timings = json.loads((run_dir / "timings.json").read_text())["datasets"]["gender_real_us"]
+  wall = text.split("## Wall time")[1]
+  assert f"| gender_real_us | {sum(t for k, t in timings.items() if 'eval:' not in k):.0f} |" in wall
+  assert any(k.endswith(" held-out") for k in timings)  # the selection's scoring is timed too
   # Resumed, the demo re-scores and re-samples nothing: held-out scores from each run's
   # heldout.json, evaluations from their metrics.json.
   def fail(*args, **kwargs):

@@ -149,8 +149,8 @@ class Demo:
       cfg = run_config(self, run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = cached_heldout_mae(self, run,
-                                                                              steered=steered)
+      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = self._timed(
+          f"{name}@{lr:g} held-out", lambda: cached_heldout_mae(self, run, steered=steered))
       runs[lr] = run
       console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
                   f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
@@ -200,6 +200,7 @@ class Demo:
       recorded = doc.get("meta", {}).get("run")
       if recorded and os.path.realpath(recorded) == os.path.realpath(run):
         return doc
+      self.timings.pop(f"eval:{name or method}", None)  # another model's time
     s = self.s
     versions = list(versions or s.versions)
     cfg = C.EvalConfig(

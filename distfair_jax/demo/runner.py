@@ -16,7 +16,8 @@ from distfair_jax.data.tokenizer import build_tiny_tokenizer, dataset_texts
 from distfair_jax.demo.dataset import Demo
 from distfair_jax.demo.seeds import aggregate_seeds, aggregate_v2
 from distfair_jax.demo.settings import DemoSettings, settings_for
-from distfair_jax.demo.tables import comparison_plot, kl_table, results_table, seeds_table, sweep_table
+from distfair_jax.demo.tables import (comparison_plot, kl_table, results_table, seeds_table,
+                                      sweep_table, timings_table)
 from distfair_jax.errors import InputError
 from distfair_jax.model.modeldir import load_model_config
 from distfair_jax.train.rundir import CHECKPOINTS, FINAL, SUMMARY
@@ -103,7 +104,7 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
                                                                          "timings.json"))
                                    for s in seeds},
                          "total_s": round(time.perf_counter() - start, 1)},
-                title=(f"# distfair demo ({'quick' if quick else 'default'}, seeds "
+                title=(f"# distfair demo ({_label(quick, model)}, seeds "
                        f"{', '.join(map(str, seeds))})"),
                 table=seeds_table(results, settings.versions))
   return results
@@ -154,13 +155,20 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
       sweeps[demo.dataset] = demo.decoding_sweep()
       pairs[demo.dataset] = demo.kl_pairs_variant()
     timings[demo.dataset] = demo.timings
-  results = {n: results[n] for n in names if n in results} | results
-  total = time.perf_counter() - start
-  write_results(run_dir, results, versions=settings.versions, sweeps=sweeps, pairs=pairs,
-                timings={"datasets": timings, "total_s": round(total, 1)},
-                title=f"# distfair demo ({'quick' if quick else 'default'}, seed {seed})",
-                table=results_table(results, settings.versions))
+    # After every dataset: a run of several hours (--all on a real model) shows its finished
+    # datasets, and a stop loses no table.
+    results = {n: results[n] for n in names if n in results} | results
+    write_results(run_dir, results, versions=settings.versions, sweeps=sweeps, pairs=pairs,
+                  timings={"datasets": timings, "total_s": round(time.perf_counter() - start, 1)},
+                  title=f"# distfair demo ({_label(quick, model)}, seed {seed})",
+                  table=results_table(results, settings.versions))
   return results
+
+
+def _label(quick: bool, model: str | None) -> str:
+  """The results' title: the sizes and, for a given model, its directory's name."""
+  return ("quick" if quick else "default") + ("" if model is None else
+                                              f", model {os.path.basename(os.path.normpath(model))}")
 
 
 def write_results(run_dir: str, results: dict, *, versions: Sequence[str], sweeps: dict,
@@ -172,11 +180,15 @@ def write_results(run_dir: str, results: dict, *, versions: Sequence[str], sweep
   fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
   fileio.write_json(os.path.join(run_dir, "kl_pairs.json"), pairs, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"), timings, indent=1)
+  per_dataset = timings.get("datasets") or {}
   fileio.write_text(os.path.join(run_dir, "results.md"),
                     f"{title}\n\n{table}"
                     f"\n## KL(target || achieved)\n\n{kl_table(results, versions)}"
-                    f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}"
-                    f"\n## KTO's mismatched pairs (ours, v2)\n\n{sweep_table(pairs, 'hybrid')}")
+                    + (f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}"
+                       if sweeps else "")
+                    + (f"\n## KTO's mismatched pairs (ours, v2)\n\n{sweep_table(pairs, 'hybrid')}"
+                       if pairs else "")
+                    + (f"\n## Wall time\n\n{timings_table(per_dataset)}" if per_dataset else ""))
   comparison_plot(results, versions, os.path.join(run_dir, "comparison.png"))
 
 

@@ -88,6 +88,20 @@ def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
   return "\n".join(markdown_table(head, rows)) + "\n"
 
 
+def timings_table(timings: dict[str, dict[str, float]]) -> str:
+  """Markdown: each dataset's wall time (seconds, as ``Demo._timed`` recorded it, over every
+  sitting of a resumed run): training (every run of the grids and its held-out scoring for the
+  selection; stages stopped and not yet resumed included), evaluation, and the total in
+  minutes."""
+  rows = []
+  for ds, times in timings.items():
+    train = sum(t for k, t in times.items() if not k.startswith("eval:"))
+    evaluation = sum(t for k, t in times.items() if k.startswith("eval:"))
+    rows.append([ds, f"{train:.0f}", f"{evaluation:.0f}", f"{(train + evaluation) / 60:.1f}"])
+  return "\n".join(markdown_table(["dataset", "training (s)", "evaluation (s)", "total (min)"],
+                                  rows)) + "\n"
+
+
 def kl_table(results: dict, versions: Sequence[str]) -> str:
   """Markdown: the paper's KL table, KL(target || achieved) in nats per version, the sum and mean
   over occupations (with their std over occupations for one seed; mean ± sd over seeds for
