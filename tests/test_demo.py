@@ -189,13 +189,14 @@ def test_aggregate_seeds_means_sds_and_table():
 def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
   """--seeds 0,1: each seed's whole demo under RUN_DIR/seed<N> (its own results kept), and
   RUN_DIR's results.json / results.md / comparison.png the aggregate over them."""
-  calls = []
+  calls, rates = [], []
 
   class FakeDemo:
     def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
-                 base_model=None, ablations=True):
+                 base_model=None, ablations=True, rates_from=None):
       self.dataset, self.seed, self.timings = dataset, seed, {}
       calls.append((run_dir, seed))
+      rates.append(rates_from)
 
     def out_of_distribution(self):
       return {}
@@ -215,6 +216,7 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
   monkeypatch.setattr(demo_runner, "_tokenizer", lambda run_dir, ds: str(tmp_path / "tok"))
   out = demo.run_demo(["gender_real_us"], str(tmp_path / "d"), quick=True, seeds=[0, 1])
   assert calls == [(str(tmp_path / "d" / "seed0"), 0), (str(tmp_path / "d" / "seed1"), 1)]
+  assert rates == [None, None]  # the miniature: every seed selects (tune_first_seed off)
   for s in (0, 1):
     own = json.loads((tmp_path / "d" / f"seed{s}" / "results.json").read_text())
     assert own["gender_real_us"]["ours"]["v2"]["mae"] == pytest.approx(0.1 + s / 10)
@@ -223,6 +225,14 @@ def test_seeds_run_each_seed_in_its_own_directory(tmp_path, monkeypatch):
   md = (tmp_path / "d" / "results.md").read_text()
   assert "over 2 seeds" in md and "| gender_real_us | kl_pairs: reference | 0.250 ± 0.071 |" in md
   assert (tmp_path / "d" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+  # demo.REAL's tune_first_seed: the later seeds train at the first seed's selected rates.
+  import dataclasses
+  assert demo.REAL.tune_first_seed and not demo.DEFAULT.tune_first_seed
+  calls.clear()
+  rates.clear()
+  demo.run_demo(["gender_real_us"], str(tmp_path / "e"), quick=True, seeds=[2, 0, 1],
+                settings=dataclasses.replace(demo.QUICK, tune_first_seed=True))
+  assert rates == [None, str(tmp_path / "e" / "seed2"), str(tmp_path / "e" / "seed2")]
 
 
 @pytest.mark.slow
@@ -327,7 +337,7 @@ def test_ablations_run_on_the_datasets_named(tmp_path, monkeypatch):
 
   class FakeDemo:
     def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
-                 base_model=None, ablations=True):
+                 base_model=None, ablations=True, rates_from=None):
       self.dataset, self.timings = dataset, {}
       seen[dataset] = ablations
 
@@ -368,7 +378,7 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
 
   class FakeDemo:
     def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
-                 base_model=None, ablations=True):
+                 base_model=None, ablations=True, rates_from=None):
       self.dataset, self.timings = dataset, {}
       order.append(dataset)
 
@@ -383,7 +393,7 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
   assert order == ["gender_real_us", "gender_even_us"] and list(out) == order[::-1]
   assert demo.REAL.tune_on == "gender_real_us" and demo.DEFAULT.tune_on is None
   grids = (1e-4, 5e-4)
-  other = types.SimpleNamespace(s=settings, dataset="gender_even_us",
+  other = types.SimpleNamespace(s=settings, dataset="gender_even_us", rates_from=None,
                                 dir=str(tmp_path / "r" / "gender_even_us"))
   assert grid(other, "ours", grids) == grids  # nothing selected yet
   (tmp_path / "r" / "gender_real_us").mkdir(parents=True)
@@ -392,9 +402,22 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
   assert grid(other, "ours", grids) == (5e-4,)
   assert grid(other, "sft", (1e-4, 1e-3)) == (1e-3,)
   assert grid(other, "dpo", grids) == grids  # not selected there
-  tuned = types.SimpleNamespace(s=settings, dataset="gender_real_us",
+  tuned = types.SimpleNamespace(s=settings, dataset="gender_real_us", rates_from=None,
                                 dir=str(tmp_path / "r" / "gender_real_us"))
   assert grid(tuned, "ours", grids) == grids
+  # A later seed (``tune_first_seed``): the first seed's selection of the same dataset first,
+  # then tune_on's.
+  first = tmp_path / "seed0" / "gender_even_us"
+  first.mkdir(parents=True)
+  (first / "selection.json").write_text(json.dumps({"ours": {"lr": 1e-4}}))
+  later = types.SimpleNamespace(s=settings, dataset="gender_even_us", rates_from=str(first.parent),
+                                dir=str(tmp_path / "r" / "gender_even_us"))
+  assert grid(later, "ours", grids) == (1e-4,)
+  assert grid(later, "sft", (1e-4, 1e-3)) == (1e-3,)  # not there: tune_on's
+  assert grid(later, "dpo", grids) == grids
+  alone = types.SimpleNamespace(s=dataclasses.replace(settings, tune_on=None), rates_from=None,
+                                dataset="gender_even_us", dir=str(tmp_path / "r" / "gender_even_us"))
+  assert grid(alone, "ours", grids) == grids
 
 
 def test_a_given_models_evaluation_serves_the_datasets_with_its_questions(tmp_path):

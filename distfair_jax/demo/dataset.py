@@ -50,7 +50,7 @@ class Demo:
 
   def __init__(self, dataset: str, run_dir: str, *, settings: DemoSettings, seed: int,
                tokenizer_dir: str, progress: bool = True, base_model: str | None = None,
-               ablations: bool = True):
+               ablations: bool = True, rates_from: str | None = None):
     spec = build_lib.resolve_spec(dataset)
     settings = scaled(settings, len(spec.occupations))
     # A user's YAML spec: its own name for the directory and the tables, its absolute path for the
@@ -62,6 +62,9 @@ class Demo:
     self.dir = os.path.join(run_dir, self.dataset)
     os.makedirs(self.dir, exist_ok=True)
     self.tokenizer_dir = tokenizer_dir
+    # The first seed's run directory, whose selection of this dataset fixes the rates here
+    # (``tune_first_seed``); None: this seed selects.
+    self.rates_from = rates_from
     # A given model (a ``distfair convert`` directory) instead of the biased base trained here.
     self.base_model = None if base_model is None else os.path.abspath(base_model)
     self.data = build_lib.build_dataset(
@@ -166,19 +169,25 @@ class Demo:
                                       {"story_unparsed": unparsed[lr]})} for lr in lrs}
 
   def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
-    """``lrs``, or the one rate ``tune_on``'s selection chose for ``name`` (another dataset of
-    this run directory, trained first)."""
+    """``lrs``, or the one rate already selected for ``name``: by the first seed on this dataset
+    (``rates_from``), else by ``tune_on`` (another dataset of this run directory, trained
+    first)."""
+    sources = []
+    if self.rates_from is not None:
+      sources.append((os.path.join(self.rates_from, self.dataset), "the first seed"))
     tune_on = self.s.tune_on
-    if tune_on is None or tune_on == self.dataset:
-      return tuple(lrs)
-    chosen = os.path.join(os.path.dirname(self.dir), tune_on, "selection.json")
-    lr = fileio.read_json(chosen).get(name, {}).get("lr") if os.path.exists(chosen) else None
-    if lr is None:
-      console.log(f"[{self.dataset}] {name}: no rate selected on {tune_on} in this run "
-                  f"directory: the grid {list(lrs)}")
-      return tuple(lrs)
-    console.log(f"[{self.dataset}] {name}: the rate selected on {tune_on}, {lr:g}")
-    return (float(lr),)
+    if tune_on is not None and tune_on != self.dataset:
+      sources.append((os.path.join(os.path.dirname(self.dir), tune_on), tune_on))
+    for where, what in sources:
+      chosen = os.path.join(where, "selection.json")
+      lr = fileio.read_json(chosen).get(name, {}).get("lr") if os.path.exists(chosen) else None
+      if lr is not None:
+        console.log(f"[{self.dataset}] {name}: the rate selected on {what}, {lr:g}")
+        return (float(lr),)
+    if sources:
+      console.log(f"[{self.dataset}] {name}: no rate selected on "
+                  f"{' or '.join(w for _, w in sources)}: the grid {list(lrs)}")
+    return tuple(lrs)
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the

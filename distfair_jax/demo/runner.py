@@ -93,9 +93,12 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   _check_marker(run_dir, {"quick": quick, "seeds": seeds, "settings": dataclasses.asdict(settings),
                           **_model_info(model)})
   start = time.perf_counter()
+  first = os.path.join(run_dir, f"seed{seeds[0]}")  # its selections fix the later seeds' rates
   per_seed = {s: _run_seed(datasets, os.path.join(run_dir, f"seed{s}"), settings=settings,
                            quick=quick, seed=s, progress=progress, model=model,
-                           ablations=ablations) for s in seeds}
+                           ablations=ablations,
+                           rates_from=first if settings.tune_first_seed and s != seeds[0] else None)
+              for s in seeds}
   results = aggregate_seeds(per_seed)
   write_results(run_dir, results, versions=settings.versions,
                 sweeps=aggregate_v2(run_dir, seeds, "decoding_sweep.json"),
@@ -134,8 +137,9 @@ def _model_info(model: str | None) -> dict:
 
 def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, quick: bool,
               seed: int, progress: bool, model: str | None = None,
-              ablations: Sequence[str] | None = None) -> dict:
-  """One seed's whole demo under ``run_dir`` (reused where finished); returns its results."""
+              ablations: Sequence[str] | None = None, rates_from: str | None = None) -> dict:
+  """One seed's whole demo under ``run_dir`` (reused where finished); returns its results.
+  ``rates_from``: the first seed's run directory, whose selections fix this seed's rates."""
   os.makedirs(run_dir, exist_ok=True)
   _check_marker(run_dir, {"quick": quick, "seed": seed, "settings": dataclasses.asdict(settings),
                           **_model_info(model)})
@@ -148,7 +152,8 @@ def _run_seed(datasets: Sequence[str], run_dir: str, *, settings: DemoSettings, 
     demo = Demo(ds, run_dir, settings=settings, seed=seed,
                 tokenizer_dir=model if model is not None else _tokenizer(run_dir, ds),
                 progress=progress, base_model=model,
-                ablations=ablations is None or resolve_spec(ds).name in set(ablations))
+                ablations=ablations is None or resolve_spec(ds).name in set(ablations),
+                rates_from=rates_from)
     results[demo.dataset] = demo.run()
     if settings.analyses:
       results.update(demo.out_of_distribution())
