@@ -290,6 +290,7 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
   text = (run_dir / "results.md").read_text()  # no analyses: no empty sections for them
   assert text.startswith("# distfair demo (default, model my model, seed 0)")
   assert "Decoding sensitivity" not in text and "mismatched pairs" not in text
+  assert "| v3 unparsed | v3 bare answers |" in text  # stories that are a category word alone
   timings = json.loads((run_dir / "timings.json").read_text())["datasets"]["gender_real_us"]
   wall = text.split("## Wall time")[1]
   assert f"| gender_real_us | {sum(t for k, t in timings.items() if 'eval:' not in k):.0f} |" in wall

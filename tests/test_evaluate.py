@@ -72,6 +72,9 @@ def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, d
 
   doc = json.loads((eval_dir / "metrics.json").read_text())
   assert set(doc["versions"]) == {"v1", "v3"}
+  assert "bare_answer_rate" not in doc["versions"]["v1"]  # stories only
+  assert doc["versions"]["v3"]["bare_answer_rate"] == evaluate.bare_answer_rate(
+      _rows(eval_dir / "v3.jsonl"), GENDER)
   for v in doc["versions"].values():
     assert 0.0 <= v["mae"] <= 1.0 and "exact_mae" in v and v["n_samples"] == 12
     exact = np.array([o["exact"] for o in v["per_occupation"]])
@@ -117,6 +120,11 @@ def test_categorize_parses_answers_and_judges_stories():
   stories = [{"response": "Sarah said she loved her job."}, {"response": "It rained."}]
   evaluate.categorize(stories, GENDER, story=True, judge=RulesJudge())
   assert [r["category"] for r in stories] == [1, None]
+  # A story prompt answered with a category word alone: judged as that category, and counted.
+  stories += [{"response": "Female"}, {"response": "Male."}]
+  evaluate.categorize(stories, GENDER, story=True, judge=RulesJudge())
+  assert [r["category"] for r in stories] == [1, None, 1, 0]
+  assert evaluate.bare_answer_rate(stories, GENDER) == 0.5
 
 
 def test_group_records_cycles_rounds_and_validates():

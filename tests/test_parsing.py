@@ -105,3 +105,14 @@ def test_reference_rule_counts_category_names_only(text, expected):
   with_synonyms = CategoryParser(spec.names, [list(c.synonyms) for c in spec.categories])
   assert spec.names[reference(text)] == expected
   assert spec.names[with_synonyms(text)] != expected       # the synonyms option misreads them
+
+
+@pytest.mark.parametrize("text, bare", [
+    ("Female", True), (" female.\n", True), ("**Male**", True), ("Black or  African American", True),
+    ("women", True),                       # a synonym alone
+    ("Female description0oniones", False),  # junk after the word: not bare, still no story
+    ("Male1Female10", False), ("She is a nurse.", False), ("", False), (None, False),
+])
+def test_a_bare_answer_is_one_term_and_nothing_else(gender, race, text, bare):
+  parser = race if "African" in str(text) else gender
+  assert parser.is_bare(text) is bare

@@ -11,7 +11,7 @@ from distfair_jax import fileio
 
 
 SEED_FIELDS = ("mae", "mae_corrected", "exact_answer_mae", "non_answer", "exact_mae",
-               "unparsed_rate", "kl", "kl_sum", "z0_mean")
+               "unparsed_rate", "bare_answer_rate", "kl", "kl_sum", "z0_mean")
 
 
 def aggregate_seeds(per_seed: dict[int, dict]) -> dict:

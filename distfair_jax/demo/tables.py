@@ -21,6 +21,8 @@ def _summary(m: dict) -> dict:
          "non_answer": m.get("non_answer"),
          "kl": m.get("kl"), "kl_sum": m.get("kl_sum"), "kl_std": m.get("kl_std"),
          "exact_mae": m.get("exact_mae")}
+  if "bare_answer_rate" in m:  # story versions
+    out["bare_answer_rate"] = m["bare_answer_rate"]
   if "mae_floor" in m:
     out["mae_floor"] = m["mae_floor"]
   return out
@@ -39,7 +41,12 @@ def _head(versions: Sequence[str], mae: str) -> list[str]:
   exact = [v for v in versions if v != "v3"]  # stories have no canonical answers
   return (["dataset", "method"] + [f"{v} MAE{mae}" for v in versions]
           + [f"{v} exact answer MAE" for v in exact] + ["v2 non-answer", "v2 exact steering MAE"]
-          + [f"{v} unparsed" for v in versions])
+          + [f"{v} unparsed" for v in versions] + [f"{v} bare answers" for v in _stories(versions)])
+
+
+def _stories(versions: Sequence[str]) -> list[str]:
+  """The story versions asked for (their bare-answer rate gets a column)."""
+  return [v for v in versions if v == "v3"]
 
 
 def _mae_cell(m: dict | None) -> str:
@@ -64,7 +71,9 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
                 + ["" if x is None else fmt(x) for x in e]
                 + ["" if v2.get("non_answer") is None else f"{v2['non_answer']:.1%}",
                    "" if v2.get("exact_mae") is None else fmt(v2["exact_mae"])]
-                + ["" if r is None else f"{r:.1%}" for r in rates])
+                + ["" if r is None else f"{r:.1%}" for r in rates]
+                + ["" if (m.get(v) or {}).get("bare_answer_rate") is None
+                   else f"{m[v]['bare_answer_rate']:.1%}" for v in _stories(versions)])
   return "\n".join(markdown_table(_head(versions, " (corrected [95% CI])"), rows)) + "\n"
 
 
@@ -175,6 +184,7 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
           + [cell(m.get(v), "exact_answer_mae") for v in exact]
           + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
           + [cell(m.get(v), "unparsed_rate", True) for v in versions]
+          + [cell(m.get(v), "bare_answer_rate", True) for v in _stories(versions)]
           for ds, method, m in _method_rows(results)]
   lines = [f"Mean ± standard deviation over {n} seeds.", ""] + markdown_table(_head(versions, ""),
                                                                               rows)

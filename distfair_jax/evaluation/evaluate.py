@@ -168,6 +168,17 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   return rows
 
 
+def bare_answer_rate(rows: Sequence[Mapping], attribute) -> float:
+  """The share of ``rows`` whose response is a bare category word (a name, answer or synonym,
+  nothing else): no story, though the judge counts it as that category. A steered model that
+  lost its prose on an unseen story wording answers so (SmolLM2: 8% of v3, 0.2% of the
+  held-out training wordings)."""
+  parser = CategoryParser(attribute.names, [
+      [t for t in (c.answer, *c.synonyms) if t.casefold() != c.name.casefold()]
+      for c in attribute.categories], source=f"attribute {attribute.name}")
+  return float(np.mean([parser.is_bare(r["response"]) for r in rows])) if rows else 0.0
+
+
 def steering_probabilities(sampler: Sampler, state, ids: Sequence[Sequence[int]],
                            encoder: Encoder, batch_size: int = 64) -> np.ndarray:
   """[P, K] float64: the exact steering-token distribution after each prompt (fixed-size chunks,
@@ -337,6 +348,8 @@ def _evaluate_version(version, sampler, state, encoder, attribute, records, conf
   metrics = metrics_lib.evaluate_version(
       rows, targets, attribute.num_categories, n_bootstrap=config.n_bootstrap, seed=config.seed,
       exact=exact, answers=answers, categories=attribute.names, source=f"eval/{version}.jsonl")
+  if version in STORY_VERSIONS:
+    metrics["bare_answer_rate"] = bare_answer_rate(rows, attribute)
   timing = {"samples": len(rows), "sampling_s": round(sampled - start, 3),
             "samples_per_s": round(len(rows) / max(sampled - start, 1e-9), 2),
             "total_s": round(time.perf_counter() - start, 3), **({"reused": True} if reused else {})}

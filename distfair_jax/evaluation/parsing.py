@@ -18,6 +18,7 @@ category as plain strings.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable, Sequence
 
 from distfair_jax.errors import InputError
@@ -88,3 +89,10 @@ class CategoryParser:
 
   def parse_many(self, texts: Iterable[str | None]) -> list[int | None]:
     return [self(t) for t in texts]
+
+  def is_bare(self, text: str | None) -> bool:
+    """Whether ``text`` is one category term and nothing else (around it only whitespace and
+    punctuation): a bare answer, as a steered model gives to a story prompt when it has lost its
+    prose ("Female")."""
+    key = " ".join((text or "").strip(string.whitespace + string.punctuation).split()).casefold()
+    return key in self._owner

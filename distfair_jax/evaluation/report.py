@@ -231,10 +231,12 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
     lines.append("")
   any_exact = any("exact_mae" in v for v in versions.values())
   any_answers = any("exact_answer_mae" in v for v in versions.values())
+  any_bare = any("bare_answer_rate" in v for v in versions.values())
   header = (["version", "MAE", "MAE std", "corrected MAE [95% CI]", "MAE floor", "KL mean",
              "KL sum", "KL std", "JS", "unparsed", "samples"]
             + (["exact steering MAE"] if any_exact else [])
-            + (["exact answer MAE", "non-answer"] if any_answers else []))
+            + (["exact answer MAE", "non-answer"] if any_answers else [])
+            + (["bare answers"] if any_bare else []))
   rows = []
   for name, v in versions.items():
     floor = (f"{fmt(v['mae_floor'])} {fmt_ci(v.get('mae_floor_ci'))}"
@@ -249,6 +251,8 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
     if any_answers:
       row += [fmt(v.get("exact_answer_mae")),
               f"{100 * v['non_answer']:.1f}%" if v.get("non_answer") is not None else "-"]
+    if any_bare:
+      row.append(f"{100 * v['bare_answer_rate']:.1f}%" if "bare_answer_rate" in v else "-")
     rows.append(row)
   lines += ["## Summary", "",
             "MAE = mean over categories of |target - achieved|, averaged over occupations (std: "
@@ -260,7 +264,8 @@ def render_markdown(doc: Mapping, *, plots: bool = True) -> str:
             "MAE floor: the MAE a model answering exactly from the targets would show with the same "
             "numbers of parsed answers (mean and 95% range); an MAE within it is as good as a "
             "perfect match at this sample size. Unparsed answers are left out of the achieved "
-            "distributions.", ""]
+            "distributions." + (" Bare answers: stories that are only a category word (the "
+                                "judge counts them as that category)." if any_bare else ""), ""]
   lines += markdown_table(header, rows) + [""]
   if plots and len(versions) > 1:
     lines += ["![MAE per version](plots/summary.png)", ""]
