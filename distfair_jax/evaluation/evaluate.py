@@ -46,7 +46,8 @@ from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
-__all__ = ["evaluate", "earlier_samples", "sample_version", "categorize", "exact_distributions", "STORY_VERSIONS"]
+__all__ = ["evaluate", "earlier_samples", "sample_version", "categorize", "exact_distributions",
+           "STORY_VERSIONS"]
 
 STORY_VERSIONS = frozenset({"v3"})
 
