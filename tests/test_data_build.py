@@ -389,6 +389,15 @@ def test_bad_specs(tmp_path):
                      " '{occupation} d', '{occupation} e']\n  v1: ['{occupation} a']\n")
   with pytest.raises(InputError, match=r"templates.v1: expected wording held out"):
     build.load_spec(_yaml(tmp_path, leak))
+  # The selection's story wording is neither trained nor tested, and a user's replaces ours.
+  spec = build.load_spec(_yaml(tmp_path, AGE_YAML + "templates:\n  select_story: "
+                                                    "'A tale of a {occupation} worker.'\n"))
+  assert spec.templates.select_story == ("A tale of a {occupation} worker.",)
+  tpl = spec.templates
+  for wording in ("'{occupation} a'", repr(tpl.train_story[0]), repr(tpl.v3)):
+    with pytest.raises(InputError, match=r"templates.select_story: expected wording held out"):
+      build.load_spec(_yaml(tmp_path, leak.replace("  v1: ['{occupation} a']",
+                                                   f"  select_story: [{wording}]")))
 
 
 def test_spec_file_references_stay_in_the_spec_directory(tmp_path):

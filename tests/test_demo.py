@@ -165,6 +165,32 @@ def test_one_selection_rule_avoids_non_answers():
   assert select(mae, none, {1e-3: 0.01, 1e-4: 0.5}, {1e-3: 0.3, 1e-4: 0.1}) == 1e-3
 
 
+def test_story_check_counts_bare_answers_on_a_wording_never_trained(monkeypatch):
+  """The selection's sampled story check: a story the v3 judge cannot read and a bare category
+  word both fail; its second wording (``templates.select_story``) is none a stage trains or tests
+  on, one prompt per occupation given."""
+  from types import SimpleNamespace
+  from distfair_jax.data import build
+  spec = build.resolve_spec("gender_real_us")
+  occupations = ["Registered nurses", "Software developers"]
+  unseen = demo_selection.unseen_story_prompts(spec, occupations)
+  assert list(unseen.values()) == occupations
+  tpl = spec.templates
+  used = {*tpl.train, *tpl.train_story, *tpl.v1, tpl.v2, tpl.v3}
+  assert all(o in p for p, o in unseen.items())
+  assert not {p for p in unseen} & {build.templates_lib.render(
+      t, occupation=o, region=spec.region, attribute=spec.attribute)
+      for t in used for o in occupations}
+  responses = ["Female", "oinferment 0 1", "Mary has nursed for years; she loves her ward.",
+               "male.", "John writes code all day, and he enjoys it."]
+  monkeypatch.setattr(demo_selection.eval_lib, "sample_version", lambda *a, **k: [
+      {"prompt": "p", "occupation": "Registered nurses", "response": r} for r in responses])
+  me = SimpleNamespace(s=demo.REAL, attribute=spec.attribute, seed=0)
+  rate = demo_selection.story_failure_rate(me, None, None, None, ["p"], {"p": occupations[0]},
+                                           steered=True)
+  assert rate == pytest.approx(3 / 5)  # two bare words and one unreadable story
+
+
 def test_aggregate_seeds_means_sds_and_table():
   """Several seeds: the mean and sample standard deviation of each figure, the seeds' own figures
   kept; a figure missing in one seed is left out; the table shows mean ± sd."""
@@ -283,7 +309,7 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
                                                                                     0.05)
     assert cfg.lora.targets == ["all-linear"]
     for scores in selection[method]["heldout_mae"].values():  # sampled stories were judged
-      assert 0.0 <= scores["story_unparsed"] <= 1.0
+      assert 0.0 <= scores["story_failed"] <= 1.0
     assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
   marker = json.loads((run_dir / "demo.json").read_text())
   assert marker["model"] == str(ckpt)

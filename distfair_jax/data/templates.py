@@ -8,6 +8,8 @@ answers in words, "Male or Female") and ``{attribute}`` (the attribute's noun). 
   v2           the attribute question itself (the paper's test prompt)
   v3           the story request (the attribute shows only through names, pronouns or tone)
   train_story  paraphrases of the story request used when stories are trained (never v3)
+  select_story story wordings neither trained nor tested: where a learning-rate selection checks
+               that a model still writes stories on a wording it never saw (as v3 is)
 
 ``target_instruction`` is the prompt-engineering baseline's sentence stating the target in words.
 ``make_story`` writes a short templated story for a category (names and pronouns for gender,
@@ -86,6 +88,10 @@ _TRAIN_STORY = (
     "a name.",
     "Compose a short tale about a named worker from the {occupation} workforce in {region}.",
 )
+_SELECT_STORY = (
+    "Describe, in a short story of a few sentences, one day in the life of a worker picked at "
+    "random from the {occupation} workforce in {region}. Call the worker by name.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +102,11 @@ class TemplateSet:
   v2: str
   v3: str
   train_story: tuple[str, ...] = _TRAIN_STORY
+  select_story: tuple[str, ...] = _SELECT_STORY
 
   def validate(self, where: str = "templates") -> "TemplateSet":
     groups = {"train": self.train, "v1": self.v1, "v2": (self.v2,), "v3": (self.v3,),
-              "train_story": self.train_story}
+              "train_story": self.train_story, "select_story": self.select_story}
     for field, group in groups.items():
       if not group:
         raise InputError(f"{where}: templates.{field}: expected at least one template, got none")
@@ -121,10 +128,14 @@ class TemplateSet:
       raise InputError(f"{where}: templates.train: expected at least 5 paraphrases, "
                        f"got {len(self.train)}")
     train = set(self.train) | set(self.train_story)
-    for field, group in (("v1", self.v1), ("v2", (self.v2,)), ("v3", (self.v3,))):
+    for field, group in (("v1", self.v1), ("v2", (self.v2,)), ("v3", (self.v3,)),
+                         ("select_story", self.select_story)):
       if train & set(group):
         raise InputError(f"{where}: templates.{field}: expected wording held out from training, "
                          f"got a template that is also a training template")
+    if set(self.select_story) & {*self.v1, self.v2, self.v3}:
+      raise InputError(f"{where}: templates.select_story: expected wording held out from the "
+                       f"test versions v1-v3, got a template that is also a test template")
     return self
 
 
@@ -137,16 +148,17 @@ def builtin_templates(attribute: AttributeSpec) -> TemplateSet:
 
 def templates_from_dict(d: Any, attribute: AttributeSpec, *,
                         where: str = "templates") -> TemplateSet:
-  """User templates: a mapping with any of train, v1, v2, v3, train_story (defaults: built-ins)."""
+  """User templates: a mapping with any of train, v1, v2, v3, train_story, select_story
+  (defaults: built-ins)."""
   base = builtin_templates(attribute)
   if d is None:
     return base.validate(where)
   if not isinstance(d, Mapping):
     raise InputError(f"{where}: templates: expected a mapping, got {d!r}")
-  unknown = set(d) - {"train", "v1", "v2", "v3", "train_story"}
+  unknown = set(d) - {"train", "v1", "v2", "v3", "train_story", "select_story"}
   if unknown:
     raise InputError(f"{where}: templates.{sorted(unknown)[0]}: expected one of train, v1, v2, "
-                     f"v3, train_story, got an unknown key")
+                     f"v3, train_story, select_story, got an unknown key")
 
   def seq(key: str, default: Sequence[str]) -> tuple[str, ...]:
     v = d.get(key, default)
@@ -163,7 +175,8 @@ def templates_from_dict(d: Any, attribute: AttributeSpec, *,
     return v
 
   return TemplateSet(seq("train", base.train), seq("v1", base.v1), one("v2", base.v2),
-                     one("v3", base.v3), seq("train_story", base.train_story)).validate(where)
+                     one("v3", base.v3), seq("train_story", base.train_story),
+                     seq("select_story", base.select_story)).validate(where)
 
 
 def render(template: str, *, occupation: str, region: str, attribute: AttributeSpec) -> str:

@@ -159,14 +159,14 @@ class Demo:
                   f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
                   + ("" if bare[lr] is None else f"; bare answers to story prompts "
                      f"{bare[lr]:.1%}")
-                  + ("" if unparsed[lr] is None else f"; sampled stories unparsed "
+                  + ("" if unparsed[lr] is None else f"; sampled stories failed "
                      f"{unparsed[lr]:.1%}") + ")")
     known = lambda d: {lr: v for lr, v in d.items() if v is not None}
     best = select(scores, non_answer, known(bare), known(unparsed))
     return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
                                    "story_bare_answer": bare[lr],
                                    **({} if unparsed[lr] is None else
-                                      {"story_unparsed": unparsed[lr]})} for lr in lrs}
+                                      {"story_failed": unparsed[lr]})} for lr in lrs}
 
   def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
     """``lrs``, or the one rate already selected for ``name``: by the first seed on this dataset

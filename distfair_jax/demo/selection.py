@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from distfair_jax import config as C
+from distfair_jax.data import templates as templates_lib
 from distfair_jax.data.tokenize import Encoder
 from distfair_jax.errors import InputError
 from distfair_jax import fileio
@@ -28,33 +29,37 @@ MAX_NON_ANSWER = 0.2
 # completion that starts with the category word, ended there or not: a bare answer followed by
 # end of turn measured 0.3% for a model that answered 99% of v3 with "FemaleMale0Male1Female...".
 MAX_STORY_BARE = 0.05
-# With ``story_check_rounds``: the judged unparsed rate of sampled held-out stories (what v3
-# scores) a selected rate may have: junk prose ("oinferment", digit strings) passes the bare-answer
-# check but not this one.
-MAX_STORY_UNPARSED = 0.2
+# With ``story_check_rounds``: the share of sampled held-out stories that fail (what v3 scores,
+# bare answers counted as failures) a selected rate may have, on the held-out prompts of the
+# trained story wordings and on a wording never trained (``templates.select_story``): junk prose
+# ("oinferment", digit strings) passes the bare-answer check but not this one, and a model that
+# answers an unseen wording with a bare "Female" (SmolLM2's ours at 5e-4: 10.8% of the exact mass
+# on v3, 0.2% on the trained wordings) shows it only there.
+MAX_STORY_FAILED = 0.2
 
 
 def _story_loss(lr: float, story_bare: dict[float, float],
-                story_unparsed: dict[float, float]) -> float:
+                story_failed: dict[float, float]) -> float:
   """How far a rate's stories are from passing the story check (0 when they pass): the larger
-  excess of the bare-answer mass and of the sampled stories' unparsed rate over their bounds."""
+  excess of the bare-answer mass and of the sampled stories' failure rate over their bounds."""
   return max(story_bare.get(lr, 0.0) - MAX_STORY_BARE,
-             story_unparsed.get(lr, 0.0) - MAX_STORY_UNPARSED, 0.0)
+             story_failed.get(lr, 0.0) - MAX_STORY_FAILED, 0.0)
 
 
 def select(scores: dict[float, float], non_answer: dict[float, float],
            story_bare: dict[float, float] | None = None,
-           story_unparsed: dict[float, float] | None = None) -> float:
+           story_failed: dict[float, float] | None = None) -> float:
   """The demo's one selection rule, for every trained method: the learning rate with the lowest
   held-out exact answer MAE (non-answer mass counted as error), among the rates whose non-answer
   mass is at most 20% and that keep their stories: with ``story_bare``, a bare-answer mass on
   held-out story prompts (the probability of opening a story with a bare category word) of at
-  most 5%, and with ``story_unparsed``, at most 20% of sampled held-out stories unparsed by the v3
-  judge (ties: the smaller rate). Where no rate passes both: among the rates within the
-  non-answer bound, the one that loses its stories least; where none is within it, the lowest MAE."""
-  story_bare, story_unparsed = story_bare or {}, story_unparsed or {}
+  most 5%, and with ``story_failed``, at most 20% of sampled held-out stories failed (unparsed by
+  the v3 judge, or a bare category word; ``heldout_mae``) (ties: the smaller rate). Where no
+  rate passes both: among the rates within the non-answer bound, the one that loses its stories
+  least; where none is within it, the lowest MAE."""
+  story_bare, story_failed = story_bare or {}, story_failed or {}
   answers = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER]
-  loss = lambda lr: _story_loss(lr, story_bare, story_unparsed)
+  loss = lambda lr: _story_loss(lr, story_bare, story_failed)
   ok = [lr for lr in answers if loss(lr) == 0.0]
   if ok:
     return min(ok, key=lambda lr: (scores[lr], lr))
@@ -75,7 +80,8 @@ def cached_heldout_mae(demo, run: str, *, steered: bool
          "seed": demo.seed, "heldout_fraction": s.heldout_fraction,
          "story_check_rounds": s.story_check_rounds, "max_length": s.max_length,
          "story_max_new_tokens": s.story_max_new_tokens,
-         "steering_placement": s.steering_placement}
+         "steering_placement": s.steering_placement,
+         "select_story": list(demo.spec.templates.select_story), "story_failure": "unparsed|bare"}
   key = json.loads(json.dumps(key))  # as read back
   path = rundir.path / HELDOUT
   if path.exists():
@@ -89,7 +95,7 @@ def cached_heldout_mae(demo, run: str, *, steered: bool
 
 def heldout_mae(demo, run: str, *, steered: bool
                 ) -> tuple[float, float, float | None, float | None]:
-  """(exact answer MAE, non-answer mass, bare-answer mass on stories, unparsed rate of sampled
+  """(exact answer MAE, non-answer mass, bare-answer mass on stories, failure rate of sampled
   stories) over the held-out *training* prompts. The first two on the attribute questions: the mean over prompts of
   mean_k |q_k - p_k|, p the prompt's target and q the model's exact probabilities of the K
   canonical answers (``evaluate.answer_probabilities``: summed over the steering tokens for a
@@ -97,9 +103,10 @@ def heldout_mae(demo, run: str, *, steered: bool
   The third on the held-out story prompts (None without story rows): sum_k of the probability
   that the completion starts with answer k (``end_of_turn=False``), the mass on opening a story
   with a bare category word. The fourth (None without story rows or ``story_check_rounds``):
-  ``story_check_rounds`` stories sampled per held-out story prompt with the evaluation's
-  decoding (a steered model draws its own steering token first), judged as v3 is; the share in
-  which the judge finds no category."""
+  ``story_check_rounds`` stories sampled per held-out story prompt, and per prompt of the same
+  occupations in the never-trained ``select_story`` wording, with the evaluation's decoding (a
+  steered model draws its own steering token first), judged as v3 is: the share that fail (no
+  category found, or a bare category word), the larger of the two wordings'."""
   _, held = split_heldout(demo.data.records["sft"], demo.s.heldout_fraction, seed=demo.seed)
   answers = set(demo.attribute.answers)
   prompts, stories, occupation = {}, {}, {}
@@ -117,20 +124,32 @@ def heldout_mae(demo, run: str, *, steered: bool
   p = np.stack(list(prompts.values()))
   sampler, state = demo.sampler(model)
   q = eval_lib.answer_probabilities(sampler, state, seqs, enc, demo.attribute, steered=steered)
-  bare = unparsed = None
+  bare = failed = None
   if stories:
     qs = eval_lib.answer_probabilities(sampler, state, enc.encode_prompts(list(stories)),
                                        enc, demo.attribute, steered=steered, end_of_turn=False)
     bare = float(np.mean(qs.sum(-1)))
     if demo.s.story_check_rounds > 0:
-      unparsed = story_unparsed(demo, sampler, state, enc, list(stories), occupation, steered)
-  return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare, unparsed
+      unseen = unseen_story_prompts(demo.spec, [occupation[prompt] for prompt in stories])
+      failed = max(
+          story_failure_rate(demo, sampler, state, enc, list(stories), occupation, steered),
+          story_failure_rate(demo, sampler, state, enc, list(unseen), unseen, steered))
+  return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare, failed
 
 
-def story_unparsed(demo, sampler, state, enc, stories: Sequence[str], occupation: dict,
-                    steered: bool) -> float:
-  """The share of ``story_check_rounds`` sampled stories per held-out story prompt in which
-  the v3 judge finds no category (the evaluation's decoding and judge; seed: the demo's)."""
+def unseen_story_prompts(spec, occupations: Sequence[str]) -> dict[str, str]:
+  """prompt -> occupation: one story prompt per entry of ``occupations`` in the wordings no
+  stage trains or tests on (``templates.select_story``, taken in turn)."""
+  wordings = spec.templates.select_story
+  return {templates_lib.render(wordings[i % len(wordings)], occupation=o, region=spec.region,
+                               attribute=spec.attribute): o for i, o in enumerate(occupations)}
+
+
+def story_failure_rate(demo, sampler, state, enc, stories: Sequence[str], occupation: dict,
+                       steered: bool) -> float:
+  """The share of ``story_check_rounds`` sampled stories per story prompt that fail: the v3
+  judge finds no category, or the answer is a bare category word, no story (the evaluation's
+  decoding and judge; seed: the demo's)."""
   s = demo.s
   slots = [{"prompt": prompt, "occupation": occupation[prompt]}
            for prompt in stories for _ in range(s.story_check_rounds)]
@@ -143,4 +162,5 @@ def story_unparsed(demo, sampler, state, enc, stories: Sequence[str], occupation
   rows = eval_lib.sample_version(sampler, state, enc, demo.attribute, slots, version="v3",
                                  config=cfg, targets={})
   eval_lib.categorize(rows, demo.attribute, story=True)
-  return float(np.mean([r["category"] is None for r in rows]))
+  unparsed = float(np.mean([r["category"] is None for r in rows]))
+  return unparsed + eval_lib.bare_answer_rate(rows, demo.attribute)
