@@ -81,7 +81,8 @@ def cached_heldout_mae(demo, run: str, *, steered: bool
          "story_check_rounds": s.story_check_rounds, "max_length": s.max_length,
          "story_max_new_tokens": s.story_max_new_tokens,
          "steering_placement": s.steering_placement,
-         "select_story": list(demo.spec.templates.select_story), "story_failure": "unparsed|bare"}
+         "select_story": list(demo.spec.templates.select_story), "story_failure": "unparsed|bare",
+         "unseen_story_prompts": "every occupation"}
   key = json.loads(json.dumps(key))  # as read back
   path = rundir.path / HELDOUT
   if path.exists():
@@ -103,10 +104,12 @@ def heldout_mae(demo, run: str, *, steered: bool
   The third on the held-out story prompts (None without story rows): sum_k of the probability
   that the completion starts with answer k (``end_of_turn=False``), the mass on opening a story
   with a bare category word. The fourth (None without story rows or ``story_check_rounds``):
-  ``story_check_rounds`` stories sampled per held-out story prompt, and per prompt of the same
-  occupations in the never-trained ``select_story`` wording, with the evaluation's decoding (a
-  steered model draws its own steering token first), judged as v3 is: the share that fail (no
-  category found, or a bare category word), the larger of the two wordings'."""
+  ``story_check_rounds`` stories sampled per held-out story prompt, and per occupation in the
+  never-trained ``select_story`` wording (every occupation: with only the held-out prompts'
+  occupations, 20 stories on gender_real_us, the rate moved in steps of 5%), with the
+  evaluation's decoding (a steered model draws its own steering token first), judged as v3 is:
+  the share that fail (no category found, or a bare category word), the larger of the two
+  wordings'."""
   _, held = split_heldout(demo.data.records["sft"], demo.s.heldout_fraction, seed=demo.seed)
   answers = set(demo.attribute.answers)
   prompts, stories, occupation = {}, {}, {}
@@ -130,7 +133,7 @@ def heldout_mae(demo, run: str, *, steered: bool
                                        enc, demo.attribute, steered=steered, end_of_turn=False)
     bare = float(np.mean(qs.sum(-1)))
     if demo.s.story_check_rounds > 0:
-      unseen = unseen_story_prompts(demo.spec, [occupation[prompt] for prompt in stories])
+      unseen = unseen_story_prompts(demo.spec, list(demo.spec.occupations))
       failed = max(
           story_failure_rate(demo, sampler, state, enc, list(stories), occupation, steered),
           story_failure_rate(demo, sampler, state, enc, list(unseen), unseen, steered))
