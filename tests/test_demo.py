@@ -186,9 +186,10 @@ def test_story_check_counts_bare_answers_on_a_wording_never_trained(monkeypatch)
   monkeypatch.setattr(demo_selection.eval_lib, "sample_version", lambda *a, **k: [
       {"prompt": "p", "occupation": "Registered nurses", "response": r} for r in responses])
   me = SimpleNamespace(s=demo.REAL, attribute=spec.attribute, seed=0)
-  rate = demo_selection.story_failure_rate(me, None, None, None, ["p"], {"p": occupations[0]},
-                                           steered=True)
-  assert rate == pytest.approx(3 / 5)  # two bare words and one unreadable story
+  rows = demo_selection.story_check(me, None, None, None, ["p"], {"p": occupations[0]},
+                                    steered=True)
+  # two bare words and one unreadable story
+  assert [r["failed"] for r in rows] == [True, True, False, True, False]
 
 
 def test_aggregate_seeds_means_sds_and_table():
@@ -310,6 +311,10 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
     assert cfg.lora.targets == ["all-linear"]
     for scores in selection[method]["heldout_mae"].values():  # sampled stories were judged
       assert 0.0 <= scores["story_failed"] <= 1.0
+    run = ds / "runs" / f"{method}_lr{selection[method]['lr']:g}"
+    checked = [json.loads(line) for line in (run / "heldout_stories.jsonl").open()]
+    assert {r["wording"] for r in checked} == {"trained", "unseen"}  # what the check saw
+    assert all(isinstance(r["failed"], bool) and r["response"] is not None for r in checked)
     assert cfg.data.stories and cfg.data.story_rows_per_occupation == 1
   marker = json.loads((run_dir / "demo.json").read_text())
   assert marker["model"] == str(ckpt)

@@ -18,8 +18,10 @@ from distfair_jax.evaluation import evaluate as eval_lib
 from distfair_jax.train.heldout import split_heldout
 from distfair_jax.train.rundir import RunDir
 
-# A run's held-out scores, kept beside its stages (``cached_heldout_mae``).
+# A run's held-out scores, kept beside its stages (``cached_heldout_mae``), and the stories its
+# story check sampled, judged (``heldout_mae``).
 HELDOUT = "heldout.json"
+HELDOUT_STORIES = "heldout_stories.jsonl"
 
 
 MAX_NON_ANSWER = 0.2
@@ -89,12 +91,12 @@ def cached_heldout_mae(demo, run: str, *, steered: bool
     doc = fileio.read_json(path, "held-out scores")
     if doc.get("key") == key:
       return tuple(doc["scores"])
-  scores = heldout_mae(demo, run, steered=steered)
+  scores = heldout_mae(demo, run, steered=steered, stories_out=rundir.path / HELDOUT_STORIES)
   fileio.write_json(path, {"key": key, "scores": list(scores)}, indent=1)
   return scores
 
 
-def heldout_mae(demo, run: str, *, steered: bool
+def heldout_mae(demo, run: str, *, steered: bool, stories_out=None
                 ) -> tuple[float, float, float | None, float | None]:
   """(exact answer MAE, non-answer mass, bare-answer mass on stories, failure rate of sampled
   stories) over the held-out *training* prompts. The first two on the attribute questions: the mean over prompts of
@@ -109,7 +111,8 @@ def heldout_mae(demo, run: str, *, steered: bool
   occupations, 20 stories on gender_real_us, the rate moved in steps of 5%), with the
   evaluation's decoding (a steered model draws its own steering token first), judged as v3 is:
   the share that fail (no category found, or a bare category word), the larger of the two
-  wordings'."""
+  wordings'. ``stories_out``: where to write those stories, judged (JSON lines: ``wording``
+  trained / unseen, ``failed``), to read what the check saw."""
   _, held = split_heldout(demo.data.records["sft"], demo.s.heldout_fraction, seed=demo.seed)
   answers = set(demo.attribute.answers)
   prompts, stories, occupation = {}, {}, {}
@@ -134,9 +137,13 @@ def heldout_mae(demo, run: str, *, steered: bool
     bare = float(np.mean(qs.sum(-1)))
     if demo.s.story_check_rounds > 0:
       unseen = unseen_story_prompts(demo.spec, list(demo.spec.occupations))
-      failed = max(
-          story_failure_rate(demo, sampler, state, enc, list(stories), occupation, steered),
-          story_failure_rate(demo, sampler, state, enc, list(unseen), unseen, steered))
+      rows = {wording: story_check(demo, sampler, state, enc, list(prompts_of), of, steered)
+              for wording, prompts_of, of in (("trained", stories, occupation),
+                                              ("unseen", unseen, unseen))}
+      failed = max(float(np.mean([r["failed"] for r in rs])) for rs in rows.values())
+      if stories_out is not None:
+        fileio.write_jsonl(stories_out, [{"wording": w, **r} for w, rs in rows.items()
+                                         for r in rs])
   return float(np.mean(np.abs(q - p))), float(np.mean(1.0 - q.sum(-1))), bare, failed
 
 
@@ -148,11 +155,11 @@ def unseen_story_prompts(spec, occupations: Sequence[str]) -> dict[str, str]:
                                attribute=spec.attribute): o for i, o in enumerate(occupations)}
 
 
-def story_failure_rate(demo, sampler, state, enc, stories: Sequence[str], occupation: dict,
-                       steered: bool) -> float:
-  """The share of ``story_check_rounds`` sampled stories per story prompt that fail: the v3
-  judge finds no category, or the answer is a bare category word, no story (the evaluation's
-  decoding and judge; seed: the demo's)."""
+def story_check(demo, sampler, state, enc, stories: Sequence[str], occupation: dict,
+                steered: bool) -> list[dict]:
+  """``story_check_rounds`` sampled stories per story prompt, judged as v3 is (the evaluation's
+  decoding and judge; seed: the demo's), each with ``failed``: the judge finds no category, or
+  the answer is a bare category word, no story."""
   s = demo.s
   slots = [{"prompt": prompt, "occupation": occupation[prompt]}
            for prompt in stories for _ in range(s.story_check_rounds)]
@@ -165,5 +172,6 @@ def story_failure_rate(demo, sampler, state, enc, stories: Sequence[str], occupa
   rows = eval_lib.sample_version(sampler, state, enc, demo.attribute, slots, version="v3",
                                  config=cfg, targets={})
   eval_lib.categorize(rows, demo.attribute, story=True)
-  unparsed = float(np.mean([r["category"] is None for r in rows]))
-  return unparsed + eval_lib.bare_answer_rate(rows, demo.attribute)
+  for r, bare in zip(rows, eval_lib.bare_answers(rows, demo.attribute)):
+    r["failed"] = r["category"] is None or bare
+  return rows

@@ -169,15 +169,20 @@ def categorize(rows: list[dict], attribute, *, story: bool, judge=None,
   return rows
 
 
-def bare_answer_rate(rows: Sequence[Mapping], attribute) -> float:
-  """The share of ``rows`` whose response is a bare category word (a name, answer or synonym,
-  nothing else): no story, though the judge counts it as that category. A steered model that
-  lost its prose on an unseen story wording answers so (SmolLM2: 8% of v3, 0.2% of the
-  held-out training wordings)."""
+def bare_answers(rows: Sequence[Mapping], attribute) -> list[bool]:
+  """Per row of ``rows``: whether its response is a bare category word (a name, answer or
+  synonym, nothing else): no story, though the judge counts it as that category."""
   parser = CategoryParser(attribute.names, [
       [t for t in (c.answer, *c.synonyms) if t.casefold() != c.name.casefold()]
       for c in attribute.categories], source=f"attribute {attribute.name}")
-  return float(np.mean([parser.is_bare(r["response"]) for r in rows])) if rows else 0.0
+  return [parser.is_bare(r["response"]) for r in rows]
+
+
+def bare_answer_rate(rows: Sequence[Mapping], attribute) -> float:
+  """The share of ``rows`` that are bare answers (``bare_answers``). A steered model that lost
+  its prose on an unseen story wording answers so (SmolLM2: 8% of v3, 0.2% of the held-out
+  training wordings)."""
+  return float(np.mean(bare_answers(rows, attribute))) if rows else 0.0
 
 
 def steering_probabilities(sampler: Sampler, state, ids: Sequence[Sequence[int]],
