@@ -147,9 +147,23 @@ def test_a_pooled_reference_trains_as_the_online_one(setup, capsys, layout, mode
     assert "hybrid: reference online (auto: " in capsys.readouterr().err
 
 
-def test_a_stage_resumed_with_a_pooled_reference_ends_as_an_uninterrupted_one(setup):
+def test_kept_log_probs_load_only_for_their_own_pool(tmp_path):
+  pool = RC.SequencePool.from_batches(STEPS)
+  cache = RC.PooledCache(pool, np.arange(4, dtype=np.float32) - 7.5)
+  cache.save(tmp_path / "ref.npz")
+  again = RC.PooledCache.load(RC.SequencePool.from_batches(STEPS), tmp_path / "ref.npz")
+  np.testing.assert_array_equal(again.logps, cache.logps)
+  other = RC.SequencePool.from_batches(STEPS[:2])  # another pool: D is not in it
+  assert RC.PooledCache.load(other, tmp_path / "ref.npz") is None
+  assert RC.PooledCache.load(pool, tmp_path / "absent.npz") is None
+  (tmp_path / "bad.npz").write_bytes(b"not an npz")
+  assert RC.PooledCache.load(pool, tmp_path / "bad.npz") is None
+
+
+def test_a_stage_resumed_with_a_pooled_reference_ends_as_an_uninterrupted_one(setup, capsys):
   """The pool covers every step whatever the resume point, so the resumed steps read the same
-  reference log-probs as an uninterrupted run's."""
+  reference log-probs as an uninterrupted run's; a resumed stage reads them from its stage
+  directory rather than running the reference again, unless the kept file is not this pool's."""
   import shutil
   d, _ = setup
   common = ("hybrid.reference=cached", "hybrid.layout=rows", "mesh.data=2", "mesh.tensor=-1",
@@ -157,12 +171,20 @@ def test_a_stage_resumed_with_a_pooled_reference_ends_as_an_uninterrupted_one(se
             "checkpoint.async_save=false")
   whole, l_whole = _train(setup, "resume", *common)
   ckpts = d / "resume" / "hybrid" / "checkpoints"
+  kept = d / "resume" / "hybrid" / "reference_logps.npz"
+  assert kept.exists()
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert steps[0] == 3 and len(steps) > 2
-  for step in steps[1:]:  # back to the first checkpoint, as if killed after it
-    shutil.rmtree(ckpts / str(step))
-  resumed, l_resumed = _train(setup, "resume", *common)
-  assert sorted(l_resumed) == sorted(l_whole)
-  for step in l_whole:
-    assert l_resumed[step] == pytest.approx(l_whole[step], rel=1e-6, abs=1e-7), step
-  assert max(float(np.abs(a - b).max()) for a, b in zip(whole, resumed)) <= 1e-6
+  for stale in (False, True):
+    for step in sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())[1:]:
+      shutil.rmtree(ckpts / str(step))  # back to the first checkpoint, as if killed after it
+    if stale:  # another pool's log-probs: computed again
+      kept.write_bytes(b"x")
+    capsys.readouterr()
+    resumed, l_resumed = _train(setup, "resume", *common)
+    log = capsys.readouterr().err
+    assert ("reference log-probs read from" in log) != stale, log  # stale: computed again
+    assert sorted(l_resumed) == sorted(l_whole)
+    for step in l_whole:
+      assert l_resumed[step] == pytest.approx(l_whole[step], rel=1e-6, abs=1e-7), step
+    assert max(float(np.abs(a - b).max()) for a, b in zip(whole, resumed)) <= 1e-6

@@ -101,7 +101,7 @@ def _setup(ctx, stage, init_params):
     ctx.writer.truncate_after(stage.name, start)
     console.log(f"{stage.name}: resuming from step {start} of {total}")
   reference = init_params if stage.needs_reference else None
-  cache = make_cache(init_params) if make_cache is not None else None
+  cache = make_cache(init_params, restored is not None) if make_cache is not None else None
   return _Stage(stage.name, stage, pipe, total, step, heldout, ckpt, reference, cache), state, \
       start, data_state
 

@@ -14,7 +14,9 @@ rows split over the processes, and gathers the log-probs on every process; ``att
 step's host batch on the mesh with its ``ReferenceLogps`` filled in. Both layouts read the
 reference in the rows layout's order, [desirables..., undesirables...] of the global batch, each
 process supplying its contiguous block. This is TRL's ``precompute_ref_log_probs`` with
-duplicates removed.
+duplicates removed. ``save`` / ``load`` keep a pool's log-probs beside the stage, so a stage resumed
+from its checkpoint reads them instead of running the reference again (SmolLM2's gender_real_uk
+stage 2: 63 chunks, about 4 minutes on the 2-core CPU, at every resume).
 
 Shapes: an entry is one sequence of n tokens (input_ids, labels [n] int32, label_mask [n]); a chunk
 is ``Sequences`` [rows, L]; a step's reference is ``ReferenceLogps`` [B] per field (B rows-layout
@@ -25,13 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Iterable
+import io
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from distfair_jax import distributed
+from distfair_jax import fileio
 from distfair_jax import sharding as shd
 from distfair_jax.data import batches as B
 from distfair_jax.data import tokenize
@@ -99,6 +103,13 @@ class SequencePool:
       seen += 2 * batch.seq.input_ids.shape[0]
     return cls(entries, steps, seen)
 
+  def digest(self) -> bytes:
+    """What the pool's log-probs depend on besides the reference: its entries, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for entry in self.entries:
+      h.update(_digest(entry))
+    return h.digest()
+
   @property
   def distinct_share(self) -> float:
     """Distinct sequences / sequences seen."""
@@ -146,6 +157,26 @@ class PooledCache:
       mine = jax.tree.map(lambda v: v[k * local:(k + 1) * local], whole)
       out = distributed.gather(seq_logps(shd.put_batch(mine, mesh)))
       logps[ids] = out[:len(ids)]
+    return cls(pool, logps)
+
+  def save(self, path: Any) -> None:
+    """Writes the log-probs and the pool's digest to ``path`` (.npz, atomically)."""
+    buf = io.BytesIO()
+    np.savez(buf, digest=np.frombuffer(self.pool.digest(), np.uint8), logps=self.logps)
+    fileio.write_bytes(path, buf.getvalue())
+
+  @classmethod
+  def load(cls, pool: SequencePool, path: Any) -> PooledCache | None:
+    """The log-probs ``save`` wrote for this very pool (same entries, same order); None where
+    ``path`` is absent, unreadable or holds another pool's."""
+    p = fileio.as_path(path)
+    try:
+      with np.load(io.BytesIO(p.read_bytes())) as z:
+        digest, logps = z["digest"].tobytes(), np.asarray(z["logps"], np.float32)
+    except (OSError, ValueError, KeyError):
+      return None
+    if digest != pool.digest() or logps.shape != (len(pool.entries),):
+      return None
     return cls(pool, logps)
 
   def reference(self, step: int) -> B.ReferenceLogps:

@@ -28,6 +28,7 @@ from distfair_jax.config import Ablation, HybridConfig, Layout, Reference, Stage
 from distfair_jax.data import batches as B
 from distfair_jax.errors import InputError
 from distfair_jax import console
+from distfair_jax import distributed
 from distfair_jax.data import pipeline
 from distfair_jax.train import flops as flops_lib
 from distfair_jax.train import reference_cache as RC
@@ -38,6 +39,8 @@ from distfair_jax.train.stages.common import (StageBase, merge, packed_group_log
 __all__ = ["HybridStage", "PACKING_PAYS_BELOW"]
 
 PACKING_PAYS_BELOW = 0.8
+# The pooled reference log-probs, kept in the stage directory for a resumed stage.
+REFERENCE_LOGPS = "reference_logps.npz"
 
 
 def _concat(a: B.Sequences, b: B.Sequences) -> B.Sequences:
@@ -80,8 +83,9 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
   # -- the reference: online, or pooled once before the stage ----------------------------------------
 
   def reference_plan(self, ctx, layout, seed, total):
-    """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params) ->
-    ``reference_cache.PooledCache``). ``cached``: the pool. ``auto``: the pool where its compute (the
+    """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params,
+    resumed) -> ``reference_cache.PooledCache``: a resumed stage reads the pool's log-probs kept
+    in its stage directory where they are this pool's, else they are computed and kept). ``cached``: the pool. ``auto``: the pool where its compute (the
     distinct share of the stage's sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own
     reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
     online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
@@ -103,11 +107,20 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
     fn = jax.jit(lambda params, rngs, frozen, seqs: sequence_logps(
         merge(m.graphdef_eval, params, rngs, frozen), seqs, tile)[3])
 
-    def pooled_cache(ref_params):
-      return RC.PooledCache.compute(pool, lambda seqs: fn(ref_params, ctx.rngs, m.frozen, seqs),
-                                    rows=RC.chunk_rows(self.cfg.batch_size), buckets=buckets,
-                                    mesh=ctx.mesh, progress=ctx.show_progress,
-                                    desc=f"{name}: reference")
+    kept = ctx.run.stage_dir(name) / REFERENCE_LOGPS
+
+    def pooled_cache(ref_params, resumed: bool):
+      cache = RC.PooledCache.load(pool, kept) if resumed else None
+      if not distributed.any_process(cache is None):  # every process read it
+        console.log(f"{name}: reference log-probs read from {kept} (computed before the stop)")
+        return cache
+      cache = RC.PooledCache.compute(pool, lambda seqs: fn(ref_params, ctx.rngs, m.frozen, seqs),
+                                     rows=RC.chunk_rows(self.cfg.batch_size), buckets=buckets,
+                                     mesh=ctx.mesh, progress=ctx.show_progress,
+                                     desc=f"{name}: reference")
+      if console.is_main_process():
+        cache.save(kept)
+      return cache
     return self.with_reference(Reference.cached), pooled_cache
 
   def _pool(self, ctx, seed, total) -> RC.SequencePool:
