@@ -57,6 +57,7 @@ def test_quick_demo_runs_every_method_and_the_base_is_biased(tmp_path):
   assert list(pairs) == ["kl_pairs: shifted", "kl_pairs: reference"]
   assert "## KTO's mismatched pairs (ours, v2)" in text
   assert "## Wall time" in text and text.startswith("# distfair demo (quick, seed 0)")
+  assert text.index("## Headline") < text.index("## All figures") < text.index("## KL(")
   for method in demo.METHODS:
     assert f"| {method} |" in text and f"| {method} |" in proc.stdout
   # A rerun reuses every finished stage and evaluation, also through another path to the same
@@ -190,6 +191,27 @@ def test_story_check_counts_bare_answers_on_a_wording_never_trained(monkeypatch)
                                     steered=True)
   # two bare words and one unreadable story
   assert [r["failed"] for r in rows] == [True, True, False, True, False]
+
+
+def test_the_headline_says_whether_ours_is_below_ift_and_dpo_per_dataset():
+  """results.md's first table: per dataset, each method's v2 exact answer MAE, "yes" where ours
+  is below both IFT and DPO, and the fine-tuned methods' failed v3 stories (unparsed + bare)."""
+  def m(exact, unparsed=None, bare=None):
+    v3 = {} if unparsed is None else {"unparsed_rate": unparsed,
+                                      **({} if bare is None else {"bare_answer_rate": bare})}
+    return {"v2": {"exact_answer_mae": exact}, "v3": v3}
+  results = {"a": {"zero_shot": m(0.43), "ift": m(0.064, 0.007, 0.001), "dpo": m(0.067, 0.011),
+                   "ours": m(0.016, 0.042, 0.079)},
+             "b": {"ift": m(0.05, 0.0, 0.0), "dpo": m(0.02, 0.0, 0.0), "ours": m(0.03, 0.3, 0.0)},
+             "c": {"ift": m(0.05)}}
+  table = demo.headline_table(results)
+  head = table.splitlines()[0]
+  assert head == ("| dataset | zero_shot v2 exact answer MAE | ift v2 exact answer MAE | dpo v2 exact "
+                  "answer MAE | ours v2 exact answer MAE | ours below IFT and DPO | ift v3 failed "
+                  "| dpo v3 failed | ours v3 failed |")
+  assert "| a | 0.430 | 0.064 | 0.067 | 0.016 | yes | 0.8% | 1.1% | 12.1% |" in table
+  assert "| b |  | 0.050 | 0.020 | 0.030 | no | 0.0% | 0.0% | 30.0% |" in table
+  assert "| c |  | 0.050 |  |  |  |  |  |  |" in table  # nothing to compare
 
 
 def test_aggregate_seeds_means_sds_and_table():

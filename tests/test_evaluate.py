@@ -75,6 +75,15 @@ def test_end_to_end_writes_rows_metrics_and_report(tmp_path, model, tokenizer, d
   assert "bare_answer_rate" not in doc["versions"]["v1"]  # stories only
   assert doc["versions"]["v3"]["bare_answer_rate"] == evaluate.bare_answer_rate(
       _rows(eval_dir / "v3.jsonl"), GENDER)
+  # An evaluation written before the rate existed gains it from its rows, nothing resampled.
+  older = json.loads((eval_dir / "metrics.json").read_text())
+  del older["versions"]["v3"]["bare_answer_rate"]
+  (eval_dir / "metrics.json").write_text(json.dumps(older))
+  (eval_dir / "report.md").unlink()
+  again = evaluate.with_bare_answer_rates(eval_dir, GENDER)
+  assert again["versions"] == doc["versions"] == json.loads(
+      (eval_dir / "metrics.json").read_text())["versions"]
+  assert "bare answers" in (eval_dir / "report.md").read_text()
   for v in doc["versions"].values():
     assert 0.0 <= v["mae"] <= 1.0 and "exact_mae" in v and v["n_samples"] == 12
     exact = np.array([o["exact"] for o in v["per_occupation"]])

@@ -16,8 +16,8 @@ from distfair_jax.data.tokenizer import build_tiny_tokenizer, dataset_texts
 from distfair_jax.demo.dataset import Demo
 from distfair_jax.demo.seeds import aggregate_seeds, aggregate_v2
 from distfair_jax.demo.settings import DemoSettings, settings_for
-from distfair_jax.demo.tables import (comparison_plot, kl_table, results_table, seeds_table,
-                                      sweep_table, timings_table)
+from distfair_jax.demo.tables import (comparison_plot, headline_table, kl_table, results_table,
+                                      seeds_table, sweep_table, timings_table)
 from distfair_jax.errors import InputError
 from distfair_jax.model.modeldir import load_model_config
 from distfair_jax.train.rundir import CHECKPOINTS, FINAL, SUMMARY
@@ -179,15 +179,17 @@ def _label(quick: bool, model: str | None) -> str:
 def write_results(run_dir: str, results: dict, *, versions: Sequence[str], sweeps: dict,
                   pairs: dict, timings: dict, title: str, table: str) -> None:
   """What a demo leaves in ``run_dir`` (one seed's or the seeds' aggregate): results.json, the
-  analyses' decoding_sweep.json and kl_pairs.json, timings.json, results.md (``title``, ``table``
-  then the KL table and the analyses' tables) and comparison.png."""
+  analyses' decoding_sweep.json and kl_pairs.json, timings.json, results.md (``title``, the
+  headline table, ``table``, then the KL table, the analyses' tables and the wall times) and
+  comparison.png."""
   fileio.write_json(os.path.join(run_dir, "results.json"), results, indent=1)
   fileio.write_json(os.path.join(run_dir, "decoding_sweep.json"), sweeps, indent=1)
   fileio.write_json(os.path.join(run_dir, "kl_pairs.json"), pairs, indent=1)
   fileio.write_json(os.path.join(run_dir, "timings.json"), timings, indent=1)
   per_dataset = timings.get("datasets") or {}
   fileio.write_text(os.path.join(run_dir, "results.md"),
-                    f"{title}\n\n{table}"
+                    f"{title}\n\n## Headline\n\n{headline_table(results)}\n## All figures\n\n"
+                    f"{table}"
                     f"\n## KL(target || achieved)\n\n{kl_table(results, versions)}"
                     + (f"\n## Decoding sensitivity (ours, v2)\n\n{sweep_table(sweeps)}"
                        if sweeps else "")

@@ -77,6 +77,37 @@ def results_table(results: dict, versions: Sequence[str]) -> str:
   return "\n".join(markdown_table(_head(versions, " (corrected [95% CI])"), rows)) + "\n"
 
 
+TRAINED = ("ift", "dpo", "ours")  # the headline's story columns: the fine-tuned methods
+
+
+def headline_table(results: dict) -> str:
+  """Markdown, one row per dataset: each method's v2 exact answer MAE (non-answer mass counted
+  as error; the mean over seeds for several), whether ours is below IFT's and DPO's (the paper's
+  claim), and the fine-tuned methods' v3 stories that failed (unparsed + bare answers)."""
+  methods = [m for m in METHODS if any(m in ms for ms in results.values())]
+  trained = [m for m in TRAINED if m in methods]
+
+  def exact(ms: dict, method: str) -> float | None:
+    return ((ms.get(method) or {}).get("v2") or {}).get("exact_answer_mae")
+
+  def failed(ms: dict, method: str) -> str:
+    v3 = (ms.get(method) or {}).get("v3") or {}
+    if v3.get("unparsed_rate") is None:
+      return ""
+    return f"{v3['unparsed_rate'] + v3.get('bare_answer_rate', 0.0):.1%}"
+
+  rows = []
+  for ds, ms in results.items():
+    ours, rivals = exact(ms, "ours"), [exact(ms, m) for m in ("ift", "dpo")]
+    below = ("" if ours is None or None in rivals else
+             "yes" if all(ours < r for r in rivals) else "no")
+    rows.append([ds] + ["" if exact(ms, m) is None else fmt(exact(ms, m)) for m in methods]
+                + [below] + [failed(ms, m) for m in trained])
+  head = (["dataset"] + [f"{m} v2 exact answer MAE" for m in methods]
+          + ["ours below IFT and DPO"] + [f"{m} v3 failed" for m in trained])
+  return "\n".join(markdown_table(head, rows)) + "\n"
+
+
 def sweep_table(sweeps: dict[str, dict], label: str = "decoding") -> str:
   """Markdown: ours on v2 under each decoding configuration of ``DECODING_SWEEP`` (or each
   variant of ``Demo.kl_pairs_variant``, ``label`` naming the column)."""

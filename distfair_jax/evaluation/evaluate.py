@@ -47,7 +47,7 @@ from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
 __all__ = ["evaluate", "earlier_samples", "sample_version", "categorize", "exact_distributions",
-           "STORY_VERSIONS"]
+           "bare_answers", "bare_answer_rate", "with_bare_answer_rates", "STORY_VERSIONS"]
 
 STORY_VERSIONS = frozenset({"v3"})
 
@@ -183,6 +183,24 @@ def bare_answer_rate(rows: Sequence[Mapping], attribute) -> float:
   its prose on an unseen story wording answers so (SmolLM2: 8% of v3, 0.2% of the held-out
   training wordings)."""
   return float(np.mean(bare_answers(rows, attribute))) if rows else 0.0
+
+
+def with_bare_answer_rates(eval_dir: Any, attribute) -> dict[str, Any]:
+  """The metrics document of ``eval_dir`` (``out_dir/eval``); an evaluation written before
+  ``bare_answer_rate`` existed gains it for its story versions from their rows (``v3.jsonl``),
+  and its metrics.json, report.md and plots are rewritten. Nothing is sampled."""
+  path = fileio.as_path(eval_dir)
+  doc = fileio.read_json(path / "metrics.json", "an evaluation's metrics")
+  missing = [v for v, m in doc.get("versions", {}).items()
+             if v in STORY_VERSIONS and "bare_answer_rate" not in m
+             and (path / f"{v}.jsonl").exists()]
+  for v in missing:
+    rows = [row for _, row in fileio.read_jsonl(path / f"{v}.jsonl")]
+    doc["versions"][v]["bare_answer_rate"] = bare_answer_rate(rows, attribute)
+  if missing:
+    report_lib.write_eval_files(path, doc["versions"], meta=doc.get("meta"),
+                                plots=(path / "plots").exists())
+  return doc
 
 
 def steering_probabilities(sampler: Sampler, state, ids: Sequence[Sequence[int]],
