@@ -158,6 +158,9 @@ def test_kept_log_probs_load_only_for_their_own_pool(tmp_path):
   assert RC.PooledCache.load(pool, tmp_path / "absent.npz") is None
   (tmp_path / "bad.npz").write_bytes(b"not an npz")
   assert RC.PooledCache.load(pool, tmp_path / "bad.npz") is None
+  whole = (tmp_path / "ref.npz").read_bytes()  # a damaged disk: the zip cut short
+  (tmp_path / "cut.npz").write_bytes(whole[:len(whole) // 2])
+  assert RC.PooledCache.load(pool, tmp_path / "cut.npz") is None
 
 
 def test_a_stage_resumed_with_a_pooled_reference_ends_as_an_uninterrupted_one(setup, capsys):

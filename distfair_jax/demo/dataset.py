@@ -142,7 +142,7 @@ class Demo:
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
-    scores, non_answer, bare, unparsed, runs = {}, {}, {}, {}, {}
+    scores, non_answer, bare, failed, runs = {}, {}, {}, {}, {}
     for lr in lrs:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
@@ -152,21 +152,21 @@ class Demo:
       cfg = run_config(self, run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
                         base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
-      scores[lr], non_answer[lr], bare[lr], unparsed[lr] = self._timed(
+      scores[lr], non_answer[lr], bare[lr], failed[lr] = self._timed(
           f"{name}@{lr:g} held-out", lambda: cached_heldout_mae(self, run, steered=steered))
       runs[lr] = run
       console.log(f"[{self.dataset}] {name} lr={lr:g}: held-out exact answer MAE "
                   f"{scores[lr]:.4f} (non-answer {non_answer[lr]:.1%}"
                   + ("" if bare[lr] is None else f"; bare answers to story prompts "
                      f"{bare[lr]:.1%}")
-                  + ("" if unparsed[lr] is None else f"; sampled stories failed "
-                     f"{unparsed[lr]:.1%}") + ")")
+                  + ("" if failed[lr] is None else f"; sampled stories failed "
+                     f"{failed[lr]:.1%}") + ")")
     known = lambda d: {lr: v for lr, v in d.items() if v is not None}
-    best = select(scores, non_answer, known(bare), known(unparsed))
+    best = select(scores, non_answer, known(bare), known(failed))
     return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
                                    "story_bare_answer": bare[lr],
-                                   **({} if unparsed[lr] is None else
-                                      {"story_failed": unparsed[lr]})} for lr in lrs}
+                                   **({} if failed[lr] is None else
+                                      {"story_failed": failed[lr]})} for lr in lrs}
 
   def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
     """``lrs``, or the one rate already selected for ``name``: by the first seed on this dataset

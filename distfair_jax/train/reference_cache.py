@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import io
 from typing import Any, Callable, Iterable
+import zipfile
 
 import jax
 import numpy as np
@@ -173,7 +174,7 @@ class PooledCache:
     try:
       with np.load(io.BytesIO(p.read_bytes())) as z:
         digest, logps = z["digest"].tobytes(), np.asarray(z["logps"], np.float32)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
       return None
     if digest != pool.digest() or logps.shape != (len(pool.entries),):
       return None

@@ -85,10 +85,11 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
   def reference_plan(self, ctx, layout, seed, total):
     """Resolves ``hybrid.reference`` for this stage -> (stage, None or fn(reference params,
     resumed) -> ``reference_cache.PooledCache``: a resumed stage reads the pool's log-probs kept
-    in its stage directory where they are this pool's, else they are computed and kept). ``cached``: the pool. ``auto``: the pool where its compute (the
-    distinct share of the stage's sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own
-    reference passes (rows layout: all of its sequences; packed: the packed / rows compute ratio),
-    online otherwise. The choice reads every step, so a resumed stage makes the uninterrupted one's."""
+    in its stage directory where they are this pool's, else they are computed and kept).
+    ``cached``: the pool. ``auto``: the pool where its compute (the distinct share of the stage's
+    sequences) is at most ``CACHE_PAYS_BELOW`` of the steps' own reference passes (rows layout: all
+    of its sequences; packed: the packed / rows compute ratio), online otherwise. The choice reads
+    every step, so a resumed stage makes the uninterrupted one's."""
     mode = self.cfg.reference
     if mode == Reference.online or not self.uses_reference:
       return self, None
