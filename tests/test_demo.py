@@ -219,7 +219,8 @@ def test_aggregate_seeds_means_sds_and_table():
   kept; a figure missing in one seed is left out; the table shows mean ± sd."""
   def res(mae, exact):
     v2 = {"mae": mae, "mae_corrected": mae, "unparsed_rate": 0.0, "exact_answer_mae": exact,
-          "non_answer": 0.1, "exact_mae": None, "kl": mae / 10, "kl_sum": mae}
+          "non_answer": 0.1, "exact_mae": None, "kl": mae / 10, "kl_sum": mae,
+          "mae_floor": 0.03 + mae / 10}
     return {"ds": {"ours": {"v2": v2}}}
   out = demo.aggregate_seeds({0: res(0.1, 0.02), 1: res(0.3, 0.04), 2: res(0.2, 0.03)})
   m = out["ds"]["ours"]["v2"]
@@ -229,7 +230,9 @@ def test_aggregate_seeds_means_sds_and_table():
   table = demo.seeds_table(out, ["v2"])
   one = {"ds": {"ours": {"v2": {"kl": 0.02, "kl_sum": 0.28, "kl_std": 0.01}}}}
   assert "| ds | ours | 0.28 / 0.020 (0.010) |" in demo.kl_table(one, ["v2"])
-  assert "over 3 seeds" in table and "| ds | ours | 0.200 ± 0.100 |" in table
+  assert "over 3 seeds" in table
+  assert "| ds | ours | 0.200 ± 0.100 | 0.050 ± 0.010 | 0.030 ± 0.010 |" in table
+  assert "| dataset | method | v2 MAE | v2 MAE floor | v2 exact answer MAE |" in table
   assert "| ds | ours | 0.20 ± 0.10 / 0.020 ± 0.010 |" in demo.kl_table(out, ["v2"])
   with pytest.raises(InputError, match="seeds"):
     demo.run_demo(["gender_real_us"], "/nonexistent/x", seeds=[0, 0])

@@ -10,7 +10,7 @@ import numpy as np
 from distfair_jax import fileio
 
 
-SEED_FIELDS = ("mae", "mae_corrected", "exact_answer_mae", "non_answer", "exact_mae",
+SEED_FIELDS = ("mae", "mae_corrected", "mae_floor", "exact_answer_mae", "non_answer", "exact_mae",
                "unparsed_rate", "bare_answer_rate", "kl", "kl_sum", "z0_mean")
 
 

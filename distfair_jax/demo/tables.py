@@ -201,8 +201,9 @@ def comparison_plot(results: dict, versions: Sequence[str], path: str) -> None:
 
 def seeds_table(results: dict, versions: Sequence[str]) -> str:
   """Markdown of ``aggregate_seeds`` results: mean ± sd over the seeds, per version the sampled
-  MAE, then v2's exact answer MAE, non-answer mass and exact steering MAE, and each version's
-  unparsed rate."""
+  MAE, v2's floor (the sampled MAE of a perfect match, ``metrics.mae_floor``: how close sampling
+  can come), then v2's exact answer MAE, non-answer mass and exact steering MAE, and each
+  version's unparsed rate."""
   def cell(m: dict | None, f: str, pct: bool = False) -> str:
     if not m or f not in m:
       return ""
@@ -211,14 +212,17 @@ def seeds_table(results: dict, versions: Sequence[str]) -> str:
 
   n = len(next(iter(next(iter(next(iter(results.values())).values())).values()))["seeds"])
   exact = [v for v in versions if v != "v3"]
+  floor = ["v2"] if "v2" in versions else []
   rows = [[ds, method] + [cell(m.get(v), "mae") for v in versions]
+          + [cell(m.get(v), "mae_floor") for v in floor]
           + [cell(m.get(v), "exact_answer_mae") for v in exact]
           + [cell(m.get("v2"), "non_answer", True), cell(m.get("v2"), "exact_mae")]
           + [cell(m.get(v), "unparsed_rate", True) for v in versions]
           + [cell(m.get(v), "bare_answer_rate", True) for v in _stories(versions)]
           for ds, method, m in _method_rows(results)]
-  lines = [f"Mean ± standard deviation over {n} seeds.", ""] + markdown_table(_head(versions, ""),
-                                                                              rows)
+  head = _head(versions, "")
+  head[2 + len(versions):2 + len(versions)] = [f"{v} MAE floor" for v in floor]
+  lines = [f"Mean ± standard deviation over {n} seeds.", ""] + markdown_table(head, rows)
   return "\n".join(lines) + "\n"
 
 
