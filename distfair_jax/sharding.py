@@ -202,8 +202,22 @@ def logical_shardings(logical_tree: Any, mesh: Mesh, shapes: Any = None,
 
 
 def shard_state(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
-  """Places a concrete nnx.State on ``mesh`` per the rules (``jax.device_put``)."""
-  return jax.device_put(state, state_shardings(state, mesh, rules))
+  """Places a concrete nnx.State on ``mesh`` per the rules. A leaf already placed so stays as it
+  is. With several processes ``jax.device_put`` takes only this process's devices, so a leaf this
+  process holds whole (e.g. LoRA adapters, which every process initialises alike from one seed,
+  beside base weights loaded straight onto the global mesh) becomes the global array of its
+  value (``jax.make_array_from_callback``; a key array, of its key data)."""
+  def place(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # e.g. the adapters' dropout keys
+      return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    whole = np.asarray(x)
+    return jax.make_array_from_callback(whole.shape, sharding, lambda index: whole[index])
+  return jax.tree.map(place, state, state_shardings(state, mesh, rules))
 
 
 def create_sharded(factory: Callable[[], Any], mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:

@@ -96,8 +96,8 @@ def _final(run, stage="hybrid"):
   return jax.tree.leaves(checkpoint_io.load_params(run / stage / "final" / "params"))
 
 
-def _max_diff(a, b) -> float:
-  return max(float(np.abs(x - y).max()) for x, y in zip(_final(a), _final(b)))
+def _max_diff(a, b, stage="hybrid") -> float:
+  return max(float(np.abs(x - y).max()) for x, y in zip(_final(a, stage), _final(b, stage)))
 
 
 def _losses(run):
@@ -125,6 +125,24 @@ def test_two_processes_train_like_one(work):
   assert _max_diff(work / "one", work / "two") <= 1e-5
   a, b = _losses(work / "one"), _losses(work / "two")
   assert sorted(a) == sorted(b) and len(a) == 12  # every step of both stages, logged once
+  for key in a:
+    assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_adapters_on_loaded_weights_train_alike_with_two_processes(work):
+  # The real-model path: base weights read from a params directory straight onto the global mesh,
+  # LoRA adapters (and their dropout keys) initialised by every process alike and made global.
+  args = ["train", "exp.yaml", "stages=[sft]", "sft.max_steps=3",
+          "model.params=two/sft/final/params", "lora.enabled=true", "lora.targets=[all-linear]",
+          "lora.dropout=0.05"]
+  r, logs = _rehearsal(2, [*args, "run_dir=lora2"], work, logs="logs-lora")
+  assert r.returncode == 0, logs[-3000:]
+  r = _single([*args, "run_dir=lora1"], work)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _max_diff(work / "lora1", work / "lora2", "sft") <= 1e-5
+  a, b = _losses(work / "lora1"), _losses(work / "lora2")
+  assert sorted(a) == sorted(b) and len(a) == 3
   for key in a:
     assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
