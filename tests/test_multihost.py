@@ -4,7 +4,8 @@ collectives), started by launch/local/multihost.sh, against 1 process x 8 device
 - training: the same final parameters and logged losses; a process killed with SIGKILL, then both
   restarted, ends where an uninterrupted run ends; a 2-process checkpoint resumes in 1 process;
   SIGTERM to one process stops every process at the same step with a checkpoint (exit 143);
-- evaluation and export: the same samples and the same files with 2 processes as with 1;
+- evaluation and export (of a LoRA run on loaded weights): the same samples and the same files with
+  2 processes as with 1;
 - bad input: a coordinator that never answers, a batch that does not split over the processes.
 """
 
@@ -129,10 +130,11 @@ def test_two_processes_train_like_one(work):
     assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
-@pytest.mark.slow
-def test_adapters_on_loaded_weights_train_alike_with_two_processes(work):
-  # The real-model path: base weights read from a params directory straight onto the global mesh,
-  # LoRA adapters (and their dropout keys) initialised by every process alike and made global.
+@pytest.fixture(scope="module")
+def lora_runs(work):
+  """The real-model path: base weights read from a params directory straight onto the global mesh,
+  LoRA adapters (and their dropout keys) initialised by every process alike and made global; run
+  with 2 processes (``lora2``) and with 1 (``lora1``)."""
   args = ["train", "exp.yaml", "stages=[sft]", "sft.max_steps=3",
           "model.params=two/sft/final/params", "lora.enabled=true", "lora.targets=[all-linear]",
           "lora.dropout=0.05"]
@@ -140,24 +142,32 @@ def test_adapters_on_loaded_weights_train_alike_with_two_processes(work):
   assert r.returncode == 0, logs[-3000:]
   r = _single([*args, "run_dir=lora1"], work)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _max_diff(work / "lora1", work / "lora2", "sft") <= 1e-5
-  a, b = _losses(work / "lora1"), _losses(work / "lora2")
+  return work / "lora1", work / "lora2"
+
+
+@pytest.mark.slow
+def test_adapters_on_loaded_weights_train_alike_with_two_processes(lora_runs):
+  one, two = lora_runs
+  assert _max_diff(one, two, "sft") <= 1e-5
+  a, b = _losses(one), _losses(two)
   assert sorted(a) == sorted(b) and len(a) == 3
   for key in a:
     assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 @pytest.mark.slow
-def test_evaluation_and_export_are_the_same_with_two_processes(work):
+def test_evaluation_and_export_are_the_same_with_two_processes(work, lora_runs):
+  # Evaluation of a run of full weights; export of a LoRA run (base weights from a params
+  # directory, the adapters from the run, merged on the global mesh).
   r, logs = _rehearsal(2, ["eval", "two", "--out", "eval2"], work, logs="logs-eval")
   assert r.returncode == 0, logs[-3000:]
   r = _single(["eval", "two", "--out", "eval1"], work)
   assert r.returncode == 0, r.stderr[-3000:]
   assert (work / "eval2" / "eval" / "v2.jsonl").read_bytes() == \
       (work / "eval1" / "eval" / "v2.jsonl").read_bytes()
-  r, logs = _rehearsal(2, ["export", "two", "hf2"], work, logs="logs-export")
+  r, logs = _rehearsal(2, ["export", "lora1", "hf2"], work, logs="logs-export")
   assert r.returncode == 0, logs[-3000:]
-  assert _single(["export", "two", "hf1"], work).returncode == 0
+  assert _single(["export", "lora1", "hf1"], work).returncode == 0
   names = sorted(os.listdir(work / "hf1"))
   assert names == sorted(os.listdir(work / "hf2")) and "model.safetensors" in names
   for name in names:
