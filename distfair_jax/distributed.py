@@ -100,6 +100,17 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
+def main_says(flag: bool) -> bool:
+  """The first process's ``flag``, on every process (every process must call this at the same
+  point): a choice only the first process can make, e.g. from files only it reads."""
+  import jax
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray([flag], np.int32)))[0])
+
+
 def gather(tree: Any) -> Any:
   """A tree of (possibly sharded, multi-process) jax arrays -> the same tree of host numpy arrays,
   whole, on every process."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -284,3 +285,44 @@ def test_samples_of_the_same_model_are_reused_for_other_targets(tmp_path, model,
   doc = evaluate.evaluate(model, tokenizer, GENDER, fewer, tmp_path / "e", config=config,
                           reuse_samples_from=tmp_path / "a" / "eval")
   assert "reused" not in doc["meta"]["timing"]["v2"]  # other prompts: sampled
+
+
+def test_a_stopped_evaluation_resumes_with_the_versions_it_finished(tmp_path, model, tokenizer,
+                                                                    dataset):
+  """A stop after v1 keeps v1's rows in eval-partial/; the next evaluation of the same weights
+  scores v1 from them (the rows sampling gives, timed as first sampled) and samples v2 alone;
+  other weights start afresh."""
+  config = EvalConfig(versions=["v1", "v2"], rounds=2, steering="none", decode=DECODE,
+                      n_bootstrap=0, plots=False)
+  whole = evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path / "whole", config=config)
+
+  def stop_after_v1(line):
+    if line.startswith("v1:"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path / "run", config=config,
+                      progress=stop_after_v1)
+  partial = tmp_path / "run" / evaluate.PARTIAL
+  assert not (tmp_path / "run" / "eval").exists() and (partial / "v1.jsonl").exists()
+  assert not (partial / "v2.jsonl").exists()
+  first = json.loads((partial / "index.json").read_text())["timing"]["v1"]
+  again = evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path / "run", config=config)
+  assert again["meta"]["timing"]["v1"] == {**first, "resumed": True}
+  assert "resumed" not in again["meta"]["timing"]["v2"]
+  for version in ("v1", "v2"):
+    assert _rows(tmp_path / "run" / "eval" / f"{version}.jsonl") == \
+        _rows(tmp_path / "whole" / "eval" / f"{version}.jsonl")
+    assert again["versions"][version]["mae"] == whole["versions"][version]["mae"]
+  assert not partial.exists()
+
+  with pytest.raises(KeyboardInterrupt):  # stopped again, then other weights in the same place
+    evaluate.evaluate(model, tokenizer, GENDER, dataset, tmp_path / "run", config=config,
+                      progress=stop_after_v1, overwrite=True)
+  graphdef, state = nnx.split(model)
+  other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5 if x.dtype == np.float32 else x,
+                                           state))
+  assert evaluate.weights_fingerprint(state) != evaluate.weights_fingerprint(nnx.state(other))
+  doc = evaluate.evaluate(other, tokenizer, GENDER, dataset, tmp_path / "run", config=config,
+                          overwrite=True)
+  assert not any("resumed" in t for t in doc["meta"]["timing"].values())

@@ -22,6 +22,12 @@ Outputs (under ``out_dir``, written into a temporary directory renamed into plac
                          meta records the decoding configuration, steering mode, steering and stop
                          token ids, rounds, seed, judge and timing
   eval/report.md, eval/plots/*.png   from ``report.write_report``
+
+While it runs, each finished version's rows are kept in ``eval-partial/`` (with the sampling
+settings, a fingerprint of the weights and the version's timing); an evaluation stopped mid-way
+and started again with the same model and settings scores those versions from them (``resumed``
+in their timing: the rows sampling would give again) and samples only the rest. The directory
+goes when ``eval/`` is written; one of other weights or settings is replaced.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from distfair_jax import console
+from distfair_jax import distributed
 from distfair_jax import fileio
 from distfair_jax.evaluation import metrics as metrics_lib
 from distfair_jax.evaluation import report as report_lib
@@ -46,7 +53,7 @@ from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
-__all__ = ["evaluate", "earlier_samples", "sample_version", "categorize", "exact_distributions",
+__all__ = ["evaluate", "earlier_samples", "weights_fingerprint", "sample_version", "categorize", "exact_distributions",
            "bare_answers", "bare_answer_rate", "with_bare_answer_rates", "STORY_VERSIONS"]
 
 STORY_VERSIONS = frozenset({"v3"})
@@ -337,13 +344,75 @@ def earlier_samples(eval_dir: Any, meta: Mapping[str, Any]) -> dict[str, list[di
           for v in doc.get("versions", {}) if (path / f"{v}.jsonl").exists()}
 
 
+PARTIAL = "eval-partial"
+
+
+def weights_fingerprint(state) -> str:
+  """A crc32 of every floating-point array of ``state`` (this process's first shard of each):
+  tells one model's weights from another's, e.g. a run's retrained weights from those an
+  interrupted evaluation sampled."""
+  import jax
+  crc = 0
+  for leaf in jax.tree.leaves(state):
+    if not (hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.floating)):
+      continue
+    data = leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf
+    arr = np.ascontiguousarray(np.asarray(data))
+    crc = zlib.crc32(f"{arr.dtype}{arr.shape}".encode(), crc)
+    crc = zlib.crc32(arr.reshape(-1).view(np.uint8), crc)
+  return f"{crc:08x}"
+
+
+class _Partial:
+  """``out_dir/eval-partial``: the rows of the versions an evaluation has finished, for a run
+  stopped before ``eval/`` was written (main process only)."""
+
+  def __init__(self, path, key: Mapping[str, Any]):
+    self.path, self.key, self.timing = path, dict(key), {}
+
+  @classmethod
+  def open(cls, out_dir, sampling: Mapping[str, Any], fingerprint: str) -> "_Partial":
+    path = fileio.as_path(out_dir) / PARTIAL
+    part = cls(path, {"sampling": _sampling_key(sampling), "weights": fingerprint})
+    index = path / "index.json"
+    if index.exists():
+      try:
+        doc = fileio.read_json(index, "an interrupted evaluation's index")
+      except InputError:
+        doc = {}
+      if {k: doc.get(k) for k in part.key} == part.key:
+        part.timing = {v: t for v, t in doc.get("timing", {}).items()
+                       if (path / f"{v}.jsonl").exists()}
+    if not part.timing and path.exists():  # another model's or other settings' rows, or none
+      path.rmtree()
+    return part
+
+  def rows(self) -> dict[str, list[dict]]:
+    return {v: [row for _, row in fileio.read_jsonl(self.path / f"{v}.jsonl")]
+            for v in self.timing}
+
+  def add(self, version: str, rows: Sequence[Mapping], timing: Mapping[str, Any]) -> None:
+    fileio.make_dirs(self.path)
+    fileio.write_jsonl(self.path / f"{version}.jsonl", rows)
+    self.timing[version] = dict(timing)
+    fileio.write_json(self.path / "index.json", {**self.key, "timing": self.timing})
+
+  def remove(self) -> None:
+    self.path.rmtree(missing_ok=True)
+
+
 def _sample_or_reuse(sampler, state, encoder, attribute, slots, version, config, targets,
-                     earlier: Sequence[Mapping] | None) -> tuple[list[dict], bool]:
+                     earlier: Sequence[Mapping] | None) -> tuple[list[dict] | None, bool]:
   """(rows, reused): ``earlier``'s rows (their category dropped) where they answer exactly
-  ``slots`` (occupation and prompt, in order), else freshly sampled ones."""
-  if earlier is not None and [(r.get("occupation"), r.get("prompt")) for r in earlier] == [
-      (s["occupation"], s["prompt"]) for s in slots]:
-    return [{k: v for k, v in r.items() if k != "category"} for r in earlier], True
+  ``slots`` (occupation and prompt, in order), else freshly sampled ones. ``earlier`` is the
+  first process's to hold; every process follows its choice (sampling is collective), and the
+  others, which have no rows to reuse, get None."""
+  reuse = distributed.main_says(earlier is not None and [
+      (r.get("occupation"), r.get("prompt")) for r in earlier] == [
+      (s["occupation"], s["prompt"]) for s in slots])
+  if reuse:
+    return (None if earlier is None else
+            [{k: v for k, v in r.items() if k != "category"} for r in earlier]), True
   return sample_version(sampler, state, encoder, attribute, slots, version=version,
                         config=config, targets=targets), False
 
@@ -444,24 +513,36 @@ def evaluate(model: nnx.Module, tokenizer, attribute, test_sets: Mapping[str, Se
     judge = RulesJudge()
   graphdef, state = nnx.split(model)
   sampler = sampler if sampler is not None else Sampler(graphdef, mesh)
-  earlier = ({} if reuse_samples_from is None else earlier_samples(
-      reuse_samples_from, _meta(encoder, attribute, config, prompt_format, judge, {}, None)))
+  earlier, partial, resumed = {}, None, {}
+  if console.is_main_process():  # the others follow its choice of what to reuse
+    sampling = _meta(encoder, attribute, config, prompt_format, judge, {}, None)
+    if reuse_samples_from is not None:
+      earlier = earlier_samples(reuse_samples_from, sampling)
+    partial = _Partial.open(out_dir, sampling, weights_fingerprint(state))
+    resumed = partial.rows()
   results, rows_by_version, timing = {}, {}, {}
   for version in versions:
+    source = resumed.get(version, earlier.get(version))
     results[version], rows_by_version[version], timing[version] = _evaluate_version(
-        version, sampler, state, encoder, attribute, test_sets[version], config, judge,
-        earlier.get(version))
-    if progress is not None and results[version] is not None:
+        version, sampler, state, encoder, attribute, test_sets[version], config, judge, source)
+    if partial is None:
+      continue
+    if version in resumed and timing[version].get("reused"):
+      timing[version] = {**partial.timing[version], "resumed": True}
+    else:  # sampled here (or reused from another evaluation)
+      partial.add(version, rows_by_version[version], timing[version])
+    if progress is not None:
       progress(_progress_line(version, results[version], timing[version]))
   if not console.is_main_process():
     return None
   meta = _meta(encoder, attribute, config, prompt_format, judge, timing, metadata)
-  if any(t.get("reused") for t in timing.values()):
+  if reuse_samples_from is not None and any(t.get("reused") for t in timing.values()):
     meta["reused_samples_from"] = str(reuse_samples_from)
   with fileio.atomic_dir(final_dir, overwrite=overwrite, what="eval") as tmp:
     for version, rows in rows_by_version.items():
       fileio.write_jsonl(tmp / f"{version}.jsonl", rows)
     report_lib.write_eval_files(tmp, results, meta=meta, plots=config.plots)
+  partial.remove()
   return {"versions": results, "meta": meta}
 
 
