@@ -351,6 +351,11 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
   wall = text.split("## Wall time")[1]
   assert f"| gender_real_us | {sum(t for k, t in timings.items() if 'eval:' not in k):.0f} |" in wall
   assert any(k.endswith(" held-out") for k in timings)  # the selection's scoring is timed too
+  # Each timed piece's memory: its peak, what stayed resident after release(), what that freed.
+  mem = json.loads((run_dir / "gender_real_us" / "memory.json").read_text())
+  assert set(mem) == set(timings)
+  assert all(m["peak_gib"] >= m["resident_gib"] > 0 and m["released_gib"] >= 0
+             for m in mem.values())
   # Resumed, the demo re-scores and re-samples nothing: held-out scores from each run's
   # heldout.json, evaluations from their metrics.json.
   def fail(*args, **kwargs):
@@ -368,7 +373,8 @@ def test_a_preempted_stage_keeps_its_time_for_the_resumed_attempt(monkeypatch):
   the time before the stop with the resumed attempt's; a completed key is not overwritten."""
   from types import SimpleNamespace
   from distfair_jax.train.preemption import Preempted
-  me = SimpleNamespace(timings={}, _save_json=lambda name, doc: None)
+  me = SimpleNamespace(timings={}, _save_json=lambda name, doc: None,
+                       _release=lambda key, record: None)
   clock = iter([0.0, 5.0, 10.0, 13.0, 20.0, 30.0])
   monkeypatch.setattr(demo_dataset.time, "perf_counter", lambda: next(clock))
 

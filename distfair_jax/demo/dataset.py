@@ -12,6 +12,7 @@ from flax import nnx
 
 from distfair_jax import console
 from distfair_jax import fileio
+from distfair_jax import memory
 from distfair_jax.data import build as build_lib
 from distfair_jax.data.tokenizer import load_tokenizer_dir
 from distfair_jax.demo import analyses
@@ -74,6 +75,8 @@ class Demo:
     self.spec = self.data.spec
     self.attribute = self.spec.attribute
     self.timings: dict[str, float] = self._load_json("timings.json")
+    # {stage: its peak and remaining resident GiB, and what release() handed back}
+    self.memory: dict[str, dict] = self._load_json("memory.json")
     self.tokenizer = load_tokenizer_dir(tokenizer_dir)
     self._samplers: dict = {}
 
@@ -92,6 +95,7 @@ class Demo:
     under ``"<key> (before resuming)"``, added to the resumed attempt's when that completes."""
     start = time.perf_counter()
     earlier = f"{key} (before resuming)"
+    memory.reset_peak()
     try:
       out = fn()
     except Preempted:
@@ -100,10 +104,25 @@ class Demo:
                                       time.perf_counter() - start, 1)
         self._save_json("timings.json", self.timings)
       raise
+    self._release(key, record=key not in self.timings)
     if key not in self.timings:
       self.timings[key] = round(time.perf_counter() - start + self.timings.pop(earlier, 0.0), 1)
       self._save_json("timings.json", self.timings)
     return out
+
+  def _release(self, key: str, *, record: bool) -> None:
+    """Hands back the host memory a finished piece of work left (``memory.release``: one process
+    trains and evaluates dozens of models); ``record``: the first time ``key`` completes, notes in
+    memory.json the peak resident size during it, what stayed resident after it and how much was
+    released."""
+    gib = lambda n: round(n / 2**30, 2)
+    peak = memory.peak_resident_bytes()
+    freed = memory.release()
+    if not record:
+      return
+    self.memory[key] = {"peak_gib": gib(peak), "resident_gib": gib(memory.resident_bytes()),
+                        "released_gib": gib(freed)}
+    self._save_json("memory.json", self.memory)
 
   def sampler(self, model):
     """(a Sampler shared by every model of this architecture, the model's state)."""

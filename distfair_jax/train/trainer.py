@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from distfair_jax import console
 from distfair_jax import fileio
+from distfair_jax import memory
 from distfair_jax import sharding as shd
 from distfair_jax.config import Config, with_absolute_paths
 from distfair_jax.data import build as build_lib
@@ -147,5 +148,6 @@ def _train(cfg: Config, records) -> dict[str, Any]:
         summaries[name] = ctx.run.summary(name)
         continue
       params, ctx.rngs, summaries[name] = run_stage(ctx, stage, params, sigterm)
+      memory.release()  # the stage's optimizer state, batches and step program are gone
   ctx.writer.close()
   return summaries
