@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TEST_EXTRAS ?= test
+# Test workers (pytest-xdist), each running whole files (`--dist loadfile`: a file's module fixtures,
+# e.g. a converted real model, are built once); 1: one process, as `python -m pytest`.
+JOBS ?= 2
 BIN := $(VENV)/bin
 ARGS ?=
 
@@ -33,7 +36,7 @@ demo: $(VENV)/.installed
 	$(BIN)/distfair demo $(ARGS)
 
 test: $(VENV)/.installed-test
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -311,6 +311,18 @@ def test_a_run_records_its_paths_absolute(tmp_path, monkeypatch):
   with pytest.raises(InputError, match=r"\(differs in data\.steering_placement; stages started"):
     run.claim(dataclasses.replace(absolute, data=dataclasses.replace(
         absolute.data, steering_placement="user_turn")))
+  # How the layers run may change: remat always; scan_layers unless a stage stopped midway, whose
+  # checkpoint holds the layers as written (a finished stage's parameters read either way).
+  run.config_path.write_text(yaml.safe_dump(config_to_dict(absolute)))
+  model = lambda **kw: dataclasses.replace(absolute, model=dataclasses.replace(absolute.model, **kw))
+  run.claim(model(remat="full"))
+  with pytest.raises(InputError, match=r"\(differs in model\.scan_layers; stages started: sft\)"):
+    run.claim(model(remat="full", scan_layers=not absolute.model.scan_layers))
+  (run.final_dir("sft")).mkdir(parents=True)
+  (run.final_dir("sft") / "summary.json").write_text("{}")
+  run.claim(model(remat="dots", scan_layers=not absolute.model.scan_layers))
+  with pytest.raises(InputError, match=r"\(differs in model\.dtype; stages started: sft\)"):
+    run.claim(model(dtype="bfloat16"))
 
 
 def test_prompt_settings_are_typed_and_recorded(tmp_path):

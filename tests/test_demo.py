@@ -331,6 +331,7 @@ def test_demo_from_a_given_model_trains_lora_from_it_and_no_base(tmp_path, monke
   for method in ("ift", "ours", "dpo"):
     cfg = RunDir(str(ds / "runs" / f"{method}_lr{selection[method]['lr']:g}")).read_config()
     assert cfg.model.checkpoint == str(ckpt) and cfg.model.params is None
+    assert cfg.model.scan_layers and cfg.model.remat == "full"  # REAL's: the memory of a story pair
     assert (cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (True, 32, 16.0,
                                                                                     0.05)
     assert cfg.lora.targets == ["all-linear"]

@@ -3,6 +3,8 @@ settings object, so that the methods compare fairly."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from distfair_jax import config as C
 
 
@@ -20,8 +22,10 @@ def run_config(demo, run_dir: str, stages: list[str], *, lr: float = 1e-3, ablat
   grouped = s.story_rows_per_occupation > 0
   return C.Config(
       run_dir=run_dir, seed=demo.seed, stages=stages,
-      model=(C.ModelConfig(checkpoint=demo.base_model) if demo.base_model else
-             C.ModelConfig(preset="tiny", tokenizer=demo.tokenizer_dir, params=base_params)),
+      model=dataclasses.replace(
+          C.ModelConfig(checkpoint=demo.base_model) if demo.base_model else
+          C.ModelConfig(preset="tiny", tokenizer=demo.tokenizer_dir, params=base_params),
+          scan_layers=s.scan_layers, remat=C.Remat(s.remat)),
       lora=C.LoraConfig(enabled=s.lora_rank > 0, rank=max(s.lora_rank, 1), alpha=s.lora_alpha,
                         dropout=s.lora_dropout if s.lora_rank > 0 else 0.0,
                         targets=list(s.lora_targets)),

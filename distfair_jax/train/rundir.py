@@ -37,6 +37,10 @@ from distfair_jax.model.loader import load_model, load_pretrained
 from distfair_jax.model.modeldir import MODEL_CONFIG
 from distfair_jax.train.stages import SECTIONS
 
+# Config fields that change how a step runs, never the weights it trains: a rerun may change them
+# (rematerialisation to fit memory, say) and resume.
+EXECUTION_FIELDS = ("model.remat",)
+
 __all__ = ["RunDir", "load_run", "CONFIG", "TOKENIZER", "FINAL", "SUMMARY", "CHECKPOINTS",
            "OpenedModel", "model_dir_kind", "open_model_dir"]
 
@@ -111,7 +115,9 @@ class RunDir:
 
   def claim(self, cfg: Config) -> None:
     """Records ``cfg`` as this run's config. InputError if the directory holds a run whose stages
-    have started with a config that changes the results; a run that never started is replaced."""
+    have started with a config that changes the results; a run that never started is replaced.
+    ``EXECUTION_FIELDS`` may change, and ``model.scan_layers`` too unless a stage stopped midway
+    (its checkpoint holds the layers in the layout it was written in)."""
     current = config_to_dict(cfg)
     if self.config_path.exists():
       previous = yaml.safe_load(fileio.read_text(self.config_path)) or {}
@@ -126,6 +132,15 @@ class RunDir:
       a.update({k: defaults[k] for k in b if k not in a and k in defaults})
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       started = [s for s in previous.get("stages", []) if self.stage_started(s)]
+      # How the layers run, not what they compute: a finished stage's parameters read in either
+      # layout; only a stage's own checkpoint (its optimizer state) holds the layers as written.
+      if "model.scan_layers" in diff:
+        midway = [s for s in started if not self.stage_done(s)]
+        if not midway:
+          diff.remove("model.scan_layers")
+        else:
+          started = midway
+      diff = [k for k in diff if k not in EXECUTION_FIELDS]
       if diff and started:
         raise InputError(f"{self.config_path}: this run directory holds a run with a different "
                          f"config (differs in {', '.join(diff[:5])}; stages started: "
