@@ -116,6 +116,15 @@ def test_user_specs_scale_rows_and_resume_a_demo_that_never_trained(tmp_path):
   assert not demo_runner._any_stage_started(str(run))  # pylint: disable=protected-access
   (run / "gender_real_us" / "base" / "ift" / "checkpoints" / "3").mkdir(parents=True)
   assert demo_runner._any_stage_started(str(run))  # pylint: disable=protected-access
+  # Once started, a demo resumes only with the same settings, but how its layers run may change.
+  import dataclasses
+  info = {"quick": True, "seed": 0, "settings": dataclasses.asdict(demo.QUICK)}
+  (run / "demo.json").write_text(json.dumps(info))
+  faster = {**info, "settings": {**info["settings"], "scan_layers": True, "remat": "full"}}
+  demo_runner._check_marker(str(run), faster)  # pylint: disable=protected-access
+  assert json.loads((run / "demo.json").read_text()) == json.loads(json.dumps(faster))
+  with pytest.raises(InputError, match="holds a demo with other settings"):
+    demo_runner._check_marker(str(run), {**info, "settings": {**info["settings"], "rounds": 7}})
   with pytest.raises(InputError, match=r"demo: dataset: expected one of .* or a YAML spec file, "
                                        r"got 'ages'"):
     demo.run_demo(["ages"], str(tmp_path / "x"), quick=True)

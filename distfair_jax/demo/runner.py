@@ -113,10 +113,17 @@ def run_demo(datasets: Sequence[str], run_dir: str, *, quick: bool = False, seed
   return results
 
 
+# Settings that change how the layers run, not the results: a demo may resume with others.
+EXECUTION_SETTINGS = ("scan_layers", "remat")
+
+
 def _check_marker(run_dir: str, info: dict) -> None:
   marker = os.path.join(run_dir, "demo.json")
-  if (os.path.exists(marker) and fileio.read_json(marker) != json.loads(json.dumps(info)) and
-      _any_stage_started(run_dir)):
+  results_affecting = lambda d: {**d, "settings": {k: v for k, v in d.get("settings", {}).items()
+                                                   if k not in EXECUTION_SETTINGS}}
+  if (os.path.exists(marker) and _any_stage_started(run_dir) and
+      results_affecting(fileio.read_json(marker)) !=
+      results_affecting(json.loads(json.dumps(info)))):
     raise InputError(f"{marker}: this run directory holds a demo with other settings (quick / "
                      f"seeds); use another --run-dir or --fresh")
   fileio.write_json(marker, info, indent=1)
