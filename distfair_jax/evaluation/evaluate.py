@@ -53,8 +53,9 @@ from distfair_jax.evaluation.judges import RulesJudge
 from distfair_jax.evaluation.parsing import CategoryParser
 from distfair_jax.evaluation.sample import Sampler, left_pad
 
-__all__ = ["evaluate", "earlier_samples", "weights_fingerprint", "sample_version", "categorize", "exact_distributions",
-           "bare_answers", "bare_answer_rate", "with_bare_answer_rates", "STORY_VERSIONS"]
+__all__ = ["evaluate", "earlier_samples", "weights_fingerprint", "sample_version", "categorize",
+           "exact_distributions", "bare_answers", "bare_answer_rate", "with_bare_answer_rates",
+           "STORY_VERSIONS"]
 
 STORY_VERSIONS = frozenset({"v3"})
 
