@@ -491,6 +491,33 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
   alone = types.SimpleNamespace(s=dataclasses.replace(settings, tune_on=None), rates_from=None,
                                 dataset="gender_even_us", dir=str(tmp_path / "r" / "gender_even_us"))
   assert grid(alone, "ours", grids) == grids
+  # Rates fixed beforehand (``--rates``) come first: before the first seed's and tune_on's.
+  fixed = types.SimpleNamespace(s=dataclasses.replace(settings, rates=(("ours", 3e-4),)),
+                                dataset="gender_even_us", rates_from=str(first.parent),
+                                dir=str(tmp_path / "r" / "gender_even_us"))
+  assert grid(fixed, "ours", grids) == (3e-4,)
+  assert grid(fixed, "sft", (1e-4, 1e-3)) == (1e-3,)  # not fixed: tune_on's as before
+
+
+def test_rates_fixed_beforehand_on_the_command_line():
+  """``--rates``: NAME=RATE pairs into ``DemoSettings.rates`` through ``settings_for``; a name
+  outside sft, ift, dpo and the steered methods, a repeated name or a rate that is not a positive
+  number: one line naming the item and what was expected."""
+  from distfair_jax import cli
+  assert demo.parse_rates(" sft=1e-3, ift=0.001,ours=5e-4,dpo=1e-5") == (
+      ("sft", 1e-3), ("ift", 1e-3), ("ours", 5e-4), ("dpo", 1e-5))
+  assert demo.settings_for(quick=True, model=None, rates=(("dpo", 1e-5),)).rates == (
+      ("dpo", 1e-5),)
+  assert demo.settings_for(quick=True, model=None).rates == () == demo.REAL.rates
+  for text, words in [("base=1e-3", "NAME one of sft, ift, dpo, ours, kl_only, kto_only"),
+                      ("sft=1e-3,sft=1e-4", "once per name"), ("ours", "NAME=RATE"),
+                      ("ours=-1", "positive learning rate for ours, got '-1'"),
+                      ("ours=fast", "got 'fast'"), ("ours=nan", "got 'nan'"), (",", "got ','")]:
+    with pytest.raises(InputError) as err:
+      demo.parse_rates(text)
+    assert str(err.value).startswith("demo: --rates: ") and words in str(err.value), err.value
+    assert "\n" not in str(err.value)
+  assert cli.build_parser().parse_args(["demo", "--rates", "ours=5e-4"]).rates == "ours=5e-4"
 
 
 def test_a_given_models_evaluation_serves_the_datasets_with_its_questions(tmp_path):

@@ -8,6 +8,8 @@
   distfair demo --model models/smollm2 --dataset gender_real_us --dataset gender_even_us
                                               # from a real instruct model (LoRA), no base training
   distfair demo --model models/smollm2 --lora-targets q_proj,v_proj   # the paper's adapters
+  distfair demo --model models/smollm2 --dataset race_even_us --rates sft=1e-3,ift=1e-3,ours=5e-4,dpo=1e-5
+                                              # rates known beforehand: no grids
 
 Ends with the comparison table (MAE with 95% bootstrap CIs, per method and test version) and writes
 results.json, results.md and comparison.png under --run-dir, plus each method's eval/ directory.
@@ -42,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="where the steered methods' steering token goes: assistant (the first "
                            "answer token, default) or user_turn (the end of the question, as in "
                            "the original code)")
+  parser.add_argument("--rates", default=None,
+                      help="learning rates fixed beforehand, e.g. sft=1e-3,ift=1e-3,ours=5e-4,"
+                           "dpo=1e-5: each named method trains at its rate instead of its grid "
+                           "(names: sft, ift, dpo, ours, kl_only, kto_only)")
   parser.add_argument("--ablations", default=None,
                       help="the datasets whose runs include the ablations kl_only and kto_only: "
                            "all, none or comma-separated names (default: all; with --model, "
@@ -100,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if not targets:
       raise InputError(f"demo: --lora-targets: expected projection names such as "
                        f"q_proj,v_proj or all-linear, got {args.lora_targets!r}")
+  rates = demo.parse_rates(args.rates) if args.rates is not None else ()
   settings = demo.settings_for(quick=args.quick, model=args.model, lora_targets=targets,
-                               steering_placement=args.steering_placement)
+                               steering_placement=args.steering_placement, rates=rates)
   # This process's compilation cache (it runs the demo and nothing else): identical programs
   # (learning-rate grid points, datasets of one attribute) compile once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))

@@ -188,9 +188,13 @@ class Demo:
                                       {"story_failed": failed[lr]})} for lr in lrs}
 
   def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
-    """``lrs``, or the one rate already selected for ``name``: by the first seed on this dataset
-    (``rates_from``), else by ``tune_on`` (another dataset of this run directory, trained
-    first)."""
+    """``lrs``, or one rate for ``name``: the one fixed beforehand (``rates``), else the one
+    already selected by the first seed on this dataset (``rates_from``), else by ``tune_on``
+    (another dataset of this run directory, trained first)."""
+    fixed = dict(self.s.rates).get(name)
+    if fixed is not None:
+      console.log(f"[{self.dataset}] {name}: the rate given (--rates), {fixed:g}")
+      return (float(fixed),)
     sources = []
     if self.rates_from is not None:
       sources.append((os.path.join(self.rates_from, self.dataset), "the first seed"))

@@ -75,6 +75,10 @@ class DemoSettings:
   # seed selected for the dataset (a one-point grid), as a study fixes its hyper-parameters once
   # and varies the seed; False: every seed selects from the grids.
   tune_first_seed: bool = False
+  # Rates fixed beforehand (``--rates``), {name: lr} as pairs: each named method trains at its one
+  # rate instead of its grid (names: sft, ift, dpo and the steered methods), ahead of ``tune_on``
+  # and the first seed's selection; the held-out scores are still written to selection.json.
+  rates: tuple[tuple[str, float], ...] = ()
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
   # How the layers run (``model.scan_layers``, ``model.remat``): the same weights either way.
@@ -144,14 +148,45 @@ REAL = DemoSettings(rows_per_occupation=16, story_rows_per_occupation=16, sft_ep
                     remat="full")
 
 
+# The names ``rates`` may fix: stage 1 of the steered methods (sft), IFT, DPO, each stage 2.
+RATE_NAMES = ("sft", "ift", "dpo", *STEERED)
+
+
+def parse_rates(text: str) -> tuple[tuple[str, float], ...]:
+  """``sft=1e-3,ift=1e-3,ours=5e-4,dpo=1e-5`` as ``DemoSettings.rates``; a one-line error for a
+  name not in ``RATE_NAMES``, a repeated name or a rate that is not a positive number."""
+  rates: dict[str, float] = {}
+  for item in (x.strip() for x in str(text).split(",")):
+    if not item:
+      continue
+    name, sep, value = (x.strip() for x in item.partition("="))
+    if not sep or name not in RATE_NAMES or name in rates:
+      raise InputError(f"demo: --rates: {item!r}: expected NAME=RATE once per name, NAME one of "
+                       f"{', '.join(RATE_NAMES)}")
+    try:
+      lr = float(value)
+    except ValueError:
+      lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+      raise InputError(f"demo: --rates: {item!r}: expected a positive learning rate for {name}, "
+                       f"got {value!r}")
+    rates[name] = lr
+  if not rates:
+    raise InputError(f"demo: --rates: expected NAME=RATE pairs such as sft=1e-3,ours=5e-4, got "
+                     f"{text!r}")
+  return tuple(rates.items())
+
+
 def settings_for(*, quick: bool, model: str | None, lora_targets: Sequence[str] | None = None,
-                 steering_placement: str | None = None) -> DemoSettings:
+                 steering_placement: str | None = None,
+                 rates: Sequence[tuple[str, float]] = ()) -> DemoSettings:
   """The sizes ``distfair demo`` runs with: ``DEFAULT`` / ``QUICK`` on the tiny model, ``REAL``
   from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``;
   ``lora_targets`` replaces the adapters' targets (a given model only); ``steering_placement``
-  the steering token's place."""
-  placed = lambda s: (s if steering_placement is None else
-                      dataclasses.replace(s, steering_placement=steering_placement))
+  the steering token's place; ``rates`` the rates fixed beforehand (``parse_rates``)."""
+  placed = lambda s: dataclasses.replace(
+      s, rates=tuple(rates), **({} if steering_placement is None else
+                               {"steering_placement": steering_placement}))
   if model is None:
     if lora_targets:
       raise InputError("demo: --lora-targets: expected --model (the built-in tiny model is "
