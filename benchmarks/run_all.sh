@@ -28,10 +28,16 @@ if [[ "$SMOKE" == "1" ]]; then
   run benchmarks/sampling.py --rounds 4 --torch-rounds 1 --runs 1 --overwrite \
     --out benchmarks/results/sampling_smoke.json
   run benchmarks/train_step.py --smoke --overwrite
+  run benchmarks/layer_modes.py --smoke --overwrite
 else
   run benchmarks/logps_memory.py --overwrite
   run benchmarks/sampling.py --runs 5 --overwrite
   run benchmarks/train_step.py --overwrite
+  if [[ -d models/smollm2 ]]; then  # scripts/fetch_smollm2.py, then distfair convert gguf-to-flax
+    run benchmarks/layer_modes.py --model models/smollm2 --overwrite
+  else
+    echo "(models/smollm2 absent: layer_modes.py needs a converted model; see README)"
+  fi
 fi
 if have_gpu; then
   run benchmarks/gpu.py --overwrite

@@ -107,3 +107,28 @@ def test_adapter_curve_smoke(tmp_path):
                         timeout=600)
   assert proc.returncode == 0 and "hybrid: step" not in proc.stdout + proc.stderr
   assert json.loads(out.read_text())["sides"] == res["sides"]
+
+
+@pytest.mark.slow
+def test_layer_modes_smoke(tmp_path):
+  """benchmarks/layer_modes.py --smoke: stage 2's step on one batch of packed story pairs, each
+  layer mode in its own process, with its compiled memory and times; the modes really differ in
+  layout (what the JSON records) and the rematerialised scan needs the least temporaries."""
+  out = tmp_path / "modes.json"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "layer_modes.py"), "--smoke", "--steps", "2",
+         "--modes", "unrolled-none,scanned-full", "--out", str(out)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["benchmark"] == "layer_modes" and res["baseline"] == "unrolled-none"
+  plain, scanned = res["modes"]
+  assert (plain["scan_layers"], plain["remat"]) == (False, "none")
+  assert (scanned["scan_layers"], scanned["remat"]) == (True, "full")
+  for mode in res["modes"]:
+    assert mode["batch_shape"][0] == 4 and mode["batch_shape"][1] >= 256  # 4 packed story pairs
+    assert len(mode["step_s"]) == 2 and all(t > 0 for t in mode["step_s"])
+    assert mode["compile_s"] > 0 and mode["peak_resident_mib"] > 0 and mode["trainable_params"] > 0
+    assert math.isfinite(mode["first_step_loss"])
+  assert 0 < scanned["temporaries_mib"] < plain["temporaries_mib"]
+  assert "temporaries MiB" in proc.stdout

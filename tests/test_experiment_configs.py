@@ -138,3 +138,38 @@ def test_generator_table_agrees_with_spot_checks():
   for (dataset, model), cell in SPOT.items():
     got, _ = gen.recipe(model, dataset)
     assert got == cell
+
+
+def test_smollm2_recipes_are_what_the_demo_runs():
+  """configs/experiments/smollm2.yaml and smollm2-baseline.yaml, the recipe files a user runs with
+  `distfair train`, train as `distfair demo --model` (demo.REAL) does at the rates its selection
+  chose on gender_real_us: the same adapters, rows, batches, epochs, lengths and layer modes."""
+  import types
+
+  from distfair_jax import demo
+  from distfair_jax.demo.configs import run_config
+  fake = types.SimpleNamespace(s=demo.REAL, seed=0, base_model="models/smollm2", progress=False,
+                               dataset="gender_real_us", spec_path=None, tokenizer_dir=None)
+  rates = {"sft": 1e-3, "ift": 1e-3, "hybrid": 5e-4, "dpo": 1e-5}
+  pairs = [(_load("smollm2.yaml"),
+            run_config(fake, "r", ["sft", "hybrid"], lr=rates["hybrid"], sft_lr=rates["sft"])),
+           (_load("smollm2-baseline.yaml"),
+            run_config(fake, "r", ["ift", "dpo"], lr=rates["dpo"], sft_lr=rates["ift"]))]
+  for recipe, ran in pairs:
+    assert recipe.model.checkpoint == ran.model.checkpoint
+    stage2 = "hybrid" if "hybrid" in recipe.stages else "dpo"
+    sections = {
+        "model": ("scan_layers", "remat", "dtype", "param_dtype"),
+        "lora": ("enabled", "rank", "alpha", "dropout", "targets"),
+        "data": ("rows_per_occupation", "stories", "story_rows_per_occupation",
+                 "pair_story_rows_per_occupation", "length_buckets", "heldout_fraction",
+                 "max_length", "max_prompt_length", "steering_placement"),
+        "sft": ("epochs", "batch_size"), stage2: ("epochs", "batch_size", "group_by_length")}
+    for section, fields in sections.items():  # the sections of the stages the file trains
+      for field in fields:
+        got, want = getattr(getattr(recipe, section), field), getattr(getattr(ran, section), field)
+        assert got == want, (section, field, got, want)
+    assert recipe.sft.optim.learning_rate == ran.sft.optim.learning_rate
+    assert (getattr(recipe, stage2).optim.learning_rate ==
+            getattr(ran, stage2).optim.learning_rate == rates[stage2])
+  assert pairs[0][0].model.scan_layers and pairs[0][0].model.remat.value == "full"
