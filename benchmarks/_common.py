@@ -98,6 +98,21 @@ def command_line() -> str:
   return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def refuses_out(script: str, path: str, overwrite: bool) -> bool:
+  """Whether ``--out`` exists and may not be replaced (said on stderr): checked before any work."""
+  if os.path.exists(path) and not overwrite:
+    print(f"{script}: --out: {path} exists; pass --overwrite to replace it", file=sys.stderr)
+    return True
+  return False
+
+
+def start(smoke: bool) -> None:
+  """Threads for jax (:func:`set_threads`), and for ``--smoke`` the fast-compiling XLA flags."""
+  set_threads()
+  if smoke:
+    fast_compile_flags()
+
+
 def write_json(path: str, data: Any, overwrite: bool) -> None:
   """Writes ``data`` as JSON to ``path`` atomically (``distfair_jax.fileio``); refuses to replace an
   existing file unless ``overwrite``."""

@@ -160,13 +160,9 @@ def _plot(results: list[dict], path: str, title: str, marginal: float) -> None:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  if os.path.exists(args.out) and not args.overwrite:  # fail before any work
-    print(f"adapter_curve.py: --out: {args.out} exists; pass --overwrite to replace it",
-          file=sys.stderr)
+  if _common.refuses_out("adapter_curve.py", args.out, args.overwrite):  # before any work
     return 2
-  _common.set_threads()
-  if args.smoke:
-    _common.fast_compile_flags()
+  _common.start(args.smoke)
   results = [_run_side(args, side) for side in args.sides]
   steps = sorted({s for r in results for s, _ in r["curve"]})
   by_side = {r["side"]: dict(r["curve"]) for r in results}

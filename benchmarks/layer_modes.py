@@ -149,7 +149,8 @@ def run_mode(args, mode: str) -> dict:
     times.append(time.perf_counter() - t0)
   packed = host.packed.input_ids.shape
   return {"mode": mode, "scan_layers": cfg.model.scan_layers, "remat": str(cfg.model.remat),
-          "batch_shape": list(packed), "tokens": int((np.asarray(host.packed.segment_ids) > 0).sum()),
+          "batch_shape": list(packed),
+          "tokens": int((np.asarray(host.packed.segment_ids) > 0).sum()),
           "compile_s": round(compile_s, 2), "step_s": [round(t, 3) for t in times],
           "step_s_median": round(statistics.median(times), 3),
           "temporaries_mib": round(sizes.get("temp_size_in_bytes", 0) / MIB, 1),
@@ -172,13 +173,9 @@ def _in_subprocess(args, mode: str) -> dict:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  if args.one is None and os.path.exists(args.out) and not args.overwrite:  # before any work
-    print(f"layer_modes.py: --out: {args.out} exists; pass --overwrite to replace it",
-          file=sys.stderr)
+  if args.one is None and _common.refuses_out("layer_modes.py", args.out, args.overwrite):
     return 2
-  _common.set_threads()
-  if args.smoke:
-    _common.fast_compile_flags()
+  _common.start(args.smoke)
   if args.one is not None:
     print(json.dumps(run_mode(args, args.one)))
     return 0
@@ -202,8 +199,8 @@ def main(argv=None) -> int:
   print(f"first step's loss: the largest difference between modes {spread:.2e}")
   doc = {"benchmark": "layer_modes", "command": _common.command_line(),
          "machine": _common.machine_info(), "model": args.model or "tiny", "config": args.config,
-         "dataset": args.dataset, "pairs": args.pairs, "steps": args.steps, "baseline": base["mode"],
-         "first_loss_spread": spread, "modes": results}
+         "dataset": args.dataset, "pairs": args.pairs, "steps": args.steps,
+         "baseline": base["mode"], "first_loss_spread": spread, "modes": results}
   _common.write_json(args.out, doc, overwrite=True)
   print(f"results: {args.out}")
   return 0
