@@ -188,7 +188,10 @@ def test_sharded_on_eight_devices(tmp_path):
   loop = Llama(CFG, rngs=nnx.Rngs(0))
   nnx.update(loop, nnx.State(nnx.restore_int_paths(layout.unstack_layers(
       jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))))))
-  assert _max_diff(out, loop(ids, mask)) <= 2e-6
+  # Sharded over tensor and fsdp the matmuls sum in other orders than on one device: float32
+  # rounding of O(1) logits (2.1e-6 on an AVX-512 Xeon, under 2e-6 on an EPYC), not a layout error,
+  # which would be O(1).
+  assert _max_diff(out, loop(ids, mask)) <= 1e-5
 
 
 EXPERIMENT = """\
