@@ -447,7 +447,10 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
   one-point grid), or at the whole grid where no selection exists; tables keep the order asked."""
   import dataclasses
   import types
-  order, grid = [], demo.Demo._grid
+  order = []
+  # Demo._grid on a stand-in with the attributes it reads (and Demo._rate_source, which it calls)
+  grid = lambda d, name, lrs: demo.Demo._grid(
+      types.SimpleNamespace(_rate_source=lambda n: demo.Demo._rate_source(d, n)), name, lrs)
 
   class FakeDemo:
     def __init__(self, dataset, run_dir, *, settings, seed, tokenizer_dir, progress,
@@ -497,6 +500,55 @@ def test_tune_on_one_dataset_then_reuse_its_rates(tmp_path, monkeypatch):
                                 dir=str(tmp_path / "r" / "gender_even_us"))
   assert grid(fixed, "ours", grids) == (3e-4,)
   assert grid(fixed, "sft", (1e-4, 1e-3)) == (1e-3,)  # not fixed: tune_on's as before
+
+
+def test_a_carried_over_rate_that_fails_the_checks_here_brings_back_the_grid(tmp_path,
+                                                                             monkeypatch):
+  """A rate from another dataset (``--rates``, ``tune_on``) is trained first; where its held-out
+  scores fail the selection's bounds on this dataset (sentiment_even_us' ours at gender_real_us'
+  5e-4: 42.9% of the sampled stories failed), the rest of the grid is trained and the rule
+  selects among them all; where they pass, nothing more is trained; a later seed's rate stays."""
+  import dataclasses
+  import types
+  trained = []
+  # lr -> (MAE, non-answer, bare-answer mass, stories failed)
+  scores = {5e-4: (0.008, 0.001, 0.37, 0.43), 1e-4: (0.03, 0.002, 0.01, 0.05)}
+  monkeypatch.setattr(demo_dataset, "run_config", lambda demo_, run, *a, lr, **k: lr)
+  monkeypatch.setattr(demo_dataset, "train", lambda lr, records: trained.append(lr))
+  monkeypatch.setattr(demo_dataset, "cached_heldout_mae",
+                      lambda demo_, run, steered: scores[float(run.rsplit("_lr", 1)[1])])
+
+  def fake(settings, rates_from=None):
+    d = object.__new__(demo.Demo)
+    d.dataset, d.s, d.dir, d.seed, d.rates_from = ("sentiment_even_us", settings,
+                                                   str(tmp_path / "sentiment_even_us"), 0,
+                                                   rates_from)
+    d.timings, d.memory, d.data = {}, {}, types.SimpleNamespace(records={})
+    d.base_model = "given"
+    os.makedirs(d.dir, exist_ok=True)
+    return d
+
+  grid = (1e-4, 5e-4)
+  given = dataclasses.replace(demo.QUICK, rates=(("ours", 5e-4),))
+  best, run, held = fake(given).train_candidates("ours", ["hybrid"], grid, steered=True)
+  assert trained == [5e-4, 1e-4] and best == 1e-4 and run.endswith("ours_lr0.0001")
+  assert set(held) == {5e-4, 1e-4} and held[5e-4]["story_failed"] == 0.43
+  assert not demo.passes(5e-4, {5e-4: 0.001}, {5e-4: 0.37}, {5e-4: 0.43})
+  assert demo.passes(1e-4, {1e-4: 0.001}, {1e-4: 0.01}, {1e-4: 0.05})
+  # A carried-over rate that passes: trained alone.
+  trained.clear()
+  scores[5e-4] = (0.008, 0.001, 0.01, 0.05)
+  best, _, held = fake(given).train_candidates("ours", ["hybrid"], grid, steered=True)
+  assert trained == [5e-4] and best == 5e-4 and list(held) == [5e-4]
+  # A later seed's rate (the first seed's selection) stays, failing or not.
+  trained.clear()
+  scores[5e-4] = (0.008, 0.001, 0.37, 0.43)
+  first = tmp_path / "seed0" / "sentiment_even_us"
+  first.mkdir(parents=True)
+  (first / "selection.json").write_text(json.dumps({"ours": {"lr": 5e-4}}))
+  best, _, _ = fake(demo.QUICK, rates_from=str(first.parent)).train_candidates(
+      "ours", ["hybrid"], grid, steered=True)
+  assert trained == [5e-4] and best == 5e-4
 
 
 def test_rates_fixed_beforehand_on_the_command_line():

@@ -50,7 +50,7 @@ from distfair_jax.demo.dataset import Demo
 from distfair_jax.demo.runner import run_demo, write_results
 from distfair_jax.demo.seeds import SEED_FIELDS, aggregate_seeds
 from distfair_jax.demo.selection import (MAX_NON_ANSWER, MAX_STORY_BARE, MAX_STORY_FAILED,
-                                         select)
+                                         passes, select)
 from distfair_jax.demo.settings import (ABLATION, ABLATIONS, DEFAULT, METHODS, QUICK, REAL,
                                         RATE_NAMES, REFERENCE_OCCUPATIONS, STEERED, DemoSettings,
                                         parse_rates, scaled, settings_for)
@@ -59,7 +59,7 @@ from distfair_jax.demo.tables import (comparison_plot, headline_table, kl_table,
 
 __all__ = ["DECODING_SWEEP", "OUT_OF_DISTRIBUTION", "stereotype", "stereotyped_records", "Demo",
            "run_demo", "write_results", "SEED_FIELDS", "aggregate_seeds", "MAX_NON_ANSWER",
-           "MAX_STORY_BARE", "MAX_STORY_FAILED", "select", "ABLATION", "ABLATIONS", "DEFAULT",
+           "MAX_STORY_BARE", "MAX_STORY_FAILED", "passes", "select", "ABLATION", "ABLATIONS", "DEFAULT",
            "METHODS", "QUICK", "REAL", "RATE_NAMES", "REFERENCE_OCCUPATIONS", "STEERED",
            "DemoSettings", "parse_rates", "scaled", "settings_for", "comparison_plot",
            "headline_table", "kl_table", "occupation_plot", "results_table", "seeds_table",

@@ -18,7 +18,7 @@ from distfair_jax.data.tokenizer import load_tokenizer_dir
 from distfair_jax.demo import analyses
 from distfair_jax.demo.base_data import stereotyped_records
 from distfair_jax.demo.configs import run_config
-from distfair_jax.demo.selection import cached_heldout_mae, select
+from distfair_jax.demo.selection import cached_heldout_mae, passes, select
 from distfair_jax.demo.settings import ABLATION, ABLATIONS, METHODS, STEERED, DemoSettings, scaled
 from distfair_jax.demo.tables import _summary, occupation_plot
 from distfair_jax import config as C
@@ -28,6 +28,9 @@ from distfair_jax.model.modeldir import PARAMS_DIR
 from distfair_jax.train.preemption import Preempted
 from distfair_jax.train.rundir import FINAL, RunDir, open_model_dir
 from distfair_jax.train.trainer import train
+
+# Where a later seed's rates come from (``rates_from``): never re-selected (the seed varies alone).
+FIRST_SEED = "the first seed"
 
 
 def same_model_eval(dataset_dir: str, name: str, run: str) -> str | None:
@@ -156,20 +159,26 @@ class Demo:
                        ablation: str = "full", init_from: str | None = None, steered: bool,
                        kl_pairs: str = "shifted"):
     """Trains ``stages`` at each learning rate of the grid (the last stage varies; earlier ones are
-    copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE})."""
-    lrs = self._grid(name, lrs)
+    copied from ``init_from``); returns (best lr, its run directory, {lr: held-out exact MAE}).
+    A rate carried over from another dataset (``rates`` or ``tune_on``, ``_rate_source``) that
+    fails the selection's held-out checks here (``selection.passes``: non-answer mass, stories)
+    is not trusted: the rest of the grid is trained too and the rule selects among them all (a
+    later seed's rate stays fixed: the seed is what varies)."""
+    grid = tuple(float(lr) for lr in lrs)
+    source = self._rate_source(name)
     sft_lr = None
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
     scores, non_answer, bare, failed, runs = {}, {}, {}, {}, {}
-    for lr in lrs:
+
+    def candidate(lr: float) -> None:
       run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
       if init_from is not None:
         for prev in stages[:-1]:
           if not os.path.exists(os.path.join(run, prev)):
             shutil.copytree(os.path.join(init_from, prev), os.path.join(run, prev))
       cfg = run_config(self, run, stages, lr=lr, ablation=ablation, sft_lr=sft_lr,
-                        base_params=self._base_params(), kl_pairs=kl_pairs)
+                       base_params=self._base_params(), kl_pairs=kl_pairs)
       self._timed(f"{name}@{lr:g}", lambda: train(cfg, records=self.data.records))
       scores[lr], non_answer[lr], bare[lr], failed[lr] = self._timed(
           f"{name}@{lr:g} held-out", lambda: cached_heldout_mae(self, run, steered=steered))
@@ -180,24 +189,44 @@ class Demo:
                      f"{bare[lr]:.1%}")
                   + ("" if failed[lr] is None else f"; sampled stories failed "
                      f"{failed[lr]:.1%}") + ")")
+
     known = lambda d: {lr: v for lr, v in d.items() if v is not None}
+    if source is None:
+      for lr in grid:
+        candidate(lr)
+    else:
+      lr, what = source
+      console.log(f"[{self.dataset}] {name}: the rate {what}, {lr:g}")
+      candidate(lr)
+      rest = [x for x in grid if x != lr]
+      if (what != FIRST_SEED and rest and
+          not passes(lr, non_answer, known(bare), known(failed))):
+        console.log(f"[{self.dataset}] {name}: {lr:g} fails the held-out checks here; the rest "
+                    f"of the grid {rest} too")
+        for x in rest:
+          candidate(x)
     best = select(scores, non_answer, known(bare), known(failed))
     return best, runs[best], {lr: {"mae": scores[lr], "non_answer": non_answer[lr],
                                    "story_bare_answer": bare[lr],
                                    **({} if failed[lr] is None else
-                                      {"story_failed": failed[lr]})} for lr in lrs}
+                                      {"story_failed": failed[lr]})} for lr in runs}
 
   def _grid(self, name: str, lrs: Sequence[float]) -> tuple[float, ...]:
-    """``lrs``, or one rate for ``name``: the one fixed beforehand (``rates``), else the one
-    already selected by the first seed on this dataset (``rates_from``), else by ``tune_on``
-    (another dataset of this run directory, trained first)."""
+    """The rates ``train_candidates`` starts with: ``lrs``, or the one of ``_rate_source``."""
+    source = self._rate_source(name)
+    return tuple(float(lr) for lr in lrs) if source is None else (source[0],)
+
+  def _rate_source(self, name: str) -> tuple[float, str] | None:
+    """(rate, where it came from) for ``name`` where it is not selected here: fixed beforehand
+    (``rates``), else the one already selected by the first seed on this dataset
+    (``rates_from``), else by ``tune_on`` (another dataset of this run directory, trained
+    first); None: the grid."""
     fixed = dict(self.s.rates).get(name)
     if fixed is not None:
-      console.log(f"[{self.dataset}] {name}: the rate given (--rates), {fixed:g}")
-      return (float(fixed),)
+      return float(fixed), "given (--rates)"
     sources = []
     if self.rates_from is not None:
-      sources.append((os.path.join(self.rates_from, self.dataset), "the first seed"))
+      sources.append((os.path.join(self.rates_from, self.dataset), FIRST_SEED))
     tune_on = self.s.tune_on
     if tune_on is not None and tune_on != self.dataset:
       sources.append((os.path.join(os.path.dirname(self.dir), tune_on), tune_on))
@@ -205,12 +234,8 @@ class Demo:
       chosen = os.path.join(where, "selection.json")
       lr = fileio.read_json(chosen).get(name, {}).get("lr") if os.path.exists(chosen) else None
       if lr is not None:
-        console.log(f"[{self.dataset}] {name}: the rate selected on {what}, {lr:g}")
-        return (float(lr),)
-    if sources:
-      console.log(f"[{self.dataset}] {name}: no rate selected on "
-                  f"{' or '.join(w for _, w in sources)}: the grid {list(lrs)}")
-    return tuple(lrs)
+        return float(lr), (FIRST_SEED if what == FIRST_SEED else f"selected on {what}")
+    return None
 
   def model(self, run: str):
     """The final model of a run (what ``distfair eval RUN`` evaluates), LoRA folded in; the

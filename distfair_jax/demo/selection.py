@@ -48,6 +48,14 @@ def _story_loss(lr: float, story_bare: dict[float, float],
              story_failed.get(lr, 0.0) - MAX_STORY_FAILED, 0.0)
 
 
+def passes(lr: float, non_answer: dict[float, float], story_bare: dict[float, float] | None = None,
+           story_failed: dict[float, float] | None = None) -> bool:
+  """Whether ``lr``'s held-out scores pass every bound ``select`` checks: non-answer mass at most
+  ``MAX_NON_ANSWER`` and stories kept (``MAX_STORY_BARE``, ``MAX_STORY_FAILED``)."""
+  return (non_answer[lr] <= MAX_NON_ANSWER and
+          _story_loss(lr, story_bare or {}, story_failed or {}) == 0.0)
+
+
 def select(scores: dict[float, float], non_answer: dict[float, float],
            story_bare: dict[float, float] | None = None,
            story_failed: dict[float, float] | None = None) -> float:
@@ -62,7 +70,7 @@ def select(scores: dict[float, float], non_answer: dict[float, float],
   story_bare, story_failed = story_bare or {}, story_failed or {}
   answers = [lr for lr in scores if non_answer[lr] <= MAX_NON_ANSWER]
   loss = lambda lr: _story_loss(lr, story_bare, story_failed)
-  ok = [lr for lr in answers if loss(lr) == 0.0]
+  ok = [lr for lr in scores if passes(lr, non_answer, story_bare, story_failed)]
   if ok:
     return min(ok, key=lambda lr: (scores[lr], lr))
   if answers:

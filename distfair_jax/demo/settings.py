@@ -77,7 +77,9 @@ class DemoSettings:
   tune_first_seed: bool = False
   # Rates fixed beforehand (``--rates``), {name: lr} as pairs: each named method trains at its one
   # rate instead of its grid (names: sft, ift, dpo and the steered methods), ahead of ``tune_on``
-  # and the first seed's selection; the held-out scores are still written to selection.json.
+  # and the first seed's selection; the held-out scores are still written to selection.json. A
+  # rate carried over so (or by ``tune_on``) that fails the selection's held-out checks on the
+  # dataset brings back the rest of the grid (``Demo.train_candidates``).
   rates: tuple[tuple[str, float], ...] = ()
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
