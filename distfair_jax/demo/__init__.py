@@ -59,8 +59,8 @@ from distfair_jax.demo.tables import (comparison_plot, headline_table, kl_table,
 
 __all__ = ["DECODING_SWEEP", "OUT_OF_DISTRIBUTION", "stereotype", "stereotyped_records", "Demo",
            "run_demo", "write_results", "SEED_FIELDS", "aggregate_seeds", "MAX_NON_ANSWER",
-           "MAX_STORY_BARE", "MAX_STORY_FAILED", "passes", "select", "ABLATION", "ABLATIONS", "DEFAULT",
-           "METHODS", "QUICK", "REAL", "RATE_NAMES", "REFERENCE_OCCUPATIONS", "STEERED",
+           "MAX_STORY_BARE", "MAX_STORY_FAILED", "passes", "select", "ABLATION", "ABLATIONS",
+           "DEFAULT", "METHODS", "QUICK", "REAL", "RATE_NAMES", "REFERENCE_OCCUPATIONS", "STEERED",
            "DemoSettings", "parse_rates", "scaled", "settings_for", "comparison_plot",
            "headline_table", "kl_table", "occupation_plot", "results_table", "seeds_table",
            "sweep_table"]
