@@ -305,6 +305,10 @@ class HybridConfig(_Checked):
   ``CACHE_PAYS_BELOW`` (90%) of the steps' own reference passes (the distinct share of the
   stage's sequences against 1 on the rows layout, against the packed / rows compute ratio on the
   packed layout), online otherwise; the choice is logged.
+
+  nll_weight: weight of a term the paper does not have, the desirable completions' negative
+  log-likelihood per token (``losses.desirable_nll``), which keeps their prose likely while KTO
+  pushes the undesirable completions down; 0 (default) is the paper's objective.
   """
   epochs: int = _ranged(3, COUNT)
   batch_size: int = _ranged(8, COUNT)
@@ -313,6 +317,7 @@ class HybridConfig(_Checked):
   desirable_weight: float = _ranged(1.0, NON_NEGATIVE)
   undesirable_weight: float = _ranged(1.0, NON_NEGATIVE)
   kl_weight: float = _ranged(1.0, NON_NEGATIVE)
+  nll_weight: float = _ranged(0.0, NON_NEGATIVE)
   ablation: Ablation = Ablation.full
   renormalize: bool = False
   reference: Reference = Reference.auto

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_TILE_SIZE",
     "KTO_BALANCE_RANGE",
     "check_kto_balance",
+    "desirable_nll",
     "dpo_loss",
     "drop_absent_classes",
     "hybrid_loss",
@@ -620,13 +621,35 @@ def _split_term(term: Any, name: str) -> tuple[Array | None, Mapping[str, Array]
   return value, metrics
 
 
-def hybrid_loss(kto: Any, steering: Any, *, ablation: str = "full",
-                kl_weight: float = 1.0) -> tuple[Array, dict[str, Array]]:
+def desirable_nll(policy_logps: Array, lengths: Array, desirable: Array) -> Array:
+  """Negative log-likelihood per token of the desirable completions: the anchor that keeps their
+  text likely while KTO pushes the undesirable ones down (as DPO's ``rpo_alpha`` term in TRL).
+
+  Args:
+    policy_logps: ``[B]`` summed log-probs of the completions (with gradient).
+    lengths: ``[B]`` counted tokens of each completion.
+    desirable: ``[B]`` bool/int, non-zero for desirable examples.
+
+  Returns:
+    float32 scalar: -sum of the desirable rows' log-probs / their token count (0 without any).
+  """
+  pol, n = _f32(policy_logps), _f32(lengths)
+  if pol.ndim != 1 or n.shape != pol.shape:
+    raise InputError(f"losses.py: desirable_nll: expected two [batch] arrays, got {pol.shape}, "
+                     f"{n.shape}")
+  good = _mask_bool(desirable, pol.shape, "desirable").astype(_F32)
+  return -_safe_div(jnp.sum(pol * good), jnp.sum(n * good))
+
+
+def hybrid_loss(kto: Any, steering: Any, *, ablation: str = "full", kl_weight: float = 1.0,
+                nll: Any = None, nll_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
   """The paper's stage-2 objective and its ablations.
 
   - ``"full"``: kto + kl_weight * steering
   - ``"kl_only"``: kl_weight * steering
   - ``"kto_only"``: kto
+
+  plus ``nll_weight * nll`` in each (0 by default: the paper has no such term).
 
   Args:
     kto: the mean KTO loss: a scalar, or the ``(loss, metrics)`` tuple returned by `kto_loss`
@@ -635,11 +658,13 @@ def hybrid_loss(kto: Any, steering: Any, *, ablation: str = "full",
       `steering_kl`, or None with ``ablation="kto_only"``.
     ablation: one of ``ABLATIONS``.
     kl_weight: weight of the steering KL.
+    nll: the desirable completions' negative log-likelihood (`desirable_nll`), or None.
+    nll_weight: its weight (> 0 needs ``nll``).
 
   Returns:
-    ``(loss, metrics)``: float32 scalar loss; metrics hold ``loss``, ``kto_loss`` and
-    ``steering_kl`` (each term is reported when given, even if the ablation leaves it out of the
-    loss), plus the KTO metrics when ``kto`` is kto_loss's tuple.
+    ``(loss, metrics)``: float32 scalar loss; metrics hold ``loss``, ``kto_loss``,
+    ``steering_kl`` and ``nll`` (each term is reported when given, even if the ablation or a zero
+    weight leaves it out of the loss), plus the KTO metrics when ``kto`` is kto_loss's tuple.
   """
   if ablation not in ABLATIONS:
     raise ValueError(f"hybrid_loss: ablation: expected one of {', '.join(ABLATIONS)}, "
@@ -650,6 +675,9 @@ def hybrid_loss(kto: Any, steering: Any, *, ablation: str = "full",
     raise ValueError(f"hybrid_loss: kto: required with ablation={ablation!r}, got None")
   if ablation != "kto_only" and steer_value is None:
     raise ValueError(f"hybrid_loss: steering: required with ablation={ablation!r}, got None")
+  nll_value, _ = _split_term(nll, "nll")
+  if nll_weight and nll_value is None:
+    raise ValueError(f"hybrid_loss: nll: required with nll_weight={nll_weight}, got None")
 
   if ablation == "full":
     loss = kto_value + kl_weight * steer_value
@@ -657,12 +685,16 @@ def hybrid_loss(kto: Any, steering: Any, *, ablation: str = "full",
     loss = kl_weight * steer_value
   else:
     loss = kto_value
+  if nll_weight:
+    loss = loss + nll_weight * nll_value
   metrics = dict(kto_metrics)
   metrics["loss"] = jax.lax.stop_gradient(loss)
   if kto_value is not None:
     metrics["kto_loss"] = jax.lax.stop_gradient(kto_value)
   if steer_value is not None:
     metrics["steering_kl"] = jax.lax.stop_gradient(steer_value)
+  if nll_value is not None:
+    metrics["nll"] = jax.lax.stop_gradient(nll_value)
   return loss, metrics
 
 

@@ -572,6 +572,41 @@ def test_rates_fixed_beforehand_on_the_command_line():
   assert cli.build_parser().parse_args(["demo", "--rates", "ours=5e-4"]).rates == "ours=5e-4"
 
 
+def test_stage_2s_nll_term_from_the_command_line_trains_in_runs_of_its_own(tmp_path,
+                                                                         monkeypatch):
+  """``--nll-weight``: ``DemoSettings.nll_weight`` into stage 2's config (``hybrid.nll_weight``),
+  in runs named ``<method>_lr<rate>_nll<weight>`` beside the paper's (stage 1 and DPO keep their
+  names); a negative or infinite weight is one line."""
+  import types
+  from distfair_jax import cli
+  from distfair_jax.demo import configs as demo_configs
+  settings = demo.settings_for(quick=True, model=None, nll_weight=0.5)
+  assert settings.nll_weight == 0.5 and demo.REAL.nll_weight == 0.0
+  d = types.SimpleNamespace(s=settings, seed=0, base_model=None, tokenizer_dir=None,
+                            dataset="race_even_us", spec_path=None, progress=False)
+  cfg = demo_configs.run_config(d, str(tmp_path / "r"), ["sft", "hybrid"])
+  assert cfg.hybrid.nll_weight == 0.5
+  for bad in (-1.0, float("inf")):
+    with pytest.raises(InputError, match=r"^demo: --nll-weight: expected a finite number >= 0"):
+      demo.settings_for(quick=True, model=None, nll_weight=bad)
+  assert cli.build_parser().parse_args(["demo", "--nll-weight", "0.5"]).nll_weight == 0.5
+
+  runs = []
+  monkeypatch.setattr(demo_dataset, "run_config", lambda demo_, run, *a, lr, **k: run)
+  monkeypatch.setattr(demo_dataset, "train", lambda run, records: runs.append(run))
+  monkeypatch.setattr(demo_dataset, "cached_heldout_mae",
+                      lambda demo_, run, steered: (0.01, 0.001, 0.01, 0.05))
+  fake = object.__new__(demo.Demo)
+  fake.dataset, fake.s, fake.dir, fake.seed, fake.rates_from = (
+      "race_even_us", settings, str(tmp_path / "race_even_us"), 0, None)
+  fake.timings, fake.memory, fake.data = {}, {}, types.SimpleNamespace(records={})
+  fake.base_model = "given"
+  for name, stages in (("ours", ["sft", "hybrid"]), ("sft", ["sft"]), ("dpo", ["ift", "dpo"])):
+    fake.train_candidates(name, stages, (1e-4,), steered=name != "dpo")
+  assert [os.path.basename(r) for r in runs] == ["ours_lr0.0001_nll0.5", "sft_lr0.0001",
+                                                 "dpo_lr0.0001"]
+
+
 def test_a_given_models_evaluation_serves_the_datasets_with_its_questions(tmp_path):
   """``same_model_eval``: another dataset's evaluation of the very same model under the same
   name (a given model's zero-shot), whose samples evaluate reuses; not this dataset's own, not

@@ -325,6 +325,32 @@ def test_hybrid_loss_ablations(rng):
     losses.hybrid_loss(k, None)
 
 
+def test_desirable_nll_anchors_the_desirable_completions_only(rng):
+  pol = rng.normal(size=6) * 5 - 20
+  lengths = np.array([4, 6, 5, 3, 7, 2])
+  desirable = np.array([1, 1, 0, 1, 0, 0])
+  good = desirable.astype(bool)
+  close(losses.desirable_nll(pol, lengths, desirable), -pol[good].sum() / lengths[good].sum())
+  grad = jax.grad(lambda p: losses.desirable_nll(p, lengths, desirable))(jnp.asarray(pol))
+  np.testing.assert_allclose(grad, np.where(good, -1.0 / lengths[good].sum(), 0.0), rtol=1e-6)
+  close(losses.desirable_nll(pol, lengths, np.zeros(6)), 0.0)  # no desirable row: no NaN
+  with pytest.raises(InputError, match="desirable_nll"):
+    losses.desirable_nll(pol, lengths[:5], desirable)
+  steer, kto = 0.3, 0.7
+  nll = losses.desirable_nll(pol, lengths, desirable)
+  loss, metrics = losses.hybrid_loss(kto, steer, nll=nll, nll_weight=0.25)
+  close(loss, kto + steer + 0.25 * float(nll))
+  close(metrics["nll"], float(nll))
+  # a zero weight reports the term but leaves the paper's objective
+  loss, metrics = losses.hybrid_loss(kto, steer, ablation="kl_only", nll=nll)
+  close(loss, steer)
+  close(metrics["nll"], float(nll))
+  close(losses.hybrid_loss(None, steer, ablation="kl_only", nll=nll, nll_weight=1.0)[0],
+        steer + float(nll))
+  with pytest.raises(ValueError, match="nll"):
+    losses.hybrid_loss(kto, steer, nll_weight=0.5)
+
+
 def test_check_kto_balance_warns_outside_range():
   with warnings.catch_warnings():
     warnings.simplefilter("error")

@@ -201,10 +201,13 @@ def tokenized_kto():
 @pytest.mark.parametrize("reference", ["online", "cached"])
 def test_packed_layout_equals_rows(tokenized_kto, reference):
   """The packed step (one pass per pair; here on a data 2 x fsdp 2 mesh) gives the rows layout's
-  loss, metrics and gradients (dropout off: packed runs the mismatched branches in train mode)."""
+  loss, metrics and gradients (dropout off: packed runs the mismatched branches in train mode);
+  with the cached reference, the desirable completions' NLL term too (its token counts come from
+  each layout's own masks)."""
   rows, packed, steering, vocab = tokenized_kto
   cfg = CFG.replace(vocab_size=vocab, max_position_embeddings=256)
-  stage = HybridStage(HybridConfig(reference=reference), tile_size=16)
+  nll_weight = 0.5 if reference == "cached" else 0.0
+  stage = HybridStage(HybridConfig(reference=reference, nll_weight=nll_weight), tile_size=16)
 
   def loss_and_grads(batch, axes):
     mesh = _mesh(axes)
@@ -224,6 +227,7 @@ def test_packed_layout_equals_rows(tokenized_kto, reference):
   loss_p, metrics_p, grads_p = loss_and_grads(packed, {"data": 2, "fsdp": 2, "tensor": 1})
   np.testing.assert_allclose(loss_p, loss_r, rtol=1e-5)
   assert set(metrics_p) == set(metrics_r)
+  assert ("nll" in metrics_r) == bool(nll_weight)
   for k in metrics_r:
     np.testing.assert_allclose(metrics_p[k], metrics_r[k], rtol=1e-4, atol=1e-6, err_msg=k)
   _close_tree(grads_r, grads_p, rtol=1e-3, scale_atol=1e-6)

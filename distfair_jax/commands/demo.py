@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="learning rates fixed beforehand, e.g. sft=1e-3,ift=1e-3,ours=5e-4,"
                            "dpo=1e-5: each named method trains at its rate instead of its grid "
                            "(names: sft, ift, dpo, ours, kl_only, kto_only)")
+  parser.add_argument("--nll-weight", type=float, default=None,
+                      help="stage 2 of the steered methods adds this weight times the desirable "
+                           "completions' NLL per token (hybrid.nll_weight; default 0, the "
+                           "paper's objective); its runs are named <method>_lr<rate>_nll<weight>")
   parser.add_argument("--ablations", default=None,
                       help="the datasets whose runs include the ablations kl_only and kto_only: "
                            "all, none or comma-separated names (default: all; with --model, "
@@ -108,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                        f"q_proj,v_proj or all-linear, got {args.lora_targets!r}")
   rates = demo.parse_rates(args.rates) if args.rates is not None else ()
   settings = demo.settings_for(quick=args.quick, model=args.model, lora_targets=targets,
-                               steering_placement=args.steering_placement, rates=rates)
+                               steering_placement=args.steering_placement, rates=rates,
+                               nll_weight=args.nll_weight)
   # This process's compilation cache (it runs the demo and nothing else): identical programs
   # (learning-rate grid points, datasets of one attribute) compile once.
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(run_dir), ".jax_cache"))

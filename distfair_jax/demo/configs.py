@@ -51,6 +51,7 @@ def run_config(demo, run_dir: str, stages: list[str], *, lr: float = 1e-3, ablat
       # stage 2 is a few percent of its time); from a given model ``auto`` pools it.
       hybrid=C.HybridConfig(epochs=s.stage2_epochs, batch_size=s.batch_size, beta=s.beta,
                             ablation=ablation, kl_pairs=C.KLPairs(kl_pairs),
+                            nll_weight=s.nll_weight,
                             reference=(C.Reference.auto if demo.base_model
                                        else C.Reference.online),
                             group_by_length=grouped, optim=optim(lr, 5)),

@@ -170,9 +170,10 @@ class Demo:
     if init_from is not None:  # earlier stages were trained at the selected rate
       sft_lr = RunDir(init_from).read_config().sft.optim.learning_rate
     scores, non_answer, bare, failed, runs = {}, {}, {}, {}, {}
+    nll = self.s.nll_weight if "hybrid" in stages else 0.0  # stage 2's runs say their NLL term
 
     def candidate(lr: float) -> None:
-      run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}")
+      run = os.path.join(self.dir, "runs", f"{name}_lr{lr:g}" + (f"_nll{nll:g}" if nll else ""))
       if init_from is not None:
         for prev in stages[:-1]:
           if not os.path.exists(os.path.join(run, prev)):

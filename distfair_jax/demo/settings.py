@@ -83,6 +83,9 @@ class DemoSettings:
   rates: tuple[tuple[str, float], ...] = ()
   # The paper's further analyses (out of distribution, the decoding sweep, kl_pairs: reference).
   analyses: bool = True
+  # Stage 2's weight of the desirable completions' NLL (``hybrid.nll_weight``; 0: the paper's
+  # objective). Its runs are named ``<method>_lr<rate>_nll<weight>``, beside the paper's.
+  nll_weight: float = 0.0
   # How the layers run (``model.scan_layers``, ``model.remat``): the same weights either way.
   scan_layers: bool = False
   remat: str = "none"
@@ -181,14 +184,19 @@ def parse_rates(text: str) -> tuple[tuple[str, float], ...]:
 
 def settings_for(*, quick: bool, model: str | None, lora_targets: Sequence[str] | None = None,
                  steering_placement: str | None = None,
-                 rates: Sequence[tuple[str, float]] = ()) -> DemoSettings:
+                 rates: Sequence[tuple[str, float]] = (),
+                 nll_weight: float | None = None) -> DemoSettings:
   """The sizes ``distfair demo`` runs with: ``DEFAULT`` / ``QUICK`` on the tiny model, ``REAL``
   from a given model, ``QUICK`` with ``REAL``'s fine-tuning and lengths for ``--quick --model``;
   ``lora_targets`` replaces the adapters' targets (a given model only); ``steering_placement``
-  the steering token's place; ``rates`` the rates fixed beforehand (``parse_rates``)."""
+  the steering token's place; ``rates`` the rates fixed beforehand (``parse_rates``);
+  ``nll_weight`` stage 2's NLL term."""
+  if nll_weight is not None and not 0 <= nll_weight < float("inf"):
+    raise InputError(f"demo: --nll-weight: expected a finite number >= 0, got {nll_weight}")
   placed = lambda s: dataclasses.replace(
       s, rates=tuple(rates), **({} if steering_placement is None else
-                               {"steering_placement": steering_placement}))
+                               {"steering_placement": steering_placement}),
+      **({} if nll_weight is None else {"nll_weight": float(nll_weight)}))
   if model is None:
     if lora_targets:
       raise InputError("demo: --lora-targets: expected --model (the built-in tiny model is "

@@ -186,7 +186,8 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
     return reference_fn
 
   def _policy_terms(self, graphdef, graphdef_eval, steering_ids, params, rngs, frozen, batch):
-    """-> (policy, target log-probs, mismatched log-probs, desirable mask, steering KL, tokens)."""
+    """-> (policy, target log-probs, mismatched log-probs, desirable mask, steering KL, tokens,
+    the targets' token counts)."""
     tile, renormalize = self.tile_size, self.cfg.renormalize
     policy = merge(graphdef, params, rngs, frozen)
     if isinstance(batch, B.PackedHybridBatch):
@@ -199,19 +200,24 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
       steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.packed.steering_position,
                                                    softcap=policy.logit_softcap)
       steer = L.steering_kl(steer_logits, steering_ids, batch.target, renormalize=renormalize)
-      return policy, logps, kl_logps, desirable, steer, packed_token_count(batch.packed, 4)
+      branch = batch.packed.label_branch[:, 0]  # group 0: [desirable | undesirable] per row
+      lengths = jnp.concatenate([jnp.sum(branch == 0, -1), jnp.sum(branch == 1, -1)])
+      return (policy, logps, kl_logps, desirable, steer, packed_token_count(batch.packed, 4),
+              lengths)
     hidden, unemb, _, logps = sequence_logps(policy, batch.seq, tile)
     desirable = batch.desirable.astype(bool)
     steer_logits = L.steering_logits_from_hidden(hidden, unemb, batch.steering_position,
                                                  softcap=policy.logit_softcap)
     steer = L.steering_kl(steer_logits, steering_ids, batch.target,
                           weights=desirable.astype(jnp.float32), renormalize=renormalize)
+    lengths = jnp.sum(batch.seq.label_mask, -1)
     if not self.uses_reference:  # kl_only: KTO's reference point is never read
-      return policy, logps, None, desirable, steer, token_count(batch.seq)
+      return policy, logps, None, desirable, steer, token_count(batch.seq), lengths
     # Mismatched pairs under the current policy: no gradient, so no backward pass over them.
     frozen_policy = merge(graphdef_eval, jax.lax.stop_gradient(params), rngs, frozen)
     _, _, _, kl_logps = sequence_logps(frozen_policy, batch.mismatched, tile)
-    return policy, logps, kl_logps, desirable, steer, token_count(batch.seq, batch.mismatched)
+    return (policy, logps, kl_logps, desirable, steer, token_count(batch.seq, batch.mismatched),
+            lengths)
 
   def loss_fn(self, graphdef, graphdef_eval, steering_ids):
     if steering_ids is None:
@@ -220,10 +226,13 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
     reference_fn = self.reference_fn(graphdef_eval)
 
     def hybrid_loss(params, rngs, frozen, ref_params, batch):
-      policy, logps, kl_logps, desirable, steer, tokens = self._policy_terms(
+      policy, logps, kl_logps, desirable, steer, tokens, lengths = self._policy_terms(
           graphdef, graphdef_eval, steering_ids, params, rngs, frozen, batch)
+      nll = L.desirable_nll(logps, lengths, desirable) if c.nll_weight else None
+      weights = dict(ablation=str(c.ablation), kl_weight=c.kl_weight, nll=nll,
+                     nll_weight=c.nll_weight)
       if not self.uses_reference:  # kl_only: the steering KL alone, no reference model
-        loss, metrics = L.hybrid_loss(None, steer, ablation=str(c.ablation), kl_weight=c.kl_weight)
+        loss, metrics = L.hybrid_loss(None, steer, **weights)
         return loss, ({**metrics, "tokens": tokens}, rng_state(policy))
       if self.caches_reference:
         if batch.reference is None:
@@ -235,7 +244,7 @@ class HybridStage(StageBase, name=Stage.hybrid, section="hybrid", records_kind="
       kto = L.kto_loss(logps, ref.targets, kl_logps, ref.mismatched, desirable, beta=c.beta,
                        desirable_weight=c.desirable_weight,
                        undesirable_weight=c.undesirable_weight)
-      loss, metrics = L.hybrid_loss(kto, steer, ablation=str(c.ablation), kl_weight=c.kl_weight)
+      loss, metrics = L.hybrid_loss(kto, steer, **weights)
       metrics = {**metrics, **kto[1], "loss": loss, "tokens": tokens}
       return loss, (metrics, rng_state(policy))
 
