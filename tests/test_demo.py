@@ -125,6 +125,14 @@ def test_user_specs_scale_rows_and_resume_a_demo_that_never_trained(tmp_path):
   assert json.loads((run / "demo.json").read_text()) == json.loads(json.dumps(faster))
   with pytest.raises(InputError, match="holds a demo with other settings"):
     demo_runner._check_marker(str(run), {**info, "settings": {**info["settings"], "rounds": 7}})
+  # A demo recorded before a setting existed resumes with its default, not with another value.
+  older = {**info, "settings": {k: v for k, v in info["settings"].items() if k != "nll_weight"}}
+  (run / "demo.json").write_text(json.dumps(older))
+  demo_runner._check_marker(str(run), info)  # pylint: disable=protected-access
+  (run / "demo.json").write_text(json.dumps(older))
+  with pytest.raises(InputError, match="holds a demo with other settings"):
+    demo_runner._check_marker(str(run), {**info, "settings": {**info["settings"],
+                                                              "nll_weight": 1.0}})
   with pytest.raises(InputError, match=r"demo: dataset: expected one of .* or a YAML spec file, "
                                        r"got 'ages'"):
     demo.run_demo(["ages"], str(tmp_path / "x"), quick=True)

@@ -119,8 +119,11 @@ EXECUTION_SETTINGS = ("scan_layers", "remat")
 
 def _check_marker(run_dir: str, info: dict) -> None:
   marker = os.path.join(run_dir, "demo.json")
-  results_affecting = lambda d: {**d, "settings": {k: v for k, v in d.get("settings", {}).items()
-                                                   if k not in EXECUTION_SETTINGS}}
+  # A setting newer than the recorded demo had its default's behaviour there.
+  defaults = json.loads(json.dumps(dataclasses.asdict(DemoSettings())))
+  results_affecting = lambda d: {**d, "settings": {
+      k: v for k, v in {**defaults, **d.get("settings", {})}.items()
+      if k not in EXECUTION_SETTINGS}}
   if (os.path.exists(marker) and _any_stage_started(run_dir) and
       results_affecting(fileio.read_json(marker)) !=
       results_affecting(json.loads(json.dumps(info)))):
